@@ -1,0 +1,84 @@
+"""SamplingParams: how one request turns logits into tokens and when it stops; validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (names and meanings follow vLLM / the OpenAI API).
+
+    A bad value raises ``ValueError`` whose message starts with the field's name.
+    """
+
+    n: int = 1  # number of completions to return for the prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability mass reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 means all
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * max probability
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output (CTRL-style)
+    presence_penalty: float = 0.0  # subtracted once from logits of tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence from logits of generated tokens
+    seed: int | None = None  # per-request RNG seed: same seed, same prompt -> same output
+    stop: list[str] = field(default_factory=list)  # strings that end generation (not included in text)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
+    max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0  # EOS and stop tokens are suppressed until this many tokens are generated
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
+    prompt_logprobs: int | None = None  # same, for every prompt token (after the first)
+    skip_special_tokens: bool = True  # drop special tokens from the returned text
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            fail("n", "must be an integer >= 1")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            fail("temperature", "must be a number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            fail("top_k", "must be an integer >= -1 (0 or -1 disables it)")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "must be in [0, 1]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "must be a number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                fail(name, "must be in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            fail("seed", "must be an integer or None")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", "must be non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be non-negative integers")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            fail("max_tokens", "must be an integer >= 1 or None")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            fail("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                fail(name, "must be an integer >= 0 or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # no NaN

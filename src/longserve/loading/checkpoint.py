@@ -1,0 +1,43 @@
+"""Checkpoint: a model's HF-style config, weights (HF tensor names) and tokenizer, from GGUF or safetensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from longserve.loading.errors import ModelLoadError
+from longserve.loading.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    """Everything the engine needs from disk, in one shape whatever the file format.
+
+    ``weights`` uses Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``) and HF tensor
+    layouts (GGUF's Q/K row permutation already undone); tensors may be memory-mapped and of any float dtype.
+    """
+
+    config: dict  # config.json as a dict (GGUF metadata is translated into the same keys)
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    path: str
+    format: Literal["gguf", "safetensors"]
+
+
+def load_checkpoint(model: str | None = None, *, show_progress: bool = False) -> Checkpoint:
+    """Load a GGUF file or a Hugging Face model directory; ``None`` means the default model."""
+    from longserve.loading.default_model import default_model_path
+    from longserve.loading.gguf_loader import load_gguf
+    from longserve.loading.safetensors_loader import load_safetensors_dir
+
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if os.path.isdir(path):
+        return load_safetensors_dir(path, show_progress=show_progress)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
+        return load_gguf(path, show_progress=show_progress)
+    raise ModelLoadError(f"model path {path!r} does not exist")
