@@ -1,0 +1,81 @@
+"""Dense attention: torch SDPA for prompt chunks, batched paged decode over gathered cache slots."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+
+
+class DenseAttention:
+    """Full causal attention through ``F.scaled_dot_product_attention`` (GQA without repeating K/V)."""
+
+    name = "dense"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        cache.write(k, v, metadata.slot_mapping)
+        if not metadata.prefills:
+            return self._decode(q, cache, metadata, scale)
+        out = torch.empty_like(q)
+        if metadata.num_decodes:
+            out[: metadata.num_decodes] = self._decode(q[: metadata.num_decodes], cache, metadata, scale)
+        for span in metadata.prefills:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            if span.context_slots is None:
+                out[rows] = _sdpa(q[rows], k[rows], v[rows], scale, causal=True)
+            else:
+                keys, values = cache.key[span.context_slots], cache.value[span.context_slots]
+                out[rows] = _sdpa(
+                    q[rows], keys, values, scale, mask=_offset_causal_mask(span.query_len, span.context_len)
+                )
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        slots = metadata.decode_slots  # [batch, max_context]
+        keys = cache.key[slots].transpose(1, 2)  # [batch, kv_heads, max_context, d]
+        values = cache.value[slots].transpose(1, 2)
+        mask = None if len(set(metadata.decode_context_lens)) == 1 else metadata.decode_mask
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )  # [batch, heads, 1, d]
+        return out.squeeze(2).to(q.dtype)
+
+
+def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
+    """[query_len, context_len] bool mask: the queries are the last positions of the context."""
+    start = context_len - query_len
+    return torch.arange(context_len)[None, :] <= torch.arange(start, context_len)[:, None]
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One sequence: q [queries, heads, d], k/v [keys, kv_heads, d] -> [queries, heads, d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.to(q.dtype).transpose(0, 1).unsqueeze(0),
+        v.to(q.dtype).transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )  # [1, heads, queries, d]
+    return out[0].transpose(0, 1)

@@ -1,0 +1,93 @@
+"""AttentionMetadata: where this step's tokens sit in the paged KV cache, built once per step for all layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence whose chunk has more than one new token (or whose context is only this chunk)."""
+
+    query_start: int  # first row of this sequence in the step's flattened tokens
+    query_len: int  # new tokens this step
+    context_len: int  # tokens in the cache after this step (cached prefix + query_len)
+    context_slots: torch.Tensor | None  # [context_len] cache slots, None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flattened batch. Decode rows (one new token each) come first, then prefills.
+
+    The gather indices are computed once here so every layer reuses them instead of rebuilding them.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
+    num_decodes: int  # the first num_decodes rows are single-token decodes, one per sequence
+    decode_slots: torch.Tensor | None  # [num_decodes, max_decode_context] slots of each decode's context
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_context] True where a key is valid
+    decode_context_lens: list[int]  # context length of each decode sequence (including the new token)
+    prefills: list[PrefillSpan]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()
+
+
+def context_slots(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions [0, num_tokens) for a sequence with this block table."""
+    positions = torch.arange(num_tokens)
+    blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def build_attention_metadata(
+    block_tables: list[list[int]],
+    computed_lens: list[int],
+    query_lens: list[int],
+    block_size: int,
+) -> AttentionMetadata:
+    """Metadata for sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
+    slot_chunks: list[torch.Tensor] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    prefills: list[PrefillSpan] = []
+    query_start = 0
+    num_decodes = 0
+    for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
+        context_len = computed + qlen
+        slots = context_slots(table, context_len, block_size)
+        slot_chunks.append(slots[computed:])
+        if qlen == 1 and computed > 0:
+            if prefills:
+                raise ValueError("decode sequences must come before prefill sequences")
+            num_decodes += 1
+            decode_tables.append(table)
+            decode_lens.append(context_len)
+        else:
+            prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
+        query_start += qlen
+
+    decode_slots = decode_mask = None
+    if num_decodes:
+        max_len = max(decode_lens)
+        lens = torch.tensor(decode_lens)
+        positions = torch.arange(max_len)
+        valid = positions[None, :] < lens[:, None]  # [num_decodes, max_len]
+        padded_tables = torch.zeros(num_decodes, (max_len + block_size - 1) // block_size, dtype=torch.long)
+        for row, table in enumerate(decode_tables):
+            used = table[: padded_tables.shape[1]]
+            padded_tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        blocks = padded_tables[:, positions // block_size]  # [num_decodes, max_len]
+        decode_slots = torch.where(valid, blocks * block_size + positions % block_size, 0)
+        decode_mask = valid[:, None, None, :]
+    return AttentionMetadata(
+        slot_mapping=torch.cat(slot_chunks) if slot_chunks else torch.empty(0, dtype=torch.long),
+        num_decodes=num_decodes,
+        decode_slots=decode_slots,
+        decode_mask=decode_mask,
+        decode_context_lens=decode_lens,
+        prefills=prefills,
+    )

@@ -1,0 +1,39 @@
+"""Paged KV cache storage: one key and one value tensor per layer, indexed by flat cache slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerKVCache:
+    """A layer's keys and values; slot = block_id * block_size + offset in block."""
+
+    key: torch.Tensor  # [num_blocks * block_size, kv_heads, head_dim]
+    value: torch.Tensor  # [num_blocks * block_size, kv_heads, head_dim]
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store this step's new keys/values ([tokens, kv_heads, head_dim]) at their slots."""
+        self.key.index_copy_(0, slot_mapping, key.to(self.key.dtype))
+        self.value.index_copy_(0, slot_mapping, value.to(self.value.dtype))
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> list[LayerKVCache]:
+    """Cache for every layer. Untouched memory stays unmapped; only block 0 (the pad block) is zeroed, since
+    padded gathers read it and garbage there (NaN) would leak through a masked softmax."""
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    return [
+        LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        for _ in range(num_layers)
+    ]
+
+
+def _empty_with_zero_pad(shape: tuple[int, int, int], block_size: int, dtype: torch.dtype) -> LayerKVCache:
+    key, value = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+    key[:block_size].zero_()
+    value[:block_size].zero_()
+    return LayerKVCache(key, value)

@@ -1,0 +1,85 @@
+"""Reference attention: scaled dot-product scores, masked softmax over each query's valid keys (the oracle)."""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+
+
+def masked_softmax(scores: torch.Tensor, valid_lens: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where only the first ``valid_lens[i]`` keys of query row i count.
+
+    scores: [..., queries, keys]; valid_lens: [queries]. Masked keys get a huge negative score, so their
+    weight underflows to exactly zero (the seed's formulation, with the dtype's own minimum).
+    """
+    keys = torch.arange(scores.shape[-1], device=scores.device)
+    mask = keys[None, :] < valid_lens[:, None]  # [queries, keys]
+    return torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [queries, heads, d], k/v [keys, kv_heads, d] -> [queries, heads, d], computed in q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # [keys, heads, d]
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, queries, keys]
+    weights = masked_softmax(scores, valid_lens)
+    return torch.einsum("hqk,khd->qhd", weights, v)
+
+
+class ReferenceAttention:
+    """Gathers each sequence's whole context from the cache and runs masked-softmax attention in float32
+    (float64 when the inputs are float64), one sequence at a time. Slow and obviously right."""
+
+    name = "reference"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        cache.write(k, v, metadata.slot_mapping)
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.empty_like(q)
+        for row, context_len in enumerate(metadata.decode_context_lens):
+            slots = metadata.decode_slots[row, :context_len]
+            out[row : row + 1] = self._attend(
+                q[row : row + 1], cache, slots, context_len, scale, compute_dtype
+            )
+        for span in metadata.prefills:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            if span.context_slots is None:
+                keys, values = k[rows].to(compute_dtype), v[rows].to(compute_dtype)
+                valid = torch.arange(1, span.query_len + 1)
+                out[rows] = dot_product_attention(q[rows].to(compute_dtype), keys, values, valid, scale).to(
+                    q.dtype
+                )
+            else:
+                out[rows] = self._attend(
+                    q[rows], cache, span.context_slots, span.context_len, scale, compute_dtype
+                )
+        return out
+
+    @staticmethod
+    def _attend(
+        q: torch.Tensor,
+        cache: LayerKVCache,
+        slots: torch.Tensor,
+        context_len: int,
+        scale: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        # The queries are the last len(q) positions of the context; query i sees keys [0, start + i].
+        start = context_len - q.shape[0]
+        valid = torch.arange(start + 1, context_len + 1)
+        keys = cache.key[slots].to(dtype)  # [context_len, kv_heads, d]
+        values = cache.value[slots].to(dtype)
+        return dot_product_attention(q.to(dtype), keys, values, valid, scale).to(q.dtype)

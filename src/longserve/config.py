@@ -1,0 +1,62 @@
+"""EngineConfig: every engine knob with its default, in one place; the CLI and LONGSERVE_* env map onto it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
+    dtype: str = "float32"  # weights and activations; float32 is the exact mode
+    attention: str = "dense"  # attention backend: dense | reference
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_memory_mb: int = 512  # KV cache size; the number of blocks follows from it
+    max_model_len: int | None = None  # None = the model's context length
+    max_num_batched_tokens: int = 2048  # per-step token budget (prompt chunks + decodes)
+    max_num_seqs: int = 64  # sequences running at once
+    num_threads: int | None = None  # torch intra-op threads; None = all cores
+    show_progress: bool = False  # progress bar while loading
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_env(cls, **overrides) -> EngineConfig:
+        """Defaults, then ``LONGSERVE_<FIELD>`` environment variables, then explicit overrides."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"LONGSERVE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(raw: str, annotation: str) -> object:
+    if "bool" in annotation:
+        return raw.lower() in ("1", "true", "yes", "on")
+    if "int" in annotation:
+        return int(raw)
+    return raw

@@ -1,0 +1,257 @@
+"""LLMEngine: requests in, one scheduler step -> forward -> sample -> detokenize per ``step()``, outputs out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from longserve.attention.backend import get_backend
+from longserve.attention.paged_cache import allocate_kv_cache
+from longserve.config import EngineConfig
+from longserve.engine.detokenizer import IncrementalDetokenizer
+from longserve.engine.kv_cache import BlockManager
+from longserve.engine.model_runner import ModelRunner
+from longserve.engine.outputs import CompletionOutput, RequestOutput
+from longserve.engine.sampler import Sampler
+from longserve.engine.sampling_params import SamplingParams
+from longserve.engine.scheduler import ScheduledSequence, Scheduler
+from longserve.engine.sequence import FinishReason, Sequence
+from longserve.loading.checkpoint import load_checkpoint
+from longserve.loading.errors import ModelLoadError
+from longserve.models.registry import build_model
+
+
+@dataclass
+class Request:
+    """A validated request: its prompt, settings and the n sequences that generate for it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float
+    reported_tokens: list[int]  # per sequence: output tokens already handed out
+    reported_text: list[int]  # per sequence: characters of text already handed out
+    reported_logprobs: list[int]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    """Synchronous engine core. Not thread-safe: AsyncEngine drives it from a single thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        checkpoint = load_checkpoint(config.model, show_progress=config.show_progress)
+        self.tokenizer = checkpoint.tokenizer
+        self.hf_config = checkpoint.config
+        try:
+            model, self.model_config = build_model(
+                checkpoint.config, get_backend(config.attention), config.torch_dtype
+            )
+            model.load_weights(checkpoint.weights)
+        except ValueError as exc:
+            raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
+        del checkpoint
+        self.model = model.eval()
+        self.model_name = config.model or "SmolLM2-135M-Instruct"
+
+        mc = self.model_config
+        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * config.torch_dtype.itemsize
+        num_blocks = max(2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size))
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        self.cache_capacity = (num_blocks - 1) * config.block_size
+        caches = allocate_kv_cache(
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, caches, config.block_size)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._finished_outputs: list[RequestOutput] = []  # aborted requests reported at the next step
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def build_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+    ) -> Request:
+        """Tokenize and validate without touching engine state (safe to call from another thread)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            bad = [
+                t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size
+            ]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}"
+                )
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        limit = min(self.max_model_len, self.cache_capacity)
+        requested = len(token_ids) + (params.max_tokens or 1)
+        if requested > limit:
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens, but the request needs {requested} "
+                f"({len(token_ids)} in the prompt, {params.max_tokens or 1} for the completion)"
+            )
+        max_total = limit if params.max_tokens is None else len(token_ids) + params.max_tokens
+        eos_ids = frozenset(self.tokenizer.eos_token_ids)
+        seqs = [
+            Sequence(request_id, i, token_ids, params, eos_token_ids=eos_ids, max_total_tokens=max_total)
+            for i in range(params.n)
+        ]
+        detokenizers = [
+            IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            for _ in seqs
+        ]
+        zeros = [0] * params.n
+        return Request(
+            request_id,
+            text,
+            token_ids,
+            params,
+            seqs,
+            detokenizers,
+            time.monotonic(),
+            zeros,
+            list(zeros),
+            list(zeros),
+        )
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks are free immediately and a final output follows at the next step."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        self._finished_outputs.append(self._output(request))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outputs)
+
+    # ---- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        result = self.runner.execute(plan.scheduled)
+        for index, logits in result.prompt_logits.items():
+            self._record_prompt_logprobs(plan.scheduled[index], logits)
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+
+        sampled_seqs = [plan.scheduled[i].seq for i in result.sample_index]
+        touched: dict[str, Request] = {}
+        if sampled_seqs:
+            sampled = self.sampler(result.sample_logits, sampled_seqs)
+            for seq, token, logprob in zip(sampled_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+                request = self.requests[seq.request_id]
+                self._append_token(request, seq, token, logprob)
+                touched[request.request_id] = request
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
+        now = time.monotonic()
+        seq.first_token_time = seq.first_token_time or now
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        params = seq.params
+        detokenizer = request.detokenizers[seq.seq_index]
+        reason: FinishReason | None = None
+        if token in seq.eos_token_ids and not params.ignore_eos:
+            reason = FinishReason.STOP
+        elif token in params.stop_token_ids:
+            reason, seq.stop_reason = FinishReason.STOP, token
+        else:
+            stop_string = detokenizer.add_token(token).stop_string
+            if stop_string is not None:
+                reason, seq.stop_reason = FinishReason.STOP, stop_string
+        if reason is None and seq.num_tokens >= seq.max_total_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+
+    def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
+        seq = item.seq
+        start = seq.num_computed_tokens
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        targets = seq.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
+        entries = self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
+        for offset, entry in enumerate(entries):
+            if start + 1 + offset == len(seq.prompt_logprobs):  # a recompute repeats rows already recorded
+                seq.prompt_logprobs.append(entry)
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq, detok in zip(request.seqs, request.detokenizers, strict=True):
+            i = seq.seq_index
+            text = detok.output_text
+            logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=list(seq.output_token_ids),
+                    delta_text=text[request.reported_text[i] :],
+                    delta_token_ids=seq.output_token_ids[request.reported_tokens[i] :],
+                    logprobs=list(logprobs) if logprobs is not None else None,
+                    delta_logprobs=logprobs[request.reported_logprobs[i] :] if logprobs is not None else None,
+                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            request.reported_text[i] = len(text)
+            request.reported_tokens[i] = len(seq.output_token_ids)
+            request.reported_logprobs[i] = len(seq.output_logprobs)
+        prompt_logprobs = (
+            request.seqs[0].prompt_logprobs if request.params.prompt_logprobs is not None else None
+        )
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            completions,
+            finished=request.finished,
+            prompt_logprobs=prompt_logprobs,
+        )

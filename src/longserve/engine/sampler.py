@@ -1,0 +1,274 @@
+"""Sampler: turns one step's logits into next tokens (penalties, temperature, top-k/p, min-p) and logprobs.
+
+Processing order follows vLLM / the OpenAI API: min_tokens masking, then repetition / presence / frequency
+penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p -> sample. Logprobs are always taken
+from the raw model logits, before any of that processing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from longserve.engine.sampling_params import SamplingParams
+from longserve.engine.sequence import Sequence, TokenLogprob
+
+# A float32 cumsum lands a hair below an exact boundary (0.5 + 0.3 -> 0.79999995): mass within this of top_p
+# counts as having reached it, so the nucleus is the smallest set the user would compute by hand.
+_TOP_P_TOLERANCE = 1e-6
+# prompt_logprobs over a long prompt: rows per log_softmax so memory stays ~rows * vocab floats.
+_PROMPT_LOGPROB_CHUNK = 256
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampler call produced, row-aligned with the sequences passed in."""
+
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # filled only for rows whose params.logprobs is not None
+
+
+class Sampler:
+    """Batched sampler the engine calls once per step on the rows that produce a token."""
+
+    def __init__(self) -> None:
+        # Prompt ids as a tensor per live sequence: rebuilding it from a long Python list every decode step
+        # would dominate the cost of the repetition penalty.
+        self._prompt_ids: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """Pick one token per row. ``logits`` is ``[num_seqs, vocab]``, row i belongs to ``seqs[i]``."""
+        if logits.dim() != 2 or logits.shape[0] != len(seqs):
+            raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
+        if not any(_needs_processing(seq) for seq in seqs):
+            # The common decode step: plain greedy, nothing to mask or report.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
+        return self._sample(logits, seqs)
+
+    def prompt_logprobs(
+        self, logits: torch.Tensor, target_ids: list[int], num_top: int
+    ) -> list[TokenLogprob]:
+        """Logprob of ``target_ids[i]`` under row i of ``logits`` ``[n, vocab]``, plus ``num_top`` alternatives."""
+        if logits.shape[0] != len(target_ids):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(target_ids)} target ids")
+        out: list[TokenLogprob] = []
+        for start in range(0, len(target_ids), _PROMPT_LOGPROB_CHUNK):
+            end = start + _PROMPT_LOGPROB_CHUNK
+            rows = target_ids[start:end]
+            out.extend(compute_logprobs(logits[start:end], rows, [num_top] * len(rows)))
+        return out
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        raw = logits.float()  # [num_seqs, vocab]
+        logits = raw.clone()  # processed in place below; raw stays for logprobs
+        params = [seq.params for seq in seqs]
+
+        mask_min_tokens(logits, seqs)
+        penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
+        if penalised:
+            rows = torch.tensor(penalised, device=logits.device)
+            logits[rows] = apply_penalties(
+                logits[rows],
+                [self._prompt_tensor(seqs[i]) for i in penalised],
+                [seqs[i].output_token_ids for i in penalised],
+                [params[i].repetition_penalty for i in penalised],
+                [params[i].presence_penalty for i in penalised],
+                [params[i].frequency_penalty for i in penalised],
+            )
+
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy) == len(seqs):
+            token_ids = logits.argmax(dim=-1)  # [num_seqs]
+        else:
+            token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            if greedy:
+                rows = torch.tensor(greedy, device=logits.device)
+                token_ids[rows] = logits[rows].argmax(dim=-1)
+            sampled = [i for i, p in enumerate(params) if not p.greedy]
+            rows = torch.tensor(sampled, device=logits.device)
+            token_ids[rows] = _sample_rows(logits[rows], [seqs[i] for i in sampled])
+        tokens = token_ids.tolist()
+
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if wanted:
+            rows = torch.tensor(wanted, device=logits.device)
+            computed = compute_logprobs(
+                raw[rows], [tokens[i] for i in wanted], [params[i].logprobs or 0 for i in wanted]
+            )
+            for i, lp in zip(wanted, computed, strict=True):
+                logprobs[i] = lp
+        return SamplerOutput(tokens, logprobs)
+
+    def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
+        ids = self._prompt_ids.get(seq)
+        if ids is None:
+            ids = torch.tensor(seq.prompt_token_ids, dtype=torch.long)
+            self._prompt_ids[seq] = ids
+        return ids
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _needs_processing(seq: Sequence) -> bool:
+    p = seq.params
+    return (
+        p.temperature != 0.0
+        or p.logprobs is not None
+        or _has_penalty(p)
+        or len(seq.output_token_ids) < p.min_tokens
+    )
+
+
+def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place: forbid EOS and stop token ids for rows that have not yet produced ``min_tokens`` tokens.
+
+    ``logits`` is ``[num_seqs, vocab]``. EOS is masked even with ``ignore_eos`` (min_tokens wins).
+    """
+    vocab = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            continue
+        for token in set(seq.eos_token_ids).union(p.stop_token_ids):
+            if token < vocab:
+                rows.append(i)
+                cols.append(token)
+    if rows:
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -float(
+            "inf"
+        )
+
+
+def token_counts(
+    token_ids: SequenceOf[SequenceOf[int] | torch.Tensor], vocab: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[n, vocab]`` float counts of each token id per row, built with one ``bincount``."""
+    n = len(token_ids)
+    rows_ids = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in token_ids]
+    lengths = torch.tensor([len(ids) for ids in rows_ids])  # [n]
+    if n == 0 or int(lengths.sum()) == 0:
+        return torch.zeros(n, vocab, device=device)
+    flat = torch.cat(rows_ids).to(device)  # [total]
+    row_of = torch.repeat_interleave(torch.arange(n), lengths).to(device)  # [total]
+    keep = (flat >= 0) & (flat < vocab)  # an id outside the vocab would land in the neighbouring row
+    counts = torch.bincount(row_of[keep] * vocab + flat[keep], minlength=n * vocab)  # [n * vocab]
+    return counts.view(n, vocab).float()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: SequenceOf[SequenceOf[int] | torch.Tensor],
+    output_token_ids: SequenceOf[SequenceOf[int] | torch.Tensor],
+    repetition_penalty: SequenceOf[float],
+    presence_penalty: SequenceOf[float],
+    frequency_penalty: SequenceOf[float],
+) -> torch.Tensor:
+    """Return ``logits`` ``[n, vocab]`` with the per-row penalties applied (the input is not modified).
+
+    Repetition (CTRL): tokens seen in prompt or output get positive logits divided, negative ones multiplied.
+    Presence / frequency (OpenAI): over output tokens only, ``logit -= presence * [count > 0] + frequency * count``.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    output_counts = token_counts(output_token_ids, vocab, device)  # [n, vocab]
+    rep = torch.tensor(repetition_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
+    if bool((rep != 1.0).any()):
+        seen = (token_counts(prompt_token_ids, vocab, device) > 0) | (output_counts > 0)  # [n, vocab]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    presence = torch.tensor(presence_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
+    frequency = torch.tensor(frequency_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
+    return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (-inf) everything outside each row's top-k, then outside the top-p nucleus of what is left.
+
+    ``logits`` ``[n, vocab]``; ``top_k`` ``[n]`` (vocab = off); ``top_p`` ``[n]`` (1.0 = off). The nucleus is the
+    smallest set of most likely tokens whose probability (renormalised after top-k) reaches top_p; the most
+    likely token always survives.
+    """
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab] each
+    positions = torch.arange(vocab, device=logits.device)
+    remove = positions.unsqueeze(0) >= top_k.unsqueeze(1)  # [n, vocab]: beyond the k best
+    probs = sorted_logits.masked_fill(remove, -float("inf")).softmax(dim=-1)  # [n, vocab]
+    mass_before = probs.cumsum(dim=-1) - probs  # [n, vocab]: mass of strictly better tokens
+    remove |= mass_before >= (top_p - _TOP_P_TOLERANCE).unsqueeze(1)
+    remove[:, 0] = False
+    mask = torch.empty_like(remove).scatter_(1, order, remove)  # back to vocab order
+    return logits.masked_fill(mask, -float("inf"))
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens whose probability is below ``min_p`` times the row's best. ``probs`` ``[n, vocab]``."""
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [n, 1]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Sample one token per row of penalised ``logits`` ``[m, vocab]`` (all rows have temperature > 0)."""
+    m, vocab = logits.shape
+    device = logits.device
+    params = [seq.params for seq in seqs]
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temperature.unsqueeze(1)  # [m, vocab]
+
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = apply_top_k_top_p(
+            logits,
+            torch.tensor(top_k, device=device),
+            torch.tensor(top_p, dtype=logits.dtype, device=device),
+        )
+    probs = logits.softmax(dim=-1)  # [m, vocab]
+    if any(p.min_p > 0.0 for p in params):
+        probs = apply_min_p(probs, torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device))
+    return _draw(probs, [seq.generator for seq in seqs])
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of (unnormalised) ``probs`` ``[m, vocab]``: argmax(probs / q), q ~ Exp(1).
+
+    This is exact categorical sampling (the exponential-race / Gumbel trick) and lets every seeded row draw its
+    noise from its own generator, so a seeded request reproduces whatever else is in the batch.
+    """
+    noise = torch.empty_like(probs)  # [m, vocab]
+    if any(g is None for g in generators):
+        noise.exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            # Drawn on the generator's device and moved: a CPU generator cannot fill a CUDA tensor.
+            noise[i] = torch.empty(probs.shape[1], device=g.device).exponential_(generator=g).to(probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
+    """Logprob, rank (1 = best) and ``num_top[i]`` best alternatives of ``token_ids[i]`` under row i.
+
+    ``logits`` ``[n, vocab]`` are raw model logits; a tie with the chosen token does not worsen its rank.
+    """
+    if not token_ids:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
+    chosen_ids = torch.tensor(token_ids, device=logits.device).unsqueeze(1)  # [n, 1]
+    chosen = logprobs.gather(1, chosen_ids)  # [n, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    k = min(max(num_top), logprobs.shape[1])
+    if k > 0:
+        top_values, top_ids = logprobs.topk(k, dim=-1)  # [n, k] each, most likely first
+        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    out = []
+    for i, (token, value) in enumerate(zip(token_ids, chosen.squeeze(1).tolist(), strict=True)):
+        top = list(zip(top_ids_list[i][: num_top[i]], top_values_list[i][: num_top[i]])) if k > 0 else []
+        out.append(TokenLogprob(token_id=token, logprob=value, rank=ranks[i], top=top))
+    return out

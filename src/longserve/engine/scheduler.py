@@ -1,0 +1,121 @@
+"""Scheduler: decides each step which sequences run and how many of their tokens, under a token budget.
+
+One invariant drives everything (as in vLLM v1): every scheduled sequence's ``num_computed_tokens`` moves
+toward its ``num_tokens``. A fresh prompt, a prompt chunk, a decode and a recompute after preemption differ
+only in how far apart those two numbers are.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from longserve.engine.kv_cache import BlockManager
+from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.seq.num_computed_tokens > 0
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every known token is cached, so the model's last logits give the next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]  # decodes first, then prompt chunks
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.blocks = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first: the last one is preempted first
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_needed(seq, seq.num_tokens) > self.blocks.num_usable_blocks:
+            raise ValueError(
+                f"prompt needs {seq.num_tokens} tokens of KV cache but the whole cache holds "
+                f"{self.blocks.num_usable_blocks * self.blocks.block_size}"
+            )
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(seq.num_uncomputed_tokens, budget)
+            target = seq.num_computed_tokens + count
+            while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
+                preempted.append(self._preempt(self.running.pop()))
+            if not self.blocks.can_grow(seq, target):
+                preempted.append(self._preempt(self.running.pop()))  # seq itself: nothing else to take
+                break
+            self.blocks.grow(seq, target)
+            scheduled.append(ScheduledSequence(seq, count))
+            budget -= count
+            index += 1
+
+        # New or preempted work joins only when nobody was pushed out this step, so nothing thrashes.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            count = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed_tokens + count)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, count))
+            budget -= count
+
+        scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first, each group in arrival order
+        return SchedulerOutput(scheduled, preempted)
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        """Drop the sequence's KV; it will be recomputed (prompt + output so far) when rescheduled."""
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark finished and return its blocks, wherever it is (running, waiting or preempted)."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,55 @@
+"""Self-attention module: fused QKV projection, optional q/k RMSNorm, RoPE, the backend call, output projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longserve.attention.backend import AttentionBackend
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+from longserve.layers.linear import Linear
+from longserve.layers.norm import RMSNorm
+from longserve.layers.rotary import apply_rotary
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        qk_norm_eps: float | None,  # set for models that RMSNorm q and k per head (Qwen3)
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype)
+        self.o_proj = Linear(self.q_size, [hidden_size], False, dtype)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [tokens, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [tokens, 1, head_dim / 2]
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.backend.forward(q, k, v, cache, metadata, self.scale)  # [tokens, heads, head_dim]
+        return self.o_proj(out.reshape(tokens, self.q_size))

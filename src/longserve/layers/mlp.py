@@ -1,0 +1,21 @@
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)) with gate and up fused in one matmul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longserve.layers.linear import Linear
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], False, dtype)
+        self.down_proj = Linear(intermediate_size, [hidden_size], False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [tokens, inter] each
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,147 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of GQA self-attention and SwiGLU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from longserve.attention.backend import AttentionBackend
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+from longserve.layers.attention import SelfAttention
+from longserve.layers.mlp import SwiGLUMLP
+from longserve.layers.norm import RMSNorm
+from longserve.layers.rotary import RotaryEmbedding
+from longserve.models.config import DecoderConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            qkv_bias=config.qkv_bias,
+            qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
+            backend=backend,
+            dtype=dtype,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [tokens, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids -> last hidden states -> logits. Every step's tokens arrive flattened: [tokens]."""
+
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Parameter(
+                torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+            )
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [tokens]
+        positions: torch.Tensor,  # [tokens]
+        caches: list[LayerKVCache],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-norm hidden states, [tokens, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, hidden.dtype)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            hidden = layer(hidden, rope, cache, metadata)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] -> float32 logits [rows, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``."""
+        targets = self._weight_targets()
+        unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
+        if unknown:
+            raise ValueError(f"checkpoint has tensors this model does not use: {unknown[:5]}")
+        missing = sorted(set(targets) - set(weights))
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for name, load in targets.items():
+            try:
+                load(weights[name].to(self.dtype))
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(f"tensor {name}: {exc}") from exc
+
+    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        """HF tensor name -> function copying that tensor into place."""
+        targets = {
+            "model.embed_tokens.weight": _copier(self.embed_tokens.weight),
+            "model.norm.weight": _copier(self.norm.weight),
+        }
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = _copier(self.lm_head)
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            targets[prefix + "input_layernorm.weight"] = _copier(layer.input_layernorm.weight)
+            targets[prefix + "post_attention_layernorm.weight"] = _copier(
+                layer.post_attention_layernorm.weight
+            )
+            for shard, part in enumerate(("q", "k", "v")):
+                targets[f"{prefix}self_attn.{part}_proj.weight"] = partial(attn.qkv_proj.load_shard, shard)
+                if attn.qkv_proj.bias is not None:
+                    targets[f"{prefix}self_attn.{part}_proj.bias"] = partial(
+                        attn.qkv_proj.load_bias_shard, shard
+                    )
+            targets[prefix + "self_attn.o_proj.weight"] = partial(attn.o_proj.load_shard, 0)
+            if attn.q_norm is not None:
+                targets[prefix + "self_attn.q_norm.weight"] = _copier(attn.q_norm.weight)
+                targets[prefix + "self_attn.k_norm.weight"] = _copier(attn.k_norm.weight)
+            targets[prefix + "mlp.gate_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 0)
+            targets[prefix + "mlp.up_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 1)
+            targets[prefix + "mlp.down_proj.weight"] = partial(mlp.down_proj.load_shard, 0)
+        return targets
+
+
+def _copier(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def copy(tensor: torch.Tensor) -> None:
+        if tensor.shape != param.shape:
+            raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+        param.copy_(tensor)
+
+    return copy
+
+
+def _ignorable(name: str) -> bool:
+    # Precomputed rotary tables some exporters save, and a tied lm_head duplicated on disk.
+    return name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"

@@ -1,0 +1,55 @@
+"""HF architecture name -> model class and config reader; the one place new model families are registered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from longserve.attention.backend import AttentionBackend
+from longserve.models.config import DecoderConfig
+from longserve.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    read_config: Callable[[dict], DecoderConfig]
+    model_class: type[nn.Module]
+
+
+def _families() -> dict[str, ModelFamily]:
+    llama = ModelFamily(DecoderConfig.from_hf, LlamaForCausalLM)
+    return {
+        "LlamaForCausalLM": llama,
+        "MistralForCausalLM": llama,
+        "Qwen2ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qkv_bias=True), LlamaForCausalLM),
+        "Qwen3ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qk_norm=True), LlamaForCausalLM),
+    }
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_families())
+
+
+def resolve_architecture(hf_config: dict) -> ModelFamily:
+    """The family for ``hf_config['architectures'][0]``; an unknown one raises ``ValueError`` listing the known."""
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise ValueError("config.json: missing 'architectures'")
+    family = _families().get(architectures[0])
+    if family is None:
+        raise ValueError(
+            f"unsupported architecture {architectures[0]!r}; supported: {', '.join(supported_architectures())}"
+        )
+    return family
+
+
+def build_model(
+    hf_config: dict, backend: AttentionBackend, dtype: torch.dtype
+) -> tuple[nn.Module, DecoderConfig]:
+    """An empty (unloaded) model for this config."""
+    family = resolve_architecture(hf_config)
+    config = family.read_config(hf_config)
+    return family.model_class(config, backend, dtype), config
