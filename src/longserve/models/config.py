@@ -42,9 +42,11 @@ class DecoderConfig:
                 f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
             )
         head_dim = config.get("head_dim") or hidden // heads
-        rope_scaling = config.get("rope_scaling") or None
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-            rope_scaling = None
+        # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if rope_type == "default" else rope
         return cls(
             architecture=config["architectures"][0],
             vocab_size=need("vocab_size"),
@@ -55,7 +57,7 @@ class DecoderConfig:
             num_kv_heads=kv_heads,
             head_dim=int(head_dim),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
