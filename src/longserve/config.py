@@ -22,6 +22,7 @@ class EngineConfig:
     attention: str = "dense"  # attention backend: dense | reference
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_mb: int = 512  # KV cache size; the number of blocks follows from it
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
     max_model_len: int | None = None  # None = the model's context length
     max_num_batched_tokens: int = 2048  # per-step token budget (prompt chunks + decodes)
     max_num_seqs: int = 64  # sequences running at once

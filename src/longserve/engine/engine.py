@@ -66,7 +66,9 @@ class LLMEngine:
 
         mc = self.model_config
         bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * config.torch_dtype.itemsize
-        num_blocks = max(2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size))
+        num_blocks = config.num_kv_blocks or max(
+            2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
+        )
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )

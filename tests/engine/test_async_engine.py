@@ -1,0 +1,117 @@
+"""AsyncEngine: streams interleave on the engine thread, the event loop stays free, abort frees KV blocks."""
+
+import asyncio
+import time
+
+import pytest
+
+from longserve import AsyncEngine, EngineConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    yield engine
+    engine.shutdown()
+
+
+def _blocks_all_free(engine):
+    manager = engine.engine.block_manager
+    return manager.num_free_blocks == manager.num_usable_blocks
+
+
+async def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_concurrent_streams_interleave_and_deltas_add_up(engine):
+    async def consume(i, order):
+        text, tokens = "", []
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        async for out in engine.generate([5 + i, 6, 7, 8], params, request_id=f"s{i}"):
+            order.append(i)
+            text += out.outputs[0].delta_text
+            tokens += out.outputs[0].delta_token_ids
+            last = out
+        assert last.finished and last.outputs[0].finish_reason == "length"
+        assert tokens == last.outputs[0].token_ids and text == last.outputs[0].text
+        return tokens
+
+    async def main():
+        order = []
+        results = await asyncio.gather(*(consume(i, order) for i in range(8)))
+        return order, results
+
+    order, results = asyncio.run(main())
+    assert all(len(r) == 12 for r in results)
+    # Interleaved: the first stream is not done before the last one has started.
+    assert order.index(7) < len(order) - 1 - order[::-1].index(0)
+    assert _blocks_all_free(engine)
+
+
+def test_event_loop_is_not_blocked_while_generating(engine):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        start = time.monotonic()
+        async for _ in engine.generate(list(range(3, 200)), params):
+            pass
+        elapsed = time.monotonic() - start
+        task.cancel()
+        return ticks, elapsed
+
+    ticks, elapsed = asyncio.run(main())
+    assert ticks >= 0.3 * elapsed / 0.005  # the loop kept ticking through the forward passes
+
+
+def test_closing_a_stream_early_aborts_the_request_and_frees_blocks(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        stream = engine.generate([5, 6, 7], params, request_id="gone")
+        async for _ in stream:
+            break  # the client went away
+        await stream.aclose()
+        await _wait_until(lambda: "gone" not in engine.engine.requests and _blocks_all_free(engine))
+
+    asyncio.run(main())
+
+
+def test_abort_ends_the_stream_with_finish_reason_abort(engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        outs = []
+        async for out in engine.generate([5, 6, 7], params, request_id="stop-me"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("stop-me")
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs[-1].outputs[0].token_ids) < 500
+    assert _blocks_all_free(engine)
+
+
+def test_bad_request_raises_in_the_caller_and_engine_keeps_serving(engine):
+    async def main():
+        with pytest.raises(ValueError, match="max_tokens"):
+            SamplingParams(max_tokens=0)
+        with pytest.raises(ValueError, match="maximum context length"):
+            async for _ in engine.generate([5] * 10_000, SamplingParams(max_tokens=1)):
+                pass
+        outs = [out async for out in engine.generate([5, 6], SamplingParams(max_tokens=3, ignore_eos=True))]
+        return outs[-1]
+
+    last = asyncio.run(main())
+    assert last.finished and len(last.outputs[0].token_ids) == 3

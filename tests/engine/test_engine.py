@@ -1,0 +1,163 @@
+"""LLMEngine behaviour through the offline LLM API: batching invariance, seeds, stops, KV-block accounting."""
+
+import pytest
+import torch
+
+from longserve import LLM, SamplingParams
+from longserve.engine.sequence import SequenceStatus
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama_dir):
+    return LLM(tiny_llama_dir, kv_cache_memory_mb=4)
+
+
+def _prompts(llm, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    vocab = llm.engine.model_config.vocab_size
+    return [
+        torch.randint(3, vocab, (int(n),), generator=generator).tolist()
+        for n in torch.randint(3, 60, (count,))
+    ]
+
+
+def _all_blocks_free(llm):
+    manager = llm.engine.block_manager
+    return manager.num_free_blocks == manager.num_usable_blocks and not llm.engine.scheduler.num_unfinished
+
+
+def test_greedy_output_is_the_same_alone_and_batched_with_15_others(tiny_llm):
+    prompts = _prompts(tiny_llm, 16)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    batched = tiny_llm.generate(prompts, params)
+    for prompt, out in zip(prompts, batched, strict=True):
+        alone = tiny_llm.generate([prompt], params)[0]
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+    assert _all_blocks_free(tiny_llm)
+
+
+def test_seeded_sampling_reproduces_whatever_the_batch(tiny_llm):
+    prompt = _prompts(tiny_llm, 1, seed=3)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    first = tiny_llm.generate([prompt], params)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    batch = tiny_llm.generate([prompt] + _prompts(tiny_llm, 5, seed=4), [params] + [others] * 5)
+    assert batch[0].outputs[0].token_ids == first
+    different_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True)
+    assert tiny_llm.generate([prompt], different_seed)[0].outputs[0].token_ids != first
+
+
+def test_n_completions_stop_tokens_and_max_tokens(tiny_llm):
+    prompt = _prompts(tiny_llm, 1, seed=5)[0]
+    out = tiny_llm.generate(
+        [prompt], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=7, ignore_eos=True)
+    )[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 7 and o.finish_reason == "length" for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # independent samples
+    greedy = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    stop_token = greedy.outputs[0].token_ids[4]
+    stopped = tiny_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token])
+    )
+    completion = stopped[0].outputs[0]
+    first_hit = greedy.outputs[0].token_ids.index(stop_token)
+    assert completion.token_ids == greedy.outputs[0].token_ids[: first_hit + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop_token
+
+
+def test_stop_string_truncates_text_and_ends_generation(tiny_llm):
+    prompt = _prompts(tiny_llm, 1, seed=6)[0]
+    full = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[
+        0
+    ].outputs[0]
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop and stop.strip()
+    out = tiny_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    )
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop
+    assert completion.text == text[: text.index(stop)]
+
+
+def test_preemption_by_recompute_keeps_greedy_output_and_frees_every_block(tiny_llama_dir):
+    # 20 usable blocks of 4 slots for 8 sequences that each grow to ~12 blocks: preemption is unavoidable.
+    small = LLM(tiny_llama_dir, num_kv_blocks=21, block_size=4)
+    prompts = _prompts(small, 8, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = [small.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    engine = small.engine
+    requests = [engine.build_request(f"p{i}", p, params) for i, p in enumerate(prompts)]
+    for request in requests:
+        engine.add_request(request)
+    results = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+    assert [results[f"p{i}"] for i in range(8)] == expected
+    assert sum(seq.num_preemptions for r in requests for seq in r.seqs) > 0
+    assert _all_blocks_free(small)
+
+
+def test_abort_and_mixed_finishes_return_every_block(tiny_llm):
+    engine = tiny_llm.engine
+    prompts = _prompts(tiny_llm, 6, seed=9)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=5 + 10 * (i % 2), ignore_eos=True)
+        engine.add_request(engine.build_request(f"mix-{i}", prompt, params))
+    for _ in range(3):
+        engine.step()
+    engine.abort("mix-1")
+    engine.abort("mix-4")
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+    assert finished["mix-1"] == finished["mix-4"] == "abort"
+    assert finished["mix-0"] == "length"
+    assert _all_blocks_free(tiny_llm)
+
+
+def test_prompt_over_the_context_length_is_a_clear_error(tiny_llm):
+    limit = tiny_llm.engine.max_model_len
+    with pytest.raises(ValueError, match="maximum context length is"):
+        tiny_llm.generate([[5] * limit], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match=r"\d+ in the prompt, 100 for the completion"):
+        tiny_llm.generate([[5] * (limit - 50)], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        tiny_llm.generate([[5, 10**6]], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="must not be empty"):
+        tiny_llm.generate([""], SamplingParams(max_tokens=1))
+    assert _all_blocks_free(tiny_llm)
+
+
+def test_logprobs_and_prompt_logprobs_agree_with_a_full_forward(tiny_llm):
+    prompt = _prompts(tiny_llm, 1, seed=10)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = tiny_llm.generate([prompt], params)[0]
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == 4
+    for entry, token in zip(completion.logprobs, completion.token_ids, strict=True):
+        assert entry.token_id == token and entry.rank == 1  # greedy picks the top token
+        assert len(entry.top) == 3 and entry.top[0][0] == token
+        assert entry.top[0][1] == pytest.approx(entry.logprob)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    # Prompt logprobs are what a second request scoring prompt + output sees for the output tokens.
+    again = tiny_llm.generate(
+        [prompt + completion.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=0)
+    )[0]
+    for i, entry in enumerate(completion.logprobs):
+        assert again.prompt_logprobs[len(prompt) + i].logprob == pytest.approx(entry.logprob, abs=1e-4)
+
+
+def test_sequences_leave_running_state_when_done(tiny_llm):
+    engine = tiny_llm.engine
+    request = engine.build_request("status", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert all(seq.status is SequenceStatus.FINISHED for seq in request.seqs)
