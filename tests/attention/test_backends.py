@@ -56,7 +56,10 @@ def _run_steps(backend_name, seqs, chunks, dtype):
 def test_chunked_prefill_and_decode_match_whole_sequence_attention(backend_name):
     torch.manual_seed(0)
     lengths = [13, 7, 22]
-    seqs = [tuple(torch.randn(n, h, DIM, dtype=torch.float64) for h in (HEADS, KV_HEADS, KV_HEADS)) for n in lengths]
+    seqs = [
+        tuple(torch.randn(n, h, DIM, dtype=torch.float64) for h in (HEADS, KV_HEADS, KV_HEADS))
+        for n in lengths
+    ]
     # step pattern: a first chunk for each, then decodes and chunks mixed in the same steps
     chunks = [[5, 3, 9], [1, 1, 6], [4, 1, 7], [1, 1, 0], [1, 1, 0]]
     remaining = [n - sum(c[i] for c in chunks) for i, n in enumerate(lengths)]

@@ -19,6 +19,9 @@ from longserve.engine.sequence import Sequence, TokenLogprob
 # A float32 cumsum lands a hair below an exact boundary (0.5 + 0.3 -> 0.79999995): mass within this of top_p
 # counts as having reached it, so the nucleus is the smallest set the user would compute by hand.
 _TOP_P_TOLERANCE = 1e-6
+# Top-p without top-k first looks for its nucleus among this many best tokens (a partial top-k), and sorts
+# the whole vocabulary only when their mass falls short of top_p.
+_TOP_P_CANDIDATES = 1024
 # prompt_logprobs over a long prompt: rows per log_softmax so memory stays ~rows * vocab floats.
 _PROMPT_LOGPROB_CHUNK = 256
 
@@ -63,11 +66,15 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         raw = logits.float()  # [num_seqs, vocab]
-        logits = raw.clone()  # processed in place below; raw stays for logprobs
         params = [seq.params for seq in seqs]
-
-        mask_min_tokens(logits, seqs)
+        n = len(seqs)
         penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
+        masked = [i for i, seq in enumerate(seqs) if len(seq.output_token_ids) < seq.params.min_tokens]
+        # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
+        logits = raw.clone() if penalised or masked else raw
+
+        if masked:
+            mask_min_tokens(logits, seqs)
         if penalised:
             rows = torch.tensor(penalised, device=logits.device)
             logits[rows] = apply_penalties(
@@ -80,24 +87,22 @@ class Sampler:
             )
 
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy) == len(seqs):
-            token_ids = logits.argmax(dim=-1)  # [num_seqs]
-        else:
-            token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-            if greedy:
-                rows = torch.tensor(greedy, device=logits.device)
-                token_ids[rows] = logits[rows].argmax(dim=-1)
-            sampled = [i for i, p in enumerate(params) if not p.greedy]
-            rows = torch.tensor(sampled, device=logits.device)
-            token_ids[rows] = _sample_rows(logits[rows], [seqs[i] for i in sampled])
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        token_ids = torch.empty(n, dtype=torch.long, device=logits.device)  # [num_seqs]
+        if greedy:
+            _put_rows(token_ids, greedy, _take_rows(logits, greedy).argmax(dim=-1))
+        if sampled:
+            chosen = _sample_rows(_take_rows(logits, sampled), [seqs[i] for i in sampled])
+            _put_rows(token_ids, sampled, chosen)
         tokens = token_ids.tolist()
 
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprob | None] = [None] * n
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:
-            rows = torch.tensor(wanted, device=logits.device)
             computed = compute_logprobs(
-                raw[rows], [tokens[i] for i in wanted], [params[i].logprobs or 0 for i in wanted]
+                _take_rows(raw, wanted),
+                [tokens[i] for i in wanted],
+                [params[i].logprobs or 0 for i in wanted],
             )
             for i, lp in zip(wanted, computed, strict=True):
                 logprobs[i] = lp
@@ -109,6 +114,20 @@ class Sampler:
             ids = torch.tensor(seq.prompt_token_ids, dtype=torch.long)
             self._prompt_ids[seq] = ids
         return ids
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``, without the gather copy when ``rows`` is every row in order."""
+    if len(rows) == x.shape[0]:
+        return x
+    return x[torch.tensor(rows, device=x.device)]
+
+
+def _put_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    if len(rows) == x.shape[0]:
+        x.copy_(values)
+    else:
+        x[torch.tensor(rows, device=x.device)] = values
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -196,16 +215,67 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     smallest set of most likely tokens whose probability (renormalised after top-k) reaches top_p; the most
     likely token always survives.
     """
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab] each
-    positions = torch.arange(vocab, device=logits.device)
-    remove = positions.unsqueeze(0) >= top_k.unsqueeze(1)  # [n, vocab]: beyond the k best
-    probs = sorted_logits.masked_fill(remove, -float("inf")).softmax(dim=-1)  # [n, vocab]
-    mass_before = probs.cumsum(dim=-1) - probs  # [n, vocab]: mass of strictly better tokens
-    remove |= mass_before >= (top_p - _TOP_P_TOLERANCE).unsqueeze(1)
-    remove[:, 0] = False
-    mask = torch.empty_like(remove).scatter_(1, order, remove)  # back to vocab order
+    n, vocab = logits.shape
+    has_k = top_k < vocab  # [n]
+    has_p = top_p < 1.0  # [n]
+    p_only = has_p & ~has_k  # [n]
+    # Top-p-only rows measure mass against the whole vocabulary; softmax works row by row, so these values
+    # do not depend on the rest of the batch.
+    probs = logits.softmax(dim=-1) if bool(p_only.any()) else None  # [n, vocab]
+    # Sorting the whole vocabulary costs ~100x a softmax, so rank only the best `width` tokens when that
+    # provably holds every survivor: k of them for top-k rows, enough mass for top-p-only rows.
+    width = max(
+        int(top_k[has_k].max()) if bool(has_k.any()) else 0,
+        _TOP_P_CANDIDATES if probs is not None else 0,
+    )
+    remove = None
+    if width < vocab:
+        ranked, order = logits.topk(width, dim=-1)  # [n, width] each, best first
+        remove = _ranked_removal(ranked, order, probs, top_k, top_p, has_k, complete=False)
+    if remove is None:
+        ranked, order = logits.sort(dim=-1, descending=True)  # [n, vocab] each
+        remove = _ranked_removal(ranked, order, probs, top_k, top_p, has_k, complete=True)
+    # Tokens outside the ranked candidates are removed, except in rows that filter nothing.
+    mask = (has_k | has_p).unsqueeze(1).expand(n, vocab).clone()  # [n, vocab]
+    mask.scatter_(1, order, remove)
     return logits.masked_fill(mask, -float("inf"))
+
+
+def _ranked_removal(
+    ranked: torch.Tensor,
+    order: torch.Tensor,
+    probs: torch.Tensor | None,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    has_k: torch.Tensor,
+    *,
+    complete: bool,
+) -> torch.Tensor | None:
+    """Which of the best-first ``ranked`` logits ``[n, width]`` to drop; None if the nucleus may lie beyond.
+
+    ``probs`` ``[n, vocab]`` is the full softmax, needed only when some row has top-p without top-k.
+
+    Every quantity is a prefix computation (cumsum) over the ranking, so a row's result does not depend on
+    ``width``, and hence not on the other rows of the batch.
+    """
+    width = ranked.shape[1]
+    remove = torch.arange(width, device=ranked.device).unsqueeze(0) >= top_k.unsqueeze(1)  # [n, width]
+    has_p = top_p < 1.0  # [n]
+    if not bool(has_p.any()):
+        return remove
+    weight = (ranked - ranked[:, :1]).exp().masked_fill(remove, 0.0)  # [n, width]: best token weighs 1
+    cum_weight = weight.cumsum(dim=-1)  # [n, width]
+    k_mass = cum_weight.gather(1, (top_k.clamp(max=width) - 1).unsqueeze(1))  # [n, 1]: top-k renormaliser
+    p = weight / k_mass  # [n, width]
+    if probs is not None:
+        p = torch.where(has_k.unsqueeze(1), p, probs.gather(1, order))
+    cum = p.cumsum(dim=-1)  # [n, width]
+    threshold = (top_p - _TOP_P_TOLERANCE).unsqueeze(1)  # [n, 1]
+    if not complete and not bool((has_k | ~has_p | (cum[:, -1:] >= threshold).squeeze(1)).all()):
+        return None
+    remove |= (cum - p >= threshold) & has_p.unsqueeze(1)  # mass of strictly better tokens reaches top_p
+    remove[:, 0] = False
+    return remove
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -237,19 +307,26 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of (unnormalised) ``probs`` ``[m, vocab]``: argmax(probs / q), q ~ Exp(1).
+    """One token per row of (unnormalised) ``probs`` ``[m, vocab]``, by inverting the row's CDF at a uniform.
 
-    This is exact categorical sampling (the exponential-race / Gumbel trick) and lets every seeded row draw its
-    noise from its own generator, so a seeded request reproduces whatever else is in the batch.
+    One uniform per row instead of the exponential race's one per vocabulary entry (which costs ~30x a
+    softmax on CPU). A seeded row draws its uniform from its own generator, so it reproduces whatever else is
+    in the batch.
     """
-    noise = torch.empty_like(probs)  # [m, vocab]
+    m = probs.shape[0]
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [m, vocab]; float64 keeps the tail's steps resolvable
+    uniform = torch.empty(m, 1, dtype=torch.float64, device=probs.device)  # [m, 1]
     if any(g is None for g in generators):
-        noise.exponential_()
+        uniform.uniform_()
     for i, g in enumerate(generators):
         if g is not None:
             # Drawn on the generator's device and moved: a CPU generator cannot fill a CUDA tensor.
-            noise[i] = torch.empty(probs.shape[1], device=g.device).exponential_(generator=g).to(probs.device)
-    return (probs / noise).argmax(dim=-1)
+            uniform[i] = torch.rand(1, dtype=torch.float64, generator=g, device=g.device).to(probs.device)
+    total = cdf[:, -1:]  # [m, 1]
+    # Strictly below the total, so the first CDF entry above target exists and is a step up, i.e. a token
+    # of positive probability (rounding of uniform * total could otherwise reach the top of the CDF).
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # [m, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # [m]: first index with cdf > target
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
@@ -269,6 +346,10 @@ def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[i
         top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
     out = []
     for i, (token, value) in enumerate(zip(token_ids, chosen.squeeze(1).tolist(), strict=True)):
-        top = list(zip(top_ids_list[i][: num_top[i]], top_values_list[i][: num_top[i]])) if k > 0 else []
+        top = (
+            list(zip(top_ids_list[i][: num_top[i]], top_values_list[i][: num_top[i]], strict=True))
+            if k > 0
+            else []
+        )
         out.append(TokenLogprob(token_id=token, logprob=value, rank=ranks[i], top=top))
     return out

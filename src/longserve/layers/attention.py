@@ -32,8 +32,8 @@ class SelfAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype)
         self.o_proj = Linear(self.q_size, [hidden_size], False, dtype)
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype) if qk_norm_eps is not None else None
         self.backend = backend
 
     def forward(

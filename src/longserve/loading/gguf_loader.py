@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import gguf
 import numpy as np
@@ -38,6 +38,9 @@ _BLOCK_TENSORS = {
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_NAME = re.compile(r"(\w+)\.(weight|bias)")
 
+_ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ rope scaling, as divisors of each rotary frequency
+_Array = TypeVar("_Array", torch.Tensor, np.ndarray)
+
 
 class _Reader(gguf.GGUFReader):
     """GGUFReader over a plain ndarray view of the mmap.
@@ -64,14 +67,18 @@ def load_gguf(path: str, *, show_progress: bool = False) -> Checkpoint:
     }
     names = {t.name for t in reader.tensors}
     config = gguf_config(metadata, has_output="output.weight" in names, has_bias="blk.0.attn_q.bias" in names)
+    for rope_freqs in (t for t in reader.tensors if t.name == _ROPE_FREQS):  # config, not a weight
+        config["rope_scaling"] = llama3_rope_scaling(_dequantize(rope_freqs, path), config)
+    tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
+    hf_names = [hf_tensor_name(t.name) for t in tensors]  # fail on an unknown name before any work
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     weights: dict[str, torch.Tensor] = {}
-    for tensor in _progress(reader.tensors, show_progress, os.path.basename(path)):
-        hf_name = hf_tensor_name(tensor.name)
+    progress = _progress(tensors, show_progress, os.path.basename(path))
+    for tensor, hf_name in zip(progress, hf_names, strict=True):
         value = _dequantize(tensor, path)
-        if config["model_type"] == "llama":
+        if config["model_type"] == "llama":  # only convert_hf_to_gguf's LlamaModel permutes
             value = _unpermute_if_qk(hf_name, value, config)
-        weights[hf_name] = value
+        weights[hf_name] = torch.from_numpy(value)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, path=path, format="gguf")
 
 
@@ -131,14 +138,44 @@ def hf_tensor_name(gguf_name: str) -> str:
             return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
     elif (m := _TOP_NAME.fullmatch(gguf_name)) and m.group(1) in _TOP_LEVEL_TENSORS:
         return f"{_TOP_LEVEL_TENSORS[m.group(1)]}.{m.group(2)}"
-    if gguf_name == "rope_freqs.weight":
-        raise ModelLoadError(
-            "GGUF tensor rope_freqs.weight (Llama-3.1-style rope scaling) is not supported yet"
-        )
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no known Hugging Face counterpart")
 
 
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def llama3_rope_scaling(freq_factors: np.ndarray, config: dict[str, Any]) -> dict[str, Any]:
+    """HF's ``rope_scaling`` for the per-frequency divisors llama.cpp stores as ``rope_freqs.weight``.
+
+    convert_hf_to_gguf bakes Llama 3.1+'s scaling into those divisors; every released Llama 3.x uses
+    low/high frequency factors 1 and 4 over an original 8192-token context, so only ``factor`` varies (it is the
+    largest divisor). The divisors are recomputed from the result and must match, so nothing is guessed silently.
+    """
+    factors = np.asarray(freq_factors, dtype=np.float64).reshape(-1)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    dim = config["head_dim"]
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim/2]
+    if factors.shape != inv_freq.shape or not np.allclose(
+        factors, _llama3_divisors(inv_freq, scaling), rtol=1e-4
+    ):
+        raise ModelLoadError(f"GGUF {_ROPE_FREQS} does not follow Llama 3's rope scaling; not supported")
+    return scaling
+
+
+def _llama3_divisors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """What convert_hf_to_gguf writes to rope_freqs for these scaling parameters."""
+    old_context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, between))
+
+
+def permute_qk(w: _Array, n_head: int) -> _Array:
     """llama.cpp's convert_hf_to_gguf row permutation of q_proj/k_proj (HF layout -> GGUF layout).
 
     HF rotates the two halves of each head (rotate_half); llama.cpp rotates adjacent pairs, so the converter
@@ -149,8 +186,8 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of :func:`permute_qk` (GGUF layout -> HF layout)."""
+def unpermute_qk(w: _Array, n_head: int) -> _Array:
+    """Inverse of :func:`permute_qk` (GGUF layout -> HF layout); the result is contiguous."""
     rows = w.shape[0]
     if rows % (2 * n_head):
         raise ModelLoadError(
@@ -160,17 +197,19 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unpermute_if_qk(hf_name: str, value: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+def _unpermute_if_qk(hf_name: str, value: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     if ".self_attn.q_proj." in hf_name:
-        return unpermute_qk(value, config["num_attention_heads"]).contiguous()
+        return unpermute_qk(value, config["num_attention_heads"])
     if ".self_attn.k_proj." in hf_name:
-        return unpermute_qk(value, config["num_key_value_heads"]).contiguous()
+        return unpermute_qk(value, config["num_key_value_heads"])
     return value
 
 
 def _open(path: str) -> _Reader:
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(f"{path}: empty file, not a GGUF model")
     try:
         reader = _Reader(path)
     except Exception as e:  # the reader fails with ValueError, IndexError, KeyError, ... on bad bytes
@@ -188,11 +227,10 @@ def _field_value(field: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _dequantize(tensor: Any, path: str) -> torch.Tensor:
+def _dequantize(tensor: Any, path: str) -> np.ndarray:
     qtype = tensor.tensor_type
-    shape = tuple(
-        int(d) for d in reversed(tensor.shape.tolist())
-    )  # GGUF lists dims fastest-first; HF slowest
+    # GGUF lists dims fastest-varying first; torch (and HF) list them slowest first.
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     try:
         values = dequantize(tensor.data, qtype)
     except NotImplementedError:
@@ -204,7 +242,7 @@ def _dequantize(tensor: Any, path: str) -> torch.Tensor:
     # F32 comes back as a read-only view of the mmap; copy it so the weights own their (writable) memory.
     if values.dtype != np.float32 or not values.flags.writeable:
         values = values.astype(np.float32)
-    return torch.from_numpy(values.reshape(shape))
+    return values.reshape(shape)
 
 
 def _uniform(value: Any, key: str) -> int:

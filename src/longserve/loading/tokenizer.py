@@ -53,6 +53,7 @@ class Tokenizer:
 
     ``encode`` adds BOS exactly when the model asks for it (the backend's post-processor says so; a GGUF's
     ``add_bos_token`` or a tokenizer_config's explicit ``add_bos_token`` installs one that does).
+    ``vocab_size`` counts the tokenizer's tokens, added ones included; a model's embedding may have more rows.
     """
 
     def __init__(
@@ -222,6 +223,8 @@ def _byte_level_bpe(
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     byte_to_char = _bytes_to_unicode()
     types = list(token_types) or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ModelLoadError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
     vocab: dict[str, int] = {}
     added: list[AddedToken] = []
     for index, (token, kind) in enumerate(zip(tokens, types, strict=True)):
