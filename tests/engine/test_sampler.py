@@ -12,6 +12,7 @@ from longserve.engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    greedy_argmax,
     token_counts,
 )
 from longserve.engine.sampling_params import SamplingParams
@@ -63,6 +64,19 @@ def test_greedy_ties_go_to_lowest_id():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 0.0, 0.0]])
     out = Sampler()(logits, [make_seq(temperature=0.0), make_seq(temperature=0.0, logprobs=1)])
     assert out.token_ids == [1, 0]
+
+
+@pytest.mark.parametrize("vocab", [50, 1000, 1024, 5000, 49152])
+def test_greedy_argmax_matches_torch_argmax_with_ties(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(-3, 4, (32, vocab), generator=g).float()  # the max value recurs in every row
+    assert torch.equal(greedy_argmax(ties), ties.argmax(dim=-1))
+    logits = torch.randn(4, vocab, generator=g)
+    logits[0, -1] = 50.0  # best token in the (possibly short) last block
+    logits[1, -1] = logits[1, 3] = 50.0  # tie across blocks: the lower id wins
+    logits[2, vocab // 2] = 50.0
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
+    assert greedy_argmax(logits)[1] == 3
 
 
 def test_tiny_temperature_equals_argmax():
@@ -180,6 +194,19 @@ def test_sampled_frequencies_match_the_tempered_distribution(temperature):
     expected = [p / sum(tempered) for p in tempered]
     # df = 3: P(chi2 > 16.27) = 0.001.
     assert chi_square(hist, expected, n) < 16.27
+
+
+def test_sampled_frequencies_match_across_vocab_blocks():
+    # Mass spread over block edges and the short last block of a 1000-token vocabulary.
+    ids = [0, 255, 256, 300, 511, 767, 768, 990, 999]
+    weights = [0.05, 0.2, 0.1, 0.15, 0.05, 0.1, 0.2, 0.1, 0.05]
+    probs = torch.zeros(1000)
+    probs[ids] = torch.tensor(weights)
+    n = 20_000
+    hist = sample_support(probs.log().unsqueeze(0), num_samples=n)
+    assert set(hist) <= set(ids)
+    counts = {rank: hist.get(token, 0) for rank, token in enumerate(ids)}
+    assert chi_square(counts, weights, n) < 26.12  # df = 8, P = 0.001
 
 
 def test_seeded_row_sampling_matches_the_distribution():

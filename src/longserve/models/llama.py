@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longserve.attention.backend import AttentionBackend
@@ -53,8 +54,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        # A bare parameter rather than nn.Embedding, whose random init would touch (and so commit) its memory.
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, backend, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(
@@ -76,7 +79,7 @@ class LlamaForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-norm hidden states, [tokens, hidden]."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.lookup(positions, hidden.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             hidden = layer(hidden, rope, cache, metadata)
@@ -84,11 +87,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
         return torch.nn.functional.linear(hidden, weight).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``."""
+        """Move HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``.
+
+        Consumes ``weights``: each tensor is popped once copied, so a dequantized checkpoint and the model
+        never both sit in memory whole.
+        """
         targets = self._weight_targets()
         unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
         if unknown:
@@ -98,14 +105,14 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for name, load in targets.items():
             try:
-                load(weights[name].to(self.dtype))
+                load(weights.pop(name).to(self.dtype))
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(f"tensor {name}: {exc}") from exc
 
     def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
         """HF tensor name -> function copying that tensor into place."""
         targets = {
-            "model.embed_tokens.weight": _copier(self.embed_tokens.weight),
+            "model.embed_tokens.weight": _copier(self.embed_tokens),
             "model.norm.weight": _copier(self.norm.weight),
         }
         if self.lm_head is not None:
