@@ -13,7 +13,6 @@ from longserve.engine.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     greedy_argmax,
-    token_counts,
 )
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
@@ -283,17 +282,12 @@ def test_different_seeds_and_seq_indices_draw_differently():
 # --- penalties and min_tokens -------------------------------------------------------------------------
 
 
-def test_token_counts():
-    counts = token_counts([[1, 1, 3], [], torch.tensor([0, 4, 4, 4])], vocab=5)
-    assert counts.tolist() == [[0, 2, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 3]]
-
-
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
-    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 4.0, 1.0]])
-    out = apply_penalties(logits, [[0, 1]], [[2, 3, 3]], [2.0], [0.0], [0.0])
-    # 0 and 1 seen in the prompt, 2 and 3 in the output, 4 and 5 never.
-    assert out.tolist() == [[1.0, -4.0, 1.5, -2.0, 4.0, 1.0]]
-    assert logits.tolist() == [[2.0, -2.0, 3.0, -1.0, 4.0, 1.0]]  # input untouched
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 4.0, 1.0], [2.0, -2.0, 3.0, -1.0, 4.0, 1.0]])
+    out = apply_penalties(logits, [[0, 1, 1], [5]], [[2, 3, 3], []], [2.0, 1.0], [0.0, 0.0], [0.0, 0.0])
+    # row 0: 0 and 1 seen in the prompt, 2 and 3 in the output, 4 and 5 never; row 1 has no penalty.
+    assert out.tolist() == [[1.0, -4.0, 1.5, -2.0, 4.0, 1.0], [2.0, -2.0, 3.0, -1.0, 4.0, 1.0]]
+    assert out is logits  # in place
 
 
 def test_presence_and_frequency_penalties_use_output_tokens_only():
@@ -309,6 +303,11 @@ def test_presence_and_frequency_penalties_use_output_tokens_only():
     # row 0: token 1 once -> 0.5 + 0.25, token 2 three times -> 0.5 + 0.75; prompt-only token 0 untouched.
     assert out[0].tolist() == pytest.approx([0.0, -0.75, -1.25, 0.0, 0.0])
     assert out[1].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def test_penalties_ignore_ids_outside_the_vocab():
+    out = apply_penalties(torch.zeros(2, 3), [[7], []], [[3, -1], [0]], [2.0, 2.0], [1.0, 1.0], [0.0, 0.0])
+    assert out.tolist() == [[0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]  # id 3 of row 0 must not hit row 1
 
 
 def test_all_penalties_compose_repetition_first():

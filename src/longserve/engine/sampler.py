@@ -41,7 +41,7 @@ class Sampler:
     """Batched sampler the engine calls once per step on the rows that produce a token."""
 
     def __init__(self) -> None:
-        # Prompt ids as a tensor per live sequence: rebuilding it from a long Python list every decode step
+        # Distinct prompt ids per live sequence: rebuilding them from a long Python list every decode step
         # would dominate the cost of the repetition penalty.
         self._prompt_ids: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
 
@@ -79,15 +79,17 @@ class Sampler:
         if masked:
             mask_min_tokens(logits, seqs)
         if penalised:
-            rows = torch.tensor(penalised, device=logits.device)
-            logits[rows] = apply_penalties(
-                logits[rows],
+            rows = _take_rows(logits, penalised)  # the rows themselves or a copy; written back below
+            apply_penalties(
+                rows,
                 [self._prompt_tensor(seqs[i]) for i in penalised],
                 [seqs[i].output_token_ids for i in penalised],
                 [params[i].repetition_penalty for i in penalised],
                 [params[i].presence_penalty for i in penalised],
                 [params[i].frequency_penalty for i in penalised],
             )
+            if rows is not logits:
+                _put_rows(logits, penalised, rows)
 
         greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -112,25 +114,21 @@ class Sampler:
         return SamplerOutput(tokens, logprobs)
 
     def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
+        """The prompt's distinct token ids, kept per sequence for the repetition penalty."""
         ids = self._prompt_ids.get(seq)
         if ids is None:
-            ids = torch.tensor(seq.prompt_token_ids, dtype=torch.long)
+            ids = torch.tensor(seq.prompt_token_ids, dtype=torch.long).unique()
             self._prompt_ids[seq] = ids
         return ids
 
 
+# Row lists are ascending and distinct, so a full-length list is every row in order: no gather/scatter copy.
 def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``x[rows]``, without the gather copy when ``rows`` is every row in order."""
-    if len(rows) == x.shape[0]:
-        return x
-    return x[torch.tensor(rows, device=x.device)]
+    return x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
 
 
 def _put_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
-    if len(rows) == x.shape[0]:
-        x.copy_(values)
-    else:
-        x[torch.tensor(rows, device=x.device)] = values
+    x[slice(None) if len(rows) == x.shape[0] else torch.tensor(rows, device=x.device)] = values
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -152,37 +150,16 @@ def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
     ``logits`` is ``[num_seqs, vocab]``. EOS is masked even with ``ignore_eos`` (min_tokens wins).
     """
-    vocab = logits.shape[1]
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if len(seq.output_token_ids) >= p.min_tokens:
-            continue
-        for token in set(seq.eos_token_ids).union(p.stop_token_ids):
-            if token < vocab:
-                rows.append(i)
-                cols.append(token)
-    if rows:
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -float(
-            "inf"
-        )
-
-
-def token_counts(
-    token_ids: SequenceOf[SequenceOf[int] | torch.Tensor], vocab: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """``[n, vocab]`` float counts of each token id per row, built with one ``bincount``."""
-    n = len(token_ids)
-    rows_ids = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in token_ids]
-    lengths = torch.tensor([len(ids) for ids in rows_ids])  # [n]
-    if n == 0 or int(lengths.sum()) == 0:
-        return torch.zeros(n, vocab, device=device)
-    flat = torch.cat(rows_ids).to(device)  # [total]
-    row_of = torch.repeat_interleave(torch.arange(n), lengths).to(device)  # [total]
-    keep = (flat >= 0) & (flat < vocab)  # an id outside the vocab would land in the neighbouring row
-    counts = torch.bincount(row_of[keep] * vocab + flat[keep], minlength=n * vocab)  # [n * vocab]
-    return counts.view(n, vocab).float()
+    banned = [
+        (i, token)
+        for i, seq in enumerate(seqs)
+        if len(seq.output_token_ids) < seq.params.min_tokens
+        for token in set(seq.eos_token_ids).union(seq.params.stop_token_ids)
+        if token < logits.shape[1]
+    ]
+    if banned:
+        rows, cols = torch.tensor(banned, device=logits.device).unbind(1)
+        logits[rows, cols] = float("-inf")
 
 
 def apply_penalties(
@@ -193,22 +170,41 @@ def apply_penalties(
     presence_penalty: SequenceOf[float],
     frequency_penalty: SequenceOf[float],
 ) -> torch.Tensor:
-    """Return ``logits`` ``[n, vocab]`` with the per-row penalties applied (the input is not modified).
+    """Apply per-row penalties to contiguous ``logits`` ``[n, vocab]`` in place; returns ``logits``.
 
     Repetition (CTRL): tokens seen in prompt or output get positive logits divided, negative ones multiplied.
     Presence / frequency (OpenAI): over output tokens only, ``logit -= presence * [count > 0] + frequency * count``.
+    Only the logits of tokens that occurred are touched, so the cost follows the token counts, not the vocab.
     """
     n, vocab = logits.shape
-    device = logits.device
-    output_counts = token_counts(output_token_ids, vocab, device)  # [n, vocab]
-    rep = torch.tensor(repetition_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-    if bool((rep != 1.0).any()):
-        seen = (token_counts(prompt_token_ids, vocab, device) > 0) | (output_counts > 0)  # [n, vocab]
-        penalised = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalised, logits)
-    presence = torch.tensor(presence_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-    frequency = torch.tensor(frequency_penalty, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
-    return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
+    flat = logits.view(-1)  # [n * vocab]
+    outputs = _flat_token_ids(output_token_ids, vocab, logits.device)  # [total]: row * vocab + id
+    if any(r != 1.0 for r in repetition_penalty):
+        rep = torch.tensor(repetition_penalty, dtype=logits.dtype, device=logits.device)  # [n]
+        seen = torch.cat([_flat_token_ids(prompt_token_ids, vocab, logits.device), outputs]).unique()
+        values, row_rep = flat[seen], rep[seen // vocab]  # [seen] each
+        flat[seen] = torch.where(values > 0, values / row_rep, values * row_rep)
+    if any(presence_penalty) or any(frequency_penalty):
+        presence = torch.tensor(presence_penalty, dtype=logits.dtype, device=logits.device)  # [n]
+        frequency = torch.tensor(frequency_penalty, dtype=logits.dtype, device=logits.device)  # [n]
+        ids, counts = outputs.unique(return_counts=True)  # [distinct] each
+        rows = ids // vocab
+        flat[ids] -= presence[rows] + frequency[rows] * counts.to(logits.dtype)
+    return logits
+
+
+def _flat_token_ids(
+    token_ids: SequenceOf[SequenceOf[int] | torch.Tensor], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """Every row's token ids as flat indices ``row * vocab + id`` into ``[n, vocab]``: ``[total]``."""
+    rows = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in token_ids]
+    if not rows:
+        return torch.empty(0, dtype=torch.long, device=device)
+    lengths = torch.tensor([len(ids) for ids in rows])  # [n]
+    ids = torch.cat(rows)  # [total]
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), lengths)  # [total]
+    keep = (ids >= 0) & (ids < vocab)  # an id outside the vocab would land in the neighbouring row
+    return (row_of[keep] * vocab + ids[keep]).to(device)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -232,7 +228,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     widths = [max(max_k, w) for w in _TOP_P_CANDIDATES] if p_only else [max_k]
     remove = None
     for width in (w for w in widths if w < vocab):
-        ranked, order = logits.topk(width, dim=-1)  # [n, width] each, best first
+        ranked, order = _topk(logits, width)  # [n, width] each, best first
         remove = _ranked_removal(ranked, order, probs, top_k, top_p, vocab, complete=False)
         if remove is not None:
             break
@@ -360,6 +356,18 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k)`` over rows of ``[n, vocab]``; on CPU it searches only the k blocks with the highest maxima
+    (which must hold the k best), several times faster for small k."""
+    n, vocab = x.shape
+    if x.device.type != "cpu" or vocab % _BLOCK or 2 * k * _BLOCK > vocab or x.stride(1) != 1:
+        return x.topk(k, dim=-1)
+    blocks = x.view(n, vocab // _BLOCK, _BLOCK).amax(dim=-1).topk(k, dim=-1).indices  # [n, k]
+    index = (blocks.unsqueeze(2) * _BLOCK + torch.arange(_BLOCK, device=x.device)).view(n, k * _BLOCK)
+    values, position = x.gather(1, index).topk(k, dim=-1)  # [n, k] each
+    return values, index.gather(1, position)
+
+
 def _block_reduce(x: torch.Tensor, reduce) -> torch.Tensor:
     """``reduce`` over consecutive ``_BLOCK``-wide blocks of each row: ``[n, vocab]`` -> ``[n, blocks]``."""
     n, vocab = x.shape
@@ -392,14 +400,13 @@ def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[i
     ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
     k = min(max(num_top), logprobs.shape[1])
     if k > 0:
-        top_values, top_ids = logprobs.topk(k, dim=-1)  # [n, k] each, most likely first
+        top_values, top_ids = _topk(logprobs, k)  # [n, k] each, most likely first
         top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    out = []
-    for i, (token, value) in enumerate(zip(token_ids, chosen.squeeze(1).tolist(), strict=True)):
-        top = (
-            list(zip(top_ids_list[i][: num_top[i]], top_values_list[i][: num_top[i]], strict=True))
-            if k > 0
-            else []
+    else:
+        top_values_list = top_ids_list = [[] for _ in token_ids]
+    return [
+        TokenLogprob(token, value, rank, list(zip(ids[:num], values[:num], strict=True)))
+        for token, value, rank, ids, values, num in zip(
+            token_ids, chosen.squeeze(1).tolist(), ranks, top_ids_list, top_values_list, num_top, strict=True
         )
-        out.append(TokenLogprob(token_id=token, logprob=value, rank=ranks[i], top=top))
-    return out
+    ]
