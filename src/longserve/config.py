@@ -19,9 +19,10 @@ _DTYPES = {
 class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
+    decode_weights: str = "float32"  # CPU: "bfloat16" adds a half-size weight copy for 1-2 row steps
     attention: str = "dense"  # attention backend: dense | reference
     block_size: int = 16  # tokens per KV cache block
-    kv_cache_memory_mb: int = 512  # KV cache size; the number of blocks follows from it
+    kv_cache_memory_mb: int = 256  # KV cache size; the number of blocks follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
     max_model_len: int | None = None  # None = the model's context length
     max_num_batched_tokens: int = 2048  # per-step token budget (prompt chunks + decodes)
@@ -32,6 +33,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.decode_weights not in ("float32", "bfloat16"):
+            raise ValueError(f"decode_weights must be 'float32' or 'bfloat16', got {self.decode_weights!r}")
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

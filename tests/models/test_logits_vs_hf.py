@@ -26,6 +26,7 @@ class PagedRunner:
         checkpoint = load_checkpoint(directory)
         self.model, config = build_model(checkpoint.config, get_backend(backend), torch.float32)
         self.model.load_weights(checkpoint.weights)
+        self.model.prepare_for_inference()
         num_blocks = 64
         self.caches = allocate_kv_cache(
             config.num_layers, num_blocks, BLOCK, config.num_kv_heads, config.head_dim, torch.float32

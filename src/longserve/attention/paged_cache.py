@@ -23,17 +23,12 @@ class LayerKVCache:
 def allocate_kv_cache(
     num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> list[LayerKVCache]:
-    """Cache for every layer. Untouched memory stays unmapped; only block 0 (the pad block) is zeroed, since
-    padded gathers read it and garbage there (NaN) would leak through a masked softmax."""
-    shape = (num_blocks * block_size, kv_heads, head_dim)
-    return [
-        LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-        for _ in range(num_layers)
-    ]
+    """Cache for every layer, as views of one allocation.
 
-
-def _empty_with_zero_pad(shape: tuple[int, int, int], block_size: int, dtype: torch.dtype) -> LayerKVCache:
-    key, value = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-    key[:block_size].zero_()
-    value[:block_size].zero_()
-    return LayerKVCache(key, value)
+    One large allocation is mapped lazily by the OS, so memory is committed only as blocks are first used.
+    Block 0 (the pad block) is zeroed: padded gathers read it, and garbage there (NaN) would leak through a
+    masked softmax.
+    """
+    storage = torch.empty(2, num_layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
+    storage[:, :, :block_size].zero_()
+    return [LayerKVCache(storage[0, layer], storage[1, layer]) for layer in range(num_layers)]

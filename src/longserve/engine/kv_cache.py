@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from longserve.engine.sequence import Sequence
 
 PAD_BLOCK = 0  # never handed out: padded gathers read it, so it stays zero
@@ -17,7 +15,8 @@ class BlockManager:
             raise ValueError(f"num_blocks must be >= 2 (one is the pad block), got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(1, num_blocks))
+        # A stack: recently freed blocks (memory already committed) are reused first, lowest ids at the start.
+        self._free: list[int] = list(range(num_blocks - 1, 0, -1))
 
     @property
     def num_usable_blocks(self) -> int:
@@ -44,9 +43,9 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
-        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+        seq.block_table.extend(self._free.pop() for _ in range(needed))
 
     def free(self, seq: Sequence) -> None:
         """Return every block of ``seq`` (finished, aborted or preempted)."""
-        self._free.extend(seq.block_table)
+        self._free.extend(reversed(seq.block_table))
         seq.block_table = []

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longserve.layers.matmul import PreparedMatmul
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). ``shard_sizes`` splits the output rows into named parts loaded separately."""
@@ -20,8 +22,20 @@ class Linear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
 
+        self.kernel: PreparedMatmul | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
+        if self.kernel is not None:
+            return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
+
+    def prepare(self, small_batch_dtype: torch.dtype | None = None) -> None:
+        """After loading: hand the weights to the fastest kernel (the plain copy is dropped when repacked)."""
+        self.kernel = PreparedMatmul(
+            self.weight.data, self.bias.data if self.bias is not None else None, small_batch_dtype
+        )
+        if self.kernel.weight is None:
+            self.weight = None
 
     def load_shard(self, index: int, weight: torch.Tensor) -> None:
         """Copy one part's weight rows ([rows, in]) into place."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ class Checkpoint:
     """
 
     config: dict  # config.json as a dict (GGUF metadata is translated into the same keys)
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # read each name once: values may be materialised on access
     tokenizer: Tokenizer
     path: str
     format: Literal["gguf", "safetensors"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import gguf
@@ -72,14 +73,35 @@ def load_gguf(path: str, *, show_progress: bool = False) -> Checkpoint:
     tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
     hf_names = [hf_tensor_name(t.name) for t in tensors]  # fail on an unknown name before any work
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
-    weights: dict[str, torch.Tensor] = {}
-    progress = _progress(tensors, show_progress, os.path.basename(path))
-    for tensor, hf_name in zip(progress, hf_names, strict=True):
-        value = _dequantize(tensor, path)
-        if config["model_type"] == "llama":  # only convert_hf_to_gguf's LlamaModel permutes
-            value = _unpermute_if_qk(hf_name, value, config)
-        weights[hf_name] = torch.from_numpy(value)
+    weights = _LazyDequantized(dict(zip(hf_names, tensors, strict=True)), config, path, show_progress)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, path=path, format="gguf")
+
+
+class _LazyDequantized(Mapping[str, torch.Tensor]):
+    """HF name -> float32 tensor, dequantized when read, so only one tensor is ever expanded at a time."""
+
+    def __init__(
+        self, tensors: dict[str, Any], config: dict[str, Any], path: str, show_progress: bool
+    ) -> None:
+        self._tensors = tensors
+        self._config = config
+        self._path = path
+        self._progress = _progress(len(tensors), show_progress, os.path.basename(path))
+
+    def __getitem__(self, hf_name: str) -> torch.Tensor:
+        tensor = self._tensors[hf_name]
+        value = _dequantize(tensor, self._path)
+        if self._config["model_type"] == "llama":  # only convert_hf_to_gguf's LlamaModel permutes
+            value = _unpermute_if_qk(hf_name, value, self._config)
+        if self._progress is not None:
+            self._progress.advance()
+        return torch.from_numpy(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def gguf_config(
@@ -271,9 +293,23 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
     return scaling
 
 
-def _progress(tensors: list, show: bool, label: str) -> Any:
-    if not show:
-        return tensors
-    from rich.progress import track
+class _Progress:
+    """A transient loading bar that closes itself once every tensor has been read."""
 
-    return track(tensors, description=f"Loading {label}", total=len(tensors), transient=True)
+    def __init__(self, total: int, label: str) -> None:
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._task = self._bar.add_task(f"Loading {label}", total=total)
+        self._left = total
+        self._bar.start()
+
+    def advance(self) -> None:
+        self._bar.advance(self._task)
+        self._left -= 1
+        if self._left == 0:
+            self._bar.stop()
+
+
+def _progress(total: int, show: bool, label: str) -> _Progress | None:
+    return _Progress(total, label) if show and total else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -13,6 +13,8 @@ from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.layers.attention import SelfAttention
+from longserve.layers.linear import Linear
+from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import RotaryEmbedding
@@ -87,14 +89,26 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head_kernel is not None:
+            return self.lm_head_kernel(hidden).float()
+        weight = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return F.linear(hidden, weight).float()
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Move HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``.
+    def prepare_for_inference(self, small_batch_dtype: torch.dtype | None = None) -> None:
+        """Once weights are loaded: repack projections for the fast kernels; ``small_batch_dtype`` adds a
+        compact copy for single-stream decode steps. Logits keep full precision."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare(small_batch_dtype)
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        self.lm_head_kernel = PreparedMatmul(head.data)
+        if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
+            self.lm_head = None  # repacked: the plain copy would only take memory
 
-        Consumes ``weights``: each tensor is popped once copied, so a dequantized checkpoint and the model
-        never both sit in memory whole.
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``.
+
+        Each name is read once, so a lazily dequantized checkpoint never sits in memory whole.
         """
         targets = self._weight_targets()
         unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
@@ -105,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for name, load in targets.items():
             try:
-                load(weights.pop(name).to(self.dtype))
+                load(weights[name].to(self.dtype))
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(f"tensor {name}: {exc}") from exc
 
@@ -115,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
             "model.embed_tokens.weight": _copier(self.embed_tokens),
             "model.norm.weight": _copier(self.norm.weight),
         }
-        if self.lm_head is not None:
+        if not self.config.tie_word_embeddings:
             targets["lm_head.weight"] = _copier(self.lm_head)
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
