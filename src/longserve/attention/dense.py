@@ -45,9 +45,14 @@ class DenseAttention:
         q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         slots = metadata.decode_slots  # [batch, max_context]
-        keys = cache.key[slots].transpose(1, 2)  # [batch, kv_heads, max_context, d]
-        values = cache.value[slots].transpose(1, 2)
-        mask = None if len(set(metadata.decode_context_lens)) == 1 else metadata.decode_mask
+        shape = (*slots.shape, *cache.key.shape[1:])
+        flat = slots.view(-1)
+        # index_select on flattened slots: the same gather as cache.key[slots], with less dispatch overhead.
+        keys = (
+            cache.key.index_select(0, flat).view(shape).transpose(1, 2)
+        )  # [batch, kv_heads, max_context, d]
+        values = cache.value.index_select(0, flat).view(shape).transpose(1, 2)
+        mask = metadata.decode_mask  # None when every context has the same length
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )  # [batch, heads, 1, d]

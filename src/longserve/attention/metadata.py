@@ -27,7 +27,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
     num_decodes: int  # the first num_decodes rows are single-token decodes, one per sequence
     decode_slots: torch.Tensor | None  # [num_decodes, max_decode_context] slots of each decode's context
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_context] True where a key is valid
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_context] True where a key is valid;
+    # None when all decode contexts have the same length (no padding)
     decode_context_lens: list[int]  # context length of each decode sequence (including the new token)
     prefills: list[PrefillSpan]
 
@@ -82,7 +83,7 @@ def build_attention_metadata(
             padded_tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
         blocks = padded_tables[:, positions // block_size]  # [num_decodes, max_len]
         decode_slots = torch.where(valid, blocks * block_size + positions % block_size, 0)
-        decode_mask = valid[:, None, None, :]
+        decode_mask = None if len(set(decode_lens)) == 1 else valid[:, None, None, :]
     return AttentionMetadata(
         slot_mapping=torch.cat(slot_chunks) if slot_chunks else torch.empty(0, dtype=torch.long),
         num_decodes=num_decodes,

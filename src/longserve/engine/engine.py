@@ -58,7 +58,7 @@ class LLMEngine:
                 checkpoint.config, get_backend(config.attention), config.torch_dtype
             )
             model.load_weights(checkpoint.weights)
-            model.prepare_for_inference(torch.bfloat16 if config.decode_weights == "bfloat16" else None)
+            model.prepare_for_inference(config.quantization)
         except ValueError as exc:
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
         del checkpoint

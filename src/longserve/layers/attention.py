@@ -44,12 +44,19 @@ class SelfAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv_proj(x)  # [tokens, q_size + 2 * kv_size]
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k sit side by side in qkv: rotate both heads-stacks in one pass.
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                tokens, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+            qk = apply_rotary(qk, *rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.backend.forward(q, k, v, cache, metadata, self.scale)  # [tokens, heads, head_dim]
         return self.o_proj(out.reshape(tokens, self.q_size))

@@ -29,11 +29,10 @@ class Linear(nn.Module):
             return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
 
-    def prepare(self, small_batch_dtype: torch.dtype | None = None) -> None:
+    def prepare(self, quantization: str | None = None) -> None:
         """After loading: hand the weights to the fastest kernel (the plain copy is dropped when repacked)."""
-        self.kernel = PreparedMatmul(
-            self.weight.data, self.bias.data if self.bias is not None else None, small_batch_dtype
-        )
+        bias = self.bias.data if self.bias is not None else None
+        self.kernel = PreparedMatmul(self.weight.data, bias, quantization)
         if self.kernel.weight is None:
             self.weight = None
 

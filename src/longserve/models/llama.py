@@ -94,14 +94,14 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return F.linear(hidden, weight).float()
 
-    def prepare_for_inference(self, small_batch_dtype: torch.dtype | None = None) -> None:
-        """Once weights are loaded: repack projections for the fast kernels; ``small_batch_dtype`` adds a
-        compact copy for single-stream decode steps. Logits keep full precision."""
+    def prepare_for_inference(self, quantization: str | None = None) -> None:
+        """Once weights are loaded: repack every projection, the output head included, for the fast kernels
+        (``quantization="int8"``: dynamic int8, see layers/matmul.py)."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare(small_batch_dtype)
+                module.prepare(quantization)
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        self.lm_head_kernel = PreparedMatmul(head.data)
+        self.lm_head_kernel = PreparedMatmul(head.data, quantization=quantization)
         if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
             self.lm_head = None  # repacked: the plain copy would only take memory
 
