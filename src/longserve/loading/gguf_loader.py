@@ -73,6 +73,8 @@ def load_gguf(path: str, *, show_progress: bool = False) -> Checkpoint:
     tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
     hf_names = [hf_tensor_name(t.name) for t in tensors]  # fail on an unknown name before any work
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    for qtype in {t.tensor_type for t in tensors}:  # dequantization is lazy: refuse unknown types now
+        _check_dequantizable(qtype, next(t.name for t in tensors if t.tensor_type == qtype), path)
     weights = _LazyDequantized(dict(zip(hf_names, tensors, strict=True)), config, path, show_progress)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, path=path, format="gguf")
 
@@ -265,6 +267,17 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
     if values.dtype != np.float32 or not values.flags.writeable:
         values = values.astype(np.float32)
     return values.reshape(shape)
+
+
+def _check_dequantizable(qtype: Any, tensor_name: str, path: str) -> None:
+    """Dequantize one all-zero block of this type; a type gguf cannot expand fails here, naming a tensor."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
+    except NotImplementedError:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor_name} has type {qtype.name}, which cannot be dequantized"
+        ) from None
 
 
 def _uniform(value: Any, key: str) -> int:
