@@ -15,6 +15,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
+    parser.add_argument(
+        "--quantization",
+        choices=["int8"],
+        help="int8: dynamic-int8 decode matmuls on CPU (~2x faster, approximate)",
+    )
     parser.add_argument("--attention", choices=["dense", "reference"], help="attention backend")
     parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
@@ -25,6 +30,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_env(
         model=args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
         attention=args.attention,
         max_model_len=args.max_model_len,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
@@ -73,7 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             finish = completion.finish_reason
     elapsed = time.perf_counter() - (first or start)
-    print()
+    print(flush=True)
     rate = (tokens - 1) / elapsed if tokens > 1 and elapsed > 0 else 0.0
     print(
         f"[{len(request.prompt_token_ids)} prompt tokens, {tokens} generated, finish: {finish}, "

@@ -13,6 +13,8 @@ fp32 path. Approximate, and not batch-invariant.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,10 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 quantization, one scale per output row: [out, in] float -> quantized tensor."""
     scale = (weight.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)
     zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
-    return torch.quantize_per_channel(weight.float(), scale, zero_point, 0, torch.qint8)
+    with warnings.catch_warnings():
+        # Quantized tensors are deprecated in torch but remain the only way into fbgemm's packed int8 matmul.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(weight.float(), scale, zero_point, 0, torch.qint8)
 
 
 class PreparedMatmul:
