@@ -62,3 +62,13 @@ def test_greedy_chat_text_matches_transformers_for_64_tokens(llm, hf_model_and_t
     assert ours.token_ids == generated
     assert ours.text == tokenizer.decode(generated, skip_special_tokens=True)
     assert "Paris" in ours.text
+
+
+def test_greedy_output_alone_equals_batched_with_15_others_on_the_default_model(llm):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (16,), generator=generator).tolist()
+    prompts = [torch.randint(100, 40000, (n,), generator=generator).tolist() for n in lengths]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    batched = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    alone = [llm.generate([prompt], params)[0].outputs[0].token_ids for prompt in prompts]
+    assert batched == alone
