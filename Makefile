@@ -2,7 +2,7 @@
 #
 #   make run    PROMPT="..."   generate a reply with the default model (SmolLM2-135M-Instruct, Q4_1 GGUF)
 #   make test                  ruff check + ruff format --check + pytest (fast tests)
-#   make bench                 benchmarks/cpu_generate.py: ours vs HF transformers vs llama.cpp
+#   make bench                 benchmarks/cpu_generate.py: longserve (fp32, int8) vs HF transformers vs llama.cpp
 #   make lint / make format
 #
 # Each target creates the virtual environment $(VENV) if it is missing and installs what it needs once;

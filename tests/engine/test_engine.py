@@ -161,3 +161,19 @@ def test_sequences_leave_running_state_when_done(tiny_llm):
     while engine.has_unfinished():
         engine.step()
     assert all(seq.status is SequenceStatus.FINISHED for seq in request.seqs)
+
+
+def test_int8_quantization_serves_decode_steps_and_keeps_prompts_exact(tiny_llama_dir):
+    exact = LLM(tiny_llama_dir, kv_cache_memory_mb=4)
+    quantized = LLM(tiny_llama_dir, kv_cache_memory_mb=4, quantization="int8")
+    prompt = _prompts(exact, 1, seed=11)[0] * 2  # > 16 tokens: the prompt step takes the exact path
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    exact_lp = [e.logprob for e in exact.generate([prompt], params)[0].prompt_logprobs[1:]]
+    quant_lp = [e.logprob for e in quantized.generate([prompt], params)[0].prompt_logprobs[1:]]
+    assert exact_lp == pytest.approx(quant_lp, abs=1e-5)
+    # Decode steps (one row) run int8: close to the exact logprobs, but not bit-identical.
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    exact_out = exact.generate([prompt], greedy)[0].outputs[0]
+    quant_out = quantized.generate([prompt], greedy)[0].outputs[0]
+    first_exact, first_quant = exact_out.logprobs[1].logprob, quant_out.logprobs[1].logprob
+    assert first_exact != first_quant and abs(first_exact - first_quant) < 0.5

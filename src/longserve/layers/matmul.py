@@ -60,13 +60,13 @@ class PreparedMatmul:
             self.packed_int8 = torch.ops.quantized.linear_prepack(
                 quantize_int8_per_channel(weight), float_bias
             )
-        elif _onednn_available(weight):
+        if _onednn_available(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT_ROWS)
         else:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
-        if self.packed_int8 is not None:
+        if self.packed_int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
             # reduce_range: 7-bit activations keep AVX2's 16-bit pairwise sums from saturating.
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed_int8, True).to(x.dtype)
         if self.packed is not None:
