@@ -59,8 +59,61 @@ class EngineConfig:
 
 
 def _parse(raw: str, annotation: str) -> object:
+    if "tuple" in annotation:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if "float" in annotation:
+        return float(raw)
     if "bool" in annotation:
         return raw.lower() in ("1", "true", "yes", "on")
     if "int" in annotation:
         return int(raw)
     return raw
+
+
+@dataclass
+class ServeConfig:
+    """Serving-stack settings: addresses, limits, heartbeats. Everything binds 127.0.0.1 unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    api_port: int = 8000
+    controller_port: int = 21001
+    worker_port: int = 21002
+    controller_address: str = "http://127.0.0.1:21001"
+    worker_address: str | None = (
+        None  # how the controller reaches this worker; default http://host:worker_port
+    )
+    model_name: str | None = None  # name served to clients; default: derived from the model path
+    api_keys: tuple[str, ...] = ()  # empty: no authentication (LONGSERVE_API_KEYS: comma-separated)
+    dispatch_method: str = "shortest_queue"  # or "lottery"
+    heart_beat_interval_s: float = 15.0
+    heart_beat_expiration_s: float = 45.0
+    worker_concurrency: int = 64  # requests a worker admits at once (its semaphore)
+    max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413
+    worker_connect_retries: int = 3  # other workers tried when one is unreachable before streaming
+
+    def __post_init__(self) -> None:
+        if self.dispatch_method not in ("shortest_queue", "lottery"):
+            raise ValueError(
+                f"dispatch_method must be 'shortest_queue' or 'lottery', got {self.dispatch_method!r}"
+            )
+        if self.heart_beat_expiration_s <= self.heart_beat_interval_s:
+            raise ValueError("heart_beat_expiration_s must be larger than heart_beat_interval_s")
+        if self.worker_concurrency < 1:
+            raise ValueError(f"worker_concurrency must be >= 1, got {self.worker_concurrency}")
+        if isinstance(self.api_keys, str):
+            self.api_keys = tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def own_worker_address(self) -> str:
+        return self.worker_address or f"http://{self.host}:{self.worker_port}"
+
+    @classmethod
+    def from_env(cls, **overrides) -> ServeConfig:
+        """Defaults, then ``LONGSERVE_<FIELD>`` environment variables, then explicit overrides."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"LONGSERVE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

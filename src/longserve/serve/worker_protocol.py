@@ -1,0 +1,203 @@
+"""Every message between the API server, the controller and the model workers, as typed pydantic models.
+
+Controller endpoints (POST, JSON): register_worker, receive_heart_beat, list_models, list_workers,
+get_worker_address, worker_get_status, refresh_all_workers; GET health.
+Worker endpoints (POST, JSON): worker_generate_stream (newline-delimited WorkerStreamChunk), worker_generate,
+worker_get_embeddings, worker_get_status, count_token, model_details, apply_chat_template; GET health.
+A worker answers a request it rejects before generating with an HTTP error whose body is an ``ErrorInfo``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Prompt = str | list[int]
+
+
+class ErrorInfo(BaseModel):
+    """An error in the shape the OpenAI API uses, plus the HTTP status it maps to."""
+
+    message: str
+    type: str = "invalid_request_error"  # invalid_request_error | authentication_error | server_error | ...
+    param: str | None = None  # the offending field, when one is to blame
+    code: str | None = None
+    status: int = 400
+
+
+# ---- controller <-> worker ---------------------------------------------------------------------------------
+
+
+class WorkerStatus(BaseModel):
+    model_names: list[str]
+    speed: float = 1.0  # relative throughput weight used by dispatch
+    queue_length: int = 0  # requests in flight on this worker (running + waiting for its semaphore)
+    running: int = 0  # sequences the engine is running
+    waiting: int = 0  # sequences queued in the engine
+    kv_cache_usage: float = 0.0  # fraction of KV blocks held (0..1)
+    context_length: int = 0
+
+
+class RegisterWorkerRequest(BaseModel):
+    worker_address: str  # base URL, e.g. http://127.0.0.1:21002
+    worker_status: WorkerStatus
+    check_heart_beat: bool = True  # False: never expired by heartbeat (for workers the controller polls)
+
+
+class HeartBeatRequest(BaseModel):
+    worker_address: str
+    queue_length: int = 0
+
+
+class HeartBeatResponse(BaseModel):
+    exist: bool  # False: the controller does not know this worker; it must register again
+
+
+class ListModelsResponse(BaseModel):
+    models: list[str]
+
+
+class WorkerInfo(BaseModel):
+    worker_address: str
+    status: WorkerStatus
+    last_heart_beat: float  # controller's monotonic clock, seconds
+    check_heart_beat: bool = True
+
+
+class ListWorkersResponse(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class GetWorkerAddressRequest(BaseModel):
+    model: str
+    exclude: list[str] = Field(default_factory=list)  # workers the caller just failed to reach
+
+
+class GetWorkerAddressResponse(BaseModel):
+    address: str  # empty when no live worker serves the model
+
+
+class ControllerStatus(BaseModel):
+    model_names: list[str]
+    num_workers: int
+    speed: float
+    queue_length: int
+
+
+# ---- api server -> worker ----------------------------------------------------------------------------------
+
+
+class SamplingOptions(BaseModel):
+    """SamplingParams fields as they travel; the worker validates them by building SamplingParams."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class WorkerGenerateRequest(BaseModel):
+    model: str
+    prompt: Prompt  # text (tokenized by the worker) or token ids
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    request_id: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str  # the token's text piece
+    logprob: float
+
+
+class TokenLogprobInfo(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionDelta(BaseModel):
+    index: int  # which of the request's n completions
+    text: str = ""  # new text
+    token_ids: list[int] = Field(default_factory=list)  # new token ids
+    logprobs: list[TokenLogprobInfo] | None = None  # for the new tokens, when requested
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: int | str | None = None
+
+
+class WorkerStreamChunk(BaseModel):
+    """One line of worker_generate_stream. The first line carries the prompt's token ids (and prompt
+    logprobs when asked); the last has ``finished`` and ``usage``; an error is a line with ``error`` set."""
+
+    request_id: str
+    outputs: list[CompletionDelta] = Field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = None
+    finished: bool = False
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+class WorkerGenerateResponse(BaseModel):
+    """worker_generate: the whole result at once (deltas already joined)."""
+
+    request_id: str
+    outputs: list[CompletionDelta]  # text/token_ids/logprobs are complete here
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = None
+    usage: Usage
+
+
+class EmbeddingsRequest(BaseModel):
+    model: str
+    inputs: list[Prompt]
+
+
+class EmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]  # mean-pooled, L2-normalised last hidden states
+    prompt_tokens: int
+
+
+class CountTokenRequest(BaseModel):
+    model: str
+    prompt: Prompt
+
+
+class CountTokenResponse(BaseModel):
+    count: int
+
+
+class ModelDetails(BaseModel):
+    model_names: list[str]
+    context_length: int
+
+
+class ChatTemplateRequest(BaseModel):
+    model: str
+    messages: list[dict]
+    add_generation_prompt: bool = True
+
+
+class ChatTemplateResponse(BaseModel):
+    prompt: str
