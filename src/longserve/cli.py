@@ -1,4 +1,4 @@
-"""Command-line entry point: ``longserve generate`` (serving subcommands arrive with the serving stack)."""
+"""Command-line entry point: serve | controller | worker | api | generate."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
+    parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -36,6 +37,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         num_threads=args.num_threads,
         show_progress=True,
+        max_num_seqs=args.max_num_seqs,
     )
 
 
@@ -89,11 +91,90 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool, controller: bool) -> None:
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    if api:
+        parser.add_argument("--port", type=int, dest="api_port", help="API server port (default 8000)")
+        parser.add_argument("--api-keys", help="comma-separated keys clients must send as Bearer tokens")
+    if worker:
+        parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
+        parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
+        parser.add_argument("--worker-concurrency", type=int, help="requests a worker admits at once")
+    if controller:
+        parser.add_argument("--controller-port", type=int, help="controller port (default 21001)")
+        parser.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"])
+        parser.add_argument("--heart-beat-expiration", type=float, dest="heart_beat_expiration_s")
+    parser.add_argument("--heart-beat-interval", type=float, dest="heart_beat_interval_s")
+
+
+def _serve_config(args: argparse.Namespace, **extra):
+    from longserve.config import ServeConfig
+
+    keys = (
+        "host",
+        "api_port",
+        "api_keys",
+        "worker_port",
+        "model_name",
+        "worker_concurrency",
+        "controller_port",
+    )
+    keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
+    keys += ("worker_address",)
+    values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return ServeConfig.from_env(**values, **extra)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from longserve.serve import launcher
+
+    try:
+        serve_config = _serve_config(args)
+        if args.command == "controller":
+            return launcher.run(launcher.serve_controller(serve_config))
+        if args.command == "api":
+            return launcher.run(launcher.serve_api(serve_config))
+        engine_config = _engine_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "worker":
+        return launcher.run(launcher.serve_worker(engine_config, serve_config))
+    return launcher.run(launcher.serve_all(engine_config, serve_config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longserve", description="LLM serving with a paged-KV PyTorch engine"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="controller + one worker + OpenAI-compatible API, in one process"
+    )
+    _engine_arguments(serve)
+    _serve_arguments(serve, api=True, worker=True, controller=True)
+    serve.set_defaults(handler=_run_server)
+    controller = commands.add_parser("controller", help="the controller alone (workers register with it)")
+    _serve_arguments(controller, api=False, worker=False, controller=False)
+    controller.add_argument(
+        "--port", type=int, dest="controller_port", help="controller port (default 21001)"
+    )
+    controller.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"])
+    controller.add_argument("--heart-beat-expiration", type=float, dest="heart_beat_expiration_s")
+    controller.set_defaults(handler=_run_server)
+    worker = commands.add_parser("worker", help="one model worker that registers with a controller")
+    _engine_arguments(worker)
+    _serve_arguments(worker, api=False, worker=False, controller=False)
+    worker.add_argument("--port", type=int, dest="worker_port", help="worker port (default 21002)")
+    worker.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
+    worker.add_argument("--worker-address", help="URL the controller uses to reach this worker")
+    worker.add_argument("--model-name", help="name clients use for the model (default: from the path)")
+    worker.add_argument("--worker-concurrency", type=int, help="requests this worker admits at once")
+    worker.set_defaults(handler=_run_server)
+    api = commands.add_parser("api", help="the OpenAI-compatible API server alone")
+    _serve_arguments(api, api=True, worker=False, controller=False)
+    api.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
+    api.set_defaults(handler=_run_server)
     gen = commands.add_parser(
         "generate", help="generate a completion for one prompt, streamed to the terminal"
     )

@@ -1,0 +1,157 @@
+"""Launcher: runs controller, worker and API server apps under Uvicorn, alone or all three in one process.
+
+Signals are handled here once for every server in the process: Ctrl-C (or SIGTERM) asks each server to finish
+its in-flight requests and stop, then the engine thread is shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+
+from longserve.config import EngineConfig, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppSpec:
+    name: str  # for messages: "controller", "worker", "api server"
+    app: FastAPI
+    host: str
+    port: int
+
+
+class _Server(uvicorn.Server):
+    """A Uvicorn server that leaves signal handling to the launcher (several servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def model_display_name(model: str | None) -> str:
+    """The name clients use for a model: the default model's name, or the file/directory name."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    base = os.path.basename(os.path.normpath(model))
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
+async def run_apps(specs: list[AppSpec], on_started=None) -> None:
+    """Serve every app until a signal (or one server failing) stops them all."""
+    servers = [_Server(uvicorn.Config(s.app, host=s.host, port=s.port, log_level="warning")) for s in specs]
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop_all)
+    tasks = [
+        asyncio.create_task(server.serve(), name=spec.name)
+        for server, spec in zip(servers, specs, strict=True)
+    ]
+    try:
+        while not all(server.started for server in servers):
+            done = [t for t in tasks if t.done()]
+            if done:  # a server failed to start (port in use, ...): stop the others and report it
+                stop_all()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                failed = ", ".join(
+                    f"{t.get_name()} on port {s.port}" for t, s in zip(tasks, specs, strict=True) if t.done()
+                )
+                raise RuntimeError(f"could not start {failed} (is the port in use?)")
+            await asyncio.sleep(0.05)
+        if on_started is not None:
+            on_started()
+        await asyncio.gather(*tasks)
+    finally:
+        stop_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
+    """``longserve serve``: controller, one worker with the model and the API server, in this process."""
+    from longserve.engine.async_engine import AsyncEngine
+    from longserve.serve.api_server import create_api_app
+    from longserve.serve.controller import create_controller_app
+    from longserve.serve.worker import create_worker_app
+
+    host = serve_config.host
+    serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
+    name = serve_config.model_name or model_display_name(engine_config.model)
+    engine = await AsyncEngine.create(engine_config)
+    try:
+        specs = [
+            AppSpec("controller", create_controller_app(serve_config), host, serve_config.controller_port),
+            AppSpec("worker", create_worker_app(engine, serve_config, name), host, serve_config.worker_port),
+            AppSpec("api server", create_api_app(serve_config), host, serve_config.api_port),
+        ]
+
+        def announce() -> None:
+            url = f"http://{host}:{serve_config.api_port}"
+            print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
+
+        await run_apps(specs, announce)
+    finally:
+        engine.shutdown()
+
+
+async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
+    """``longserve worker``: one model worker that registers with a controller."""
+    from longserve.engine.async_engine import AsyncEngine
+    from longserve.serve.worker import create_worker_app
+
+    name = serve_config.model_name or model_display_name(engine_config.model)
+    engine = await AsyncEngine.create(engine_config)
+    try:
+        app = create_worker_app(engine, serve_config, name)
+        spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port)
+        await run_apps(
+            [spec], lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}")
+        )
+    finally:
+        engine.shutdown()
+
+
+async def serve_controller(serve_config: ServeConfig) -> None:
+    from longserve.serve.controller import create_controller_app
+
+    spec = AppSpec(
+        "controller", create_controller_app(serve_config), serve_config.host, serve_config.controller_port
+    )
+    await run_apps([spec], lambda: print(f"longserve controller at http://{spec.host}:{spec.port}"))
+
+
+async def serve_api(serve_config: ServeConfig) -> None:
+    from longserve.serve.api_server import create_api_app
+
+    spec = AppSpec("api server", create_api_app(serve_config), serve_config.host, serve_config.api_port)
+    await run_apps([spec], lambda: print(f"longserve API at http://{spec.host}:{spec.port}/v1"))
+
+
+def run(coro) -> int:
+    """Run a launcher coroutine from the CLI; a startup failure is one line on stderr, exit code 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
