@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -83,6 +84,25 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", request_id))
 
+    async def embed(self, prompts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised embeddings of each prompt, and the prompts' total token count.
+
+        Tokenizing runs off the event loop; the forward passes run on the engine thread between steps, so they
+        never race ``step()`` for the model or the KV cache. A bad input raises ``ValueError``.
+        """
+        tokenizer = self.engine.tokenizer
+
+        def tokenize() -> list[list[int]]:
+            return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+        token_lists = await asyncio.to_thread(tokenize)
+        if self._stopped.is_set():
+            raise RuntimeError("engine is shut down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("embed", (token_lists, future)))
+        embeddings = await asyncio.wrap_future(future)
+        return embeddings, sum(len(t) for t in token_lists)
+
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason "abort" and its KV blocks are freed."""
         self._inbox.put(("abort", request_id))
@@ -126,6 +146,13 @@ class AsyncEngine:
                 self._deliver(payload.request_id, exc)
         elif command == "abort":
             self.engine.abort(payload)
+        elif command == "embed":
+            token_lists, future = payload
+            if future.set_running_or_notify_cancel():  # False: the caller is gone, skip the work
+                try:
+                    future.set_result([self.engine.embed(ids) for ids in token_lists])
+                except Exception as exc:
+                    future.set_exception(exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         with self._lock:

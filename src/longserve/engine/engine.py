@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from longserve.attention.backend import get_backend
+from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
 from longserve.engine.detokenizer import IncrementalDetokenizer
@@ -21,6 +22,10 @@ from longserve.engine.sequence import FinishReason, Sequence
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.models.registry import build_model
+
+
+class CacheBusyError(RuntimeError):
+    """The KV cache has too few free blocks right now (running requests hold them); retrying later may work."""
 
 
 @dataclass
@@ -162,6 +167,64 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)
+
+    # ---- embeddings -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int]) -> list[float]:
+        """Mean over positions of the final-norm hidden states of ``token_ids``, L2-normalised.
+
+        Call it between steps on the engine's thread: it borrows free KV blocks through a throwaway sequence
+        (prefill attention reads keys back from the paged cache) and returns them before it comes back.
+        """
+        self._check_token_ids(token_ids)
+        limit = min(self.max_model_len, self.cache_capacity)
+        if len(token_ids) > limit:
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens, but the input has {len(token_ids)}"
+            )
+        seq = Sequence(
+            "embed",
+            0,
+            list(token_ids),
+            SamplingParams(),
+            eos_token_ids=frozenset(),
+            max_total_tokens=len(token_ids),
+        )
+        if not self.block_manager.can_grow(seq, len(token_ids)):
+            # Running requests hold the blocks: a transient condition, unlike a too-long input.
+            raise CacheBusyError(
+                f"KV cache busy: the input needs {len(token_ids)} tokens of cache, "
+                f"{self.block_manager.num_free_blocks * self.config.block_size} are free now"
+            )
+        self.block_manager.grow(seq, len(token_ids))
+        try:
+            total = None
+            budget = self.config.max_num_batched_tokens
+            for start in range(0, len(token_ids), budget):
+                chunk = token_ids[start : start + budget]
+                metadata = build_attention_metadata(
+                    [seq.block_table], [start], [len(chunk)], self.config.block_size
+                )
+                hidden = self.model(
+                    torch.tensor(chunk, dtype=torch.long),
+                    torch.arange(start, start + len(chunk)),
+                    self.runner.caches,
+                    metadata,
+                )
+                chunk_sum = hidden.float().sum(dim=0)
+                total = chunk_sum if total is None else total + chunk_sum
+        finally:
+            self.block_manager.free(seq)
+        mean = total / len(token_ids)
+        return torch.nn.functional.normalize(mean, dim=0).tolist()
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("input must not be empty")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}")
 
     # ---- the step -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,373 @@
+"""The controller: a registry of model workers and the dispatcher that picks one for each request.
+
+``Controller`` is the pure logic (no FastAPI, no I/O): workers register with their ``WorkerStatus``, send
+heartbeats carrying their queue length, and are dropped when silent for longer than
+``heart_beat_expiration_s``. ``get_worker_address`` picks a live worker serving a model, by ``shortest_queue``
+(least ``queue_length / speed``) or ``lottery`` (random, weighted by speed).
+
+``create_controller_app`` wraps it in the HTTP API of ``worker_protocol`` and runs expiry in the background;
+``run_controller`` serves that app with uvicorn until cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from longserve.config import ServeConfig
+from longserve.serve.worker_protocol import (
+    ControllerStatus,
+    ErrorInfo,
+    GetWorkerAddressRequest,
+    GetWorkerAddressResponse,
+    HeartBeatRequest,
+    HeartBeatResponse,
+    ListModelsResponse,
+    ListWorkersResponse,
+    RegisterWorkerRequest,
+    WorkerInfo,
+    WorkerStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_METHODS = ("shortest_queue", "lottery")
+# A worker that takes longer than this to report its status during refresh_all_workers is treated as gone.
+REFRESH_TIMEOUT_S = 5.0
+
+
+def _normalize(address: str) -> str:
+    # "http://h:1/" and "http://h:1" name the same worker; the API server's exclude list must match either.
+    return address.rstrip("/")
+
+
+@dataclass
+class _WorkerRecord:
+    status: WorkerStatus
+    last_heart_beat: float
+    check_heart_beat: bool
+
+
+class Controller:
+    """Registry of workers keyed by address, with heartbeat expiry and dispatch.
+
+    ``clock`` returns monotonic seconds and ``rng`` drives tie-breaking and lottery draws; both are injectable
+    so tests are deterministic. Not thread-safe: the app calls it only from its event loop.
+    """
+
+    def __init__(
+        self,
+        dispatch_method: str = "shortest_queue",
+        heart_beat_expiration_s: float = 45.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if dispatch_method not in DISPATCH_METHODS:
+            raise ValueError(f"dispatch_method must be one of {DISPATCH_METHODS}, got {dispatch_method!r}")
+        if heart_beat_expiration_s <= 0:
+            raise ValueError(f"heart_beat_expiration_s must be positive, got {heart_beat_expiration_s!r}")
+        self.dispatch_method = dispatch_method
+        self.heart_beat_expiration_s = heart_beat_expiration_s
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self._workers: dict[str, _WorkerRecord] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ServeConfig,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> Controller:
+        return cls(config.dispatch_method, config.heart_beat_expiration_s, clock=clock, rng=rng)
+
+    # ---- registry -------------------------------------------------------------------------------------------
+
+    def register(self, worker_address: str, status: WorkerStatus, check_heart_beat: bool = True) -> None:
+        """Add a worker, or replace what is known about it (a worker re-registers after a restart)."""
+        address = _normalize(worker_address)
+        known = address in self._workers
+        self._workers[address] = _WorkerRecord(
+            status=status.model_copy(deep=True),
+            last_heart_beat=self.clock(),
+            check_heart_beat=check_heart_beat,
+        )
+        logger.info(
+            "%s worker %s: models=%s speed=%s queue_length=%d",
+            "re-registered" if known else "registered",
+            address,
+            status.model_names,
+            status.speed,
+            status.queue_length,
+        )
+
+    def heart_beat(self, worker_address: str, queue_length: int) -> bool:
+        """Record a heartbeat; False when the worker is unknown (it must register again)."""
+        record = self._workers.get(_normalize(worker_address))
+        if record is None:
+            return False
+        record.status.queue_length = queue_length
+        record.last_heart_beat = self.clock()
+        return True
+
+    def update_status(self, worker_address: str, status: WorkerStatus) -> bool:
+        """Replace a known worker's status (it answered a poll, so it also counts as a heartbeat)."""
+        record = self._workers.get(_normalize(worker_address))
+        if record is None:
+            return False
+        record.status = status.model_copy(deep=True)
+        record.last_heart_beat = self.clock()
+        return True
+
+    def remove(self, worker_address: str) -> bool:
+        """Forget a worker; False when it was not registered."""
+        removed = self._workers.pop(_normalize(worker_address), None) is not None
+        if removed:
+            logger.info("removed worker %s", _normalize(worker_address))
+        return removed
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop every heartbeat-checked worker silent for longer than the expiration; returns their addresses."""
+        now = self.clock() if now is None else now
+        expired = [address for address, record in self._workers.items() if not self._is_live(record, now)]
+        for address in expired:
+            del self._workers[address]
+            logger.info("expired worker %s (no heartbeat for %.1f s)", address, self.heart_beat_expiration_s)
+        return expired
+
+    def _is_live(self, record: _WorkerRecord, now: float) -> bool:
+        return not record.check_heart_beat or now - record.last_heart_beat <= self.heart_beat_expiration_s
+
+    def _live_workers(self) -> dict[str, _WorkerRecord]:
+        # Stale workers are hidden even before expire() runs, so nothing is dispatched to a worker past its
+        # deadline just because the background sweep has not come round yet.
+        now = self.clock()
+        return {address: rec for address, rec in self._workers.items() if self._is_live(rec, now)}
+
+    # ---- queries --------------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[str]:
+        """Sorted union of the models the live workers serve."""
+        return sorted({name for rec in self._live_workers().values() for name in rec.status.model_names})
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Every registered worker, stale ones included (they show their last heartbeat), sorted by address."""
+        return [
+            WorkerInfo(
+                worker_address=address,
+                status=rec.status.model_copy(deep=True),
+                last_heart_beat=rec.last_heart_beat,
+                check_heart_beat=rec.check_heart_beat,
+            )
+            for address, rec in sorted(self._workers.items())
+        ]
+
+    def worker_addresses(self) -> list[str]:
+        return sorted(self._workers)
+
+    def status(self) -> ControllerStatus:
+        """The live workers taken together."""
+        live = self._live_workers().values()
+        return ControllerStatus(
+            model_names=self.list_models(),
+            num_workers=len(live),
+            speed=sum(rec.status.speed for rec in live),
+            queue_length=sum(rec.status.queue_length for rec in live),
+        )
+
+    # ---- dispatch -------------------------------------------------------------------------------------------
+
+    def get_worker_address(self, model: str, exclude: Iterable[str] = ()) -> str:
+        """A live worker serving ``model`` and not in ``exclude``; "" when there is none."""
+        excluded = {_normalize(address) for address in exclude}
+        candidates = [
+            (address, rec)
+            for address, rec in sorted(self._live_workers().items())
+            if model in rec.status.model_names and address not in excluded
+        ]
+        if not candidates:
+            return ""
+        if self.dispatch_method == "lottery":
+            return self._pick_lottery(candidates)
+        return self._pick_shortest_queue(candidates)
+
+    def _pick_shortest_queue(self, candidates: list[tuple[str, _WorkerRecord]]) -> str:
+        loads = [_load(rec.status) for _, rec in candidates]
+        best = min(loads)
+        # Random tie-breaking: with equal queues a fixed order would send every first request to one worker.
+        tied = [i for i, load in enumerate(loads) if load == best or math.isclose(load, best)]
+        address, record = candidates[self.rng.choice(tied)]
+        # Count the request now; otherwise every request until the next heartbeat would go to the same worker.
+        record.status.queue_length += 1
+        return address
+
+    def _pick_lottery(self, candidates: list[tuple[str, _WorkerRecord]]) -> str:
+        weights = [max(rec.status.speed, 0.0) for _, rec in candidates]
+        if sum(weights) <= 0:  # nobody claims any speed: draw uniformly rather than fail
+            weights = [1.0] * len(candidates)
+        return self.rng.choices([address for address, _ in candidates], weights=weights)[0]
+
+
+def _load(status: WorkerStatus) -> float:
+    # A worker reporting no speed can still serve, but only once every faster worker is busier than infinity.
+    return status.queue_length / status.speed if status.speed > 0 else math.inf
+
+
+# ---- HTTP app -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ControllerAppState:
+    """Everything the controller app holds, attached as ``app.state.controller_state``."""
+
+    config: ServeConfig
+    controller: Controller
+    client: httpx.AsyncClient | None = None  # for refresh_all_workers; opened by the lifespan
+    expiry_task: asyncio.Task[None] | None = None
+    expiry_period_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Sweep several times per expiration window so a dead worker is dropped soon after its deadline.
+        self.expiry_period_s = min(self.config.heart_beat_interval_s, self.config.heart_beat_expiration_s / 3)
+
+
+async def _expiry_loop(state: ControllerAppState) -> None:
+    while True:
+        await asyncio.sleep(state.expiry_period_s)
+        try:
+            state.controller.expire()
+        except Exception:  # a bug in one sweep must not stop expiry for the controller's lifetime
+            logger.exception("worker expiry sweep failed")
+
+
+async def _poll_worker(client: httpx.AsyncClient, address: str) -> WorkerStatus | None:
+    try:
+        response = await client.post(f"{address}/worker_get_status", timeout=REFRESH_TIMEOUT_S)
+        response.raise_for_status()
+        return WorkerStatus.model_validate(response.json())
+    except (httpx.HTTPError, ValueError, ValidationError) as exc:  # ValueError: body is not JSON
+        logger.warning("worker %s did not answer worker_get_status: %r", address, exc)
+        return None
+
+
+async def refresh_all_workers(state: ControllerAppState) -> None:
+    """Poll every worker's status at once; drop those that do not answer."""
+    assert state.client is not None, "refresh_all_workers needs the app's lifespan to have started"
+    addresses = state.controller.worker_addresses()
+    statuses = await asyncio.gather(*(_poll_worker(state.client, address) for address in addresses))
+    for address, status in zip(addresses, statuses, strict=True):
+        if status is None:
+            state.controller.remove(address)
+        else:
+            # A worker removed or re-registered while we awaited is left as it now is (update is a no-op).
+            state.controller.update_status(address, status)
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # The protocol's error shape, so workers and the API server parse one format for every rejection.
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    info = ErrorInfo(
+        message=f"invalid request: {first.get('msg', 'malformed body')}",
+        param=".".join(loc) or None,
+        status=400,
+    )
+    return JSONResponse(status_code=400, content=info.model_dump())
+
+
+def create_controller_app(config: ServeConfig, controller: Controller | None = None) -> FastAPI:
+    """The controller's HTTP API; ``controller`` defaults to one built from ``config``."""
+    state = ControllerAppState(config=config, controller=controller or Controller.from_config(config))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # trust_env=False: controller<->worker traffic is internal and must not go through an HTTP proxy.
+        state.client = httpx.AsyncClient(trust_env=False)
+        state.expiry_task = asyncio.create_task(_expiry_loop(state), name="controller-expiry")
+        try:
+            yield
+        finally:
+            state.expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.expiry_task
+            await state.client.aclose()
+
+    app = FastAPI(title="longserve controller", lifespan=lifespan)
+    app.state.controller_state = state
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    def get_state(request: Request) -> ControllerAppState:
+        return request.app.state.controller_state
+
+    # Every handler is `async def` so it runs on the event loop: the Controller is not thread-safe, and a plain
+    # `def` handler would run in FastAPI's thread pool concurrently with the expiry task.
+
+    @app.post("/register_worker")
+    async def register_worker(body: RegisterWorkerRequest, request: Request) -> dict[str, bool]:
+        get_state(request).controller.register(body.worker_address, body.worker_status, body.check_heart_beat)
+        return {"ok": True}
+
+    @app.post("/receive_heart_beat")
+    async def receive_heart_beat(body: HeartBeatRequest, request: Request) -> HeartBeatResponse:
+        exist = get_state(request).controller.heart_beat(body.worker_address, body.queue_length)
+        return HeartBeatResponse(exist=exist)
+
+    @app.post("/list_models")
+    async def list_models(request: Request) -> ListModelsResponse:
+        return ListModelsResponse(models=get_state(request).controller.list_models())
+
+    @app.post("/list_workers")
+    async def list_workers(request: Request) -> ListWorkersResponse:
+        return ListWorkersResponse(workers=get_state(request).controller.list_workers())
+
+    @app.post("/get_worker_address")
+    async def get_worker_address(body: GetWorkerAddressRequest, request: Request) -> GetWorkerAddressResponse:
+        address = get_state(request).controller.get_worker_address(body.model, body.exclude)
+        return GetWorkerAddressResponse(address=address)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status(request: Request) -> ControllerStatus:
+        return get_state(request).controller.status()
+
+    @app.post("/refresh_all_workers")
+    async def refresh(request: Request) -> ListWorkersResponse:
+        state = get_state(request)
+        await refresh_all_workers(state)
+        return ListWorkersResponse(workers=state.controller.list_workers())
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+async def run_controller(config: ServeConfig, controller: Controller | None = None) -> None:
+    """Serve the controller on ``config.host:config.controller_port`` until cancelled (or signalled)."""
+    app = create_controller_app(config, controller)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.controller_port, log_level="warning")
+    )
+    logger.info("controller listening on http://%s:%d", config.host, config.controller_port)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        # Shielded so cancelling us does not cut uvicorn off mid-loop: it would skip its shutdown (lifespan
+        # exit, closing the socket). Instead ask it to exit and wait for that before re-raising.
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await serving
+        raise

@@ -1,0 +1,391 @@
+"""Model worker: one AsyncEngine behind the worker HTTP API of ``worker_protocol``, registered with a controller.
+
+Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
+``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, model_details,
+apply_chat_template; GET health. A request rejected before it generates (unknown model, bad sampling value,
+prompt too long) gets an HTTP error whose body is an ``ErrorInfo``; once a stream has started, an error is its
+final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.requests import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from longserve.config import EngineConfig, ServeConfig
+from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.engine import CacheBusyError
+from longserve.engine.outputs import RequestOutput
+from longserve.serve.worker_outputs import (
+    OutputConverter,
+    WorkerError,
+    invalid_body,
+    rejection,
+    sampling_params,
+)
+from longserve.serve.worker_protocol import (
+    ChatTemplateRequest,
+    ChatTemplateResponse,
+    CountTokenRequest,
+    CountTokenResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorInfo,
+    ModelDetails,
+    WorkerGenerateRequest,
+    WorkerGenerateResponse,
+    WorkerStatus,
+    WorkerStreamChunk,
+)
+from longserve.serve.worker_registration import ControllerLink
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """Admission control (semaphore + in-flight count), request handling and the link to the controller."""
+
+    def __init__(
+        self, engine: AsyncEngine, config: ServeConfig, model_name: str, *, speed: float = 1.0
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_names = [model_name]
+        self.speed = speed
+        self.address = config.own_worker_address
+        # None or "" runs the worker stand-alone (tests, a single process that polls it).
+        self.controller_address = (config.controller_address or "").rstrip("/") or None
+        self.semaphore = asyncio.Semaphore(config.worker_concurrency)
+        self.converter = OutputConverter(engine.tokenizer)
+        self.in_flight = 0  # requests admitted or waiting for the semaphore (the controller's queue length)
+        self.num_requests = 0  # generate and embedding requests received
+        self.num_errors = 0  # of those, failed with an error (rejections included)
+        self.num_aborted = 0  # streams closed before their last output: the client went away
+        self.controller_link: ControllerLink | None = None  # while started with a controller
+
+    # ---- status ---------------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        """Longest prompt + completion a request may have: the model's limit or the whole KV cache."""
+        core = self.engine.engine
+        return min(core.max_model_len, core.cache_capacity)
+
+    def status(self) -> WorkerStatus:
+        core = self.engine.engine
+        # Read from the event loop while the engine thread steps: len() and a float are safe, and a value
+        # one step stale is fine for dispatch and metrics.
+        return WorkerStatus(
+            model_names=self.model_names,
+            speed=self.speed,
+            queue_length=self.in_flight,
+            running=len(core.scheduler.running),
+            waiting=len(core.scheduler.waiting),
+            kv_cache_usage=core.block_manager.usage,
+            context_length=self.context_length,
+        )
+
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            raise WorkerError(
+                ErrorInfo(
+                    message=f"model {model!r} is not served by this worker (it serves {self.model_names})",
+                    param="model",
+                    code="model_not_found",
+                    status=404,
+                )
+            )
+
+    # ---- generation -----------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Hold one of the ``worker_concurrency`` slots; counted in the queue length while waiting for it."""
+        self.in_flight += 1
+        try:
+            async with self.semaphore:
+                yield
+        finally:
+            self.in_flight -= 1
+
+    async def outputs(self, request: WorkerGenerateRequest, request_id: str) -> AsyncGenerator[RequestOutput]:
+        """The engine's outputs for one request, inside a semaphore slot.
+
+        A request the engine rejects raises ``WorkerError`` before the first output. Closing this generator early
+        closes the engine's stream, which aborts the request and frees its KV blocks at the next step.
+        """
+        self.num_requests += 1
+        started = finished = failed = False
+        try:
+            params = sampling_params(request.sampling)
+            async with (
+                self.admitted(),
+                aclosing(self.engine.generate(request.prompt, params, request_id)) as stream,
+            ):
+                try:
+                    async for output in stream:
+                        started, finished = True, output.finished
+                        yield output
+                except ValueError as exc:
+                    if started:
+                        raise
+                    raise rejection(exc) from exc  # tokenizing/validation failed: nothing was generated
+        except Exception:
+            failed = True
+            self.num_errors += 1
+            raise
+        finally:
+            if started and not finished and not failed:  # closed or cancelled early: the client went away
+                self.num_aborted += 1
+
+    async def stream(self, request: WorkerGenerateRequest) -> AsyncGenerator[WorkerStreamChunk]:
+        """worker_generate_stream's lines: the prompt line, delta lines, then a final line (usage or error).
+
+        The first ``anext`` raises when the request is rejected; nothing has been sent to the client then.
+        """
+        request_id = request.request_id or f"wrk-{uuid.uuid4().hex}"
+        async with aclosing(self.outputs(request, request_id)) as outputs:
+            first = await _first(outputs)
+            yield WorkerStreamChunk(
+                request_id=request_id,
+                prompt_token_ids=first.prompt_token_ids,
+                prompt_logprobs=self.converter.prompt_logprobs(first.prompt_logprobs),
+            )
+            finished_indices: set[int] = set()
+            try:
+                output = first
+                while True:
+                    deltas = self.converter.deltas(output, finished_indices)
+                    if output.finished:
+                        usage = self.converter.usage(output)
+                        yield WorkerStreamChunk(
+                            request_id=request_id, outputs=deltas, finished=True, usage=usage
+                        )
+                        return
+                    if deltas:
+                        yield WorkerStreamChunk(request_id=request_id, outputs=deltas)
+                    output = await _next(outputs)
+            except Exception as exc:  # the stream has started: the error becomes its last line
+                log.exception("request %s failed mid-stream", request_id)
+                yield WorkerStreamChunk(request_id=request_id, finished=True, error=_server_error(exc))
+
+    async def generate(self, request: WorkerGenerateRequest) -> WorkerGenerateResponse:
+        """worker_generate: run to the end and return the joined result."""
+        request_id = request.request_id or f"wrk-{uuid.uuid4().hex}"
+        last: RequestOutput | None = None
+        async with aclosing(self.outputs(request, request_id)) as outputs:
+            async for last in outputs:  # noqa: B007 - only the final, cumulative output matters
+                pass
+        if last is None or not last.finished:
+            raise RuntimeError("the engine stream ended without a final output")
+        return WorkerGenerateResponse(
+            request_id=request_id,
+            outputs=self.converter.completions(last),
+            prompt_token_ids=last.prompt_token_ids,
+            prompt_logprobs=self.converter.prompt_logprobs(last.prompt_logprobs),
+            usage=self.converter.usage(last),
+        )
+
+    async def embed(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
+        self.num_requests += 1
+        try:
+            async with self.admitted():
+                embeddings, prompt_tokens = await self.engine.embed(request.inputs)
+        except ValueError as exc:
+            self.num_errors += 1
+            raise rejection(exc, default_param="inputs") from exc
+        except CacheBusyError as exc:
+            self.num_errors += 1
+            raise WorkerError(ErrorInfo(message=str(exc), type="server_error", status=503)) from exc
+        return EmbeddingsResponse(embeddings=embeddings, prompt_tokens=prompt_tokens)
+
+    # ---- controller link ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register with the controller and heartbeat, in the background; no-op without a controller."""
+        if self.controller_address is not None and self.controller_link is None:
+            self.controller_link = ControllerLink(
+                self.controller_address, self.address, self.config.heart_beat_interval_s, self.status
+            )
+            await self.controller_link.start()
+
+    async def stop(self) -> None:
+        link, self.controller_link = self.controller_link, None
+        if link is not None:
+            await link.stop()
+
+
+class _ChunkStream(StreamingResponse):
+    """ndjson lines of ``WorkerStreamChunk``; closes the chunk generator however the response ends.
+
+    Starlette cancels the body on a client disconnect, which may leave the generator suspended at a ``yield``;
+    closing it here is what aborts the engine request and gives the semaphore slot back without waiting for
+    garbage collection.
+    """
+
+    def __init__(self, first: WorkerStreamChunk, rest: AsyncGenerator[WorkerStreamChunk]) -> None:
+        self._rest = rest
+        super().__init__(self._lines(first), media_type="application/x-ndjson")
+
+    async def _lines(self, first: WorkerStreamChunk) -> AsyncIterator[bytes]:
+        yield _line(first)
+        async for chunk in self._rest:
+            yield _line(chunk)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self._rest.aclose()
+
+
+def create_worker_app(engine: AsyncEngine, config: ServeConfig, model_name: str) -> FastAPI:
+    """The worker's FastAPI app; its lifespan registers with ``config.controller_address`` (if set)."""
+    worker = ModelWorker(engine, config, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    app = FastAPI(title="longserve worker", lifespan=lifespan)
+    app.state.worker = worker
+    tokenizer = engine.tokenizer
+
+    @app.exception_handler(WorkerError)
+    async def on_worker_error(request: Request, exc: WorkerError) -> JSONResponse:
+        return JSONResponse(exc.info.model_dump(), status_code=exc.info.status)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still re-raises it afterwards, so the traceback reaches the server log.
+        info = _server_error(exc)
+        return JSONResponse(info.model_dump(), status_code=info.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        info = invalid_body(exc.errors())
+        return JSONResponse(info.model_dump(), status_code=info.status)
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(body: WorkerGenerateRequest) -> StreamingResponse:
+        worker.check_model(body.model)
+        chunks = worker.stream(body)
+        try:
+            first = await anext(chunks)  # validation errors surface here, before any byte is sent
+        except WorkerError:
+            raise
+        except Exception as exc:
+            raise WorkerError(_server_error(exc)) from exc
+        return _ChunkStream(first, chunks)
+
+    @app.post("/worker_generate")
+    async def worker_generate(body: WorkerGenerateRequest) -> WorkerGenerateResponse:
+        worker.check_model(body.model)
+        try:
+            return await worker.generate(body)
+        except WorkerError:
+            raise
+        except Exception as exc:
+            raise WorkerError(_server_error(exc)) from exc
+
+    @app.post("/worker_get_embeddings")
+    async def worker_get_embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
+        worker.check_model(body.model)
+        return await worker.embed(body)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> WorkerStatus:
+        return worker.status()
+
+    @app.post("/count_token")
+    async def count_token(body: CountTokenRequest) -> CountTokenResponse:
+        worker.check_model(body.model)
+        if isinstance(body.prompt, list):
+            return CountTokenResponse(count=len(body.prompt))
+        return CountTokenResponse(count=len(await asyncio.to_thread(tokenizer.encode, body.prompt)))
+
+    @app.post("/model_details")
+    async def model_details() -> ModelDetails:
+        return ModelDetails(model_names=worker.model_names, context_length=worker.context_length)
+
+    @app.post("/apply_chat_template")
+    async def apply_chat_template(body: ChatTemplateRequest) -> ChatTemplateResponse:
+        worker.check_model(body.model)
+        try:
+            prompt = await asyncio.to_thread(
+                tokenizer.apply_chat_template, body.messages, body.add_generation_prompt
+            )
+        except ValueError as exc:  # no template, or the template rejected the messages
+            raise rejection(exc, default_param="messages") from exc
+        return ChatTemplateResponse(prompt=prompt)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model_names": worker.model_names}
+
+    return app
+
+
+async def run_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
+    """Load the engine and serve the worker on ``serve_config.host:worker_port`` until cancelled."""
+    from longserve.serve.launcher import model_display_name  # the launcher imports this module lazily too
+
+    engine = await AsyncEngine.create(engine_config)
+    try:
+        name = serve_config.model_name or model_display_name(engine_config.model)
+        app = create_worker_app(engine, serve_config, name)
+        config = uvicorn.Config(
+            app,
+            host=serve_config.host,
+            port=serve_config.worker_port,
+            log_level="warning",
+            timeout_graceful_shutdown=10,  # open streams must not hold a shutdown forever
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            # Shut down gracefully: in-flight requests finish, the lifespan stops the heartbeats.
+            server.should_exit = True
+            await serving
+            raise
+    finally:
+        engine.shutdown()
+
+
+async def _first(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(outputs)
+    except StopAsyncIteration:
+        raise RuntimeError("the engine stream ended before its first output") from None
+
+
+async def _next(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
+    # StopAsyncIteration must not escape inside an async generator (it would turn into a RuntimeError).
+    try:
+        return await anext(outputs)
+    except StopAsyncIteration:
+        raise RuntimeError("the engine stream ended without a final output") from None
+
+
+def _server_error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error", status=500)
+
+
+def _line(chunk: WorkerStreamChunk) -> bytes:
+    return chunk.model_dump_json(exclude_none=True).encode() + b"\n"

@@ -1,0 +1,148 @@
+"""Model worker lifecycle: registration and heartbeats against a small fake controller, running without a
+reachable controller, and ``run_worker`` serving until cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from servers import serve_app, unused_port
+
+from longserve.config import EngineConfig, ServeConfig
+from longserve.engine.async_engine import AsyncEngine
+from longserve.serve.worker import create_worker_app, run_worker
+from longserve.serve.worker_protocol import HeartBeatRequest, RegisterWorkerRequest, WorkerGenerateResponse
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: str) -> Iterator[AsyncEngine]:
+    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    yield engine
+    engine.shutdown()
+
+
+def _generate(url: str, max_tokens: int) -> WorkerGenerateResponse:
+    body = {"model": MODEL, "prompt": "Hello", "sampling": {"max_tokens": max_tokens, "ignore_eos": True}}
+    response = httpx.post(f"{url}/worker_generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return WorkerGenerateResponse.model_validate(response.json())
+
+
+def _wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class FakeController:
+    """Records registrations and heartbeats; refuses the first registrations and can forget workers."""
+
+    def __init__(self, refuse_first: int = 0) -> None:
+        self.registrations: list[RegisterWorkerRequest] = []
+        self.heart_beats: list[HeartBeatRequest] = []
+        self.known: set[str] = set()
+        self.refusals_left = refuse_first
+        self.lock = threading.Lock()
+        self.app = FastAPI()
+        self.app.post("/register_worker")(self.register)
+        self.app.post("/receive_heart_beat")(self.heart_beat)
+
+    async def register(self, body: RegisterWorkerRequest):
+        with self.lock:
+            if self.refusals_left:
+                self.refusals_left -= 1
+                return JSONResponse({"message": "not ready"}, status_code=503)
+            self.registrations.append(body)
+            self.known.add(body.worker_address)
+        return {}
+
+    async def heart_beat(self, body: HeartBeatRequest):
+        with self.lock:
+            self.heart_beats.append(body)
+            return {"exist": body.worker_address in self.known}
+
+
+def test_worker_registers_heartbeats_and_registers_again(engine):
+    controller = FakeController(refuse_first=2)
+    with serve_app(controller.app) as controller_url:
+        config = ServeConfig(
+            controller_address=controller_url,
+            worker_address="http://127.0.0.1:1234",
+            heart_beat_interval_s=0.1,
+            heart_beat_expiration_s=1.0,
+        )
+        app = create_worker_app(engine, config, MODEL)
+        with serve_app(app):
+            _wait_until(lambda: len(controller.heart_beats) >= 3, what="registration and heartbeats")
+            registration = controller.registrations[0]
+            assert registration.worker_address == "http://127.0.0.1:1234"
+            assert registration.worker_status.model_names == [MODEL]
+            assert registration.worker_status.context_length == 512
+            assert controller.heart_beats[0].worker_address == "http://127.0.0.1:1234"
+
+            with controller.lock:
+                controller.known.clear()  # as after a controller restart
+            link = app.state.worker.controller_link
+            _wait_until(lambda: link.num_registrations == 2, what="registering again")
+            assert len(controller.registrations) == 2
+        beats = len(controller.heart_beats)
+        time.sleep(0.3)
+        assert len(controller.heart_beats) == beats  # stopped with the app
+
+
+def test_worker_without_a_reachable_controller_still_serves(engine):
+    config = ServeConfig(
+        controller_address=f"http://127.0.0.1:{unused_port()}",
+        heart_beat_interval_s=0.2,
+        heart_beat_expiration_s=1.0,
+    )
+    app = create_worker_app(engine, config, MODEL)
+    with serve_app(app) as url:
+        time.sleep(0.5)  # several failed registration attempts
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert _generate(url, 2).usage.completion_tokens == 2
+        assert app.state.worker.controller_link.num_registrations == 0
+
+
+def test_run_worker_serves_until_cancelled(tiny_llama_dir):
+    port = unused_port()
+    serve_config = ServeConfig(controller_address="", worker_port=port, model_name=MODEL)
+    engine_config = EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)
+    stop = threading.Event()
+    outcome: list[str] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(run_worker(engine_config, serve_config))
+        await asyncio.to_thread(stop.wait)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: _answers(f"{url}/health"), timeout=30, what="run_worker to serve")
+        assert _generate(url, 3).usage.completion_tokens == 3
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not thread.is_alive() and outcome == ["cancelled"] and not _answers(f"{url}/health")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
