@@ -49,3 +49,8 @@ def test_weights_of_the_wrong_shape_are_reported(tiny_llama_dir, tmp_path):
 def test_missing_model_path_is_reported(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         LLM(str(tmp_path / "nowhere"))
+
+
+def test_sliding_window_models_are_capped_at_their_window(tiny_mistral_dir, tmp_path):
+    model_dir = _copy_with_config(tiny_mistral_dir, tmp_path / "m", sliding_window=128)
+    assert LLM(model_dir).engine.max_model_len == 128

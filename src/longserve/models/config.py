@@ -59,8 +59,19 @@ class DecoderConfig:
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_usable_context(config),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("attention_bias", qkv_bias)),
             qk_norm=qk_norm,
         )
+
+
+def _usable_context(config: dict) -> int:
+    """Context length we can serve exactly. Sliding-window attention is not implemented, so a model that
+    uses it is capped at its window, where full attention and the sliding window agree."""
+    context = int(config.get("max_position_embeddings", 4096))
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", config.get("model_type") != "qwen2")
+    if isinstance(window, int) and window > 0 and uses_window:
+        return min(context, window)
+    return context
