@@ -49,13 +49,17 @@ class EngineConfig:
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
         """Defaults, then ``LONGSERVE_<FIELD>`` environment variables, then explicit overrides."""
-        values = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"LONGSERVE_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = _parse(raw, f.type)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls(**_env_values(cls, overrides))
+
+
+def _env_values(cls: type, overrides: dict) -> dict:
+    values = {}
+    for f in fields(cls):
+        raw = os.environ.get(f"LONGSERVE_{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = _parse(raw, f.type)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
 
 
 def _parse(raw: str, annotation: str) -> object:
@@ -110,10 +114,4 @@ class ServeConfig:
     @classmethod
     def from_env(cls, **overrides) -> ServeConfig:
         """Defaults, then ``LONGSERVE_<FIELD>`` environment variables, then explicit overrides."""
-        values = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"LONGSERVE_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = _parse(raw, f.type)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls(**_env_values(cls, overrides))
