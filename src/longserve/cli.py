@@ -65,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
                 if args.system:
                     messages.insert(0, {"role": "system", "content": args.system})
                 prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        request = engine.build_request("cli", prompt, params)
+        request = engine.build_request("cli", prompt, params, add_special_tokens=args.no_chat)
     except ValueError as exc:  # ModelLoadError included
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -57,11 +57,15 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        add_special_tokens: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (deltas in ``delta_text``); the last one has ``finished`` set."""
         request_id = request_id or f"req-{next(self._ids)}"
         # Tokenization and validation run off the event loop; a bad request raises here, before queuing.
-        request: Request = await asyncio.to_thread(self.engine.build_request, request_id, prompt, params)
+        request: Request = await asyncio.to_thread(
+            self.engine.build_request, request_id, prompt, params, add_special_tokens=add_special_tokens
+        )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:

@@ -96,11 +96,13 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams | None = None,
+        *,
+        add_special_tokens: bool = True,  # False for chat-template output, which carries its own BOS
     ) -> Request:
         """Tokenize and validate without touching engine state (safe to call from another thread)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
+            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             text, token_ids = None, list(prompt)
             bad = [

@@ -28,6 +28,8 @@ class LLM:
         self,
         prompts: Prompt | SequenceOf[Prompt],
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        *,
+        add_special_tokens: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched; outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -39,7 +41,9 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
         # Validate everything before queuing anything, so a bad prompt leaves no half-run batch behind.
         requests = [
-            self.engine.build_request(f"llm-{next(self._ids)}", prompt, params)
+            self.engine.build_request(
+                f"llm-{next(self._ids)}", prompt, params, add_special_tokens=add_special_tokens
+            )
             for prompt, params in zip(prompts, sampling_params, strict=True)
         ]
         for request in requests:
@@ -59,4 +63,4 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, add_special_tokens=False)

@@ -310,9 +310,11 @@ class _Progress:
     """A transient loading bar that closes itself once every tensor has been read."""
 
     def __init__(self, total: int, label: str) -> None:
+        from rich.console import Console
         from rich.progress import Progress
 
-        self._bar = Progress(transient=True)
+        # stderr, so stdout stays the program's output (a served URL, generated text)
+        self._bar = Progress(transient=True, console=Console(stderr=True))
         self._task = self._bar.add_task(f"Loading {label}", total=total)
         self._left = total
         self._bar.start()

@@ -157,11 +157,17 @@ def _progress(enabled: bool, total: int) -> Iterator:
     if not enabled:
         yield lambda label: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-    ) as progress:
+    columns = (
+        TextColumn("loading {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    # stderr, so stdout stays the program's output (a served URL, generated text)
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("weights", total=total)
 
         def advance(label: str) -> None:

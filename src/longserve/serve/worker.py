@@ -129,7 +129,11 @@ class ModelWorker:
             params = sampling_params(request.sampling)
             async with (
                 self.admitted(),
-                aclosing(self.engine.generate(request.prompt, params, request_id)) as stream,
+                aclosing(
+                    self.engine.generate(
+                        request.prompt, params, request_id, add_special_tokens=request.add_special_tokens
+                    )
+                ) as stream,
             ):
                 try:
                     async for output in stream:

@@ -116,6 +116,8 @@ class WorkerGenerateRequest(BaseModel):
     prompt: Prompt  # text (tokenized by the worker) or token ids
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     request_id: str | None = None
+    # False for text rendered by a chat template: the template already wrote any BOS token it wants.
+    add_special_tokens: bool = True
 
 
 class TopLogprob(BaseModel):

@@ -1,0 +1,116 @@
+"""ASGI middleware of the API server: API-key check and request-body size limit.
+
+Both are plain ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses pass through untouched and a
+client disconnect still reaches the route.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from longserve.serve.errors import APIError
+
+# A body declared too large is still read (and dropped) up to this much before answering 413: most HTTP/1.1
+# clients write the whole body before they read a response, and would see a reset instead of the 413.
+DRAIN_LIMIT_BYTES = 64 * 2**20
+PROTECTED_PREFIX = "/v1"  # /health, /metrics and the docs stay open
+
+
+async def send_error(send: Send, error: APIError, close: bool = False) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    if close:  # the request body was not (fully) read: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class ApiKeyMiddleware:
+    """401 unless ``Authorization: Bearer <key>`` names one of ``api_keys``; no keys configured: open."""
+
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not self._known(token.strip()):
+            error = APIError(
+                "Invalid or missing API key (send it as 'Authorization: Bearer <key>')",
+                status=401,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await send_error(send, error)
+            return
+        await self.app(scope, receive, send)
+
+    def _known(self, token: bytes) -> bool:
+        # Compare against every key, without stopping early, so timing does not tell which prefix matched.
+        found = False
+        for key in self.keys:
+            found |= hmac.compare_digest(token, key)
+        return found
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over ``max_bytes``, whether declared by Content-Length or only seen streaming in.
+
+    The body is read here (it is needed whole for JSON anyway) and replayed to the app, so a chunked upload
+    can never make the app buffer more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(receive, send, 0, more=True)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # disconnected: let the app see it
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(receive, send, size, more=message.get("more_body", False))
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, receive: Receive, send: Send, seen: int, more: bool) -> None:
+        drained = seen
+        while more and drained <= DRAIN_LIMIT_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client is gone; nobody to answer
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        error = APIError(
+            f"Request body too large: the limit is {self.max_bytes} bytes",
+            status=413,
+            code="request_too_large",
+        )
+        await send_error(send, error, close=more)

@@ -1,0 +1,162 @@
+"""Prometheus metrics of the API server, in a per-app registry, named as vLLM names them where it has a name.
+
+Request timings (TTFT, inter-token latency, end-to-end) and token counters are measured here, on the worker
+streams as they pass through. Engine state (running/waiting sequences, KV cache usage) belongs to the workers:
+it is fetched at scrape time from each worker's ``/worker_get_status`` (the controller's ``/list_workers`` says
+where they are, and its last known status stands in for a worker that does not answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from longserve.serve.worker_protocol import ListWorkersResponse, WorkerInfo, WorkerStatus, WorkerStreamChunk
+
+SCRAPE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)  # a scrape must not hang on one dead worker
+
+# Buckets as vLLM's (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+
+class ApiMetrics:
+    """All metrics of one API server app; ``render()`` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r, model = self.registry, ["model_name"]
+        self.running = Gauge(
+            "vllm:num_requests_running", "Sequences running in the engines.", model, registry=r
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Sequences waiting in the engines.", model, registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV cache usage per worker (1 = full).",
+            ["model_name", "worker"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", model, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", model, registry=r)
+        self.request_success = Counter(
+            "vllm:request_success",
+            "Completions finished, by reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            model,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between tokens.", model, buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Request latency.", model, buckets=E2E_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge(
+            "longserve:api_requests_in_flight", "Generation requests the API server is handling.", registry=r
+        )
+        self.stream_errors = Counter(
+            "longserve:worker_stream_errors",
+            "Worker streams that failed after they started.",
+            model,
+            registry=r,
+        )
+        self.workers = Gauge(
+            "longserve:workers", "Workers the controller knows, per model.", model, registry=r
+        )
+
+    async def refresh_workers(self, client: httpx.AsyncClient, controller_address: str) -> None:
+        """Engine gauges from the workers, best effort: an unreachable controller leaves them empty."""
+        try:
+            response = await client.post(f"{controller_address}/list_workers", timeout=SCRAPE_TIMEOUT)
+            response.raise_for_status()
+            workers = ListWorkersResponse.model_validate_json(response.content).workers
+        except (httpx.HTTPError, ValueError):
+            workers = []
+        statuses = await asyncio.gather(*(_live_status(client, w) for w in workers))
+        for gauge in (self.running, self.waiting, self.kv_cache_usage, self.workers):
+            gauge.clear()  # workers that left must not linger with their last value
+        for info, status in zip(workers, statuses, strict=True):
+            # A worker serving several names counts once, under its first one.
+            name = status.model_names[0] if status.model_names else "unknown"
+            self.running.labels(name).inc(status.running)
+            self.waiting.labels(name).inc(status.waiting)
+            self.kv_cache_usage.labels(name, info.worker_address).set(status.kv_cache_usage)
+            self.workers.labels(name).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def _live_status(client: httpx.AsyncClient, info: WorkerInfo) -> WorkerStatus:
+    try:
+        response = await client.post(f"{info.worker_address}/worker_get_status", timeout=SCRAPE_TIMEOUT)
+        response.raise_for_status()
+        return WorkerStatus.model_validate_json(response.content)
+    except (httpx.HTTPError, ValueError):
+        return info.status
+
+
+class RequestRecorder:
+    """Timings and token counts of one client request as its worker streams go by (one stream per prompt)."""
+
+    def __init__(self, metrics: ApiMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.start = time.perf_counter()
+        self._first_token_seen: set[int] = set()  # prompt indices
+        self._last_token_at: dict[tuple[int, int], float] = {}  # (prompt, completion) -> time
+        self._tokens_seen: dict[int, int] = {}  # prompt index -> generated tokens so far
+        self._done: set[int] = set()
+
+    def on_chunk(self, prompt: int, chunk: WorkerStreamChunk) -> None:
+        t = time.perf_counter()
+        labels = self.metrics
+        for out in chunk.outputs:
+            count = len(out.token_ids)
+            if count:
+                self._tokens_seen[prompt] = self._tokens_seen.get(prompt, 0) + count
+                key = (prompt, out.index)
+                if prompt not in self._first_token_seen:
+                    self._first_token_seen.add(prompt)
+                    labels.ttft.labels(self.model).observe(t - self.start)
+                last = self._last_token_at.get(key)  # None for a completion's first token
+                if last is not None:
+                    # Several tokens in one delta arrived together; spread the wait over them.
+                    for _ in range(count):
+                        labels.itl.labels(self.model).observe((t - last) / count)
+                self._last_token_at[key] = t
+            if out.finish_reason is not None:
+                labels.request_success.labels(self.model, out.finish_reason).inc()
+        if chunk.finished and chunk.error is None and prompt not in self._done:
+            self._done.add(prompt)
+            labels.e2e.labels(self.model).observe(t - self.start)
+            if chunk.usage is not None:
+                labels.prompt_tokens.labels(self.model).inc(chunk.usage.prompt_tokens)
+                labels.generation_tokens.labels(self.model).inc(chunk.usage.completion_tokens)
+
+    def on_stream_error(self, prompt: int) -> None:
+        self.metrics.stream_errors.labels(self.model).inc()
+        self._count_unfinished(prompt)
+
+    def close(self) -> None:
+        """Tokens of streams that never finished (client gone, worker died) still count as generated."""
+        for prompt in list(self._tokens_seen):
+            self._count_unfinished(prompt)
+
+    def _count_unfinished(self, prompt: int) -> None:
+        if prompt in self._done:
+            return
+        self._done.add(prompt)
+        self.metrics.generation_tokens.labels(self.model).inc(self._tokens_seen.get(prompt, 0))

@@ -1,0 +1,113 @@
+"""What chat and completions share: OpenAI request fields -> worker sampling options, SSE framing, usage sums,
+and the streaming response that always closes its worker streams.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from pydantic import BaseModel
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from longserve.serve.errors import ClientDisconnected
+from longserve.serve.generation import Generation, StreamBroken
+from longserve.serve.protocol import SamplingRequest, UsageInfo
+from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, Usage
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
+
+
+def sampling_options(
+    req: SamplingRequest, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingOptions:
+    """The worker's sampling options; unset OpenAI fields keep the worker's defaults (which are OpenAI's)."""
+    defaults = SamplingOptions()
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return SamplingOptions(
+        n=req.n,
+        temperature=pick(req.temperature, defaults.temperature),
+        top_p=pick(req.top_p, defaults.top_p),
+        top_k=pick(req.top_k, defaults.top_k),
+        min_p=pick(req.min_p, defaults.min_p),
+        repetition_penalty=pick(req.repetition_penalty, defaults.repetition_penalty),
+        presence_penalty=pick(req.presence_penalty, defaults.presence_penalty),
+        frequency_penalty=pick(req.frequency_penalty, defaults.frequency_penalty),
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def json_response(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def sse_error(info: ErrorInfo) -> str:
+    """The event a stream ends with when it breaks (followed by [DONE]); OpenAI clients raise on it."""
+    error = {"message": info.message, "type": info.type, "param": info.param, "code": info.code}
+    return sse({"error": error})
+
+
+def add_usage(total: UsageInfo, usage: Usage | None) -> None:
+    if usage is not None:
+        total.prompt_tokens += usage.prompt_tokens
+        total.completion_tokens += usage.completion_tokens
+        total.total_tokens += usage.total_tokens
+
+
+async def sse_events(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``body``'s events, then [DONE]; a broken worker stream becomes an error event before [DONE]."""
+    try:
+        async for event in body:
+            yield event
+    except StreamBroken as exc:
+        yield sse_error(exc.info)
+    except ClientDisconnected:
+        return  # nobody to tell
+    yield SSE_DONE
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that runs ``on_close`` however it ends: finished, client gone, or never started.
+
+    Starlette stops iterating when a send fails (client gone) and never starts if the response start fails;
+    in both cases the worker streams would stay open until garbage collection without this.
+    """
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                await self._on_close()
+
+
+def streaming_response(generation: Generation, body: AsyncIterator[str]) -> EventStreamResponse:
+    return EventStreamResponse(sse_events(body), generation.aclose)

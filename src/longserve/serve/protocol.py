@@ -1,0 +1,347 @@
+"""OpenAI API shapes as pydantic models: requests (validated, with OpenAI's ranges), responses, stream chunks.
+
+Requests accept OpenAI's fields plus vLLM's sampling extensions (top_k, min_p, repetition_penalty, min_tokens,
+ignore_eos, stop_token_ids, skip_special_tokens, ...). Unknown fields are ignored, as vLLM does, so newer clients
+keep working. A value out of range fails validation, which the API server answers with 400 naming the field.
+Checks that involve several fields or features we do not serve live in ``check()`` and raise ``APIError``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from longserve.serve.errors import APIError
+
+MAX_LOGPROBS = 20  # top alternatives per token a request may ask for (OpenAI's chat limit, vLLM's default)
+MAX_N = 128  # completions per prompt; more is almost surely a mistake and would hold the KV cache hostage
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ---- requests ----------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # one more chunk before [DONE]: usage for the whole request, no choices
+
+
+class OpenAIRequest(BaseModel):
+    """Base of the request bodies: unknown fields ignored, null read as "not given"."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Many clients send every optional field, unset ones as null; OpenAI reads null as "not given".
+        # max_tokens keeps its null: for completions it means "up to the context length", not 16.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k == "max_tokens"}
+        return data
+
+
+class SamplingRequest(OpenAIRequest):
+    """Fields chat and completions share: the model, sampling, stopping and streaming."""
+
+    model: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    # None means "the default": OpenAI's temperature/top_p default is 1, and the worker's defaults match.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility; not used
+
+    def check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported", param="logit_bias")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; extra keys (tool_calls, tool_call_id, ...) pass through to the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def flat_content(self, where: str) -> str:
+        """Content as one string; text parts are joined, other part types are not served (no vision)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    f"content part type {part.type!r} is not supported (text only)",
+                    param=f"{where}.content.{j}.type",
+                )
+            texts.append(part.text)
+        return "".join(texts)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM extension: end the rendered prompt with the assistant's turn
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.tools:
+            raise APIError("tools (function calling) are not supported", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError("only response_format type 'text' is supported", param="response_format")
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them: plain dicts with string content."""
+        out = []
+        for i, message in enumerate(self.messages):
+            item = message.model_dump(exclude_none=True)
+            item["content"] = message.flat_content(f"messages.{i}")
+            out.append(item)
+        return out
+
+
+CompletionPrompt = str | list[TokenId] | list[list[TokenId]] | list[str]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: CompletionPrompt
+    # OpenAI's default; 0 is allowed (with echo it scores the prompt); None: up to the context length.
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError("best_of is not supported (other than best_of == n)", param="best_of")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise APIError("prompt must not be empty", param="prompt")
+        if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
+            raise APIError("a token-id prompt must not be empty", param="prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one entry per prompt, text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]  # one tokenized prompt
+        return list(self.prompt)
+
+
+class EmbeddingRequest(OpenAIRequest):
+    model: str
+    input: str | list[TokenId] | list[list[TokenId]] | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        if isinstance(self.input, str):
+            items: list[str | list[int]] = [self.input]
+        elif self.input and all(isinstance(t, int) for t in self.input):
+            items = [list(self.input)]
+        else:
+            items = list(self.input)
+        if not items:
+            raise APIError("input must not be empty", param="input")
+        for item in items:
+            if len(item) == 0:
+                raise APIError("input must not contain empty strings or token lists", param="input")
+        if len(items) > 2048:
+            raise APIError("input may hold at most 2048 items", param="input")
+        if self.dimensions is not None:
+            raise APIError("dimensions is not supported", param="dimensions")
+        return items
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+
+
+def _none(value: object) -> bool:
+    return value is None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "longserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprobEntry):
+    top_logprobs: list[TopLogprobEntry] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM extension: the stop string or token id that matched
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_none)
+    content: str | None = Field(None, exclude_if=_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = Field(None, exclude_if=_none)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(None, exclude_if=_none)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = Field(None, exclude_if=_none)
+
+
+class CompletionResponse(BaseModel):
+    """Both the whole response and a stream chunk (OpenAI uses object "text_completion" for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(None, exclude_if=_none)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # str: base64 of little-endian float32
+    index: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo

@@ -1,0 +1,88 @@
+"""Smoke test of the API server on the real controller and a real worker serving the tiny llama checkpoint:
+chat (template from the model), streaming, greedy determinism, echo + logprobs scoring, embeddings, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from servers import serve_app, unused_port
+
+from longserve.config import EngineConfig, ServeConfig
+from longserve.engine.async_engine import AsyncEngine
+from longserve.serve.api_server import create_api_app
+from longserve.serve.controller import create_controller_app
+from longserve.serve.worker import create_worker_app
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def api_url(tiny_llama_dir: str) -> Iterator[str]:
+    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    try:
+        with serve_app(create_controller_app(ServeConfig())) as controller_url:
+            port = unused_port()
+            worker_config = ServeConfig(
+                controller_address=controller_url, worker_address=f"http://127.0.0.1:{port}", worker_port=port
+            )
+            with serve_app(create_worker_app(engine, worker_config, MODEL), port=port):
+                deadline = time.monotonic() + 15
+                while not httpx.post(f"{controller_url}/list_models").json()["models"]:
+                    assert time.monotonic() < deadline, "the worker did not register"
+                    time.sleep(0.05)
+                with serve_app(create_api_app(ServeConfig(controller_address=controller_url))) as url:
+                    yield url
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def client(api_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_stream_equals_whole_greedy(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hello there"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+
+
+def test_echo_logprobs_scores_prompt(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt="the cat sat", max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == "the cat sat"
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == out.usage.prompt_tokens
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert out.usage.completion_tokens == 0
+
+
+def test_embeddings_and_metrics(client: openai.OpenAI, api_url: str) -> None:
+    out = client.embeddings.create(model=MODEL, input=["a b", "c"])
+    assert len(out.data) == 2 and sum(v * v for v in out.data[0].embedding) == pytest.approx(1, abs=1e-3)
+    text = httpx.get(f"{api_url}/metrics").text
+    assert f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"' in text
+    assert "vllm:generation_tokens_total" in text
+
+
+def test_context_length_error_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)

@@ -1,0 +1,221 @@
+"""The whole serving stack on loopback: controller, real workers with a tiny model, the API server, the openai
+client. Failover when a worker dies, interleaving of concurrent streams, cleanup after client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from longserve.serve.api_server import create_api_app
+from longserve.serve.worker import create_worker_app
+from servers import serve_app, unused_port
+
+from longserve.config import EngineConfig, ServeConfig
+from longserve.engine.async_engine import AsyncEngine
+from longserve.serve.controller import create_controller_app
+
+MODEL = "tiny"
+
+
+def _wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Stack:
+    """A controller, ``num_workers`` workers serving the tiny model, and an API server, each on loopback."""
+
+    def __init__(self, model_dir: str, num_workers: int, **serve_options) -> None:
+        self.model_dir = model_dir
+        self.num_workers = num_workers
+        self.serve_options = serve_options
+        self.exit_stack = contextlib.ExitStack()
+        self.engines: list[AsyncEngine] = []
+        self.worker_urls: list[str] = []
+        self.worker_servers: list[contextlib.AbstractContextManager] = []
+        self.added: list[int] = []  # requests each worker's engine accepted
+
+    def __enter__(self) -> Stack:
+        controller_config = ServeConfig(**self.serve_options)
+        self.controller_url = self.exit_stack.enter_context(
+            serve_app(create_controller_app(controller_config))
+        )
+        for index in range(self.num_workers):
+            self.start_worker(index)
+        api_config = ServeConfig(controller_address=self.controller_url, **self.serve_options)
+        self.api_url = self.exit_stack.enter_context(serve_app(create_api_app(api_config)))
+        self.client = openai.OpenAI(base_url=f"{self.api_url}/v1", api_key="unused", max_retries=0)
+        _wait_until(lambda: len(self.live_workers()) == self.num_workers, what="workers to register")
+        return self
+
+    def start_worker(self, index: int) -> None:
+        engine = asyncio.run(AsyncEngine.create(EngineConfig(model=self.model_dir, kv_cache_memory_mb=4)))
+        self.engines.append(engine)
+        self.added.append(0)
+        original_add = engine.engine.add_request
+
+        def counting_add(request, _index=index, _original=original_add):
+            self.added[_index] += 1
+            return _original(request)
+
+        engine.engine.add_request = counting_add
+        port = unused_port()
+        config = ServeConfig(
+            controller_address=self.controller_url,
+            worker_address=f"http://127.0.0.1:{port}",
+            worker_port=port,
+            **self.serve_options,
+        )
+        server = serve_app(create_worker_app(engine, config, MODEL), port=port)
+        self.worker_urls.append(server.__enter__())
+        self.worker_servers.append(server)
+
+    def kill_worker(self, index: int) -> None:
+        self.worker_servers[index].__exit__(None, None, None)
+
+    def live_workers(self) -> list[str]:
+        response = httpx.post(f"{self.controller_url}/list_workers", json={}, timeout=5)
+        return [w["worker_address"] for w in response.json()["workers"]]
+
+    def __exit__(self, *exc_info) -> None:
+        for server in self.worker_servers:
+            with contextlib.suppress(Exception):
+                server.__exit__(None, None, None)
+        self.exit_stack.close()
+        for engine in self.engines:
+            engine.shutdown()
+
+
+def _all_blocks_free(engine: AsyncEngine) -> bool:
+    manager = engine.engine.block_manager
+    return manager.num_free_blocks == manager.num_usable_blocks and not engine.engine.requests
+
+
+@pytest.fixture(scope="module")
+def failover_stack(tiny_llama_dir):
+    with Stack(tiny_llama_dir, 2, heart_beat_interval_s=0.3, heart_beat_expiration_s=1.5) as stack:
+        yield stack
+
+
+def test_requests_spread_over_two_workers_and_survive_one_dying(failover_stack):
+    stack = failover_stack
+    for _ in range(8):
+        out = stack.client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=4)
+        assert out.choices[0].text is not None
+    assert all(count > 0 for count in stack.added), stack.added
+
+    stack.kill_worker(0)
+    for _ in range(6):  # the controller still lists the dead worker: the API server must fail over
+        out = stack.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert out.choices[0].finish_reason in ("stop", "length")
+    _wait_until(lambda: stack.worker_urls[0] not in stack.live_workers(), timeout=10, what="expiry")
+    assert stack.live_workers() == [stack.worker_urls[1]]
+
+
+@pytest.fixture(scope="module")
+def single_stack(tiny_llama_dir):
+    with Stack(tiny_llama_dir, 1) as stack:
+        yield stack
+
+
+def test_32_concurrent_streams_complete_and_interleave(single_stack):
+    stack = single_stack
+    client = openai.AsyncOpenAI(base_url=f"{stack.api_url}/v1", api_key="unused", max_retries=0)
+    events: list[tuple[int, float]] = []
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=f"Request {i}:",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        text = ""
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                events.append((i, time.monotonic()))
+                text += chunk.choices[0].text
+        return text
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    texts = asyncio.run(main())
+    assert len(texts) == 32 and all(texts)
+    first_done = max(t for i, t in events if i == 0)
+    starts = {i: min(t for j, t in events if j == i) for i in range(32)}
+    # Interleaved: most streams started producing before the first one finished.
+    assert sum(start < first_done for start in starts.values()) >= 16
+    _wait_until(lambda: _all_blocks_free(stack.engines[0]), what="KV blocks to be freed")
+
+
+def test_client_disconnect_mid_stream_frees_the_request(single_stack):
+    stack = single_stack
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 500,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", f"{stack.api_url}/v1/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # read one event, then hang up
+    _wait_until(lambda: _all_blocks_free(stack.engines[0]), what="the aborted request's blocks")
+
+
+def _listed_models(client: openai.OpenAI) -> list[str] | None:
+    try:
+        return [m.id for m in client.models.list().data]
+    except openai.APIError:
+        return None
+
+
+def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
+    ports = {name: unused_port() for name in ("port", "controller-port", "worker-port")}
+    args = [f"--{name}={port}" for name, port in ports.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "longserve.cli",
+        "serve",
+        "--model",
+        tiny_llama_dir,
+        "--model-name",
+        MODEL,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        banner = process.stdout.readline()
+        assert f"http://127.0.0.1:{ports['port']}/v1" in banner and MODEL in banner
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['port']}/v1", api_key="x", max_retries=0)
+        _wait_until(lambda: _listed_models(client) == [MODEL], what="the model to be listed")
+        out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, process.stderr.read()
