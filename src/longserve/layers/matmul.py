@@ -49,6 +49,7 @@ class PreparedMatmul:
         weight: torch.Tensor,  # [out, in]
         bias: torch.Tensor | None = None,  # [out]
         quantization: str | None = None,
+        repack: bool = True,  # False: larger steps use ``weight`` as given, sparing a repacked copy
     ) -> None:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -60,7 +61,7 @@ class PreparedMatmul:
             self.packed_int8 = torch.ops.quantized.linear_prepack(
                 quantize_int8_per_channel(weight), float_bias
             )
-        if _onednn_available(weight):
+        if repack and _onednn_available(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT_ROWS)
         else:
             self.weight = weight

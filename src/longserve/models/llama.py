@@ -101,7 +101,11 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.prepare(quantization)
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        self.lm_head_kernel = PreparedMatmul(head.data, quantization=quantization)
+        # With int8 the head serves decode steps; the rare larger step (prompt logprobs) can use the plain
+        # weight, which for tied embeddings costs no memory, instead of a second fp32 copy.
+        self.lm_head_kernel = PreparedMatmul(
+            head.data, quantization=quantization, repack=quantization is None
+        )
         if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
             self.lm_head = None  # repacked: the plain copy would only take memory
 
