@@ -3,7 +3,6 @@ shapes and parameters (streaming, n, stop, seed, logprobs, echo, embeddings, usa
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 from collections.abc import Iterator
@@ -13,10 +12,10 @@ import httpx
 import openai
 import pytest
 from api_fakes import MODEL, create_fake_controller, create_fake_worker
-from servers import serve_app, unused_port
+from servers import serve_app
 
 from longserve.config import ServeConfig
-from longserve.serve.api_server import create_api_app, run_api_server
+from longserve.serve.api_server import create_api_app
 
 KEY = "sk-test"
 
@@ -280,29 +279,3 @@ def test_health_and_metrics_are_open(stack: Stack) -> None:
     # Live worker status (running=2) wins over the controller's stale copy (running=7).
     assert f'vllm:num_requests_running{{model_name="{MODEL}"}} 2.0' in text
     assert 'vllm:kv_cache_usage_perc{model_name="fake-model"' in text
-
-
-def test_run_api_server_serves_until_cancelled() -> None:
-    """Also: /metrics still answers when the controller is unreachable (engine gauges just stay empty)."""
-    port = unused_port()
-    config = ServeConfig(api_port=port, controller_address=f"http://127.0.0.1:{unused_port()}")
-
-    async def main() -> None:
-        task = asyncio.create_task(run_api_server(config))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(200):
-                try:
-                    health = await client.get("/health")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.05)
-            assert health.status_code == 200
-            assert (await client.get("/metrics")).status_code == 200
-            models = await client.get("/v1/models")
-            assert models.status_code == 503 and models.json()["error"]["code"] == "controller_unreachable"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert task.cancelled()
-
-    asyncio.run(main())

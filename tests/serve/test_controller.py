@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections import Counter
@@ -13,7 +12,7 @@ from fastapi import FastAPI
 from servers import serve_app, unused_port
 
 from longserve.config import ServeConfig
-from longserve.serve.controller import Controller, create_controller_app, run_controller
+from longserve.serve.controller import Controller, create_controller_app
 from longserve.serve.worker_protocol import (
     ControllerStatus,
     ErrorInfo,
@@ -300,28 +299,3 @@ def test_http_heartbeats_keep_worker_alive() -> None:
             beat = client.post("/receive_heart_beat", json={"worker_address": A, "queue_length": 1})
             assert beat.json() == {"exist": True}
         assert client.post("/list_models").json() == {"models": ["m"]}
-
-
-def test_run_controller_serves_until_cancelled() -> None:
-    port = unused_port()
-    config = ServeConfig(controller_port=port)
-
-    async def scenario() -> None:
-        task = asyncio.create_task(run_controller(config))
-        async with httpx.AsyncClient(trust_env=False) as client:
-            for _ in range(200):
-                try:
-                    response = await client.get(f"http://127.0.0.1:{port}/health")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("run_controller never started listening")
-            assert response.json() == {"status": "ok"}
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            with pytest.raises(httpx.ConnectError):
-                await client.get(f"http://127.0.0.1:{port}/health")
-
-    asyncio.run(scenario())

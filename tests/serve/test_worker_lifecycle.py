@@ -1,5 +1,5 @@
 """Model worker lifecycle: registration and heartbeats against a small fake controller, running without a
-reachable controller, and ``run_worker`` serving until cancelled."""
+reachable controller."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from servers import serve_app, unused_port
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.async_engine import AsyncEngine
-from longserve.serve.worker import create_worker_app, run_worker
+from longserve.serve.worker import create_worker_app
 from longserve.serve.worker_protocol import HeartBeatRequest, RegisterWorkerRequest, WorkerGenerateResponse
 
 MODEL = "tiny"
@@ -111,34 +111,6 @@ def test_worker_without_a_reachable_controller_still_serves(engine):
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         assert _generate(url, 2).usage.completion_tokens == 2
         assert app.state.worker.controller_link.num_registrations == 0
-
-
-def test_run_worker_serves_until_cancelled(tiny_llama_dir):
-    port = unused_port()
-    serve_config = ServeConfig(controller_address="", worker_port=port, model_name=MODEL)
-    engine_config = EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)
-    stop = threading.Event()
-    outcome: list[str] = []
-
-    async def main() -> None:
-        task = asyncio.create_task(run_worker(engine_config, serve_config))
-        await asyncio.to_thread(stop.wait)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            outcome.append("cancelled")
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: _answers(f"{url}/health"), timeout=30, what="run_worker to serve")
-        assert _generate(url, 3).usage.completion_tokens == 3
-    finally:
-        stop.set()
-        thread.join(timeout=20)
-    assert not thread.is_alive() and outcome == ["cancelled"] and not _answers(f"{url}/health")
 
 
 def _answers(url: str) -> bool:

@@ -7,13 +7,11 @@ shared HTTP client per app. ``/v1/*`` needs an API key when ``ServeConfig.api_ke
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -107,24 +105,4 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-async def run_api_server(config: ServeConfig) -> None:
-    """Serve the API on ``config.host:config.api_port`` until cancelled (then shut down gracefully)."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_api_app(config),
-            host=config.host,
-            port=config.api_port,
-            log_level="info",
-            timeout_graceful_shutdown=10,  # open streams must not hold a shutdown forever
-        )
-    )
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        await asyncio.shield(serving)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        await serving
-        raise
-
-
-__all__ = ["create_api_app", "run_api_server"]
+__all__ = ["create_api_app"]

@@ -6,7 +6,7 @@ heartbeats carrying their queue length, and are dropped when silent for longer t
 (least ``queue_length / speed``) or ``lottery`` (random, weighted by speed).
 
 ``create_controller_app`` wraps it in the HTTP API of ``worker_protocol`` and runs expiry in the background;
-``run_controller`` serves that app with uvicorn until cancelled.
+The launcher (serve/launcher.py) serves that app with Uvicorn.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -353,21 +352,3 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
         return {"status": "ok"}
 
     return app
-
-
-async def run_controller(config: ServeConfig, controller: Controller | None = None) -> None:
-    """Serve the controller on ``config.host:config.controller_port`` until cancelled (or signalled)."""
-    app = create_controller_app(config, controller)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.controller_port, log_level="warning")
-    )
-    logger.info("controller listening on http://%s:%d", config.host, config.controller_port)
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        # Shielded so cancelling us does not cut uvicorn off mid-loop: it would skip its shutdown (lifespan
-        # exit, closing the socket). Instead ask it to exit and wait for that before re-raising.
-        await asyncio.shield(serving)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        await serving
-        raise

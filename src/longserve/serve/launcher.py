@@ -48,7 +48,12 @@ def model_display_name(model: str | None) -> str:
 
 async def run_apps(specs: list[AppSpec], on_started=None) -> None:
     """Serve every app until a signal (or one server failing) stops them all."""
-    servers = [_Server(uvicorn.Config(s.app, host=s.host, port=s.port, log_level="warning")) for s in specs]
+    # An open stream must not hold a shutdown forever: in-flight requests get this long to finish.
+    configs = [
+        uvicorn.Config(s.app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=10)
+        for s in specs
+    ]
+    servers = [_Server(config) for config in configs]
     loop = asyncio.get_running_loop()
 
     def stop_all() -> None:
@@ -59,7 +64,7 @@ async def run_apps(specs: list[AppSpec], on_started=None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop_all)
     tasks = [
-        asyncio.create_task(server.serve(), name=spec.name)
+        asyncio.create_task(_serve(server, spec), name=spec.name)
         for server, spec in zip(servers, specs, strict=True)
     ]
     try:
@@ -68,20 +73,30 @@ async def run_apps(specs: list[AppSpec], on_started=None) -> None:
             if done:  # a server failed to start (port in use, ...): stop the others and report it
                 stop_all()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                failed = ", ".join(
-                    f"{t.get_name()} on port {s.port}" for t, s in zip(tasks, specs, strict=True) if t.done()
-                )
-                raise RuntimeError(f"could not start {failed} (is the port in use?)")
+                for task in done:
+                    task.result()  # raises the part's error
+                raise RuntimeError(f"the {done[0].get_name()} stopped during startup")
             await asyncio.sleep(0.05)
         if on_started is not None:
             on_started()
-        await asyncio.gather(*tasks)
+        # Shielded: cancelling us must not cut Uvicorn off mid-loop (it would skip lifespan exit and leave
+        # sockets open); the finally block asks every server to exit and waits for that instead.
+        await asyncio.shield(asyncio.gather(*tasks))
     finally:
         stop_all()
         await asyncio.gather(*tasks, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+async def _serve(server: _Server, spec: AppSpec) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # Uvicorn exits the process when it cannot bind; here that is one failed part
+        raise RuntimeError(
+            f"could not start the {spec.name} on {spec.host}:{spec.port} (is the port in use?)"
+        ) from exc
 
 
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:

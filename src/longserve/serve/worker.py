@@ -15,13 +15,12 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from longserve.config import EngineConfig, ServeConfig
+from longserve.config import ServeConfig
 from longserve.engine.async_engine import AsyncEngine
 from longserve.engine.engine import CacheBusyError
 from longserve.engine.outputs import RequestOutput
@@ -342,34 +341,6 @@ def create_worker_app(engine: AsyncEngine, config: ServeConfig, model_name: str)
         return {"status": "ok", "model_names": worker.model_names}
 
     return app
-
-
-async def run_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
-    """Load the engine and serve the worker on ``serve_config.host:worker_port`` until cancelled."""
-    from longserve.serve.launcher import model_display_name  # the launcher imports this module lazily too
-
-    engine = await AsyncEngine.create(engine_config)
-    try:
-        name = serve_config.model_name or model_display_name(engine_config.model)
-        app = create_worker_app(engine, serve_config, name)
-        config = uvicorn.Config(
-            app,
-            host=serve_config.host,
-            port=serve_config.worker_port,
-            log_level="warning",
-            timeout_graceful_shutdown=10,  # open streams must not hold a shutdown forever
-        )
-        server = uvicorn.Server(config)
-        serving = asyncio.ensure_future(server.serve())
-        try:
-            await asyncio.shield(serving)
-        except asyncio.CancelledError:
-            # Shut down gracefully: in-flight requests finish, the lifespan stops the heartbeats.
-            server.should_exit = True
-            await serving
-            raise
-    finally:
-        engine.shutdown()
 
 
 async def _first(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
