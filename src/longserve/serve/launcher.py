@@ -162,6 +162,7 @@ async def serve_api(serve_config: ServeConfig) -> None:
 def run(coro) -> int:
     """Run a launcher coroutine from the CLI; a startup failure is one line on stderr, exit code 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per internal request is noise
     try:
         asyncio.run(coro)
     except KeyboardInterrupt:
