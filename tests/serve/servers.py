@@ -77,3 +77,11 @@ def serve_app(
         sock.close()
         if thread.is_alive():
             raise RuntimeError(f"uvicorn on port {port} did not shut down within {2 * shutdown_timeout_s} s")
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition", poll_s: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)

@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from servers import serve_app, unused_port
+from servers import serve_app, unused_port, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.async_engine import AsyncEngine
@@ -23,13 +23,6 @@ from longserve.serve.controller import create_controller_app
 from longserve.serve.worker import create_worker_app
 
 MODEL = "tiny"
-
-
-def _wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Stack:
@@ -55,7 +48,7 @@ class Stack:
         api_config = ServeConfig(controller_address=self.controller_url, **self.serve_options)
         self.api_url = self.exit_stack.enter_context(serve_app(create_api_app(api_config)))
         self.client = openai.OpenAI(base_url=f"{self.api_url}/v1", api_key="unused", max_retries=0)
-        _wait_until(lambda: len(self.live_workers()) == self.num_workers, what="workers to register")
+        wait_until(lambda: len(self.live_workers()) == self.num_workers, what="workers to register")
         return self
 
     def start_worker(self, index: int) -> None:
@@ -120,7 +113,7 @@ def test_requests_spread_over_two_workers_and_survive_one_dying(failover_stack):
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert out.choices[0].finish_reason in ("stop", "length")
-    _wait_until(lambda: stack.worker_urls[0] not in stack.live_workers(), timeout=10, what="expiry")
+    wait_until(lambda: stack.worker_urls[0] not in stack.live_workers(), timeout=10, what="expiry")
     assert stack.live_workers() == [stack.worker_urls[1]]
 
 
@@ -171,7 +164,7 @@ def test_32_concurrent_streams_complete_and_interleave(single_stack):
     assert len(texts) == 32 and all(texts)
     # Interleaved, not one by one: the engine ran many of these sequences in the same steps.
     assert peak_running >= 16, peak_running
-    _wait_until(lambda: _all_blocks_free(stack.engines[0]), what="KV blocks to be freed")
+    wait_until(lambda: _all_blocks_free(stack.engines[0]), what="KV blocks to be freed")
 
 
 def test_client_disconnect_mid_stream_frees_the_request(single_stack):
@@ -188,7 +181,7 @@ def test_client_disconnect_mid_stream_frees_the_request(single_stack):
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # read one event, then hang up
-    _wait_until(lambda: _all_blocks_free(stack.engines[0]), what="the aborted request's blocks")
+    wait_until(lambda: _all_blocks_free(stack.engines[0]), what="the aborted request's blocks")
 
 
 def _listed_models(client: openai.OpenAI) -> list[str] | None:
@@ -219,7 +212,7 @@ def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
         banner = process.stdout.readline()
         assert f"http://127.0.0.1:{ports['port']}/v1" in banner and MODEL in banner
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['port']}/v1", api_key="x", max_retries=0)
-        _wait_until(lambda: _listed_models(client) == [MODEL], what="the model to be listed")
+        wait_until(lambda: _listed_models(client) == [MODEL], what="the model to be listed")
         out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
         assert out.usage.completion_tokens >= 1
     finally:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from servers import serve_app, unused_port
+from servers import serve_app, unused_port, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.async_engine import AsyncEngine
@@ -34,13 +34,6 @@ def _generate(url: str, max_tokens: int) -> WorkerGenerateResponse:
     response = httpx.post(f"{url}/worker_generate", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return WorkerGenerateResponse.model_validate(response.json())
-
-
-def _wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class FakeController:
@@ -82,7 +75,7 @@ def test_worker_registers_heartbeats_and_registers_again(engine):
         )
         app = create_worker_app(engine, config, MODEL)
         with serve_app(app):
-            _wait_until(lambda: len(controller.heart_beats) >= 3, what="registration and heartbeats")
+            wait_until(lambda: len(controller.heart_beats) >= 3, what="registration and heartbeats")
             registration = controller.registrations[0]
             assert registration.worker_address == "http://127.0.0.1:1234"
             assert registration.worker_status.model_names == [MODEL]
@@ -92,7 +85,7 @@ def test_worker_registers_heartbeats_and_registers_again(engine):
             with controller.lock:
                 controller.known.clear()  # as after a controller restart
             link = app.state.worker.controller_link
-            _wait_until(lambda: link.num_registrations == 2, what="registering again")
+            wait_until(lambda: link.num_registrations == 2, what="registering again")
             assert len(controller.registrations) == 2
         beats = len(controller.heart_beats)
         time.sleep(0.3)
