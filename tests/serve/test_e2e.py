@@ -223,3 +223,46 @@ def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
             process.kill()
             raise
     assert process.returncode == 0, process.stderr.read()
+
+
+def test_seeded_sampling_n_and_stop_through_the_real_engine(single_stack):
+    client = single_stack.client
+    messages = [{"role": "user", "content": "Tell me a story."}]
+
+    def sample(seed):
+        out = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=seed, n=2
+        )
+        return [choice.message.content for choice in out.choices]
+
+    first = sample(7)
+    assert len(first) == 2 and first[0] != first[1]  # n=2: two independent samples
+    assert sample(7) == first  # the same seed reproduces
+    assert sample(8) != first
+
+    greedy = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=20, temperature=0)
+    text = greedy.choices[0].text
+    stop = text[6:9]
+    assert stop.strip()
+    stopped = client.completions.create(
+        model=MODEL, prompt="The quick brown", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].text == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_stream_usage_counts_every_token(single_stack):
+    chunks = list(
+        single_stack.client.completions.create(
+            model=MODEL,
+            prompt="Hello",
+            max_tokens=9,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 9 and usage.prompt_tokens >= 1
+    assert chunks[-1].choices == []
