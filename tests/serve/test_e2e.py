@@ -266,3 +266,13 @@ def test_stream_usage_counts_every_token(single_stack):
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 9 and usage.prompt_tokens >= 1
     assert chunks[-1].choices == []
+
+
+def test_echo_spells_a_token_id_prompt_including_its_first_token(single_stack):
+    engine = single_stack.engines[0].engine
+    ids = engine.tokenizer.encode("The quick brown fox")
+    out = single_stack.client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    choice = out.choices[0]
+    assert choice.text == engine.tokenizer.decode(ids)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids)

@@ -6,9 +6,9 @@ the first one's None (nothing predicts it). ``max_tokens=0`` scores the prompt w
 is asked for one token, which is dropped from text, logprobs and usage (finish_reason "length"). Together
 that is the lm-eval-harness loglikelihood request: ``echo=True, max_tokens=0 (or 1), logprobs=0``.
 
-Prompt token texts come from the worker's prompt logprobs (for a token-id prompt with echo they are asked for
-just to spell the prompt); the worker does not report the first prompt token's text, so it is recovered from a
-text prompt where possible and is "" otherwise.
+Prompt token texts come with the worker's prompt logprobs (for a token-id prompt with echo they are asked for
+just to spell the prompt): ``prompt_token_texts`` on the worker's first line spells every prompt token,
+including the first, which no logprob entry covers.
 """
 
 from __future__ import annotations
@@ -202,7 +202,9 @@ class _Builder:
         known = [e for e in entries if e is not None]
         rest = "".join(e.token for e in known)
         first = ""
-        if isinstance(prompt, str) and prompt.endswith(rest):
+        if chunk.prompt_token_texts:
+            first = chunk.prompt_token_texts[0]
+        elif isinstance(prompt, str) and prompt.endswith(rest):
             first = prompt[: len(prompt) - len(rest)]  # whatever the other tokens do not spell
         piece = _Piece(text=prompt if isinstance(prompt, str) else first + rest)
         if self.req.logprobs is not None and chunk.prompt_token_ids:

@@ -162,6 +162,11 @@ class ModelWorker:
                 request_id=request_id,
                 prompt_token_ids=first.prompt_token_ids,
                 prompt_logprobs=self.converter.prompt_logprobs(first.prompt_logprobs),
+                prompt_token_texts=(
+                    [self.converter.token_text(t) for t in first.prompt_token_ids]
+                    if request.sampling.prompt_logprobs is not None
+                    else None
+                ),
             )
             finished_indices: set[int] = set()
             try:

@@ -156,6 +156,7 @@ class WorkerStreamChunk(BaseModel):
     outputs: list[CompletionDelta] = Field(default_factory=list)
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[TokenLogprobInfo | None] | None = None
+    prompt_token_texts: list[str] | None = None  # each prompt token's text, sent with prompt logprobs
     finished: bool = False
     usage: Usage | None = None
     error: ErrorInfo | None = None
