@@ -76,6 +76,31 @@ def tiny_qwen3_dir(tiny_model_cache: TinyModelCache) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral_dir(tiny_model_cache: TinyModelCache) -> str:
+    return tiny_model_cache.path("mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe_dir(tiny_model_cache: TinyModelCache) -> str:
+    return tiny_model_cache.path("qwen2_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tiny_model_cache: TinyModelCache) -> str:
+    return tiny_model_cache.path("qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v2_dir(tiny_model_cache: TinyModelCache) -> str:
+    return tiny_model_cache.path("deepseek_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v3_dir(tiny_model_cache: TinyModelCache) -> str:
+    return tiny_model_cache.path("deepseek_v3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_sharded_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """``tiny_llama_dir`` re-saved as two shards plus ``model.safetensors.index.json``."""
     return tiny_models.write_sharded_copy(tiny_llama_dir, tmp_path_factory.mktemp("tiny_llama_sharded"))

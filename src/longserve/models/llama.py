@@ -22,7 +22,13 @@ from longserve.models.config import DecoderConfig
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DecoderConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: DecoderConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        mlp: nn.Module | None = None,  # the feed-forward block (e.g. an MoE block); None: SwiGLU
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = SelfAttention(
@@ -36,7 +42,7 @@ class DecoderLayer(nn.Module):
             dtype=dtype,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp = mlp if mlp is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
 
     def forward(
         self,
@@ -60,7 +66,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, dtype) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, dtype, self._build_mlp(i)) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
@@ -72,6 +80,10 @@ class LlamaForCausalLM(nn.Module):
                 torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
             )
         )
+
+    def _build_mlp(self, layer_index: int) -> nn.Module:
+        """Layer ``layer_index``'s feed-forward block; families with other blocks (MoE) override this."""
+        return SwiGLUMLP(self.config.hidden_size, self.config.intermediate_size, self.dtype)
 
     def forward(
         self,
@@ -137,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
             targets["lm_head.weight"] = _copier(self.lm_head)
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             targets[prefix + "input_layernorm.weight"] = _copier(layer.input_layernorm.weight)
             targets[prefix + "post_attention_layernorm.weight"] = _copier(
                 layer.post_attention_layernorm.weight
@@ -152,10 +164,19 @@ class LlamaForCausalLM(nn.Module):
             if attn.q_norm is not None:
                 targets[prefix + "self_attn.q_norm.weight"] = _copier(attn.q_norm.weight)
                 targets[prefix + "self_attn.k_norm.weight"] = _copier(attn.k_norm.weight)
-            targets[prefix + "mlp.gate_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 0)
-            targets[prefix + "mlp.up_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 1)
-            targets[prefix + "mlp.down_proj.weight"] = partial(mlp.down_proj.load_shard, 0)
+            targets.update(self._mlp_weight_targets(prefix, layer.mlp))
         return targets
+
+    def _mlp_weight_targets(
+        self, layer_prefix: str, mlp: nn.Module
+    ) -> dict[str, Callable[[torch.Tensor], None]]:
+        """The feed-forward block's tensors (``layer_prefix`` is ``model.layers.{i}.``); families override."""
+        prefix = layer_prefix + "mlp."
+        return {
+            prefix + "gate_proj.weight": partial(mlp.gate_up_proj.load_shard, 0),
+            prefix + "up_proj.weight": partial(mlp.gate_up_proj.load_shard, 1),
+            prefix + "down_proj.weight": partial(mlp.down_proj.load_shard, 0),
+        }
 
 
 def _copier(param: torch.Tensor) -> Callable[[torch.Tensor], None]:

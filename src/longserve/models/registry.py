@@ -10,7 +10,10 @@ from torch import nn
 
 from longserve.attention.backend import AttentionBackend
 from longserve.models.config import DecoderConfig
+from longserve.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from longserve.models.llama import LlamaForCausalLM
+from longserve.models.mixtral import MixtralForCausalLM, read_mixtral_config
+from longserve.models.qwen_moe import QwenMoeForCausalLM, read_qwen2_moe_config, read_qwen3_moe_config
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ def _families() -> dict[str, ModelFamily]:
         "MistralForCausalLM": llama,
         "Qwen2ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qkv_bias=True), LlamaForCausalLM),
         "Qwen3ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qk_norm=True), LlamaForCausalLM),
+        "MixtralForCausalLM": ModelFamily(read_mixtral_config, MixtralForCausalLM),
+        "Qwen2MoeForCausalLM": ModelFamily(read_qwen2_moe_config, QwenMoeForCausalLM),
+        "Qwen3MoeForCausalLM": ModelFamily(read_qwen3_moe_config, QwenMoeForCausalLM),
+        "DeepseekV2ForCausalLM": ModelFamily(DeepseekConfig.from_hf, DeepseekForCausalLM),
+        "DeepseekV3ForCausalLM": ModelFamily(DeepseekConfig.from_hf, DeepseekForCausalLM),
     }
 
 

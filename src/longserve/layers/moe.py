@@ -1,0 +1,376 @@
+"""Mixture-of-Experts block: a router picks top-k experts per token, stacked SwiGLU experts run on the tokens
+routed to them, shared experts run densely on every token.
+
+One layer serves Mixtral, Qwen2/3-MoE and DeepSeek-V2/V3: the families differ only in ``RouterConfig`` and in
+the names their checkpoints give the tensors (``MoEWeightNames``).
+
+Dispatch never loops over tokens: the (token, k) pairs are sorted by expert, their rows gathered into one
+matrix in which every expert's rows are contiguous, the experts run on their slices, and the results are
+scattered back to (token, k) order (``index_copy_``, each row once) and summed over k with their weights. Unlike
+a scatter-add, which sums with atomics on GPUs, that sum has a fixed order. The experts run as two
+``grouped_mm`` calls where the device has them, or as a loop over the experts that received tokens. On CPU the loop uses each expert's oneDNN-repacked
+weights (see layers/matmul.py): faster than grouped_mm there, and each row's result does not depend on how many
+other rows the expert got, so greedy output does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longserve.layers.linear import Linear
+from longserve.layers.matmul import PreparedMatmul
+from longserve.layers.mlp import SwiGLUMLP
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+EXPERT_PARTS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a token's experts and their weights follow from its router logits (see ``route``).
+
+    Mixtral: softmax, norm_topk_prob. Qwen2/3-MoE: softmax, norm_topk_prob from the config. DeepSeek-V2:
+    softmax, sorted_topk=False, n_group/topk_group for ``group_limited_greedy``. DeepSeek-V3 (Moonlight,
+    Kimi K2): sigmoid, use_correction_bias, n_group/topk_group, norm_topk_prob, routed_scaling_factor,
+    sorted_topk=False.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid" (HF: scoring_func)
+    norm_topk_prob: bool = False  # rescale the selected weights to sum to 1
+    # Group-limited routing: experts form n_group equal groups, each token keeps its topk_group best groups and
+    # picks its top_k experts among theirs. A group scores its best expert, or with use_correction_bias (as
+    # DeepSeek-V3) the sum of its two best corrected scores. None: off.
+    n_group: int | None = None
+    topk_group: int | None = None
+    # DeepSeek-V3's e_score_correction_bias: added to the scores to *select* experts; weights stay uncorrected.
+    use_correction_bias: bool = False
+    routed_scaling_factor: float = 1.0
+    # True (Mixtral, Qwen): softmax over all experts, then top-k. False: top-k of the raw logits, then softmax
+    # over the k selected (equal up to rounding to True with norm_topk_prob). Softmax scoring only.
+    softmax_before_topk: bool = True
+    # torch.topk's ``sorted``: DeepSeek's HF routers ask for unsorted results, whose order (and so the order
+    # in which the renormalising sum adds the weights) differs; mirrored so that weights equal HF's bit for bit.
+    sorted_topk: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring!r}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be positive, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok (top_k) must be in [1, num_experts={self.num_experts}], got {self.top_k}"
+            )
+        if not self.softmax_before_topk and self.scoring != "softmax":
+            raise ValueError("softmax_before_topk=False needs scoring_func 'softmax'")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("n_group and topk_group must be set together")
+        if self.n_group is not None:
+            if self.n_group < 1 or self.num_experts % self.n_group:
+                raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts})")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            per_group = self.num_experts // self.n_group
+            if self.top_k > self.topk_group * per_group:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.top_k}) exceeds the experts in topk_group={self.topk_group} "
+                    f"groups of {per_group}"
+                )
+            if self.use_correction_bias and per_group < 2:
+                raise ValueError("group scores sum each group's two best experts: n_group too large")
+
+
+def route(
+    logits: torch.Tensor,  # [tokens, experts]
+    config: RouterConfig,
+    correction_bias: torch.Tensor | None = None,  # [experts]; required iff config.use_correction_bias
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's experts and weights: (float32 weights [tokens, top_k], int64 ids [tokens, top_k]).
+
+    Every step is the operation HF's routers perform on the same float32 values, torch.topk included, so the
+    choice among tied scores and the weights are HF's exactly.
+    """
+    if config.use_correction_bias != (correction_bias is not None):
+        raise ValueError("pass correction_bias exactly when config.use_correction_bias is set")
+    if config.scoring == "sigmoid":
+        scores = logits.float().sigmoid()  # [tokens, experts]
+    elif config.softmax_before_topk:
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = logits.float()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if config.n_group is not None:
+        choice = _keep_best_groups(choice, config)
+    ids = torch.topk(choice, config.top_k, dim=-1, sorted=config.sorted_topk).indices  # [tokens, top_k]
+    weights = scores.gather(1, ids)
+    if not config.softmax_before_topk:
+        weights = torch.softmax(weights, dim=-1)
+    elif config.norm_topk_prob:
+        # The epsilon (DeepSeek-V3's) is below float32 resolution for any softmax top-k sum, so the result is
+        # also bit-equal to the plain division Mixtral and Qwen use.
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor, ids
+
+
+def _keep_best_groups(choice: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    """``choice`` with the experts outside each token's ``topk_group`` best groups masked out."""
+    tokens, groups = choice.shape[0], config.n_group
+    grouped = choice.view(tokens, groups, -1)  # [tokens, groups, experts per group]
+    if config.use_correction_bias:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [tokens, groups]
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = torch.topk(group_scores, config.topk_group, dim=-1, sorted=False).indices  # [tokens, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [tokens, groups]
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # [tokens, experts]
+    # Masked to what HF masks with: unsorted topk's output order depends on the masked values. Probabilities
+    # (DeepSeek-V2) use 0, biased or raw scores, which may be negative, -inf.
+    probabilities = config.softmax_before_topk and not config.use_correction_bias
+    return choice.masked_fill(~keep, 0.0 if probabilities else float("-inf"))
+
+
+class RouterLinear(Linear):
+    """The router's projection. Never quantized: int8 logits could send a token to other experts."""
+
+    def prepare(self, quantization: str | None = None) -> None:
+        super().prepare(None)
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (stacked weights) plus optional dense shared experts: [tokens, hidden] -> same.
+
+    The router, shared experts and shared-expert gate are ``Linear`` modules, prepared by the model's loop
+    over its Linear modules like every projection; ``prepare`` handles the routed experts.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        router: RouterConfig,
+        num_shared_experts: int = 0,
+        shared_intermediate_size: int | None = None,  # None: num_shared_experts * moe_intermediate_size
+        shared_expert_gate: bool = False,  # Qwen2-MoE: shared output scaled by sigmoid(Linear(hidden -> 1))
+        dtype: torch.dtype = torch.float32,
+        *,
+        router_dtype: torch.dtype | None = None,  # the router's matmul dtype (DeepSeek: float32); None: dtype
+        expert_impl: str = "auto",  # "auto" | "grouped_mm" | "loop"
+    ) -> None:
+        super().__init__()
+        if expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {expert_impl!r}")
+        if shared_expert_gate and num_shared_experts < 1:
+            raise ValueError("shared_expert_gate needs a shared expert")
+        experts, inter = router.num_experts, moe_intermediate_size
+        self.router, self.expert_impl = router, expert_impl
+        self.hidden_size, self.intermediate_size = hidden_size, inter
+        self.router_dtype = router_dtype or dtype
+        self.gate = RouterLinear(hidden_size, [experts], False, self.router_dtype)
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(experts, dtype=torch.float32), requires_grad=False)
+            if router.use_correction_bias
+            else None
+        )
+        empty = partial(torch.empty, dtype=dtype)
+        # Rows [0, inter) of each expert's w_gate_up are its gate projection, [inter, 2 inter) its up projection.
+        self.w_gate_up = nn.Parameter(empty(experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w_down = nn.Parameter(empty(experts, hidden_size, inter), requires_grad=False)
+        shared = shared_intermediate_size or num_shared_experts * inter
+        self.shared_experts = SwiGLUMLP(hidden_size, shared, dtype) if num_shared_experts > 0 else None
+        self.shared_expert_gate = Linear(hidden_size, [1], False, dtype) if shared_expert_gate else None
+        self._kernels: list[tuple[PreparedMatmul, PreparedMatmul]] | None = None  # per expert, once prepared
+        self._grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}  # probed once per device and dtype
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, hidden]
+        logits = self.gate(x.to(self.router_dtype))  # [tokens, experts]
+        weights, ids = route(logits, self.router, self.e_score_correction_bias)  # [tokens, top_k] each
+        out = self.run_experts(x, weights, ids)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)  # [tokens, hidden]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def run_experts(
+        self,
+        x: torch.Tensor,  # [tokens, hidden]
+        weights: torch.Tensor,  # [tokens, top_k]
+        ids: torch.Tensor,  # [tokens, top_k]
+    ) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token t: [tokens, hidden]."""
+        tokens, top_k = ids.shape
+        if tokens == 0:
+            return x.new_zeros(0, self.hidden_size)
+        flat_ids = ids.reshape(-1)  # [pairs], pair p = (token p // top_k, choice p % top_k)
+        order = torch.argsort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.router.num_experts)  # [experts]
+        rows = x.index_select(0, order // top_k)  # [pairs, hidden], grouped by expert
+        if self._use_grouped_mm(x):
+            ys = self._grouped(rows, counts)
+        else:
+            ys = self._loop(rows, counts)  # [pairs, hidden], grouped by expert
+        ys = torch.empty_like(ys).index_copy_(0, order, ys).view(tokens, top_k, self.hidden_size)
+        # Weighted and summed in float32: a token's k expert outputs are rounded once, not k times.
+        return (ys.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [experts]: end of each expert's rows
+        gate_up = F.grouped_mm(rows, self.w_gate_up.transpose(-2, -1), offs=offsets)  # [pairs, 2 inter]
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
+
+    def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ys = rows.new_empty(rows.shape[0], self.hidden_size)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):  # one host sync; experts without tokens cost nothing
+            if count:
+                ys[start : start + count] = self._expert(expert, rows[start : start + count])
+                start += count
+        return ys
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden] -> [rows, hidden]
+        if self._kernels is not None:
+            gate_up_kernel, down_kernel = self._kernels[expert]
+            gate, up = gate_up_kernel(x).split(self.intermediate_size, dim=-1)
+            return down_kernel(F.silu(gate) * up)
+        gate, up = F.linear(x, self.w_gate_up[expert]).split(self.intermediate_size, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_down[expert])
+
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.expert_impl != "auto":
+            return self.expert_impl == "grouped_mm"
+        if self._kernels is not None:
+            return False
+        key = (x.device.type, x.dtype)
+        if key not in self._grouped_mm_ok:
+            self._grouped_mm_ok[key] = self._probe_grouped_mm(x)
+        return self._grouped_mm_ok[key]
+
+    def _probe_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether grouped_mm runs here with these weights (builds may lack it, or its device/dtype/alignment)."""
+        if not hasattr(F, "grouped_mm") or self.w_gate_up is None or x.dtype != self.w_gate_up.dtype:
+            return False
+        try:
+            rows = torch.zeros(8, self.hidden_size, dtype=x.dtype, device=x.device)
+            counts = torch.zeros(self.router.num_experts, dtype=torch.long, device=x.device)
+            counts[0] = 8
+            self._grouped(rows, counts)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+        return True
+
+    # ---- after loading ------------------------------------------------------------------------------------
+
+    def prepare(self, quantization: str | None = None) -> None:
+        """After loading, on CPU: each expert's weights to PreparedMatmul (oneDNN fp32 repack, or int8); the
+        stacked copies are then dropped. Elsewhere the stacked weights feed grouped_mm as they are."""
+        if (
+            self._kernels is not None
+            or self.expert_impl == "grouped_mm"
+            or self.w_gate_up.device.type != "cpu"
+        ):
+            return
+        kernels = [
+            (PreparedMatmul(gate_up, None, quantization), PreparedMatmul(down, None, quantization))
+            for gate_up, down in zip(self.w_gate_up, self.w_down, strict=True)
+        ]
+        flat = [kernel for pair in kernels for kernel in pair]
+        if all(kernel.packed is None and kernel.packed_int8 is None for kernel in flat):
+            return  # nothing to gain (e.g. bf16 without int8): keep the stacked weights for grouped_mm
+        self._kernels = kernels
+        if all(kernel.weight is None for kernel in flat):
+            self.w_gate_up = self.w_down = None
+
+    # ---- loading ------------------------------------------------------------------------------------------
+
+    def load_gate(self, weight: torch.Tensor) -> None:
+        """The router's weight, [experts, hidden]."""
+        self.gate.load_shard(0, weight)
+
+    def load_correction_bias(self, bias: torch.Tensor) -> None:
+        """DeepSeek-V3's e_score_correction_bias, [experts]."""
+        _copy(self.e_score_correction_bias, bias)
+
+    def load_expert_weight(self, index: int, part: str, weight: torch.Tensor) -> None:
+        """One expert's ``gate`` or ``up`` ([inter, hidden]) or ``down`` ([hidden, inter]) projection."""
+        inter = self.intermediate_size
+        if part == "down":
+            _copy(self.w_down[index], weight)
+        else:
+            offset = EXPERT_PARTS.index(part) * inter  # ValueError for an unknown part
+            _copy(self.w_gate_up[index, offset : offset + inter], weight)
+
+    def load_expert(self, index: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        for part, weight in zip(EXPERT_PARTS, (gate, up, down), strict=True):
+            self.load_expert_weight(index, part, weight)
+
+    def load_stacked_gate_up(self, weight: torch.Tensor) -> None:
+        """All experts' gate|up at once, [experts, 2 inter, hidden] (transformers 5's in-memory layout)."""
+        _copy(self.w_gate_up, weight)
+
+    def load_stacked_down(self, weight: torch.Tensor) -> None:
+        """All experts' down projections, [experts, hidden, inter]."""
+        _copy(self.w_down, weight)
+
+    def load_shared(self, part: str, weight: torch.Tensor) -> None:
+        """The (concatenated) shared experts' ``gate``, ``up`` or ``down`` projection."""
+        if part == "down":
+            self.shared_experts.down_proj.load_shard(0, weight)
+        else:
+            self.shared_experts.gate_up_proj.load_shard(EXPERT_PARTS.index(part), weight)
+
+    def load_shared_gate(self, weight: torch.Tensor) -> None:
+        """Qwen2-MoE's shared_expert_gate, [1, hidden]."""
+        self.shared_expert_gate.load_shard(0, weight)
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tensor.shape != param.shape:
+        raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+@dataclass(frozen=True)
+class MoEWeightNames:
+    """How a family's checkpoint names one MoE block's tensors, relative to the block's prefix."""
+
+    gate: str = "gate.weight"
+    correction_bias: str = "gate.e_score_correction_bias"
+    expert: str = "experts.{index}.{part}.weight"
+    expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
+    shared: str = "shared_expert.{part}.weight"  # DeepSeek: "shared_experts.{part}.weight"
+    shared_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared_gate: str = "shared_expert_gate.weight"
+
+
+def moe_weight_targets(
+    moe: MoE, prefix: str, names: MoEWeightNames = MoEWeightNames()
+) -> dict[str, Callable[[torch.Tensor], None]]:
+    """Checkpoint tensor name -> loader, for the block at ``prefix`` (e.g. ``model.layers.3.mlp.``)."""
+    targets: dict[str, Callable[[torch.Tensor], None]] = {prefix + names.gate: moe.load_gate}
+    if moe.e_score_correction_bias is not None:
+        targets[prefix + names.correction_bias] = moe.load_correction_bias
+    for index in range(moe.router.num_experts):
+        for part, hf_part in zip(EXPERT_PARTS, names.expert_parts, strict=True):
+            name = prefix + names.expert.format(index=index, part=hf_part)
+            targets[name] = partial(moe.load_expert_weight, index, part)
+    if moe.shared_experts is not None:
+        for part, hf_part in zip(EXPERT_PARTS, names.shared_parts, strict=True):
+            targets[prefix + names.shared.format(part=hf_part)] = partial(moe.load_shared, part)
+    if moe.shared_expert_gate is not None:
+        targets[prefix + names.shared_gate] = moe.load_shared_gate
+    return targets
