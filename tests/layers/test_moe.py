@@ -347,3 +347,21 @@ def test_wrong_expert_weight_shape_is_reported():
         moe.load_expert_weight(0, "up", torch.zeros(INTER + 1, HIDDEN))
     with pytest.raises(ValueError, match="expert_impl"):
         MoE(HIDDEN, INTER, MIXTRAL, expert_impl="triton")
+
+
+def test_grouped_mm_runs_gated_shared_experts_as_extra_experts():
+    """A shared expert of a multiple of moe_intermediate_size, sigmoid-gated, folded into the grouped matmuls:
+    same function as the reference, and reloading its weights refreshes the folded copy."""
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("torch.nn.functional.grouped_mm is missing from this build")
+    kwargs = dict(num_shared_experts=1, shared_intermediate_size=2 * INTER, shared_expert_gate=True)
+    moe, weights = random_moe(QWEN2, **kwargs)
+    x = torch.randn(37, HIDDEN)
+    if not moe._probe_grouped_mm(x):
+        pytest.skip("grouped_mm does not run on this device/dtype")
+    moe.expert_impl = "grouped_mm"
+    torch.testing.assert_close(moe(x), reference_moe(moe, weights, x), **ROUNDING)
+    assert moe._fused is not None and moe._fused[1][2] == 2
+    weights["shared_down"] = torch.randn_like(weights["shared_down"])
+    moe.load_shared("down", weights["shared_down"])
+    torch.testing.assert_close(moe(x), reference_moe(moe, weights, x), **ROUNDING)

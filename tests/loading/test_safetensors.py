@@ -90,7 +90,12 @@ def test_fixture_weights_exercise_biases_norms_and_rope_scaling(tiny_model_dirs:
 # --- what loads -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(tiny_models.TINY_SPECS))
+# MoE checkpoints are left out: transformers 5 fuses experts in memory but saves them per expert, so their
+# state_dict names differ from the file's (the MoE logits tests cover loading those).
+_DENSE = sorted(n for n in tiny_models.TINY_SPECS if not any(k in n for k in ("moe", "mixtral", "deepseek")))
+
+
+@pytest.mark.parametrize("name", _DENSE)
 def test_weights_equal_the_built_hf_model(name: str, tiny_model_dirs: dict[str, str]) -> None:
     path = tiny_model_dirs[name]
     ckpt = load_safetensors_dir(path)

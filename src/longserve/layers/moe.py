@@ -5,10 +5,11 @@ One layer serves Mixtral, Qwen2/3-MoE and DeepSeek-V2/V3: the families differ on
 the names their checkpoints give the tensors (``MoEWeightNames``).
 
 Dispatch never loops over tokens: the (token, k) pairs are sorted by expert, their rows gathered into one
-matrix in which every expert's rows are contiguous, the experts run on their slices, and the results are
-scattered back to (token, k) order (``index_copy_``, each row once) and summed over k with their weights. Unlike
-a scatter-add, which sums with atomics on GPUs, that sum has a fixed order. The experts run as two
-``grouped_mm`` calls where the device has them, or as a loop over the experts that received tokens. On CPU the loop uses each expert's oneDNN-repacked
+matrix in which every expert's rows are contiguous, the experts run on their slices, and the results are put
+back in (token, k) order (each row once) and summed over k with their weights in a fixed order (no atomics).
+The experts run as two ``grouped_mm`` calls where the device has them (no host sync: expert offsets come from
+searchsorted, and shared experts of a multiple of moe_intermediate_size run as extra experts every token
+picks), or as a loop over the experts that received tokens. On CPU the loop uses each expert's oneDNN-repacked
 weights (see layers/matmul.py): faster than grouped_mm there, and each row's result does not depend on how many
 other rows the expert got, so greedy output does not depend on the batch.
 """
@@ -191,19 +192,27 @@ class MoE(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, [1], False, dtype) if shared_expert_gate else None
         self._kernels: list[tuple[PreparedMatmul, PreparedMatmul]] | None = None  # per expert, once prepared
         self._grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}  # probed once per device and dtype
+        # grouped_mm path: routed experts with the shared experts appended as extra experts (see
+        # _fused_shared_weights), keyed by the source tensors' storage and version.
+        self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
     # ---- forward ------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, hidden]
         logits = self.gate(x.to(self.router_dtype))  # [tokens, experts]
         weights, ids = route(logits, self.router, self.e_score_correction_bias)  # [tokens, top_k] each
+        if x.shape[0] and self._use_grouped_mm(x):
+            return self._grouped_forward(x, weights, ids)
         out = self.run_experts(x, weights, ids)
         if self.shared_experts is not None:
-            shared = self.shared_experts(x)  # [tokens, hidden]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
+            out = out + self._shared(x)
         return out
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:  # the (gated) shared experts, [tokens, hidden]
+        shared = self.shared_experts(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
 
     def run_experts(
         self,
@@ -215,23 +224,112 @@ class MoE(nn.Module):
         tokens, top_k = ids.shape
         if tokens == 0:
             return x.new_zeros(0, self.hidden_size)
+        if self._use_grouped_mm(x):
+            return self._grouped_experts(x, weights, ids, self.w_gate_up, self.w_down)
         flat_ids = ids.reshape(-1)  # [pairs], pair p = (token p // top_k, choice p % top_k)
         order = torch.argsort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
         counts = torch.bincount(flat_ids, minlength=self.router.num_experts)  # [experts]
         rows = x.index_select(0, order // top_k)  # [pairs, hidden], grouped by expert
-        if self._use_grouped_mm(x):
-            ys = self._grouped(rows, counts)
-        else:
-            ys = self._loop(rows, counts)  # [pairs, hidden], grouped by expert
+        ys = self._loop(rows, counts)  # [pairs, hidden], grouped by expert
         ys = torch.empty_like(ys).index_copy_(0, order, ys).view(tokens, top_k, self.hidden_size)
         # Weighted and summed in float32: a token's k expert outputs are rounded once, not k times.
         return (ys.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
-    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [experts]: end of each expert's rows
-        gate_up = F.grouped_mm(rows, self.w_gate_up.transpose(-2, -1), offs=offsets)  # [pairs, 2 inter]
+    # ---- the grouped_mm path (no host sync: CUDA-graph capturable) ------------------------------------------
+
+    def _grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routed plus shared experts. Shared experts of a multiple of moe_intermediate_size, ungated or with a
+        sigmoid gate, run as extra experts every token picks (weight 1 or its gate) in the same grouped_mm."""
+        fused = self._fused_shared_weights()
+        if fused is None:
+            out = self._grouped_experts(x, weights, ids, self.w_gate_up, self.w_down)
+            return out if self.shared_experts is None else out + self._shared(x)
+        w_gate_up, w_down, extra = fused
+        tokens = x.shape[0]
+        experts = self.router.num_experts
+        extra_ids = torch.arange(experts, experts + extra, device=ids.device, dtype=ids.dtype).expand(
+            tokens, extra
+        )
+        if self.shared_expert_gate is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(x)).to(weights.dtype)  # [tokens, 1]
+        else:
+            gate = weights.new_ones(tokens, 1)
+        ids = torch.cat([ids, extra_ids], dim=1)  # [tokens, top_k + extra]
+        weights = torch.cat([weights, gate.expand(tokens, extra)], dim=1)
+        return self._grouped_experts(x, weights, ids, w_gate_up, w_down)
+
+    def _grouped_experts(
+        self,
+        x: torch.Tensor,  # [tokens, hidden]
+        weights: torch.Tensor,  # [tokens, k]
+        ids: torch.Tensor,  # [tokens, k], values in [0, w_gate_up.shape[0])
+        w_gate_up: torch.Tensor,  # [experts, 2 inter, hidden]
+        w_down: torch.Tensor,  # [experts, hidden, inter]
+    ) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]): the rows are put back in (token, k) order by one
+        gather and summed over k with their weights in fixed order."""
+        tokens, k = ids.shape
+        flat_ids = ids.reshape(-1).to(torch.int32)  # [pairs], pair p = (token p // k, choice p % k)
+        sorted_ids, order = torch.sort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
+        bounds = torch.arange(1, w_gate_up.shape[0] + 1, device=ids.device, dtype=torch.int32)
+        # [experts]: end of each expert's rows, found without a host sync (bincount syncs on CUDA)
+        offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+        rows = x.index_select(0, order // k)  # [pairs, hidden], grouped by expert
+        ys = self._grouped(rows, offsets, w_gate_up, w_down)  # [pairs, hidden], grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+        ys = ys.index_select(0, inverse).view(tokens, k, self.hidden_size)  # (token, k) order
+        # Weighted sum over k as one batched [1, k] @ [k, hidden] product: float32 accumulation, one rounding
+        # per token, fixed order (no atomics).
+        return torch.bmm(weights.to(x.dtype).unsqueeze(1), ys).squeeze(1)
+
+    def _grouped(
+        self,
+        rows: torch.Tensor,  # [pairs, hidden], grouped by expert
+        offsets: torch.Tensor,  # [experts] int32: end of each expert's rows
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+    ) -> torch.Tensor:
+        gate_up = F.grouped_mm(rows, w_gate_up.transpose(-2, -1), offs=offsets)  # [pairs, 2 inter]
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(F.silu(gate).mul_(up), w_down.transpose(-2, -1), offs=offsets)
+
+    def _fused_shared_weights(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(routed + shared gate_up, routed + shared down, number of shared slices), built once per load and
+        cached; None when the shared experts cannot run as extra routed experts."""
+        shared = self.shared_experts
+        inter = self.intermediate_size
+        if shared is None or shared.intermediate_size % inter:
+            return None
+        gate_up, down = shared.gate_up_proj.weight, shared.down_proj.weight
+        if gate_up is None or down is None or gate_up.dtype != self.w_gate_up.dtype:
+            return None
+        if (
+            getattr(shared.gate_up_proj, "bias", None) is not None
+            or getattr(shared.down_proj, "bias", None) is not None
+        ):
+            return None
+        if self.shared_expert_gate is not None and (
+            self.shared_expert_gate.weight is None
+            or getattr(self.shared_expert_gate, "bias", None) is not None
+        ):
+            return None
+        sources = (self.w_gate_up, self.w_down, gate_up, down)
+        key = tuple((t.data_ptr(), _version(t)) for t in sources)
+        cached = self._fused
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        extra, hidden = shared.intermediate_size // inter, self.hidden_size
+        s_gate, s_up = gate_up.split(shared.intermediate_size, dim=0)  # [shared, hidden] each
+        s_gate_up = torch.cat([s_gate.view(extra, inter, hidden), s_up.view(extra, inter, hidden)], dim=1)
+        s_down = down.view(hidden, extra, inter).transpose(0, 1)  # [extra, hidden, inter]
+        fused = (
+            torch.cat([self.w_gate_up, s_gate_up], dim=0),
+            torch.cat([self.w_down, s_down], dim=0),
+            extra,
+        )
+        self._fused = (key, fused)
+        return fused
 
     def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ys = rows.new_empty(rows.shape[0], self.hidden_size)
@@ -266,9 +364,8 @@ class MoE(nn.Module):
             return False
         try:
             rows = torch.zeros(8, self.hidden_size, dtype=x.dtype, device=x.device)
-            counts = torch.zeros(self.router.num_experts, dtype=torch.long, device=x.device)
-            counts[0] = 8
-            self._grouped(rows, counts)
+            offsets = torch.full((self.router.num_experts,), 8, dtype=torch.int32, device=x.device)
+            self._grouped(rows, offsets, self.w_gate_up, self.w_down)
         except (RuntimeError, NotImplementedError, TypeError):
             return False
         return True
@@ -336,6 +433,13 @@ class MoE(nn.Module):
     def load_shared_gate(self, weight: torch.Tensor) -> None:
         """Qwen2-MoE's shared_expert_gate, [1, hidden]."""
         self.shared_expert_gate.load_shard(0, weight)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors track no version
+        return None
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
