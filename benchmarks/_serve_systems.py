@@ -1,0 +1,284 @@
+"""Serving-benchmark systems: start and stop each server as a subprocess, and the in-process engine workload.
+
+Systems (names used by `--systems`):
+  * `longserve` / `longserve-int8`: `longserve serve` (controller + worker + API server in one process) on free
+    loopback ports, default model, optionally `--quantization int8`; ready once its banner is printed and
+    `/v1/models` lists the model.
+  * `llamacpp`: llama-cpp-python's OpenAI server on the same GGUF as installed (`--n_threads 2`).
+  * `llamacpp-1t`: the best configuration of that server found here: every model call on one thread
+    (`--n_threads 1 --n_threads_batch 1`, OMP_NUM_THREADS=1) and `--logits_all False`. The server runs each
+    request's llama.cpp calls on AnyIO worker threads, and ggml's OpenMP build gives every calling thread its own
+    team of n_threads busy-waiting threads, so on 2 cores teams oversubscribe the CPU (and a 2-thread team stalls
+    whenever anything else takes a core); with one thread per call no team is created. `logits_all` (the
+    server's default: True) computes the vocabulary projection for every prompt token and copies every row of
+    logits; nothing here needs them. Probed at concurrency 8 (16 requests x 64 tokens, prompts as below):
+    as installed 27.6 and 27.2 tok/s; 1 thread 31.2; 2 threads + OMP_WAIT_POLICY=PASSIVE 26.9; 1 thread +
+    logits_all False 34.4; 2 threads + logits_all False 18.9 (a busy neighbour took a core).
+  * `engine` / `engine-int8`: the same requests through `longserve.AsyncEngine` in a fresh subprocess, no HTTP
+    (chat template applied in-process, as the API server does): the API-server hop's cost is the difference.
+
+Both llama.cpp variants run with `--interrupt_requests False`: by default the server ends a running stream as soon
+as another request waits for the model, so under concurrency every stream would stop after one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+SERVER_SYSTEMS = ("longserve", "longserve-int8", "llamacpp", "llamacpp-1t")
+ENGINE_SYSTEMS = ("engine", "engine-int8")
+ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
+LABELS = {
+    "longserve": "longserve (fp32)",
+    "longserve-int8": "longserve int8",
+    "llamacpp": "llama.cpp server (as installed)",
+    "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",
+    "engine": "AsyncEngine direct (fp32)",
+    "engine-int8": "AsyncEngine direct int8",
+}
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def missing_requirement(system: str) -> str | None:
+    """Why a system cannot run here, or None."""
+    if system.startswith("llamacpp"):
+        probe = [sys.executable, "-c", "import llama_cpp.server.app"]
+        if subprocess.run(probe, capture_output=True).returncode != 0:
+            return "llama_cpp.server is not importable (pip install sse-starlette starlette-context pydantic-settings)"
+    if system.startswith("longserve"):
+        src = Path(__file__).resolve().parent.parent / "src" / "longserve" / "serve"
+        missing = [n for n in ("api_server.py", "worker.py", "controller.py") if not (src / n).is_file()]
+        if missing:
+            return f"serving stack not there yet: {', '.join(missing)} missing"
+    return None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads and reaped children) of a live process, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name (field 2) may contain spaces; fields after its closing parenthesis are fixed
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+@dataclass
+class Server:
+    """A running server subprocess; its output goes to a log file (kept for error reports)."""
+
+    system: str
+    proc: subprocess.Popen
+    base_url: str  # ".../v1"
+    model: str
+    log_path: Path
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # the variables set on top of ours
+    startup_s: float = 0.0
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> dict:
+        """Ctrl-C (SIGINT), as a person would; escalates to SIGTERM/SIGKILL if it does not exit in time."""
+        t0 = time.perf_counter()
+        how = "sigint"
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                how = "sigterm"
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    how = "sigkill"
+                    self.proc.kill()
+                    self.proc.wait()
+        else:
+            how = "already exited"
+        return {"how": how, "returncode": self.proc.returncode, "stop_s": time.perf_counter() - t0}
+
+
+def server_command(system: str, model_path: Path, threads: int) -> tuple[list[str], dict[str, str], str]:
+    """(argv, extra environment, model name clients send) for one server system."""
+    port = free_port()
+    if system.startswith("longserve"):
+        cmd = [sys.executable, "-m", "longserve.cli", "serve", "--port", str(port)]
+        cmd += ["--controller-port", str(free_port()), "--worker-port", str(free_port())]
+        if system == "longserve-int8":
+            cmd += ["--quantization", "int8"]
+        # the default model is exactly model_path; passing no --model exercises the newcomer's path
+        return cmd, {}, "SmolLM2-135M-Instruct"
+    per_call = 1 if system == "llamacpp-1t" else threads
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--n_ctx", "4096", "--n_threads", str(per_call)]
+    cmd += ["--n_threads_batch", str(per_call), "--interrupt_requests", "False", "--verbose", "False"]
+    cmd += ["--model_alias", "SmolLM2-135M-Instruct"]
+    env: dict[str, str] = {}
+    if system == "llamacpp-1t":
+        cmd += ["--logits_all", "False"]
+        env["OMP_NUM_THREADS"] = "1"
+    return cmd, env, "SmolLM2-135M-Instruct"
+
+
+def start_server(system: str, model_path: Path, threads: int, log_dir: Path) -> Server:
+    """Start one server and wait until /v1/models lists its model; raises RuntimeError with the log's tail."""
+    cmd, extra_env, model = server_command(system, model_path, threads)
+    port = cmd[cmd.index("--port") + 1]
+    log_path = log_dir / f"{system}.log"
+    env = dict(os.environ) | extra_env | {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(system, proc, f"http://127.0.0.1:{port}/v1", model, log_path, cmd, extra_env)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system} exited with {proc.returncode} during startup:\n{server.log_tail()}")
+        if _ready(server):
+            server.startup_s = time.perf_counter() - t0
+            return server
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"{system} not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+
+
+def _ready(server: Server) -> bool:
+    if server.system.startswith("longserve") and "longserve: serving model" not in server.log_tail(100_000):
+        return False
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        resp = httpx.get(f"{server.base_url}/models", timeout=5)
+        return resp.status_code == 200 and any(m["id"] == server.model for m in resp.json()["data"])
+    return False
+
+
+def least_contended(attempts: list[dict]) -> dict:
+    """The attempt other processes disturbed least (a retry can be noisier than the first try)."""
+    best = min(attempts, key=lambda a: a["contention"]["others_share"])
+    shares = [round(a["contention"]["others_share"], 3) for a in attempts]
+    tok_s = [round(a["summary"]["output_tokens_per_s"], 2) for a in attempts]
+    return best | {"attempts": len(attempts), "attempt_others_shares": shares, "attempt_tok_s": tok_s}
+
+
+# ----------------------------------------------------------------------------------------------------
+# engine direct: runs in its own subprocess (this benchmark re-run with --worker engine[-int8])
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_engine_phases(system: str, spec: dict) -> dict:
+    """Load the engine as `longserve serve` does, then run each phase of the spec; returns per-phase results."""
+    from _bench_util import CONTENTION_WARN, contention, cpu_snapshot, wait_for_idle
+
+    from longserve import AsyncEngine, EngineConfig, SamplingParams
+    from longserve.clients.bench_results import RequestResult, make_result, run_requests, summarize
+
+    async def main() -> dict:
+        quantization = "int8" if system == "engine-int8" else None
+        t0 = time.perf_counter()
+        engine = await AsyncEngine.create(EngineConfig.from_env(quantization=quantization))
+        load_s = time.perf_counter() - t0
+        tokenizer = engine.tokenizer
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in spec["prompts"]
+        ]
+        extra = spec.get("engine_params", {})
+
+        def params(max_tokens: int) -> SamplingParams:
+            return SamplingParams(temperature=0.0, max_tokens=max_tokens, **extra)
+
+        async def one(index: int, run_start: float, max_tokens: int) -> RequestResult:
+            sent = time.perf_counter()
+            arrivals: list[float] = []
+            tokens, finish, error = 0, None, None
+            try:
+                async for out in engine.generate(prompts[index % len(prompts)], params(max_tokens)):
+                    completion = out.outputs[0]
+                    if completion.delta_text:
+                        arrivals.append(time.perf_counter())
+                    tokens = len(completion.token_ids)
+                    finish = completion.finish_reason
+            except Exception as exc:  # counted, as the HTTP client counts a failed request
+                error = f"{type(exc).__name__}: {exc}"
+            return make_result(
+                index,
+                sent - run_start,
+                sent,
+                arrivals,
+                time.perf_counter(),
+                usage_tokens=tokens,
+                prompt_tokens=None,
+                error=error,
+                finish_reason=finish,
+            )
+
+        try:
+            await one(0, time.perf_counter(), 8)  # warm-up, as the HTTP systems get one
+            phases = []
+            for phase in spec["phases"]:
+                conc, n, max_tokens = phase["concurrency"], phase["requests"], spec["max_tokens"]
+                request = functools.partial(one, max_tokens=max_tokens)
+                attempts = []
+                for _ in range(spec.get("retries", 0) + 1):
+                    if spec.get("wait_idle", 0) > 0:
+                        wait_for_idle(spec["wait_idle"])
+                    before = cpu_snapshot()
+                    results, duration, peak = await run_requests(request, n, conc)
+                    cont = contention(before)  # the engine runs in this process: its CPU is our own
+                    summary = summarize(results, conc, duration, peak)
+                    attempts.append({"concurrency": conc, "summary": asdict(summary), "contention": cont})
+                    if cont["others_share"] <= CONTENTION_WARN:
+                        break
+                phases.append(least_contended(attempts))
+            return {"ok": True, "load_s": load_s, "phases": phases}
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def spawn_engine(system: str, spec: dict, script: Path, timeout_s: float) -> dict:
+    """Run the engine workload in a fresh subprocess (its own memory and threads, like a server process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, str(script), "--worker", system, "--spec", str(spec_path)]
+        cmd += ["--result", str(result_path)]
+        env = dict(os.environ) | {"TOKENIZERS_PARALLELISM": "false"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+            rc, log = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, log = "timeout", f"timed out after {timeout_s}s: {exc.stdout or ''}{exc.stderr or ''}"
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            result = {"ok": False, "error": f"engine worker exited {rc}", "log_tail": str(log)[-3000:]}
+    return result
