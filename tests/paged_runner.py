@@ -37,3 +37,37 @@ class PagedRunner:
         hidden = self.model(torch.tensor(token_ids), positions, self.caches, metadata)
         self.computed += n
         return self.model.compute_logits(hidden)  # [n, vocab]
+
+
+def random_prompt(vocab_size: int, length: int) -> list[int]:
+    """A fixed pseudo-random prompt (ids >= 3 skip the special tokens)."""
+    return torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def hf_logits_cache(directory_of, prompt_length: int):
+    """``get(arch) -> (prompt, HF fp32 logits [len, vocab])``, computed once per architecture."""
+    from tiny_models import load_hf_model
+
+    cache: dict[str, tuple[list[int], torch.Tensor]] = {}
+
+    def get(arch: str) -> tuple[list[int], torch.Tensor]:
+        if arch not in cache:
+            model = load_hf_model(directory_of(arch))
+            prompt = random_prompt(model.config.vocab_size, prompt_length)
+            with torch.no_grad():
+                cache[arch] = prompt, model(torch.tensor([prompt])).logits[0].float()
+        return cache[arch]
+
+    return get
+
+
+def whole_prompt_logits(directory: str, backend: str, prompt: list[int]) -> torch.Tensor:
+    return PagedRunner(directory, backend).feed(prompt)
+
+
+def chunked_then_stepwise_logits(directory: str, backend: str, prompt: list[int]) -> torch.Tensor:
+    """Uneven chunks crossing block boundaries, then one token at a time (the paged decode path)."""
+    runner = PagedRunner(directory, backend)
+    rows = [runner.feed(prompt[:5]), runner.feed(prompt[5:11])]
+    rows += [runner.feed([token]) for token in prompt[11:]]
+    return torch.cat(rows)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from paged_runner import PagedRunner
+from paged_runner import PagedRunner, chunked_then_stepwise_logits, hf_logits_cache, whole_prompt_logits
 from tiny_models import TOKENIZER_FILES, load_hf_model
 
 from longserve import LLM, SamplingParams
@@ -25,10 +25,6 @@ from longserve.models.registry import build_model
 
 ARCHITECTURES = ["deepseek_v2", "deepseek_v3"]
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def _prompt(vocab_size: int, length: int = 80) -> list[int]:
-    return torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
 
 
 def _with_correction_bias(src: str, dst: Path) -> str:
@@ -57,35 +53,22 @@ def model_dir(tiny_model_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_logits(model_dir):
-    cache = {}
-
-    def get(arch: str) -> tuple[list[int], torch.Tensor]:
-        if arch not in cache:
-            model = load_hf_model(model_dir[arch])
-            prompt = _prompt(model.config.vocab_size)
-            with torch.no_grad():
-                cache[arch] = prompt, model(torch.tensor([prompt])).logits[0].float()
-        return cache[arch]
-
-    return get
+    return hf_logits_cache(model_dir.__getitem__, prompt_length=80)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_whole_prompt_logits_match_hf(arch, backend, model_dir, hf_logits):
     prompt, expected = hf_logits(arch)
-    ours = PagedRunner(model_dir[arch], backend).feed(prompt)
-    torch.testing.assert_close(ours, expected, **TOL)
+    torch.testing.assert_close(whole_prompt_logits(model_dir[arch], backend, prompt), expected, **TOL)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_chunked_prefill_then_step_by_step_decode_matches_hf(arch, backend, model_dir, hf_logits):
     prompt, expected = hf_logits(arch)
-    runner = PagedRunner(model_dir[arch], backend)
-    rows = [runner.feed(prompt[:5]), runner.feed(prompt[5:11])]  # uneven chunks crossing block boundaries
-    rows += [runner.feed([token]) for token in prompt[11:]]  # one token at a time: the paged decode path
-    torch.testing.assert_close(torch.cat(rows), expected, **TOL)
+    ours = chunked_then_stepwise_logits(model_dir[arch], backend, prompt)
+    torch.testing.assert_close(ours, expected, **TOL)
 
 
 def test_layers_are_dense_then_moe_with_shared_experts(model_dir):

@@ -6,48 +6,30 @@ paged KV cache with scattered block tables, on both attention backends.
 
 import pytest
 import torch
-from paged_runner import PagedRunner
-from tiny_models import load_hf_model
+from paged_runner import PagedRunner, chunked_then_stepwise_logits, hf_logits_cache, whole_prompt_logits
 
 ARCHITECTURES = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "qwen3"]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _prompt(vocab_size: int, length: int = 37) -> list[int]:
-    return torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
-
-
 @pytest.fixture(scope="module")
 def hf_logits(tiny_model_dirs):
-    cache = {}
-
-    def get(arch: str) -> tuple[list[int], torch.Tensor]:
-        if arch not in cache:
-            model = load_hf_model(tiny_model_dirs[arch])
-            prompt = _prompt(model.config.vocab_size)
-            with torch.no_grad():
-                cache[arch] = prompt, model(torch.tensor([prompt])).logits[0].float()
-        return cache[arch]
-
-    return get
+    return hf_logits_cache(tiny_model_dirs.__getitem__, prompt_length=37)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_whole_prompt_logits_match_hf(arch, backend, tiny_model_dirs, hf_logits):
     prompt, expected = hf_logits(arch)
-    ours = PagedRunner(tiny_model_dirs[arch], backend).feed(prompt)
-    torch.testing.assert_close(ours, expected, **TOL)
+    torch.testing.assert_close(whole_prompt_logits(tiny_model_dirs[arch], backend, prompt), expected, **TOL)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_chunked_prefill_then_step_by_step_decode_matches_hf(arch, backend, tiny_model_dirs, hf_logits):
     prompt, expected = hf_logits(arch)
-    runner = PagedRunner(tiny_model_dirs[arch], backend)
-    rows = [runner.feed(prompt[:5]), runner.feed(prompt[5:11])]  # uneven chunks crossing block boundaries
-    rows += [runner.feed([token]) for token in prompt[11:]]  # one token at a time: the paged decode path
-    torch.testing.assert_close(torch.cat(rows), expected, **TOL)
+    ours = chunked_then_stepwise_logits(tiny_model_dirs[arch], backend, prompt)
+    torch.testing.assert_close(ours, expected, **TOL)
 
 
 def test_llama3_rope_scaling_changes_the_logits(tiny_model_dirs, hf_logits):

@@ -11,8 +11,7 @@ from functools import partial
 
 import pytest
 import torch
-from paged_runner import PagedRunner
-from tiny_models import load_hf_model
+from paged_runner import PagedRunner, hf_logits_cache, whole_prompt_logits
 
 from longserve import LLM, SamplingParams
 from longserve.layers.mlp import SwiGLUMLP
@@ -23,10 +22,6 @@ ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _prompt(vocab_size: int, length: int = 37) -> list[int]:
-    return torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
-
-
 @pytest.fixture(scope="module")
 def moe_dir(tiny_model_cache):
     return tiny_model_cache.path
@@ -34,25 +29,14 @@ def moe_dir(tiny_model_cache):
 
 @pytest.fixture(scope="module")
 def hf_logits(moe_dir):
-    cache = {}
-
-    def get(arch: str) -> tuple[list[int], torch.Tensor]:
-        if arch not in cache:
-            model = load_hf_model(moe_dir(arch))
-            prompt = _prompt(model.config.vocab_size)
-            with torch.no_grad():
-                cache[arch] = prompt, model(torch.tensor([prompt])).logits[0].float()
-        return cache[arch]
-
-    return get
+    return hf_logits_cache(moe_dir, prompt_length=37)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_whole_prompt_logits_match_hf(arch, backend, moe_dir, hf_logits):
     prompt, expected = hf_logits(arch)
-    ours = PagedRunner(moe_dir(arch), backend).feed(prompt)
-    torch.testing.assert_close(ours, expected, **TOL)
+    torch.testing.assert_close(whole_prompt_logits(moe_dir(arch), backend, prompt), expected, **TOL)
 
 
 @pytest.mark.parametrize("backend", ["dense", "reference"])
