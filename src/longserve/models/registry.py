@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,9 @@ from longserve.models.qwen_moe import QwenMoeForCausalLM, read_qwen2_moe_config,
 
 @dataclass(frozen=True)
 class ModelFamily:
-    read_config: Callable[[dict], DecoderConfig]
+    read_config: Callable[
+        [dict], Any
+    ]  # DecoderConfig or a family's own config with the same engine-facing fields
     model_class: type[nn.Module]
 
 
