@@ -159,15 +159,21 @@ def start_server(system: str, model_path: Path, threads: int, log_dir: Path) -> 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(system, proc, f"http://127.0.0.1:{port}/v1", model, log_path, cmd, extra_env)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{system} exited with {proc.returncode} during startup:\n{server.log_tail()}")
-        if _ready(server):
-            server.startup_s = time.perf_counter() - t0
-            return server
-        time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"{system} not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{system} exited with {proc.returncode} during startup:\n{server.log_tail()}"
+                )
+            if _ready(server):
+                server.startup_s = time.perf_counter() - t0
+                return server
+            time.sleep(0.5)
+        raise RuntimeError(f"{system} not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+    except BaseException:
+        # its own session gets no Ctrl-C from the terminal: a failed or interrupted start must not leave it running
+        server.stop()
+        raise
 
 
 def _ready(server: Server) -> bool:
