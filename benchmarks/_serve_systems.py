@@ -5,15 +5,19 @@ Systems (names used by `--systems`):
     loopback ports, default model, optionally `--quantization int8`; ready once its banner is printed and
     `/v1/models` lists the model.
   * `llamacpp`: llama-cpp-python's OpenAI server on the same GGUF as installed (`--n_threads 2`).
-  * `llamacpp-1t`: the best configuration of that server found here: every model call on one thread
-    (`--n_threads 1 --n_threads_batch 1`, OMP_NUM_THREADS=1) and `--logits_all False`. The server runs each
-    request's llama.cpp calls on AnyIO worker threads, and ggml's OpenMP build gives every calling thread its own
-    team of n_threads busy-waiting threads, so on 2 cores teams oversubscribe the CPU (and a 2-thread team stalls
-    whenever anything else takes a core); with one thread per call no team is created. `logits_all` (the
-    server's default: True) computes the vocabulary projection for every prompt token and copies every row of
-    logits; nothing here needs them. Probed at concurrency 8 (16 requests x 64 tokens, prompts as below):
-    as installed 27.6 and 27.2 tok/s; 1 thread 31.2; 2 threads + OMP_WAIT_POLICY=PASSIVE 26.9; 1 thread +
-    logits_all False 34.4; 2 threads + logits_all False 18.9 (a busy neighbour took a core).
+  * `llamacpp-1t`: the same server with every model call on one thread (`--n_threads 1 --n_threads_batch 1`,
+    OMP_NUM_THREADS=1) and `--logits_all False`. The server runs each request's llama.cpp calls on AnyIO worker
+    threads, and ggml's OpenMP build gives every calling thread its own team of n_threads busy-waiting threads,
+    so teams can oversubscribe the 2 cores, and a 2-thread team stalls whenever anything else takes a core; with
+    one thread per call no team is created. `logits_all` (the server's default: True) computes the vocabulary
+    projection for every prompt token and keeps every row of logits; nothing here needs them.
+    Probes at concurrency 8 (16 requests, prompts as in serve_load), output tok/s:
+      idle machine, 128 tokens: as installed 47.5 / 47.6 / 47.7 (one full run: 61.4); 2 threads + no logits_all
+      49.2; the same + OMP_WAIT_POLICY=PASSIVE 30.0; 1 thread + no logits_all 45.8.
+      a busy neighbour (~1 core), 64 tokens: as installed 27.6 / 27.2; 1 thread 31.2; 1 thread + no logits_all
+      34.4; 2 threads + OMP_WAIT_POLICY=PASSIVE 26.9.
+    So one thread per call only wins when the machine is shared; both variants are measured and the better one
+    is the reference.
   * `engine` / `engine-int8`: the same requests through `longserve.AsyncEngine` in a fresh subprocess, no HTTP
     (chat template applied in-process, as the API server does): the API-server hop's cost is the difference.
 
@@ -259,7 +263,9 @@ def run_engine_phases(system: str, spec: dict) -> dict:
                     results, duration, peak = await run_requests(request, n, conc)
                     cont = contention(before)  # the engine runs in this process: its CPU is our own
                     summary = summarize(results, conc, duration, peak)
-                    attempts.append({"concurrency": conc, "summary": asdict(summary), "contention": cont})
+                    finish = sorted({str(r.finish_reason) for r in results})
+                    attempt = {"concurrency": conc, "summary": asdict(summary), "contention": cont}
+                    attempts.append(attempt | {"finish_reasons": finish})
                     if cont["others_share"] <= CONTENTION_WARN:
                         break
                 phases.append(least_contended(attempts))

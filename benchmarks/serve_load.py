@@ -10,7 +10,7 @@ produced (from `usage` where the server sends it, else one per content chunk), a
 it time; longserve ignores the field (its default is no penalty).
 
 Systems (see _serve_systems.py): longserve, longserve-int8, llamacpp (as installed, 2 threads per call),
-llamacpp-1t (one thread per call, no logits_all: the best configuration found), engine / engine-int8 (the same
+llamacpp-1t (one thread per call, no logits_all: the usual fix for its OpenMP oversubscription), engine / engine-int8 (the same
 requests through AsyncEngine in-process at `--engine-concurrency`, no HTTP: the API hop's cost).
 
 Targets at concurrency 8: longserve output tok/s >= 1.5x the better llama.cpp configuration; the API hop costs
