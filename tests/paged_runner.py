@@ -1,10 +1,13 @@
-"""PagedRunner: drives one of our models over a single sequence, chunk by chunk, through a paged KV cache."""
+"""Paged drivers for tests: PagedRunner runs a model over one sequence chunk by chunk, run_backend_steps runs an
+attention backend over several sequences in a given step pattern; both through a paged KV cache."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from longserve.attention.backend import get_backend
+from longserve.attention.backend import AttentionBackend, get_backend
 from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.loading.checkpoint import load_checkpoint
@@ -71,3 +74,40 @@ def chunked_then_stepwise_logits(directory: str, backend: str, prompt: list[int]
     rows = [runner.feed(prompt[:5]), runner.feed(prompt[5:11])]
     rows += [runner.feed([token]) for token in prompt[11:]]
     return torch.cat(rows)
+
+
+def run_backend_steps(
+    backend: AttentionBackend,
+    seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    chunks: list[list[int]],
+    block_size: int,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Feed each sequence's (q, k, v) through ``backend``: step s gives sequence i ``chunks[s][i]`` new tokens
+    (0: not scheduled). Decodes go first in each step, as the engine orders them; blocks are scattered.
+    Returns every sequence's outputs, concatenated over the steps."""
+    rng = random.Random(0)
+    num_blocks = 1 + sum(-(-len(s[0]) // block_size) for s in seqs) + 8
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)  # scattered, non-contiguous blocks
+    tables = [[free.pop() for _ in range(-(-len(s[0]) // block_size))] for s in seqs]
+    kv_heads, dim = seqs[0][1].shape[1:]
+    cache = allocate_kv_cache(1, num_blocks, block_size, kv_heads, dim, dtype)[0]
+    outputs: list[list[torch.Tensor]] = [[] for _ in seqs]
+    done = [0] * len(seqs)
+    for step_chunks in chunks:
+        order = sorted(range(len(seqs)), key=lambda i: not (step_chunks[i] == 1 and done[i] > 0))
+        order = [i for i in order if step_chunks[i]]
+        meta = build_attention_metadata(
+            [tables[i] for i in order], [done[i] for i in order], [step_chunks[i] for i in order], block_size
+        )
+        q, k, v = (
+            torch.cat([seqs[i][j][done[i] : done[i] + step_chunks[i]] for i in order]) for j in range(3)
+        )
+        out = backend.forward(q, k, v, cache, meta, dim**-0.5)
+        row = 0
+        for i in order:
+            outputs[i].append(out[row : row + step_chunks[i]])
+            row += step_chunks[i]
+            done[i] += step_chunks[i]
+    return [torch.cat(o) for o in outputs]

@@ -1,13 +1,10 @@
 """Dense attention (SDPA + paged decode) equals the masked-softmax reference on random paged layouts."""
 
-import random
-
 import pytest
 import torch
+from paged_runner import run_backend_steps
 
 from longserve.attention.backend import get_backend
-from longserve.attention.metadata import build_attention_metadata
-from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.attention.reference import masked_softmax
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 16, 4
@@ -24,32 +21,7 @@ def _explicit_causal_attention(q, k, v, scale):
 
 
 def _run_steps(backend_name, seqs, chunks, dtype):
-    """Feed each sequence's q/k/v through the backend in the given chunk pattern; return outputs per sequence."""
-    backend = get_backend(backend_name)
-    rng = random.Random(0)
-    num_blocks = 64
-    free = list(range(1, num_blocks))
-    rng.shuffle(free)  # scattered, non-contiguous blocks
-    tables = [[free.pop() for _ in range(-(-len(s[0]) // BLOCK))] for s in seqs]
-    cache = allocate_kv_cache(1, num_blocks, BLOCK, KV_HEADS, DIM, dtype)[0]
-    outputs = [[] for _ in seqs]
-    done = [0] * len(seqs)
-    for step_chunks in chunks:
-        order = sorted(range(len(seqs)), key=lambda i: not (step_chunks[i] == 1 and done[i] > 0))
-        order = [i for i in order if step_chunks[i]]
-        meta = build_attention_metadata(
-            [tables[i] for i in order], [done[i] for i in order], [step_chunks[i] for i in order], BLOCK
-        )
-        q = torch.cat([seqs[i][0][done[i] : done[i] + step_chunks[i]] for i in order])
-        k = torch.cat([seqs[i][1][done[i] : done[i] + step_chunks[i]] for i in order])
-        v = torch.cat([seqs[i][2][done[i] : done[i] + step_chunks[i]] for i in order])
-        out = backend.forward(q, k, v, cache, meta, DIM**-0.5)
-        row = 0
-        for i in order:
-            outputs[i].append(out[row : row + step_chunks[i]])
-            row += step_chunks[i]
-            done[i] += step_chunks[i]
-    return [torch.cat(o) for o in outputs]
+    return run_backend_steps(get_backend(backend_name), seqs, chunks, BLOCK, dtype)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "dense"])

@@ -14,7 +14,7 @@ optionally renormalised (``norm_topk_prob``), then scaled.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -226,18 +226,23 @@ class DeepseekDecoderLayer(nn.Module):
 class DeepseekForCausalLM(nn.Module):
     """Token ids -> last hidden states -> logits, for DeepseekV2ForCausalLM and DeepseekV3ForCausalLM.
 
-    Same interface as LlamaForCausalLM: every step's tokens arrive flattened ([tokens]).
+    Same interface as LlamaForCausalLM: every step's tokens arrive flattened ([tokens]), one attention backend
+    per layer. MLA runs on any backend, MoBA included: q, k and v share the cache's head size (layers/mla.py).
     """
 
-    def __init__(self, config: DeepseekConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: DeepseekConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype
+    ) -> None:
         super().__init__()
+        if len(backends) != config.num_layers:
+            raise ValueError(f"got {len(backends)} attention backends for {config.num_layers} layers")
         self.config, self.dtype = config, dtype
         # Bare parameters rather than nn.Embedding/nn.Linear, whose random init would commit their memory.
         self.embed_tokens = nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, backend, dtype) for i in range(config.num_layers)
+            DeepseekDecoderLayer(config, i, backends[i], dtype) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = MLARotary(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -56,10 +56,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids -> last hidden states -> logits. Every step's tokens arrive flattened: [tokens]."""
+    """Token ids -> last hidden states -> logits. Every step's tokens arrive flattened: [tokens].
 
-    def __init__(self, config: DecoderConfig, backend: AttentionBackend, dtype: torch.dtype) -> None:
+    ``backends`` holds one attention backend per layer (MoBA keeps some layers dense).
+    """
+
+    def __init__(
+        self, config: DecoderConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype
+    ) -> None:
         super().__init__()
+        if len(backends) != config.num_layers:
+            raise ValueError(f"got {len(backends)} attention backends for {config.num_layers} layers")
         self.config = config
         self.dtype = dtype
         # A bare parameter rather than nn.Embedding, whose random init would touch (and so commit) its memory.
@@ -67,7 +74,7 @@ class LlamaForCausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, dtype, self._build_mlp(i)) for i in range(config.num_layers)
+            DecoderLayer(config, backends[i], dtype, self._build_mlp(i)) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(

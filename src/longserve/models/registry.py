@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longserve.attention.backend import AttentionBackend
+from longserve.attention.backend import BackendsForLayers, per_layer
 from longserve.models.config import DecoderConfig
 from longserve.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from longserve.models.llama import LlamaForCausalLM
@@ -58,9 +58,10 @@ def resolve_architecture(hf_config: dict) -> ModelFamily:
 
 
 def build_model(
-    hf_config: dict, backend: AttentionBackend, dtype: torch.dtype
+    hf_config: dict, backends: BackendsForLayers, dtype: torch.dtype
 ) -> tuple[nn.Module, DecoderConfig]:
-    """An empty (unloaded) model for this config."""
+    """An empty (unloaded) model for this config. ``backends``: one attention backend for every layer, or a
+    function from the layer count to one backend per layer (``partial(layer_backends, engine_config)``)."""
     family = resolve_architecture(hf_config)
     config = family.read_config(hf_config)
-    return family.model_class(config, backend, dtype), config
+    return family.model_class(config, per_layer(backends, config.num_layers), dtype), config

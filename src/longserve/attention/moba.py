@@ -1,0 +1,171 @@
+"""MoBA attention in plain PyTorch: the packed-sequence reference and the paged ``moba`` engine backend.
+
+Each query attends its own block causally plus the ``topk - 1`` earlier blocks its gating picks
+(moba_gating.py). Both paths turn the selection into a boolean key mask and run one softmax over the union
+of chosen keys through ``F.scaled_dot_product_attention``, a slice of query rows at a time so memory stays
+bounded by ``rows x keys``. That costs as much compute as dense attention on CPU: it is the correct,
+readable version; block-sparse kernels for CUDA plug in at ``MobaAttention._prefill_span``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.moba_gating import (
+    gating_dtype,
+    moba_gate_keys,
+    moba_key_mask,
+    pick_blocks,
+    select_moba_blocks,
+    validate_moba_params,
+)
+from longserve.attention.paged_cache import LayerKVCache
+
+QUERY_ROWS = 512  # query rows per SDPA call: the mask and scores are [heads, rows, keys]
+
+
+def moba_attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    query_rows: int = QUERY_ROWS,
+) -> torch.Tensor:
+    """MoBA attention of one sequence's queries over its keys, computed in q's dtype.
+
+    q [queries, heads, d] sits at absolute ``positions`` [queries] (ascending); keys/values
+    [context, kv_heads, d] hold positions ``0 .. context - 1`` and reach at least the last query.
+    Returns [queries, heads, d].
+    """
+    gate_keys = moba_gate_keys(keys, chunk_size)  # [complete chunks, kv_heads, d]
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[0], query_rows):
+        rows = slice(start, start + query_rows)
+        row_pos = positions[rows]
+        num_keys = int(row_pos[-1]) + 1  # later keys are causally masked for every row of this slice
+        selected = select_moba_blocks(q[rows], gate_keys, row_pos, chunk_size, topk)  # [rows, heads, topk-1]
+        mask = moba_key_mask(selected, row_pos, num_keys, chunk_size)  # [heads, rows, num_keys]
+        attended = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, rows, d]
+            keys[:num_keys].to(q.dtype).transpose(0, 1).unsqueeze(0),  # [1, kv_heads, num_keys, d]
+            values[:num_keys].to(q.dtype).transpose(0, 1).unsqueeze(0),
+            attn_mask=mask.unsqueeze(0),
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, heads, rows, d]
+        out[rows] = attended[0].transpose(0, 1)
+    return out
+
+
+def moba_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: Sequence[int] | torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """MoBA attention over packed sequences: q [total_tokens, heads, d], k/v [total_tokens, kv_heads, d],
+    ``seq_lens`` the length of each sequence in packing order. Computed in float64 for float64 q, else
+    float32; returns [total_tokens, heads, d] in q's dtype. ``scale`` defaults to d ** -0.5."""
+    validate_moba_params(chunk_size, topk)
+    lens = [int(n) for n in seq_lens]
+    if sum(lens) != q.shape[0] or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"seq_lens sum to {sum(lens)}, but q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = gating_dtype(q.dtype)
+    out = torch.empty_like(q)
+    start = 0
+    for n in lens:
+        rows = slice(start, start + n)
+        positions = torch.arange(n, device=q.device)
+        out[rows] = moba_attend(
+            q[rows].to(dtype), k[rows].to(dtype), v[rows].to(dtype), positions, chunk_size, topk, scale
+        ).to(q.dtype)
+        start += n
+    return out
+
+
+class MobaAttention:
+    """The ``moba`` engine backend: keys/values go to the paged cache, then every decode and prompt chunk
+    runs MoBA attention over its sequence's cached context (chunked prefill and decode follow exactly the
+    rule a single whole-prompt prefill applies at the same positions)."""
+
+    name = "moba"
+
+    def __init__(self, chunk_size: int, topk: int) -> None:
+        validate_moba_params(chunk_size, topk)
+        self.chunk_size, self.topk = chunk_size, topk
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        cache.write(k, v, metadata.slot_mapping)
+        out = torch.empty_like(q)
+        if metadata.num_decodes:
+            out[: metadata.num_decodes] = self._decode(q[: metadata.num_decodes], cache, metadata, scale)
+        for span in metadata.prefills:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            if span.context_slots is None:
+                keys, values = k[rows], v[rows]
+            else:
+                keys, values = cache.key[span.context_slots], cache.value[span.context_slots]
+            out[rows] = self._prefill_span(q[rows], keys, values, scale)
+        return out
+
+    def _prefill_span(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One sequence's prompt chunk: q [queries, heads, d] are the last positions of its context
+        keys/values [context, kv_heads, d]. The seam where a CUDA kernel takes over."""
+        context = keys.shape[0]
+        positions = torch.arange(context - q.shape[0], context, device=q.device)
+        return moba_attend(q, keys, values, positions, self.chunk_size, self.topk, scale)
+
+    def _decode(
+        self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """All decodes at once: q [batch, heads, d], each query at the last position of its context."""
+        slots = metadata.decode_slots  # [batch, max_context]; padding reads the zeroed pad block
+        batch, max_context = slots.shape
+        shape = (batch, max_context, *cache.key.shape[1:])
+        keys = cache.key.index_select(0, slots.reshape(-1)).view(shape)  # [batch, max_context, kv_heads, d]
+        values = cache.value.index_select(0, slots.reshape(-1)).view(shape)
+        positions = torch.tensor(metadata.decode_context_lens, device=q.device) - 1  # [batch]
+        # Gate keys of each context's complete chunks; a padded chunk only ever lies at or after the
+        # query's own block, which gating never scores.
+        num_chunks = max_context // self.chunk_size
+        gated = keys[:, : num_chunks * self.chunk_size].to(gating_dtype(keys.dtype))
+        gate_keys = gated.view(batch, num_chunks, self.chunk_size, *shape[2:]).mean(dim=2)
+        grouped = q.to(gate_keys.dtype).view(batch, shape[2], -1, shape[3])  # [batch, kv_heads, group, d]
+        scores = torch.einsum("bkgd,bnkd->bkgn", grouped, gate_keys).reshape(batch, q.shape[1], num_chunks)
+        selected = pick_blocks(scores, positions, self.chunk_size, self.topk)  # [batch, heads, topk - 1]
+        # Row i of the [heads, batch, keys] mask is decode i's own key mask; padding lies after its position.
+        mask = moba_key_mask(selected, positions, max_context, self.chunk_size).transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2).to(keys.dtype),  # [batch, heads, 1, d]
+            keys.transpose(1, 2),  # [batch, kv_heads, max_context, d]
+            values.transpose(1, 2),
+            attn_mask=mask.unsqueeze(2),  # [batch, heads, 1, max_context]
+            scale=scale,
+            enable_gqa=True,
+        )  # [batch, heads, 1, d]
+        return out.squeeze(2).to(q.dtype)

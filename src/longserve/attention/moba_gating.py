@@ -1,0 +1,107 @@
+"""MoBA gating: which earlier key blocks each query attends to, and the key mask that selection implies.
+
+Blocks are ``chunk_size`` tokens counted from the start of the sequence. A block's gate key is the mean of
+its keys (after RoPE), per KV head. A query at position t scores every complete, strictly earlier block
+(blocks ``0 .. t // chunk_size - 1``) against its own query head (GQA: query head h reads KV head
+``h // (heads // kv_heads)``), keeps the ``topk - 1`` best (ties go to the earlier block), and always adds its
+own block, attended causally. Everything here is plain PyTorch on any device; gating runs in float32
+(float64 for float64 inputs) whatever the model's dtype, so every backend selects the same blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MOBA_KERNEL_BLOCK = 16  # the GPU kernel's key tile: chunk sizes must be whole tiles
+SELECT_ROWS = 1024  # query rows scored at once: bounds the [rows, heads, blocks] score tensor
+
+
+def validate_moba_params(chunk_size: int, topk: int) -> None:
+    """Raise ``ValueError`` unless chunk_size is a positive multiple of MOBA_KERNEL_BLOCK and topk >= 1."""
+    if (
+        not isinstance(chunk_size, int)
+        or isinstance(chunk_size, bool)
+        or chunk_size < MOBA_KERNEL_BLOCK
+        or chunk_size % MOBA_KERNEL_BLOCK
+    ):
+        raise ValueError(
+            f"moba chunk_size must be a positive multiple of {MOBA_KERNEL_BLOCK}, got {chunk_size!r}"
+        )
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"moba topk must be an integer >= 1 (it counts the query's own block), got {topk!r}")
+
+
+def gating_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moba_gate_keys(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean key of every complete chunk: k [keys, kv_heads, d] (positions 0..) -> [num_chunks, kv_heads, d].
+
+    A trailing partial chunk has no gate key: no query ever scores it (it is at best the query's own block).
+    """
+    num_chunks = k.shape[0] // chunk_size
+    chunks = k[: num_chunks * chunk_size].to(gating_dtype(k.dtype))
+    return chunks.view(num_chunks, chunk_size, *k.shape[1:]).mean(dim=1)
+
+
+def gate_scores(q: torch.Tensor, gate_keys: torch.Tensor) -> torch.Tensor:
+    """q [tokens, heads, d] · gate_keys [blocks, kv_heads, d] -> [tokens, heads, blocks], per query head."""
+    tokens, heads, dim = q.shape
+    kv_heads = gate_keys.shape[1]
+    grouped = q.to(gate_keys.dtype).view(tokens, kv_heads, heads // kv_heads, dim)
+    return torch.einsum("tkgd,bkd->tkgb", grouped, gate_keys).reshape(tokens, heads, -1)
+
+
+def pick_blocks(scores: torch.Tensor, positions: torch.Tensor, chunk_size: int, topk: int) -> torch.Tensor:
+    """The ``topk - 1`` best earlier blocks per query row and head: scores [tokens, heads, blocks] -> long
+    [tokens, heads, topk - 1], best first, -1 where the query has fewer earlier blocks than that."""
+    tokens, heads, num_blocks = scores.shape
+    picks = topk - 1
+    own = positions.to(scores.device) // chunk_size  # [tokens]
+    if picks == 0:
+        return torch.empty(tokens, heads, 0, dtype=torch.long, device=scores.device)
+    earlier = torch.arange(num_blocks, device=scores.device)[None, :] < own[:, None]  # [tokens, blocks]
+    scores = scores.masked_fill(~earlier[:, None, :], float("-inf"))
+    # Stable descending sort: equal scores keep block order, so a tie goes to the earlier block (topk does
+    # not promise that). Masked blocks all come after the earlier ones, which have lower indices.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks]
+    if order.shape[-1] < picks:
+        order = torch.nn.functional.pad(order, (0, picks - order.shape[-1]), value=-1)
+    available = own.clamp(max=picks)  # [tokens] earlier blocks a query can pick
+    valid = torch.arange(picks, device=scores.device)[None, :] < available[:, None]  # [tokens, picks]
+    return order.masked_fill(~valid[:, None, :], -1)
+
+
+def select_moba_blocks(
+    q: torch.Tensor, gate_keys: torch.Tensor, positions: torch.Tensor, chunk_size: int, topk: int
+) -> torch.Tensor:
+    """Chosen earlier blocks of one sequence's queries: q [tokens, heads, d] at absolute ``positions``
+    [tokens], gate_keys [num_chunks, kv_heads, d] -> long [tokens, heads, topk - 1] (-1 where none)."""
+    out = torch.empty(q.shape[0], q.shape[1], topk - 1, dtype=torch.long, device=q.device)
+    for start in range(0, q.shape[0], SELECT_ROWS):
+        rows = slice(start, start + SELECT_ROWS)
+        out[rows] = pick_blocks(gate_scores(q[rows], gate_keys), positions[rows], chunk_size, topk)
+    return out
+
+
+def moba_key_mask(
+    selected: torch.Tensor, positions: torch.Tensor, num_keys: int, chunk_size: int
+) -> torch.Tensor:
+    """bool [heads, tokens, num_keys]: True where query row i (at ``positions[i]``) attends key j (position j):
+    j lies in a selected block ([tokens, heads, topk - 1], -1 = none), or in the query's own block at or
+    before the query."""
+    tokens, heads, _ = selected.shape
+    device = selected.device
+    num_blocks = -(-num_keys // chunk_size)
+    # One spare column absorbs the -1 (no block) entries, then is dropped.
+    chosen = torch.zeros(heads, tokens, num_blocks + 1, dtype=torch.bool, device=device)
+    index = selected.masked_fill(selected < 0, num_blocks).transpose(0, 1)  # [heads, tokens, topk - 1]
+    chosen.scatter_(-1, index, True)
+    key_pos = torch.arange(num_keys, device=device)
+    key_block = key_pos // chunk_size  # [keys]
+    mask = chosen[..., key_block]  # [heads, tokens, keys]
+    positions = positions.to(device)
+    in_own_block = key_block[None, :] == (positions // chunk_size)[:, None]  # [tokens, keys]
+    causal = key_pos[None, :] <= positions[:, None]
+    return mask | (in_own_block & causal)[None]
