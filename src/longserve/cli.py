@@ -20,7 +20,14 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["int8"],
         help="int8: dynamic-int8 decode matmuls on CPU (~2x faster, approximate)",
     )
-    parser.add_argument("--attention", choices=["dense", "reference"], help="attention backend")
+    parser.add_argument("--attention", choices=["dense", "reference", "moba"], help="attention backend")
+    parser.add_argument("--moba-chunk-size", type=int, help="moba: tokens per key block (default 4096)")
+    parser.add_argument(
+        "--moba-topk", type=int, help="moba: blocks each query attends, its own included (default 12)"
+    )
+    parser.add_argument(
+        "--moba-full-layers", type=int, help="moba: last layers that keep dense attention (default 3)"
+    )
     parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
@@ -33,6 +40,9 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         quantization=args.quantization,
         attention=args.attention,
+        moba_chunk_size=args.moba_chunk_size,
+        moba_topk=args.moba_topk,
+        moba_full_layers=args.moba_full_layers,
         max_model_len=args.max_model_len,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         num_threads=args.num_threads,

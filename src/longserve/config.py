@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from longserve.attention.moba_gating import validate_moba_params
+
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -20,7 +22,10 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
     quantization: str | None = None  # None: exact; "int8": dynamic int8 matmuls on CPU (~3x faster decode)
-    attention: str = "dense"  # attention backend: dense | reference
+    attention: str = "dense"  # attention backend: dense | reference | moba
+    moba_chunk_size: int = 4096  # moba: tokens per key block (a multiple of 16 and of block_size)
+    moba_topk: int = 12  # moba: blocks each query attends, its own block included
+    moba_full_layers: int = 3  # moba: how many of the last layers keep dense attention
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_mb: int = 256  # KV cache size; the number of blocks follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
@@ -41,6 +46,19 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        self._validate_attention()
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ("dense", "reference", "moba"):
+            raise ValueError(f"attention must be 'dense', 'reference' or 'moba', got {self.attention!r}")
+        validate_moba_params(self.moba_chunk_size, self.moba_topk)
+        full = self.moba_full_layers
+        if not isinstance(full, int) or isinstance(full, bool) or full < 0:
+            raise ValueError(f"moba_full_layers must be an integer >= 0, got {full!r}")
+        if self.attention == "moba" and self.moba_chunk_size % self.block_size:
+            raise ValueError(
+                f"moba_chunk_size ({self.moba_chunk_size}) must be a multiple of block_size ({self.block_size})"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from longserve.attention.backend import get_backend
+from longserve.attention.backend import layer_backends
 from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
@@ -60,7 +61,7 @@ class LLMEngine:
         self.hf_config = checkpoint.config
         try:
             model, self.model_config = build_model(
-                checkpoint.config, get_backend(config.attention), config.torch_dtype
+                checkpoint.config, partial(layer_backends, config), config.torch_dtype
             )
             model.load_weights(checkpoint.weights)
             model.prepare_for_inference(config.quantization)
