@@ -1,0 +1,321 @@
+"""MoBA on CUDA: block selection with torch ops, then the Triton kernels of ``moba_triton``.
+
+Prefill inverts the selection. Every (query token, head, chosen block) becomes an entry; entries are sorted by
+(KV head, block, query head), so a program attends a tile of up to BLOCK_M gathered queries to one block's keys
+with tensor cores. The cost follows the number of chosen blocks however neighbouring tokens choose. The own
+block is an entry like the others (its causal mask is the same ``key <= query`` test that every chosen
+earlier block passes trivially). Each entry leaves a normalised partial and its log-sum-exp, and a merge
+kernel combines a token's entries; queries go in windows so the partials stay bounded in memory.
+
+Decode splits each sequence's context at block boundaries: a program reads one block of one KV head from the
+paged cache for the group's query heads that chose it, so a block is read once however many heads chose it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOG2E = 1.4426950408889634
+_MAX_GATE_BLOCKS = 1024  # the gate kernels keep a row of scores in registers; more blocks go through torch
+
+
+def _orderable(scores: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys with the same order; the low 32 bits are left free for a tie-break."""
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ordered.to(torch.int64) << 32
+
+
+def top_blocks(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best eligible blocks along the last axis, ties to the earlier block; -1 where fewer.
+
+    scores: [..., blocks] float32; eligible: broadcastable bool. Returns [..., k] int32.
+    """
+    blocks = scores.shape[-1]
+    take = min(k, blocks)
+    out = torch.full((*scores.shape[:-1], k), -1, dtype=torch.int32, device=scores.device)
+    if take == 0:
+        return out
+    scores = scores.masked_fill(~eligible, float("-inf"))
+    keys = _orderable(scores) | (blocks - 1 - torch.arange(blocks, device=scores.device))  # earlier wins
+    top = keys.topk(take, dim=-1, sorted=False).indices  # [..., take]
+    ok = torch.gather(eligible.expand_as(scores), -1, top)
+    out[..., :take] = torch.where(ok, top, -1).to(torch.int32)
+    return out
+
+
+def gate_keys(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean key of every complete block: k [seq, kv_heads, d] -> [blocks, kv_heads, d] float32."""
+    blocks = k.shape[0] // chunk_size
+    return k[: blocks * chunk_size].view(blocks, chunk_size, *k.shape[1:]).float().mean(1)
+
+
+def select_prefill_blocks(
+    q: torch.Tensor, positions: torch.Tensor, gates: torch.Tensor, chunk_size: int, topk: int
+) -> torch.Tensor:
+    """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
+
+    ``positions`` are consecutive (row i sits at positions[0] + i)."""
+    rows, heads, dim = q.shape
+    kv_heads, blocks = gates.shape[1], gates.shape[0]
+    chosen = torch.empty(rows, heads, topk, dtype=torch.int32, device=q.device)
+    if rows == 0:
+        return chosen
+    block_b = max(16, _next_pow2(blocks))
+    if _gate_kernel_ok(q, block_b):
+        from longserve.attention.moba_triton import moba_prefill_gate_kernel
+
+        block_r = max(16, min(64, 8192 // block_b))
+        moba_prefill_gate_kernel[(-(-rows // block_r), heads)](
+            q, gates, chosen, int(positions[0]), rows, blocks, chunk_size,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
+            GROUP=heads // kv_heads, TOPK=topk, HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_B=block_b,
+        )  # fmt: skip
+        return chosen
+    own = (positions // chunk_size).to(torch.int32)  # [rows]
+    chosen[:, :, -1] = own[:, None]
+    if topk == 1:
+        return chosen
+    eligible = torch.arange(blocks, device=q.device)[None, None, :] < own[:, None, None]  # [rows, 1, blocks]
+    step = max(1, (1 << 27) // max(1, heads * blocks))  # bound the [rows, heads, blocks] score tensors
+    for r0 in range(0, rows, step):
+        qs = q[r0 : r0 + step].float().view(-1, kv_heads, heads // kv_heads, dim)
+        scores = torch.einsum("rkgd,nkd->rkgn", qs, gates).reshape(qs.shape[0], heads, blocks)
+        chosen[r0 : r0 + step, :, :-1] = top_blocks(scores, eligible[r0 : r0 + step], topk - 1)
+    return chosen
+
+
+def _gate_kernel_ok(q: torch.Tensor, block_b: int) -> bool:
+    return q.is_cuda and block_b <= _MAX_GATE_BLOCKS
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tiles(
+    keys: torch.Tensor, num_groups: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each run of equal sorted keys into tiles of at most block_m entries: (group, start, end) per tile."""
+    counts = torch.bincount(keys, minlength=num_groups)
+    group_start = torch.cumsum(counts, 0) - counts
+    tiles_per_group = (counts + block_m - 1) // block_m
+    tile_offset = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+    num_tiles = int(tiles_per_group.sum())
+    tile_group = torch.repeat_interleave(
+        torch.arange(num_groups, device=keys.device), tiles_per_group, output_size=num_tiles
+    )
+    rank = torch.arange(num_tiles, device=keys.device) - tile_offset[tile_group]
+    start = group_start[tile_group] + rank * block_m
+    end = torch.minimum(start + block_m, group_start[tile_group] + counts[tile_group])
+    return tile_group.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
+def moba_prefill_sequence(
+    q: torch.Tensor,  # [queries, heads, d]: positions q_start .. q_start + queries - 1 of the sequence
+    k: torch.Tensor,  # [seq, kv_heads, d]: the whole context, seq = q_start + queries
+    v: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    out: torch.Tensor | None = None,  # [queries, heads, d] contiguous, written in place
+    window_tokens: int | None = None,
+    partial_dtype: torch.dtype = torch.float32,
+    block_m: int = 128,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    use_tma: bool = False,
+) -> torch.Tensor:
+    """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA."""
+    from longserve.attention.moba_triton import moba_block_attention_kernel
+
+    queries, heads, dim = q.shape
+    seq, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    q_start = seq - queries
+    out = torch.empty_like(q) if out is None else out
+    num_chunks = math.ceil(seq / chunk_size)
+    gates = gate_keys(k, chunk_size)
+    num_groups = kv_heads * num_chunks * group
+    if window_tokens is None:  # partials of ~4 GiB per window
+        window_tokens = max(1024, (4 << 30) // (heads * topk * dim * partial_dtype.itemsize))
+    k_desc = v_desc = None
+    if use_tma:  # Hopper bulk copies of [block_n, d] tiles out of the [seq, kv_heads * d] key/value rows
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor.from_tensor(k.view(seq, kv_heads * dim), [block_n, dim])
+        v_desc = TensorDescriptor.from_tensor(v.view(seq, kv_heads * dim), [block_n, dim])
+    head_ids = torch.arange(heads, device=q.device)
+    head_key = ((head_ids // group) * num_chunks * group + head_ids % group).to(torch.int32)  # [heads]
+    for w0 in range(0, queries, window_tokens):
+        rows = min(window_tokens, queries - w0)
+        positions = torch.arange(q_start + w0, q_start + w0 + rows, device=q.device)
+        chosen = select_prefill_blocks(
+            q[w0 : w0 + rows], positions, gates, chunk_size, topk
+        )  # [rows, heads, topk]
+        keys = head_key[None, :, None] + chosen * group  # [rows, heads, topk] group id per entry
+        dst = (chosen >= 0).flatten().nonzero().squeeze(1)  # entries in (row, head, slot) order
+        sorted_keys, order = torch.sort(keys.flatten()[dst], stable=True)
+        dst = dst[order]
+        pos = (q_start + w0 + dst // (heads * topk)).to(torch.int32)
+        tile_group, tile_start, tile_end = _tiles(sorted_keys, num_groups, block_m)
+        o_part = torch.empty(rows * heads * topk, dim, dtype=partial_dtype, device=q.device)
+        lse_part = torch.full((rows * heads * topk,), float("-inf"), dtype=torch.float32, device=q.device)
+        if tile_group.numel():
+            moba_block_attention_kernel[(tile_group.numel(),)](
+                q, k, v, o_part, lse_part, tile_group, tile_start, tile_end, pos, dst,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                q_start, num_chunks, chunk_size, seq, scale * _LOG2E, k_desc, v_desc,
+                GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+        _merge(o_part, lse_part, out[w0 : w0 + rows], rows * heads, topk)
+    return out
+
+
+def _merge(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, rows: int, slots: int) -> None:
+    """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials."""
+    from longserve.attention.moba_triton import moba_merge_kernel
+
+    block_r = 32
+    moba_merge_kernel[(-(-rows // block_r),)](
+        o_part, lse, out, rows, slots, HEAD_DIM=out.shape[-1], BLOCK_R=block_r, num_warps=4
+    )
+
+
+def moba_prefill(
+    q: torch.Tensor,  # [total_tokens, heads, d]
+    k: torch.Tensor,  # [total_tokens, kv_heads, d]
+    v: torch.Tensor,
+    seq_lens: list[int],
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    **options,
+) -> torch.Tensor:
+    """Packed sequences, each attending only to itself: the CUDA counterpart of the reference."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    start = 0
+    for length in seq_lens:
+        rows = slice(start, start + length)
+        moba_prefill_sequence(q[rows], k[rows], v[rows], chunk_size, topk, scale, out=out[rows], **options)
+        start += length
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor,  # [batch, heads, d]: one new token per sequence
+    key_cache: torch.Tensor,  # [slots, kv_heads, d]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [batch, max_pages] int32
+    context_lens: torch.Tensor,  # [batch] int32, the new token included
+    max_context: int,
+    page_size: int,
+    split_size: int,
+    scale: float,
+    chosen: torch.Tensor | None = None,  # [batch, kv_heads, splits] int32 head bitmask; None = dense
+) -> torch.Tensor:
+    """Split-K attention of each new token over its paged context; only the chosen splits are read."""
+    from longserve.attention.moba_triton import paged_split_decode_kernel
+
+    batch, heads, dim = q.shape
+    kv_heads = key_cache.shape[1]
+    group = heads // kv_heads
+    splits = -(-max_context // split_size)
+    if chosen is None:
+        chosen = torch.full((batch, kv_heads, splits), (1 << group) - 1, dtype=torch.int32, device=q.device)
+    o_part = torch.empty(batch * heads * splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
+    paged_split_decode_kernel[(splits, batch * kv_heads)](
+        q, key_cache, value_cache, block_tables, context_lens, chosen, o_part, lse,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
+        kv_heads, splits, split_size, scale * _LOG2E,
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _merge(o_part, lse, out, batch * heads, splits)
+    return out
+
+
+def select_decode_blocks(
+    q: torch.Tensor,  # [batch, heads, d]
+    gate_cache: torch.Tensor,  # [num_pages, kv_heads, d] float32: a complete block's mean key at its first page
+    block_tables: torch.Tensor,  # [batch, max_pages] int32
+    context_lens: torch.Tensor,  # [batch] int32, the new token included
+    max_context: int,
+    page_size: int,
+    chunk_size: int,
+    topk: int,
+) -> torch.Tensor:
+    """[batch, kv_heads, splits] int32 bitmask of the query heads of each group that chose each block."""
+    batch, heads, dim = q.shape
+    kv_heads = gate_cache.shape[1]
+    group = heads // kv_heads
+    splits = -(-max_context // chunk_size)
+    blocks = (max_context - 1) // chunk_size  # most complete earlier blocks of any sequence
+    pages_per_block = chunk_size // page_size
+    block_b = max(16, _next_pow2(blocks))
+    if _gate_kernel_ok(q, block_b):
+        from longserve.attention.moba_triton import moba_decode_gate_kernel
+
+        chosen = torch.zeros(batch, kv_heads, splits, dtype=torch.int32, device=q.device)
+        moba_decode_gate_kernel[(batch, heads)](
+            q, gate_cache, block_tables, context_lens, chosen,
+            q.stride(0), q.stride(1), gate_cache.stride(0), gate_cache.stride(1), block_tables.stride(0),
+            kv_heads, splits, chunk_size, pages_per_block,
+            GROUP=group, TOPK=topk, HEAD_DIM=dim, BLOCK_B=block_b,
+        )  # fmt: skip
+        return chosen
+    own = (context_lens.long() - 1) // chunk_size  # [batch]
+    onehot = torch.zeros(batch, kv_heads, group, splits + 1, dtype=torch.int32, device=q.device)
+    if topk > 1 and blocks:
+        first_pages = block_tables[:, : blocks * pages_per_block : pages_per_block].long()  # [batch, blocks]
+        gates = gate_cache[first_pages]  # [batch, blocks, kv_heads, d]
+        scores = torch.einsum("bkgd,bnkd->bkgn", q.float().view(batch, kv_heads, group, dim), gates)
+        eligible = torch.arange(blocks, device=q.device)[None, :] < own[:, None]  # [batch, blocks]
+        top = top_blocks(scores, eligible[:, None, None, :], topk - 1).long()  # [batch, kv, group, topk-1]
+        onehot.scatter_(3, torch.where(top >= 0, top, splits), 1)
+    head_bits = 1 << torch.arange(group, device=q.device, dtype=torch.int32)  # [group]
+    bits = (onehot[..., :splits] * head_bits[None, None, :, None]).sum(2, dtype=torch.int32)
+    own_bits = torch.zeros_like(bits).scatter_(
+        2, own[:, None, None].expand(batch, kv_heads, 1), (1 << group) - 1
+    )
+    return bits | own_bits
+
+
+def moba_paged_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context: int,
+    page_size: int,
+    gate_cache: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    """MoBA decode: gate against the cached block means, choose blocks, read only those blocks."""
+    chosen = select_decode_blocks(
+        q, gate_cache, block_tables, context_lens, max_context, page_size, chunk_size, topk
+    )
+    return paged_decode(
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        max_context,
+        page_size,
+        chunk_size,
+        scale,
+        chosen,
+    )

@@ -1,0 +1,331 @@
+"""Triton kernels for MoBA on CUDA: gathered-query block attention, the log-sum-exp merge, paged split decode.
+
+Importing this module needs Triton; ``moba_cuda`` imports it only when it runs on a GPU. Scores are kept in
+base-2 units (q·k · scale · log2 e) so the softmax uses ``exp2``; every log-sum-exp written here is base 2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moba_block_attention_kernel(
+    Q,  # [query_rows, heads, HEAD_DIM]; query row = position - q_offset
+    K,  # [seq_len, kv_heads, HEAD_DIM]
+    V,
+    O_part,  # [entries_in_window, HEAD_DIM] normalised partial outputs, indexed by entry_dst
+    LSE_part,  # [entries_in_window] base-2 log-sum-exp of each partial
+    tile_group,  # [tiles] group id = (kv_head * num_chunks + chunk) * GROUP + head_in_group
+    tile_start,  # [tiles] first sorted entry of the tile
+    tile_end,  # [tiles] one past its last sorted entry
+    entry_pos,  # [entries] query position of each sorted entry
+    entry_dst,  # [entries] where its partial goes in O_part / LSE_part
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    q_offset,
+    num_chunks,
+    chunk_size,
+    seq_len,
+    scale_log2,
+    K_desc,  # TensorDescriptor over K viewed as [seq_len, kv_heads * HEAD_DIM] when USE_TMA, else unused
+    V_desc,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """One tile: up to BLOCK_M (query, head) entries that chose the same block, attended to that block."""
+    tile = tl.program_id(0)
+    group = tl.load(tile_group + tile)
+    start = tl.load(tile_start + tile)
+    end = tl.load(tile_end + tile)
+    head_in_group = group % GROUP
+    chunk = (group // GROUP) % num_chunks
+    kv_head = group // (GROUP * num_chunks)
+    head = kv_head * GROUP + head_in_group
+
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    pos = tl.load(entry_pos + rows, mask=row_ok, other=0)
+    last_pos = tl.max(tl.where(row_ok, pos, 0), axis=0)
+    first_pos = tl.min(tl.where(row_ok, pos, 2147483647), axis=0)
+    pos = tl.where(row_ok, pos, last_pos)  # padding rows copy a real one: no all-masked row, no NaN
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (pos - q_offset).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :])  # [BLOCK_M, D]
+
+    kv_start = chunk * chunk_size
+    kv_stop = tl.minimum(tl.minimum(kv_start + chunk_size, last_pos + 1), seq_len)
+    # Keys at or before first_pos are visible to every row of the tile: no causal mask needed there.
+    unmasked_stop = kv_start + ((tl.minimum(first_pos + 1, kv_stop) - kv_start) // BLOCK_N) * BLOCK_N
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(kv_start, unmasked_stop, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if USE_TMA:
+            k = K_desc.load([n0, kv_head * HEAD_DIM])  # [BLOCK_N, D]
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kt + dims[None, :])
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = V_desc.load([n0, kv_head * HEAD_DIM])
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vt + dims[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    for n0 in range(unmasked_stop, kv_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_stop
+        cols64 = cols.to(tl.int64)
+        if USE_TMA:  # rows past the end read as zeros; rows past kv_stop are masked below
+            k = K_desc.load([n0, kv_head * HEAD_DIM])
+        else:
+            k = tl.load(k_base + cols64[:, None] * stride_kt + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where((cols[None, :] <= pos[:, None]) & col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = V_desc.load([n0, kv_head * HEAD_DIM])
+        else:
+            v = tl.load(v_base + cols64[:, None] * stride_vt + dims[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    dst = tl.load(entry_dst + rows, mask=row_ok, other=0)
+    tl.store(
+        O_part + dst[:, None] * HEAD_DIM + dims[None, :],
+        out.to(O_part.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(LSE_part + dst, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def moba_merge_kernel(
+    O_part,  # [rows * num_slots, HEAD_DIM]
+    LSE_part,  # [rows * num_slots] base 2; -inf where the slot is unused
+    Out,  # [rows, HEAD_DIM] (a view of the [tokens, heads, HEAD_DIM] output)
+    num_rows,
+    num_slots,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Out[r] = sum_j w_j O_part[r, j] with w = softmax over j of LSE_part[r, j] (a log-sum-exp merge)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < num_rows
+    dims = tl.arange(0, HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for j in range(num_slots):
+        m = tl.maximum(m, tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf")))
+    m = tl.where(m > float("-inf"), m, 0.0)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    for j in range(num_slots):
+        lse = tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf"))
+        used = lse > float("-inf")
+        w = tl.where(used, tl.exp2(lse - m), 0.0)
+        part = tl.load(
+            O_part + (rows64 * num_slots + j)[:, None] * HEAD_DIM + dims[None, :],
+            mask=(ok & used)[:, None],
+            other=0.0,
+        )
+        acc += w[:, None] * part.to(tl.float32)
+        den += w
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(Out + rows64[:, None] * HEAD_DIM + dims[None, :], out.to(Out.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def paged_split_decode_kernel(
+    Q,  # [batch, heads, HEAD_DIM]
+    K_cache,  # [slots, kv_heads, HEAD_DIM]; slot = page * PAGE + offset
+    V_cache,
+    block_tables,  # [batch, max_pages] int32
+    context_lens,  # [batch] int32, the new token included
+    chosen,  # [batch, kv_heads, num_splits] int32 bitmask: bit i = query head i of the group uses the split
+    O_part,  # [batch, kv_heads, GROUP, num_splits, HEAD_DIM] fp32 (rows = batch * heads, slots = splits)
+    LSE_part,  # [batch, kv_heads, GROUP, num_splits] fp32, base 2; -inf where unused
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    num_kv_heads,
+    num_splits,
+    split_size,
+    scale_log2,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (sequence, KV head, split of split_size keys): the group's query heads that use the split attend
+    to it, reading its keys once from the paged cache. Dense decode marks every split as used."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    kv_head = bh % num_kv_heads
+    part = (bh * num_splits + split).to(tl.int64)
+    heads = tl.arange(0, GROUP_PAD)
+    slot = (bh * GROUP + heads).to(tl.int64) * num_splits + split  # [GROUP_PAD] row-major (head row, split)
+    head_ok = heads < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    bits = tl.load(chosen + part)
+    context = tl.load(context_lens + b)
+    kv_start = split * split_size
+    used = ((bits >> heads) & 1) == 1
+    if (bits == 0) | (kv_start >= context):
+        tl.store(LSE_part + slot, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=head_ok)
+        return
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :],
+        mask=head_ok[:, None],
+        other=0.0,
+    )  # [GROUP_PAD, D]
+    kv_stop = tl.minimum(kv_start + split_size, context)
+    table = block_tables + b.to(tl.int64) * stride_bt
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(kv_start, kv_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_stop
+        page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
+        slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
+        k = tl.load(
+            K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
+        s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    lse = tl.where(used, m_i + tl.log2(l_i), float("-inf"))
+    tl.store(O_part + slot[:, None] * HEAD_DIM + dims[None, :], out, mask=(head_ok & used)[:, None])
+    tl.store(LSE_part + slot, lse, mask=head_ok)
+
+
+@triton.jit
+def moba_prefill_gate_kernel(
+    Q,  # [rows, heads, HEAD_DIM]
+    Gates,  # [num_blocks, kv_heads, HEAD_DIM] float32 mean keys of the complete blocks
+    Chosen,  # [rows, heads, TOPK] int32 out: the TOPK-1 best earlier blocks (-1 = none), own block last
+    first_pos,  # position of row 0
+    num_rows,
+    num_blocks,
+    chunk_size,
+    stride_qt,
+    stride_qh,
+    stride_gb,
+    stride_gh,
+    GROUP: tl.constexpr,
+    TOPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # power of two >= num_blocks
+):
+    """Gate scores of BLOCK_R queries of one head against every block, then TOPK-1 rounds of arg-max
+    (the lowest index wins a tie: the earlier block). Nothing of size rows x rows exists."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1)
+    ok = rows < num_rows
+    own = (first_pos + rows) // chunk_size
+    dims = tl.arange(0, HEAD_DIM)
+    blocks = tl.arange(0, BLOCK_B)
+    q = tl.load(
+        Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    )
+    g = tl.load(
+        Gates + blocks[:, None] * stride_gb + (head // GROUP) * stride_gh + dims[None, :],
+        mask=(blocks < num_blocks)[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision="ieee")  # [BLOCK_R, BLOCK_B]
+    s = tl.where(blocks[None, :] < own[:, None], s, float("-inf"))
+    out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
+    for j in tl.static_range(TOPK - 1):
+        best = tl.max(s, 1)
+        pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
+        tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
+        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
+    tl.store(out + TOPK - 1, own, mask=ok)
+
+
+@triton.jit
+def moba_decode_gate_kernel(
+    Q,  # [batch, heads, HEAD_DIM]
+    Gate_cache,  # [num_pages, kv_heads, HEAD_DIM] float32: a complete block's mean key at its first page
+    block_tables,  # [batch, max_pages] int32
+    context_lens,  # [batch] int32, the new token included
+    Chosen,  # [batch, kv_heads, num_splits] int32 bitmask out, zeroed by the caller
+    stride_qb,
+    stride_qh,
+    stride_gp,
+    stride_gh,
+    stride_bt,
+    num_kv_heads,
+    num_splits,
+    chunk_size,
+    pages_per_block,
+    GROUP: tl.constexpr,
+    TOPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # power of two >= the most complete blocks of any sequence
+):
+    """One (sequence, query head): score the complete earlier blocks, OR the head's bit into the chosen
+    blocks and its own block."""
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    own = (tl.load(context_lens + b) - 1) // chunk_size
+    dims = tl.arange(0, HEAD_DIM)
+    blocks = tl.arange(0, BLOCK_B)
+    valid = blocks < own
+    pages = tl.load(block_tables + b.to(tl.int64) * stride_bt + blocks * pages_per_block, mask=valid, other=0)
+    g = tl.load(
+        Gate_cache + pages.to(tl.int64)[:, None] * stride_gp + kv_head * stride_gh + dims[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )  # [BLOCK_B, D]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + head * stride_qh + dims).to(tl.float32)
+    s = tl.where(valid, tl.sum(g * q[None, :], 1), float("-inf"))  # [BLOCK_B]
+    bits = Chosen + (b * num_kv_heads + kv_head).to(tl.int64) * num_splits
+    bit = 1 << (head % GROUP)
+    for _ in tl.static_range(TOPK - 1):
+        best = tl.max(s, 0)
+        pick = tl.min(tl.where(s == best, blocks, BLOCK_B), 0)
+        tl.atomic_or(bits + pick, bit, mask=best > float("-inf"))
+        s = tl.where(blocks == pick, float("-inf"), s)
+    tl.atomic_or(bits + own, bit)
