@@ -1,4 +1,4 @@
-"""Command-line entry point: serve | controller | worker | api | generate."""
+"""Command-line entry point: serve | controller | worker | api | generate | bench."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="per-step token budget, decodes + prompt chunks (default 256 on CPU, 2048 on GPU); "
+        "smaller keeps streams flowing while long prompts prefill",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,6 +54,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads,
         show_progress=True,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -153,6 +160,12 @@ def _run_server(args: argparse.Namespace) -> int:
     return launcher.run(launcher.serve_all(engine_config, serve_config))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from longserve.clients import bench
+
+    return bench.main(args.bench_args, prog="longserve bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longserve", description="LLM serving with a paged-KV PyTorch engine"
@@ -201,11 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--no-chat", action="store_true", help="raw completion: do not apply the chat template")
     gen.set_defaults(handler=_generate)
+    bench = commands.add_parser(
+        "bench",
+        add_help=False,  # `longserve bench --help` shows the load generator's own options
+        help="load generator: concurrent streaming requests against an OpenAI-compatible server; "
+        "TTFT, inter-token latency, tok/s",
+    )
+    bench.set_defaults(handler=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest  # the load generator parses its own options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -30,7 +30,8 @@ class EngineConfig:
     kv_cache_memory_mb: int = 256  # KV cache size; the number of blocks follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
     max_model_len: int | None = None  # None = the model's context length
-    max_num_batched_tokens: int = 2048  # per-step token budget (prompt chunks + decodes)
+    # Per-step token budget (decodes + prompt chunks); None = by device (default_max_num_batched_tokens).
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64  # sequences running at once
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     show_progress: bool = False  # progress bar while loading
@@ -42,8 +43,16 @@ class EngineConfig:
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
+            if value is None and name == "max_num_batched_tokens":
+                continue  # chosen by device once the engine has placed the model (resolved())
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running sequence's decode must fit in one step, or the last ones would stall.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         self._validate_attention()
@@ -64,10 +73,28 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    def resolved(self, device_type: str) -> EngineConfig:
+        """This config with every by-device default filled in for a model on ``device_type``."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        budget = max(default_max_num_batched_tokens(device_type), self.max_num_seqs)
+        return replace(self, max_num_batched_tokens=budget)
+
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
         """Defaults, then ``LONGSERVE_<FIELD>`` environment variables, then explicit overrides."""
         return cls(**_env_values(cls, overrides))
+
+
+def default_max_num_batched_tokens(device_type: str) -> int:
+    """Per-step token budget that keeps running streams flowing while prompts are prefilled.
+
+    Every step runs all running decodes plus up to the rest of the budget in prompt chunks, so the budget
+    bounds how long a decode waits for its next token. On 2 CPU cores a step costs ~2 ms per prompt token
+    (256: ~0.5 s, 2048: ~5 s, benchmarks/NOTES.md), and smaller chunks cost no throughput there; a GPU
+    prefills 2048 tokens in milliseconds and wants large batches.
+    """
+    return 2048 if device_type == "cuda" else 256
 
 
 def _env_values(cls: type, overrides: dict) -> dict:

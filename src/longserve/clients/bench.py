@@ -225,8 +225,8 @@ async def run_load(config: BenchConfig) -> BenchResult:
     return BenchResult(summarize(results, config.concurrency, duration, peak), results, conf)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="model name (default: the first one the server lists)")
     p.add_argument("-n", "--requests", type=int, default=16, help="total requests")

@@ -69,6 +69,8 @@ class LLMEngine:
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
         del checkpoint
         self.model = model.eval()
+        # By-device defaults (the per-step token budget) follow where the weights ended up.
+        config = self.config = config.resolved(next(model.parameters()).device.type)
         self.model_name = config.model or "SmolLM2-135M-Instruct"
 
         mc = self.model_config
