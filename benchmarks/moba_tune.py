@@ -17,14 +17,14 @@ import _moba_bench as mb  # noqa: E402
 
 from longserve.attention import moba_cuda  # noqa: E402
 
-VARIANTS = [  # (block_m, block_n, num_warps, num_stages, partial dtype, partial budget GiB, TMA loads)
-    (128, 64, 8, 3, torch.float32, 4, False),
-    (128, 64, 8, 3, torch.float32, 4, True),
-    (128, 128, 8, 3, torch.float32, 4, True),
-    (128, 128, 8, 2, torch.float32, 4, True),
-    (128, 64, 8, 4, torch.float32, 4, True),
-    (128, 64, 8, 3, torch.bfloat16, 16, True),
-    (128, 128, 8, 3, torch.bfloat16, 16, True),
+VARIANTS = [  # (block_m, block_n, num_warps, num_stages, partial dtype, partial budget GiB, TMA, warp-specialize)
+    (128, 128, 8, 3, torch.bfloat16, 8, False, False),
+    (128, 128, 8, 3, torch.bfloat16, 8, True, False),
+    (128, 128, 8, 3, torch.bfloat16, 8, False, True),
+    (128, 128, 4, 3, torch.bfloat16, 8, False, True),
+    (128, 64, 4, 3, torch.bfloat16, 8, True, True),
+    (128, 128, 8, 4, torch.bfloat16, 8, False, False),
+    (64, 128, 4, 3, torch.bfloat16, 8, False, False),
 ]
 
 
@@ -53,7 +53,7 @@ def tune(seq: int, chunk: int, topk: int) -> None:
             flops += 4 * heads * dim * (own * (own + 1) / 2 + own * earlier * chunk)
         print(f"tokens {seq}: blocks {chosen_blocks}, {flops / 1e12:.1f} TFLOP")
         ref = None
-        for block_m, block_n, warps, stages, pdtype, budget, tma in VARIANTS:
+        for block_m, block_n, warps, stages, pdtype, budget, tma, ws in VARIANTS:
             window = max(1024, (budget << 30) // (heads * topk * dim * pdtype.itemsize))
 
             def run(
@@ -68,10 +68,11 @@ def tune(seq: int, chunk: int, topk: int) -> None:
                 pdtype=pdtype,
                 window=window,
                 tma=tma,
+                ws=ws,
             ):
                 return moba_cuda.moba_prefill_sequence(
                     q, k, v, chunk, topk, scale, window_tokens=window, partial_dtype=pdtype,
-                    block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, use_tma=tma,
+                    block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, use_tma=tma, warp_specialize=ws,
                 )  # fmt: skip
 
             try:
@@ -80,7 +81,7 @@ def tune(seq: int, chunk: int, topk: int) -> None:
                 ref = out if ref is None else ref
                 diff = mb.rel_error(out.float(), ref.double())
                 print(
-                    f"  bm={block_m} bn={block_n} w={warps} s={stages} {str(pdtype)[6:]} window={window} tma={tma}: "
+                    f"  bm={block_m} bn={block_n} w={warps} s={stages} {str(pdtype)[6:]} window={window} tma={tma} ws={ws}: "
                     f"{ms:.1f} ms, {flops / ms / 1e9:.0f} TFLOP/s, vs first {diff:.1e}",
                     flush=True,
                 )

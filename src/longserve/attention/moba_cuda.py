@@ -14,6 +14,7 @@ paged cache for the group's query heads that chose it, so a block is read once h
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -72,6 +73,7 @@ def select_prefill_blocks(
             q, gates, chosen, int(positions[0]), rows, blocks, chunk_size,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
             GROUP=heads // kv_heads, TOPK=topk, HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_B=block_b,
+            PRECISION="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3",
         )  # fmt: skip
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]
@@ -99,8 +101,9 @@ def _tiles(
     keys: torch.Tensor, num_groups: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each run of equal sorted keys into tiles of at most block_m entries: (group, start, end) per tile."""
-    counts = torch.bincount(keys, minlength=num_groups)
-    group_start = torch.cumsum(counts, 0) - counts
+    # keys are sorted: each group's start is a binary search (a histogram would contend on atomics)
+    bounds = torch.searchsorted(keys, torch.arange(num_groups + 1, device=keys.device, dtype=keys.dtype))
+    group_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     tiles_per_group = (counts + block_m - 1) // block_m
     tile_offset = torch.cumsum(tiles_per_group, 0) - tiles_per_group
     num_tiles = int(tiles_per_group.sum())
@@ -122,12 +125,13 @@ def moba_prefill_sequence(
     scale: float,
     out: torch.Tensor | None = None,  # [queries, heads, d] contiguous, written in place
     window_tokens: int | None = None,
-    partial_dtype: torch.dtype = torch.float32,
+    partial_dtype: torch.dtype = torch.bfloat16,
     block_m: int = 128,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 8,
     num_stages: int = 3,
     use_tma: bool = False,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA."""
     from longserve.attention.moba_triton import moba_block_attention_kernel
@@ -140,8 +144,8 @@ def moba_prefill_sequence(
     num_chunks = math.ceil(seq / chunk_size)
     gates = gate_keys(k, chunk_size)
     num_groups = kv_heads * num_chunks * group
-    if window_tokens is None:  # partials of ~4 GiB per window
-        window_tokens = max(1024, (4 << 30) // (heads * topk * dim * partial_dtype.itemsize))
+    if window_tokens is None:  # partials of ~8 GiB per window: fewer, fuller tiles per block
+        window_tokens = max(1024, (8 << 30) // (heads * topk * dim * partial_dtype.itemsize))
     k_desc = v_desc = None
     if use_tma:  # Hopper bulk copies of [block_n, d] tiles out of the [seq, kv_heads * d] key/value rows
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -170,6 +174,7 @@ def moba_prefill_sequence(
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 q_start, num_chunks, chunk_size, seq, scale * _LOG2E, k_desc, v_desc,
                 GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
+                WARP_SPECIALIZE=warp_specialize,
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
         _merge(o_part, lse_part, out[w0 : w0 + rows], rows * heads, topk)

@@ -40,6 +40,7 @@ def moba_block_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """One tile: up to BLOCK_M (query, head) entries that chose the same block, attended to that block."""
     tile = tl.program_id(0)
@@ -71,7 +72,7 @@ def moba_block_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(kv_start, unmasked_stop, BLOCK_N):
+    for n0 in tl.range(kv_start, unmasked_stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         if USE_TMA:
             k = K_desc.load([n0, kv_head * HEAD_DIM])  # [BLOCK_N, D]
@@ -253,6 +254,7 @@ def moba_prefill_gate_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,  # power of two >= num_blocks
+    PRECISION: tl.constexpr,  # "tf32x3" on GPUs, "ieee" in the interpreter
 ):
     """Gate scores of BLOCK_R queries of one head against every block, then TOPK-1 rounds of arg-max
     (the lowest index wins a tie: the earlier block). Nothing of size rows x rows exists."""
@@ -272,7 +274,8 @@ def moba_prefill_gate_kernel(
         mask=(blocks < num_blocks)[:, None],
         other=0.0,
     )
-    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision="ieee")  # [BLOCK_R, BLOCK_B]
+    # tf32x3: three tensor-core products give float32 accuracy (plain "ieee" runs on the FMA units, 10x slower)
+    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
     s = tl.where(blocks[None, :] < own[:, None], s, float("-inf"))
     out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
     for j in tl.static_range(TOPK - 1):
