@@ -20,11 +20,9 @@ from longserve.attention import moba_cuda  # noqa: E402
 VARIANTS = [  # (block_m, block_n, num_warps, num_stages, partial dtype, partial budget GiB, TMA, warp-specialize)
     (128, 128, 8, 3, torch.bfloat16, 8, False, False),
     (128, 128, 8, 3, torch.bfloat16, 8, True, False),
-    (128, 128, 8, 3, torch.bfloat16, 8, False, True),
-    (128, 128, 4, 3, torch.bfloat16, 8, False, True),
-    (128, 64, 4, 3, torch.bfloat16, 8, True, True),
-    (128, 128, 8, 4, torch.bfloat16, 8, False, False),
-    (64, 128, 4, 3, torch.bfloat16, 8, False, False),
+    (128, 128, 8, 3, torch.bfloat16, 8, True, True),
+    (128, 128, 8, 2, torch.bfloat16, 8, True, False),
+    (128, 64, 8, 3, torch.bfloat16, 8, True, False),
 ]
 
 

@@ -78,16 +78,16 @@ def moba_block_attention_kernel(
             k = K_desc.load([n0, kv_head * HEAD_DIM])  # [BLOCK_N, D]
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + dims[None, :])
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], unscaled: the scale folds into one FMA below
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
             v = tl.load(v_base + cols[:, None] * stride_vt + dims[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate inside the matrix instruction
         m_i = m_new
     for n0 in range(unmasked_stop, kv_stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -107,7 +107,7 @@ def moba_block_attention_kernel(
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
             v = tl.load(v_base + cols64[:, None] * stride_vt + dims[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     out = acc / l_i[:, None]
