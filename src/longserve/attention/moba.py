@@ -1,9 +1,9 @@
 """MoBA attention in plain PyTorch: the packed-sequence reference and the paged ``moba`` engine backend.
 
 Each query attends its own block causally plus the ``topk - 1`` earlier blocks its gating picks
-(moba_gating.py). Both paths turn the selection into a boolean key mask and run one softmax over the union
-of chosen keys through ``F.scaled_dot_product_attention``, a slice of query rows at a time so memory stays
-bounded by ``rows x keys``. That costs as much compute as dense attention on CPU: it is the correct,
+(moba_gating.py). Both paths turn the selection into an additive key mask (0 or -inf) and run one softmax
+over the union of chosen keys through ``F.scaled_dot_product_attention``, a slice of query rows at a time so
+memory stays bounded by ``rows x keys``. That costs as much compute as dense attention on CPU: it is the correct,
 readable version; block-sparse kernels for CUDA plug in at ``MobaAttention._prefill_span``.
 """
 
@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.moba_gating import (
     gating_dtype,
+    moba_attention_bias,
     moba_gate_keys,
-    moba_key_mask,
     pick_blocks,
     select_moba_blocks,
     validate_moba_params,
 )
 from longserve.attention.paged_cache import LayerKVCache
 
-QUERY_ROWS = 512  # query rows per SDPA call: the mask and scores are [heads, rows, keys]
+MAX_QUERY_ROWS = 1024  # query rows per SDPA call: the mask and scores are [heads, rows, keys] ...
+MASK_ELEMENTS = 1 << 26  # ... and that is kept under this many elements (256 MB of float32) where it can be
 
 
 def moba_attend(
@@ -36,27 +37,29 @@ def moba_attend(
     chunk_size: int,
     topk: int,
     scale: float,
-    query_rows: int = QUERY_ROWS,
+    query_rows: int | None = None,
 ) -> torch.Tensor:
     """MoBA attention of one sequence's queries over its keys, computed in q's dtype.
 
     q [queries, heads, d] sits at absolute ``positions`` [queries] (ascending); keys/values
     [context, kv_heads, d] hold positions ``0 .. context - 1`` and reach at least the last query.
-    Returns [queries, heads, d].
+    Returns [queries, heads, d]. ``query_rows``: rows per slice (default: from MAX_QUERY_ROWS, MASK_ELEMENTS).
     """
     gate_keys = moba_gate_keys(keys, chunk_size)  # [complete chunks, kv_heads, d]
+    if query_rows is None:
+        query_rows = max(16, min(MAX_QUERY_ROWS, MASK_ELEMENTS // (q.shape[1] * max(1, keys.shape[0]))))
     out = torch.empty_like(q)
     for start in range(0, q.shape[0], query_rows):
         rows = slice(start, start + query_rows)
         row_pos = positions[rows]
         num_keys = int(row_pos[-1]) + 1  # later keys are causally masked for every row of this slice
         selected = select_moba_blocks(q[rows], gate_keys, row_pos, chunk_size, topk)  # [rows, heads, topk-1]
-        mask = moba_key_mask(selected, row_pos, num_keys, chunk_size)  # [heads, rows, num_keys]
+        bias = moba_attention_bias(selected, row_pos, num_keys, chunk_size, q.dtype)  # [heads, rows, keys]
         attended = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, rows, d]
             keys[:num_keys].to(q.dtype).transpose(0, 1).unsqueeze(0),  # [1, kv_heads, num_keys, d]
             values[:num_keys].to(q.dtype).transpose(0, 1).unsqueeze(0),
-            attn_mask=mask.unsqueeze(0),
+            attn_mask=bias.unsqueeze(0),
             scale=scale,
             enable_gqa=True,
         )  # [1, heads, rows, d]
@@ -158,13 +161,13 @@ class MobaAttention:
         grouped = q.to(gate_keys.dtype).view(batch, shape[2], -1, shape[3])  # [batch, kv_heads, group, d]
         scores = torch.einsum("bkgd,bnkd->bkgn", grouped, gate_keys).reshape(batch, q.shape[1], num_chunks)
         selected = pick_blocks(scores, positions, self.chunk_size, self.topk)  # [batch, heads, topk - 1]
-        # Row i of the [heads, batch, keys] mask is decode i's own key mask; padding lies after its position.
-        mask = moba_key_mask(selected, positions, max_context, self.chunk_size).transpose(0, 1)
+        # Row i of the [heads, batch, keys] bias is decode i's own; its padding lies after its position.
+        bias = moba_attention_bias(selected, positions, max_context, self.chunk_size, keys.dtype)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2).to(keys.dtype),  # [batch, heads, 1, d]
             keys.transpose(1, 2),  # [batch, kv_heads, max_context, d]
             values.transpose(1, 2),
-            attn_mask=mask.unsqueeze(2),  # [batch, heads, 1, max_context]
+            attn_mask=bias.transpose(0, 1).unsqueeze(2),  # [batch, heads, 1, max_context]
             scale=scale,
             enable_gqa=True,
         )  # [batch, heads, 1, d]

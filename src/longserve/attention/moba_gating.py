@@ -85,23 +85,22 @@ def select_moba_blocks(
     return out
 
 
-def moba_key_mask(
-    selected: torch.Tensor, positions: torch.Tensor, num_keys: int, chunk_size: int
+def moba_attention_bias(
+    selected: torch.Tensor, positions: torch.Tensor, num_keys: int, chunk_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """bool [heads, tokens, num_keys]: True where query row i (at ``positions[i]``) attends key j (position j):
-    j lies in a selected block ([tokens, heads, topk - 1], -1 = none), or in the query's own block at or
-    before the query."""
+    """Additive attention mask [heads, tokens, num_keys] of ``dtype``: 0 where query row i (at
+    ``positions[i]``) attends key j (at position j), -inf elsewhere. Attended: keys of the selected blocks
+    (``selected`` [tokens, heads, topk - 1], -1 = none) and keys of the query's own block up to the query."""
     tokens, heads, _ = selected.shape
     device = selected.device
     num_blocks = -(-num_keys // chunk_size)
-    # One spare column absorbs the -1 (no block) entries, then is dropped.
-    chosen = torch.zeros(heads, tokens, num_blocks + 1, dtype=torch.bool, device=device)
-    index = selected.masked_fill(selected < 0, num_blocks).transpose(0, 1)  # [heads, tokens, topk - 1]
-    chosen.scatter_(-1, index, True)
-    key_pos = torch.arange(num_keys, device=device)
-    key_block = key_pos // chunk_size  # [keys]
-    mask = chosen[..., key_block]  # [heads, tokens, keys]
-    positions = positions.to(device)
-    in_own_block = key_block[None, :] == (positions // chunk_size)[:, None]  # [tokens, keys]
-    causal = key_pos[None, :] <= positions[:, None]
-    return mask | (in_own_block & causal)[None]
+    own = positions.to(device) // chunk_size  # [tokens]
+    # Block level first, one spare column absorbing the -1 (no block) entries; then widened to keys by
+    # repetition, far cheaper than gathering a [heads, tokens, keys] mask key by key.
+    blocks = torch.full((heads, tokens, num_blocks + 1), float("-inf"), dtype=dtype, device=device)
+    blocks.scatter_(-1, selected.masked_fill(selected < 0, num_blocks).transpose(0, 1), 0.0)
+    blocks.scatter_(-1, own.view(1, tokens, 1).expand(heads, tokens, 1), 0.0)
+    bias = blocks[..., :num_blocks].repeat_interleave(chunk_size, dim=-1)[..., :num_keys]  # a fresh tensor
+    # Chosen blocks all precede the query's own block, so the keys after the query are exactly the future.
+    future = torch.arange(num_keys, device=device)[None, :] > positions.to(device)[:, None]  # [tokens, keys]
+    return bias.masked_fill_(future[None], float("-inf"))
