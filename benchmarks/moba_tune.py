@@ -24,6 +24,15 @@ VARIANTS = [  # (block_m, block_n, num_warps, num_stages, partial dtype, partial
     (128, 128, 8, 2, torch.bfloat16, 8, True, False),
     (128, 64, 8, 3, torch.bfloat16, 8, True, False),
 ]
+GATE_VARIANTS = [
+    {"packed": True},
+    {"packed": True, "block_r": 64, "num_warps": 8},
+    {"packed": True, "block_r": 16},
+    {"packed": False, "block_r": 16},
+    {"packed": False, "block_r": 64, "num_warps": 8},
+    {"packed": True, "precision": "tf32"},
+    {"packed": False, "precision": "ieee"},
+]
 
 
 def main() -> None:
@@ -31,12 +40,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=[131072])
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--topk", type=int, default=12)
+    parser.add_argument("--variants", type=int, default=len(VARIANTS), help="try only the first N variants")
     args = parser.parse_args()
     for seq in args.tokens:
-        tune(seq, args.chunk, args.topk)
+        tune(seq, args.chunk, args.topk, VARIANTS[: args.variants])
 
 
-def tune(seq: int, chunk: int, topk: int) -> None:
+def tune(seq: int, chunk: int, topk: int, variants: list) -> None:
     heads, kv_heads, dim = 32, 8, 128
     if True:
         q = torch.randn(seq, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -51,7 +61,7 @@ def tune(seq: int, chunk: int, topk: int) -> None:
             flops += 4 * heads * dim * (own * (own + 1) / 2 + own * earlier * chunk)
         print(f"tokens {seq}: blocks {chosen_blocks}, {flops / 1e12:.1f} TFLOP")
         ref = None
-        for block_m, block_n, warps, stages, pdtype, budget, tma, ws in VARIANTS:
+        for block_m, block_n, warps, stages, pdtype, budget, tma, ws in variants:
             window = max(1024, (budget << 30) // (heads * topk * dim * pdtype.itemsize))
 
             def run(
@@ -91,6 +101,21 @@ def tune(seq: int, chunk: int, topk: int) -> None:
         gates = moba_cuda.gate_keys(k, chunk)
         sel_ms = mb.time_ms(lambda: moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk), 3)
         print(f"  gating + selection alone: {sel_ms:.1f} ms")
+        for opts in GATE_VARIANTS:
+
+            def gate(opts=opts, q=q, positions=positions, gates=gates) -> torch.Tensor:
+                return moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk, gate_options=opts)
+
+            try:
+                same = bool(
+                    torch.equal(gate(), moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk))
+                )
+                print(
+                    f"  gating {opts}: {mb.time_ms(gate, 3):.1f} ms, same choice as default: {same}",
+                    flush=True,
+                )
+            except Exception as exc:
+                print(f"  gating {opts}: {type(exc).__name__} {str(exc)[:200]}")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             moba_cuda.moba_prefill_sequence(q, k, v, chunk, topk, scale)
             torch.cuda.synchronize()

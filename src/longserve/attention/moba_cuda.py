@@ -54,7 +54,12 @@ def gate_keys(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def select_prefill_blocks(
-    q: torch.Tensor, positions: torch.Tensor, gates: torch.Tensor, chunk_size: int, topk: int
+    q: torch.Tensor,
+    positions: torch.Tensor,
+    gates: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    gate_options: dict | None = None,
 ) -> torch.Tensor:
     """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
 
@@ -68,12 +73,16 @@ def select_prefill_blocks(
     if _gate_kernel_ok(q, block_b):
         from longserve.attention.moba_triton import moba_prefill_gate_kernel
 
-        block_r = max(16, min(64, 8192 // block_b))
+        opts = {"block_r": max(16, min(64, 8192 // block_b)), "num_warps": 4, "packed": False}
+        opts.update(gate_options or {})
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        block_r = opts["block_r"]
         moba_prefill_gate_kernel[(-(-rows // block_r), heads)](
             q, gates, chosen, int(positions[0]), rows, blocks, chunk_size,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
             GROUP=heads // kv_heads, TOPK=topk, HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_B=block_b,
-            PRECISION="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3",
+            PRECISION="ieee" if interpret else opts.get("precision", "tf32x3"), PACKED=opts["packed"],
+            num_warps=opts["num_warps"],
         )  # fmt: skip
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]

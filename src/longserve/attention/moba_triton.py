@@ -255,6 +255,7 @@ def moba_prefill_gate_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,  # power of two >= num_blocks
     PRECISION: tl.constexpr,  # "tf32x3" on GPUs, "ieee" in the interpreter
+    PACKED: tl.constexpr,  # select on (score, block) packed in one int64: one reduction per round
 ):
     """Gate scores of BLOCK_R queries of one head against every block, then TOPK-1 rounds of arg-max
     (the lowest index wins a tie: the earlier block). Nothing of size rows x rows exists."""
@@ -278,11 +279,21 @@ def moba_prefill_gate_kernel(
     s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
     s = tl.where(blocks[None, :] < own[:, None], s, float("-inf"))
     out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
-    for j in tl.static_range(TOPK - 1):
-        best = tl.max(s, 1)
-        pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
-        tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
-        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
+    if PACKED:
+        bits = (s + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into 0.0
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # same order as the floats
+        key = (ordered.to(tl.int64) << 32) | (BLOCK_B - 1 - blocks)[None, :].to(tl.int64)  # ties: earlier
+        for j in tl.static_range(TOPK - 1):
+            best = tl.max(key, 1)
+            pick = BLOCK_B - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+            tl.store(out + j, tl.where(pick < own, pick, -1), mask=ok)  # only -inf (ineligible) left
+            key = tl.where(key == best[:, None], -9223372036854775807, key)
+    else:
+        for j in tl.static_range(TOPK - 1):
+            best = tl.max(s, 1)
+            pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
+            tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
+            s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
     tl.store(out + TOPK - 1, own, mask=ok)
 
 
