@@ -24,15 +24,6 @@ VARIANTS = [  # (block_m, block_n, num_warps, num_stages, partial dtype, partial
     (128, 128, 8, 2, torch.bfloat16, 8, True, False),
     (128, 64, 8, 3, torch.bfloat16, 8, True, False),
 ]
-GATE_VARIANTS = [
-    {"packed": True},
-    {"packed": True, "block_r": 64, "num_warps": 8},
-    {"packed": True, "block_r": 16},
-    {"packed": False, "block_r": 16},
-    {"packed": False, "block_r": 64, "num_warps": 8},
-    {"packed": True, "precision": "tf32"},
-    {"packed": False, "precision": "ieee"},
-]
 
 
 def main() -> None:
@@ -101,21 +92,6 @@ def tune(seq: int, chunk: int, topk: int, variants: list) -> None:
         gates = moba_cuda.gate_keys(k, chunk)
         sel_ms = mb.time_ms(lambda: moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk), 3)
         print(f"  gating + selection alone: {sel_ms:.1f} ms")
-        for opts in GATE_VARIANTS:
-
-            def gate(opts=opts, q=q, positions=positions, gates=gates) -> torch.Tensor:
-                return moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk, gate_options=opts)
-
-            try:
-                same = bool(
-                    torch.equal(gate(), moba_cuda.select_prefill_blocks(q, positions, gates, chunk, topk))
-                )
-                print(
-                    f"  gating {opts}: {mb.time_ms(gate, 3):.1f} ms, same choice as default: {same}",
-                    flush=True,
-                )
-            except Exception as exc:
-                print(f"  gating {opts}: {type(exc).__name__} {str(exc)[:200]}")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             moba_cuda.moba_prefill_sequence(q, k, v, chunk, topk, scale)
             torch.cuda.synchronize()

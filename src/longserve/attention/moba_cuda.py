@@ -14,7 +14,6 @@ paged cache for the group's query heads that chose it, so a block is read once h
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -54,35 +53,31 @@ def gate_keys(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def select_prefill_blocks(
-    q: torch.Tensor,
-    positions: torch.Tensor,
-    gates: torch.Tensor,
-    chunk_size: int,
-    topk: int,
-    gate_options: dict | None = None,
+    q: torch.Tensor, positions: torch.Tensor, gates: torch.Tensor, chunk_size: int, topk: int
 ) -> torch.Tensor:
     """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
 
-    ``positions`` are consecutive (row i sits at positions[0] + i)."""
+    ``positions`` are consecutive (row i sits at positions[0] + i). Scores are float32 matmuls (cuBLAS on a
+    GPU); on CUDA a Triton kernel then picks the blocks, which torch.topk does ~20x slower at these shapes.
+    """
     rows, heads, dim = q.shape
     kv_heads, blocks = gates.shape[1], gates.shape[0]
+    group = heads // kv_heads
     chosen = torch.empty(rows, heads, topk, dtype=torch.int32, device=q.device)
     if rows == 0:
         return chosen
     block_b = max(16, _next_pow2(blocks))
     if _gate_kernel_ok(q, block_b):
-        from longserve.attention.moba_triton import moba_prefill_gate_kernel
+        from longserve.attention.moba_triton import moba_prefill_topk_kernel
 
-        opts = {"block_r": max(16, min(64, 8192 // block_b)), "num_warps": 4, "packed": False}
-        opts.update(gate_options or {})
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        block_r = opts["block_r"]
-        moba_prefill_gate_kernel[(-(-rows // block_r), heads)](
-            q, gates, chosen, int(positions[0]), rows, blocks, chunk_size,
-            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
-            GROUP=heads // kv_heads, TOPK=topk, HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_B=block_b,
-            PRECISION="ieee" if interpret else opts.get("precision", "tf32x3"), PACKED=opts["packed"],
-            num_warps=opts["num_warps"],
+        scores = torch.bmm(
+            q.float().view(rows, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, rows * group, dim),
+            gates.permute(1, 2, 0),
+        )  # [kv_heads, rows * group, blocks]
+        block_r = max(16, min(64, 8192 // block_b))
+        moba_prefill_topk_kernel[(-(-rows // block_r), heads)](
+            scores, chosen, int(positions[0]), rows, blocks, chunk_size,
+            GROUP=group, TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b,
         )  # fmt: skip
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]
@@ -92,7 +87,7 @@ def select_prefill_blocks(
     eligible = torch.arange(blocks, device=q.device)[None, None, :] < own[:, None, None]  # [rows, 1, blocks]
     step = max(1, (1 << 27) // max(1, heads * blocks))  # bound the [rows, heads, blocks] score tensors
     for r0 in range(0, rows, step):
-        qs = q[r0 : r0 + step].float().view(-1, kv_heads, heads // kv_heads, dim)
+        qs = q[r0 : r0 + step].float().view(-1, kv_heads, group, dim)
         scores = torch.einsum("rkgd,nkd->rkgn", qs, gates).reshape(qs.shape[0], heads, blocks)
         chosen[r0 : r0 + step, :, :-1] = top_blocks(scores, eligible[r0 : r0 + step], topk - 1)
     return chosen

@@ -237,63 +237,37 @@ def paged_split_decode_kernel(
 
 
 @triton.jit
-def moba_prefill_gate_kernel(
-    Q,  # [rows, heads, HEAD_DIM]
-    Gates,  # [num_blocks, kv_heads, HEAD_DIM] float32 mean keys of the complete blocks
+def moba_prefill_topk_kernel(
+    Scores,  # [kv_heads, rows * GROUP, num_blocks] float32 gate scores (one batched matmul per window)
     Chosen,  # [rows, heads, TOPK] int32 out: the TOPK-1 best earlier blocks (-1 = none), own block last
     first_pos,  # position of row 0
     num_rows,
     num_blocks,
     chunk_size,
-    stride_qt,
-    stride_qh,
-    stride_gb,
-    stride_gh,
     GROUP: tl.constexpr,
     TOPK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,  # power of two >= num_blocks
-    PRECISION: tl.constexpr,  # "tf32x3" on GPUs, "ieee" in the interpreter
-    PACKED: tl.constexpr,  # select on (score, block) packed in one int64: one reduction per round
 ):
-    """Gate scores of BLOCK_R queries of one head against every block, then TOPK-1 rounds of arg-max
-    (the lowest index wins a tie: the earlier block). Nothing of size rows x rows exists."""
+    """TOPK-1 rounds of arg-max over each query's eligible blocks (the lowest index wins a tie: the
+    earlier block), for BLOCK_R queries of one head."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     ok = rows < num_rows
     own = (first_pos + rows) // chunk_size
-    dims = tl.arange(0, HEAD_DIM)
     blocks = tl.arange(0, BLOCK_B)
-    q = tl.load(
-        Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-        mask=ok[:, None],
-        other=0.0,
-    )
-    g = tl.load(
-        Gates + blocks[:, None] * stride_gb + (head // GROUP) * stride_gh + dims[None, :],
-        mask=(blocks < num_blocks)[:, None],
-        other=0.0,
-    )
-    # tf32x3: three tensor-core products give float32 accuracy (plain "ieee" runs on the FMA units, 10x slower)
-    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
-    s = tl.where(blocks[None, :] < own[:, None], s, float("-inf"))
+    score_rows = (head // GROUP) * num_rows * GROUP + rows.to(tl.int64) * GROUP + head % GROUP
+    s = tl.load(
+        Scores + score_rows[:, None] * num_blocks + blocks[None, :],
+        mask=ok[:, None] & (blocks[None, :] < own[:, None]),
+        other=float("-inf"),
+    )  # [BLOCK_R, BLOCK_B]; blocks at or after the own block are not eligible
     out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
-    if PACKED:
-        bits = (s + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into 0.0
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # same order as the floats
-        key = (ordered.to(tl.int64) << 32) | (BLOCK_B - 1 - blocks)[None, :].to(tl.int64)  # ties: earlier
-        for j in tl.static_range(TOPK - 1):
-            best = tl.max(key, 1)
-            pick = BLOCK_B - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-            tl.store(out + j, tl.where(pick < own, pick, -1), mask=ok)  # only -inf (ineligible) left
-            key = tl.where(key == best[:, None], -9223372036854775807, key)
-    else:
-        for j in tl.static_range(TOPK - 1):
-            best = tl.max(s, 1)
-            pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
-            tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
-            s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
+    for j in tl.static_range(TOPK - 1):
+        best = tl.max(s, 1)
+        pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
+        tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
+        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
     tl.store(out + TOPK - 1, own, mask=ok)
 
 
