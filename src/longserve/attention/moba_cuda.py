@@ -14,6 +14,7 @@ paged cache for the group's query heads that chose it, so a block is read once h
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -57,8 +58,9 @@ def select_prefill_blocks(
 ) -> torch.Tensor:
     """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
 
-    ``positions`` are consecutive (row i sits at positions[0] + i). Scores are float32 matmuls (cuBLAS on a
-    GPU); on CUDA a Triton kernel then picks the blocks, which torch.topk does ~20x slower at these shapes.
+    ``positions`` are consecutive (row i sits at positions[0] + i). On CUDA, Triton kernels compute the
+    scores in float32 accuracy (skipping blocks no row may choose) and pick the blocks; torch.topk is ~20x
+    slower at these shapes.
     """
     rows, heads, dim = q.shape
     kv_heads, blocks = gates.shape[1], gates.shape[0]
@@ -68,17 +70,22 @@ def select_prefill_blocks(
         return chosen
     block_b = max(16, _next_pow2(blocks))
     if _gate_kernel_ok(q, block_b):
-        from longserve.attention.moba_triton import moba_prefill_topk_kernel
+        from longserve.attention.moba_triton import moba_gate_scores_kernel, moba_prefill_topk_kernel
 
-        scores = torch.bmm(
-            q.float().view(rows, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, rows * group, dim),
-            gates.permute(1, 2, 0),
-        )  # [kv_heads, rows * group, blocks]
+        first = int(positions[0])
+        scores = torch.empty(rows, heads, max(blocks, 1), dtype=torch.float32, device=q.device)
+        if blocks:
+            tile_b = 64 if blocks > 32 else 32
+            moba_gate_scores_kernel[(-(-rows // 128), heads, -(-blocks // tile_b))](
+                q, gates, scores, first, rows, heads, blocks, chunk_size,
+                q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
+                GROUP=group, HEAD_DIM=dim, BLOCK_R=128, BLOCK_B=tile_b,
+                PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=8,
+            )  # fmt: skip
         block_r = max(16, min(64, 8192 // block_b))
         moba_prefill_topk_kernel[(-(-rows // block_r), heads)](
-            scores, chosen, int(positions[0]), rows, blocks, chunk_size,
-            GROUP=group, TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b,
-        )  # fmt: skip
+            scores, chosen, first, rows, blocks, chunk_size, TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b
+        )
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]
     chosen[:, :, -1] = own[:, None]
@@ -91,6 +98,10 @@ def select_prefill_blocks(
         scores = torch.einsum("rkgd,nkd->rkgn", qs, gates).reshape(qs.shape[0], heads, blocks)
         chosen[r0 : r0 + step, :, :-1] = top_blocks(scores, eligible[r0 : r0 + step], topk - 1)
     return chosen
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _gate_kernel_ok(q: torch.Tensor, block_b: int) -> bool:

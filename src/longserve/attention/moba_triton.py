@@ -237,14 +237,56 @@ def paged_split_decode_kernel(
 
 
 @triton.jit
+def moba_gate_scores_kernel(
+    Q,  # [rows, heads, HEAD_DIM]
+    Gates,  # [num_blocks, kv_heads, HEAD_DIM] float32 mean keys of the complete blocks
+    Scores,  # [rows, heads, num_blocks] float32 out; only eligible (earlier) blocks are written
+    first_pos,
+    num_rows,
+    num_heads,
+    num_blocks,
+    chunk_size,
+    stride_qt,
+    stride_qh,
+    stride_gb,
+    stride_gh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,  # "tf32x3" (float32 accuracy on tensor cores) on GPUs, "ieee" in the interpreter
+):
+    """One [BLOCK_R queries x BLOCK_B blocks] tile of q·gate for one head; tiles no query may choose from
+    (blocks at or after every row's own block) are skipped."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1)
+    blocks = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    last_own = (first_pos + tl.minimum((tl.program_id(0) + 1) * BLOCK_R, num_rows) - 1) // chunk_size
+    if tl.program_id(2) * BLOCK_B >= last_own:
+        return
+    ok = rows < num_rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=ok[:, None]
+    )
+    g = tl.load(
+        Gates + blocks[:, None] * stride_gb + (head // GROUP) * stride_gh + dims[None, :],
+        mask=(blocks < num_blocks)[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
+    out = Scores + (rows.to(tl.int64) * num_heads + head)[:, None] * num_blocks + blocks[None, :]
+    tl.store(out, s, mask=ok[:, None] & (blocks < num_blocks)[None, :])
+
+
+@triton.jit
 def moba_prefill_topk_kernel(
-    Scores,  # [kv_heads, rows * GROUP, num_blocks] float32 gate scores (one batched matmul per window)
+    Scores,  # [rows, heads, num_blocks] float32 gate scores; only eligible blocks are read
     Chosen,  # [rows, heads, TOPK] int32 out: the TOPK-1 best earlier blocks (-1 = none), own block last
     first_pos,  # position of row 0
     num_rows,
     num_blocks,
     chunk_size,
-    GROUP: tl.constexpr,
     TOPK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,  # power of two >= num_blocks
@@ -256,7 +298,7 @@ def moba_prefill_topk_kernel(
     ok = rows < num_rows
     own = (first_pos + rows) // chunk_size
     blocks = tl.arange(0, BLOCK_B)
-    score_rows = (head // GROUP) * num_rows * GROUP + rows.to(tl.int64) * GROUP + head % GROUP
+    score_rows = rows.to(tl.int64) * tl.num_programs(1) + head
     s = tl.load(
         Scores + score_rows[:, None] * num_blocks + blocks[None, :],
         mask=ok[:, None] & (blocks[None, :] < own[:, None]),
