@@ -145,7 +145,7 @@ def moba_prefill_sequence(
     block_n: int = 128,
     num_warps: int = 8,
     num_stages: int = 3,
-    use_tma: bool = False,
+    use_tma: bool | None = None,  # None: on Hopper and newer (bulk tensor copies; ~5% faster at 1M tokens)
     warp_specialize: bool = False,
 ) -> torch.Tensor:
     """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA."""
@@ -162,6 +162,8 @@ def moba_prefill_sequence(
     if window_tokens is None:  # partials of ~8 GiB per window: fewer, fuller tiles per block
         window_tokens = max(1024, (8 << 30) // (heads * topk * dim * partial_dtype.itemsize))
     k_desc = v_desc = None
+    if use_tma is None:
+        use_tma = torch.cuda.get_device_capability(q.device)[0] >= 9
     if use_tma:  # Hopper bulk copies of [block_n, d] tiles out of the [seq, kv_heads * d] key/value rows
         from triton.tools.tensor_descriptor import TensorDescriptor
 
