@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,10 +31,25 @@ class AttentionMetadata:
     # None when all decode contexts have the same length (no padding)
     decode_context_lens: list[int]  # context length of each decode sequence (including the new token)
     prefills: list[PrefillSpan]
+    block_size: int = 16  # tokens per cache block: slot // block_size is the block (page) of a slot
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        """The same layout with its index tensors on ``device`` (built on the CPU, used where the cache is)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(
+            self,
+            slot_mapping=move(self.slot_mapping),
+            decode_slots=move(self.decode_slots),
+            decode_mask=move(self.decode_mask),
+            prefills=[replace(span, context_slots=move(span.context_slots)) for span in self.prefills],
+        )
 
 
 def context_slots(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
@@ -91,4 +106,5 @@ def build_attention_metadata(
         decode_mask=decode_mask,
         decode_context_lens=decode_lens,
         prefills=prefills,
+        block_size=block_size,
     )

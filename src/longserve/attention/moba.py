@@ -4,7 +4,7 @@ Each query attends its own block causally plus the ``topk - 1`` earlier blocks i
 (moba_gating.py). Both paths turn the selection into an additive key mask (0 or -inf) and run one softmax
 over the union of chosen keys through ``F.scaled_dot_product_attention``, a slice of query rows at a time so
 memory stays bounded by ``rows x keys``. That costs as much compute as dense attention on CPU: it is the correct,
-readable version; block-sparse kernels for CUDA plug in at ``MobaAttention._prefill_span``.
+readable version. On CUDA the backend hands prompt chunks and decodes to the Triton kernels (moba_paged.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from longserve.attention.moba_gating import (
     select_moba_blocks,
     validate_moba_params,
 )
+from longserve.attention.moba_paged import cuda_decode, cuda_path_available, cuda_prefill, update_gate_keys
 from longserve.attention.paged_cache import LayerKVCache
 
 MAX_QUERY_ROWS = 1024  # query rows per SDPA call: the mask and scores are [heads, rows, keys] ...
@@ -122,6 +123,7 @@ class MobaAttention:
         scale: float,
     ) -> torch.Tensor:
         cache.write(k, v, metadata.slot_mapping)
+        update_gate_keys(cache, k, metadata, self.chunk_size)
         out = torch.empty_like(q)
         if metadata.num_decodes:
             out[: metadata.num_decodes] = self._decode(q[: metadata.num_decodes], cache, metadata, scale)
@@ -138,7 +140,9 @@ class MobaAttention:
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """One sequence's prompt chunk: q [queries, heads, d] are the last positions of its context
-        keys/values [context, kv_heads, d]. The seam where a CUDA kernel takes over."""
+        keys/values [context, kv_heads, d]. CUDA tensors go through the Triton block kernel."""
+        if cuda_path_available(q):
+            return cuda_prefill(q, keys, values, self.chunk_size, self.topk, scale)
         context = keys.shape[0]
         positions = torch.arange(context - q.shape[0], context, device=q.device)
         return moba_attend(q, keys, values, positions, self.chunk_size, self.topk, scale)
@@ -147,6 +151,8 @@ class MobaAttention:
         self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """All decodes at once: q [batch, heads, d], each query at the last position of its context."""
+        if cache.gate_keys is not None and cuda_path_available(q):
+            return cuda_decode(q, cache, metadata, self.chunk_size, self.topk, scale)
         slots = metadata.decode_slots  # [batch, max_context]; padding reads the zeroed pad block
         batch, max_context = slots.shape
         shape = (batch, max_context, *cache.key.shape[1:])

@@ -13,6 +13,9 @@ class LayerKVCache:
 
     key: torch.Tensor  # [num_blocks * block_size, kv_heads, head_dim]
     value: torch.Tensor  # [num_blocks * block_size, kv_heads, head_dim]
+    # MoBA on CUDA: [num_blocks, kv_heads, head_dim] float32, the mean key of each complete MoBA block,
+    # stored at the cache block holding the MoBA block's first token (so decode never re-reads old keys)
+    gate_keys: torch.Tensor | None = None
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store this step's new keys/values ([tokens, kv_heads, head_dim]) at their slots."""
@@ -21,7 +24,14 @@ class LayerKVCache:
 
 
 def allocate_kv_cache(
-    num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    gate_keys: bool = False,  # also keep MoBA's per-block mean keys
 ) -> list[LayerKVCache]:
     """Cache for every layer, as views of one allocation.
 
@@ -29,6 +39,16 @@ def allocate_kv_cache(
     Block 0 (the pad block) is zeroed: padded gathers read it, and garbage there (NaN) would leak through a
     masked softmax.
     """
-    storage = torch.empty(2, num_layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
+    storage = torch.empty(
+        2, num_layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device
+    )
     storage[:, :, :block_size].zero_()
-    return [LayerKVCache(storage[0, layer], storage[1, layer]) for layer in range(num_layers)]
+    gates = (
+        torch.zeros(num_layers, num_blocks, kv_heads, head_dim, dtype=torch.float32, device=device)
+        if gate_keys
+        else None
+    )
+    return [
+        LayerKVCache(storage[0, layer], storage[1, layer], None if gates is None else gates[layer])
+        for layer in range(num_layers)
+    ]

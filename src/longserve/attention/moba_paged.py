@@ -1,0 +1,82 @@
+"""The ``moba`` backend's CUDA path over the paged cache: keeping the per-block mean keys current, and calling
+the Triton kernels of ``moba_cuda`` for prompt chunks and decodes."""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.attention import moba_cuda
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+
+
+def cuda_path_available(q: torch.Tensor) -> bool:
+    """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256."""
+    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def update_gate_keys(
+    cache: LayerKVCache, k: torch.Tensor, metadata: AttentionMetadata, chunk_size: int
+) -> None:
+    """Store the mean key of every MoBA block this step completed (k: this step's new keys, already cached)."""
+    if cache.gate_keys is None:
+        return
+    block = metadata.block_size
+    for row, context in enumerate(metadata.decode_context_lens):
+        if context % chunk_size == 0:  # the new token closed a block
+            slots = metadata.decode_slots[row, context - chunk_size : context]
+            _store(cache, cache.key[slots], slots[:1], block)
+    for span in metadata.prefills:
+        first = (span.context_len - span.query_len) // chunk_size
+        last = span.context_len // chunk_size
+        if last <= first:
+            continue
+        if span.context_slots is None:  # the chunk is the whole context: its keys are this step's rows
+            keys = k[span.query_start : span.query_start + last * chunk_size]
+            starts = metadata.slot_mapping[
+                span.query_start : span.query_start + last * chunk_size : chunk_size
+            ]
+            _store(cache, keys.view(last, chunk_size, *keys.shape[1:]), starts, block)
+        else:
+            slots = span.context_slots[first * chunk_size : last * chunk_size].view(last - first, chunk_size)
+            _store(cache, cache.key[slots], slots[:, 0], block)
+
+
+def _store(cache: LayerKVCache, keys: torch.Tensor, first_slots: torch.Tensor, block_size: int) -> None:
+    """keys [blocks, chunk, kv_heads, d] (or [chunk, kv_heads, d] for one) -> their means at the first slots' pages."""
+    keys = keys if keys.dim() == 4 else keys.unsqueeze(0)
+    cache.gate_keys[first_slots // block_size] = torch.mean(keys, dim=1, dtype=torch.float32)
+
+
+def cuda_prefill(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_size: int, topk: int, scale: float
+) -> torch.Tensor:
+    """One sequence's prompt chunk (the last len(q) positions of its context) through the block kernel."""
+    return moba_cuda.moba_prefill_sequence(
+        q.contiguous(), keys.contiguous(), values.contiguous(), chunk_size, topk, scale
+    )
+
+
+def cuda_decode(
+    q: torch.Tensor,
+    cache: LayerKVCache,
+    metadata: AttentionMetadata,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    """All decodes of the step: gate against the cached block means, read only the chosen blocks."""
+    block = metadata.block_size
+    tables = (metadata.decode_slots[:, ::block] // block).to(torch.int32)  # [batch, pages]
+    lens = metadata.decode_context_lens
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+    return moba_cuda.moba_paged_decode(
+        q.contiguous(), cache.key, cache.value, tables, context_lens, max(lens), block,
+        cache.gate_keys, chunk_size, topk, scale,
+    )  # fmt: skip
