@@ -35,7 +35,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        help="per-step token budget, decodes + prompt chunks (default 256 on CPU, 2048 on GPU); "
+        help="per-step token budget, decodes + prompt chunks (default 512 on CPU, 2048 on GPU); "
         "smaller keeps streams flowing while long prompts prefill",
     )
 

@@ -27,7 +27,9 @@ class EngineConfig:
     moba_topk: int = 12  # moba: blocks each query attends, its own block included
     moba_full_layers: int = 3  # moba: how many of the last layers keep dense attention
     block_size: int = 16  # tokens per KV cache block
-    kv_cache_memory_mb: int = 256  # KV cache size; the number of blocks follows from it
+    # KV cache size; the number of blocks follows from it. Memory is committed only as blocks are first used;
+    # 1 GiB holds 64 streams of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt.
+    kv_cache_memory_mb: int = 1024
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
     max_model_len: int | None = None  # None = the model's context length
     # Per-step token budget (decodes + prompt chunks); None = by device (default_max_num_batched_tokens).
@@ -90,11 +92,12 @@ def default_max_num_batched_tokens(device_type: str) -> int:
     """Per-step token budget that keeps running streams flowing while prompts are prefilled.
 
     Every step runs all running decodes plus up to the rest of the budget in prompt chunks, so the budget
-    bounds how long a decode waits for its next token. On 2 CPU cores a step costs ~2 ms per prompt token
-    (256: ~0.5 s, 2048: ~5 s, benchmarks/NOTES.md), and smaller chunks cost no throughput there; a GPU
-    prefills 2048 tokens in milliseconds and wants large batches.
+    bounds how long a decode waits for its next token. On 2 CPU cores the default model's step costs ~2 ms per
+    prompt token (512: ~1 s, 2048: ~5 s) and chunks of 256-512 are the cheapest per token; 256 would halve the
+    worst stall but stall more tokens when a burst of prompts arrives (benchmarks/NOTES.md). A GPU prefills
+    2048 tokens in milliseconds and wants large batches.
     """
-    return 2048 if device_type == "cuda" else 256
+    return 2048 if device_type == "cuda" else 512
 
 
 def _env_values(cls: type, overrides: dict) -> dict:

@@ -111,10 +111,10 @@ def test_budget_and_decode_first_hold_under_random_load(num_blocks: int) -> None
 def test_default_budget_is_chosen_by_device() -> None:
     config = EngineConfig()
     assert config.max_num_batched_tokens is None
-    assert config.resolved("cpu").max_num_batched_tokens == 256
+    assert config.resolved("cpu").max_num_batched_tokens == 512
     assert config.resolved("cuda").max_num_batched_tokens == 2048
     # never below max_num_seqs: every running sequence's decode fits in one step
-    assert EngineConfig(max_num_seqs=300).resolved("cpu").max_num_batched_tokens == 300
+    assert EngineConfig(max_num_seqs=600).resolved("cpu").max_num_batched_tokens == 600
     assert EngineConfig(max_num_batched_tokens=96).resolved("cuda").max_num_batched_tokens == 96
 
 
@@ -125,12 +125,12 @@ def test_budget_below_max_num_seqs_or_not_positive_is_refused(monkeypatch: pytes
         EngineConfig(max_num_batched_tokens=32)
     with pytest.raises(ValueError, match="max_num_batched_tokens must be a positive integer"):
         EngineConfig(max_num_batched_tokens=0, max_num_seqs=1)
-    monkeypatch.setenv("LONGSERVE_MAX_NUM_BATCHED_TOKENS", "512")
-    assert EngineConfig.from_env().max_num_batched_tokens == 512
+    monkeypatch.setenv("LONGSERVE_MAX_NUM_BATCHED_TOKENS", "768")
+    assert EngineConfig.from_env().max_num_batched_tokens == 768
 
 
 def test_engine_streams_every_step_while_a_long_prompt_prefills(tiny_llama_dir: str) -> None:
-    assert LLM(tiny_llama_dir, kv_cache_memory_mb=4).engine.scheduler.max_num_batched_tokens == 256
+    assert LLM(tiny_llama_dir, kv_cache_memory_mb=4).engine.scheduler.max_num_batched_tokens == 512
     llm = LLM(tiny_llama_dir, kv_cache_memory_mb=4, max_num_batched_tokens=16, max_num_seqs=4)
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
