@@ -14,6 +14,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct)"
     )
+    parser.add_argument("--device", help="cpu (default) or cuda: where the model and KV cache live")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
     parser.add_argument(
         "--quantization",
@@ -43,6 +44,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_env(
         model=args.model,
+        device=args.device,
         dtype=args.dtype,
         quantization=args.quantization,
         attention=args.attention,

@@ -20,6 +20,7 @@ _DTYPES = {
 @dataclass
 class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
+    device: str = "cpu"  # where the weights, the KV cache and the step run: "cpu" or "cuda" ("cuda:1", ...)
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
     quantization: str | None = None  # None: exact; "int8": dynamic int8 matmuls on CPU (~3x faster decode)
     attention: str = "dense"  # attention backend: dense | reference | moba
@@ -39,6 +40,8 @@ class EngineConfig:
     show_progress: bool = False  # progress bar while loading
 
     def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, "int8"):

@@ -35,9 +35,8 @@ class DenseAttention:
                 out[rows] = _sdpa(q[rows], k[rows], v[rows], scale, causal=True)
             else:
                 keys, values = cache.key[span.context_slots], cache.value[span.context_slots]
-                out[rows] = _sdpa(
-                    q[rows], keys, values, scale, mask=_offset_causal_mask(span.query_len, span.context_len)
-                )
+                mask = _offset_causal_mask(span.query_len, span.context_len, q.device)
+                out[rows] = _sdpa(q[rows], keys, values, scale, mask=mask)
         return out
 
     @staticmethod
@@ -59,10 +58,11 @@ class DenseAttention:
         return out.squeeze(2).to(q.dtype)
 
 
-def _offset_causal_mask(query_len: int, context_len: int) -> torch.Tensor:
+def _offset_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
     """[query_len, context_len] bool mask: the queries are the last positions of the context."""
     start = context_len - query_len
-    return torch.arange(context_len)[None, :] <= torch.arange(start, context_len)[:, None]
+    keys = torch.arange(context_len, device=device)
+    return keys[None, :] <= torch.arange(start, context_len, device=device)[:, None]
 
 
 def _sdpa(

@@ -58,7 +58,7 @@ class ReferenceAttention:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
                 keys, values = k[rows].to(compute_dtype), v[rows].to(compute_dtype)
-                valid = torch.arange(1, span.query_len + 1)
+                valid = torch.arange(1, span.query_len + 1, device=q.device)
                 out[rows] = dot_product_attention(q[rows].to(compute_dtype), keys, values, valid, scale).to(
                     q.dtype
                 )
@@ -79,7 +79,7 @@ class ReferenceAttention:
     ) -> torch.Tensor:
         # The queries are the last len(q) positions of the context; query i sees keys [0, start + i].
         start = context_len - q.shape[0]
-        valid = torch.arange(start + 1, context_len + 1)
+        valid = torch.arange(start + 1, context_len + 1, device=q.device)
         keys = cache.key[slots].to(dtype)  # [context_len, kv_heads, d]
         values = cache.value[slots].to(dtype)
         return dot_product_attention(q.to(dtype), keys, values, valid, scale).to(q.dtype)

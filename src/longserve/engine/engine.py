@@ -54,6 +54,11 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {config.device!r}: CUDA is not available in this torch build or machine"
+            )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         checkpoint = load_checkpoint(config.model, show_progress=config.show_progress)
@@ -64,6 +69,9 @@ class LLMEngine:
                 checkpoint.config, partial(layer_backends, config), config.torch_dtype
             )
             model.load_weights(checkpoint.weights)
+            model.to(
+                self.device
+            )  # before prepare: kernel choices (oneDNN packing, int8) depend on the device
             model.prepare_for_inference(config.quantization)
         except ValueError as exc:
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
@@ -83,11 +91,12 @@ class LLMEngine:
         )
         self.cache_capacity = (num_blocks - 1) * config.block_size
         caches = allocate_kv_cache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype
-        )
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype,
+            device=self.device, gate_keys=config.attention == "moba" and self.device.type == "cuda",
+        )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(self.model, caches, config.block_size)
+        self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted requests reported at the next step
@@ -212,10 +221,10 @@ class LLMEngine:
                     [seq.block_table], [start], [len(chunk)], self.config.block_size
                 )
                 hidden = self.model(
-                    torch.tensor(chunk, dtype=torch.long),
-                    torch.arange(start, start + len(chunk)),
+                    torch.tensor(chunk, dtype=torch.long, device=self.device),
+                    torch.arange(start, start + len(chunk), device=self.device),
                     self.runner.caches,
-                    metadata,
+                    metadata.to(self.device),
                 )
                 chunk_sum = hidden.float().sum(dim=0)
                 total = chunk_sum if total is None else total + chunk_sum

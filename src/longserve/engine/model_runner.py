@@ -32,10 +32,17 @@ class RunnerOutput:
 class ModelRunner:
     """Owns the model and the paged cache tensors; one ``execute`` call per engine step."""
 
-    def __init__(self, model: nn.Module, caches: list[LayerKVCache], block_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        caches: list[LayerKVCache],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.model = model
         self.caches = caches
         self.block_size = block_size
+        self.device = torch.device(device)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[ModelInput, list[int], dict[int, range]]:
         ids: list[int] = []
@@ -63,11 +70,14 @@ class ModelRunner:
             self.block_size,
         )
         extra_rows = [row for rows in prompt_rows.values() for row in rows]
+        # Built on the host, then copied once per step to where the model runs.
         model_input = ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            metadata=metadata,
-            logit_rows=torch.tensor(sample_rows + extra_rows, dtype=torch.long),
+            input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
+            metadata=metadata if self.device.type == "cpu" else metadata.to(self.device),
+            logit_rows=torch.tensor(sample_rows + extra_rows, dtype=torch.long).to(
+                self.device, non_blocking=True
+            ),
         )
         return model_input, sample_index, prompt_rows
 

@@ -1,0 +1,49 @@
+"""The engine on a GPU (``device="cuda"``): dense and MoBA match the CPU engine, and MoBA's paged decode
+(Triton kernels, cached block means) gives what a prefill over the same tokens gives. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from longserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+MOBA = {"attention": "moba", "moba_chunk_size": 16, "moba_topk": 2, "moba_full_layers": 1}
+PROMPT_LEN = 90
+
+
+def _prompt(llm, seed=0):
+    vocab = llm.engine.model_config.vocab_size
+    return torch.randint(3, vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prompt_logprobs(llm, prompt):
+    entries = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs[1:]
+    return torch.tensor([e.logprob for e in entries])
+
+
+@pytest.mark.parametrize("options", [{}, MOBA], ids=["dense", "moba"])
+def test_cuda_engine_matches_the_cpu_engine(tiny_llama_dir, options):
+    cpu = LLM(tiny_llama_dir, kv_cache_memory_mb=4, **options)
+    gpu = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **options)
+    assert gpu.engine.runner.caches[0].key.is_cuda
+    prompt = _prompt(cpu)
+    # float32 everywhere; the Triton kernels' float32 products run as tf32, hence the tolerance
+    torch.testing.assert_close(
+        _prompt_logprobs(gpu, prompt), _prompt_logprobs(cpu, prompt), rtol=0, atol=2e-3
+    )
+
+
+def test_cuda_moba_decode_equals_prefill_of_the_same_tokens(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **MOBA)
+    assert llm.engine.runner.caches[0].gate_keys is not None
+    prompt = _prompt(llm, seed=1)[:37]  # decoding crosses several 16-token block boundaries
+    out = llm.generate([prompt], SamplingParams(max_tokens=60, temperature=0.0, logprobs=0, ignore_eos=True))[
+        0
+    ]
+    generated = out.outputs[0]
+    decoded = torch.tensor([entry.logprob for entry in generated.logprobs])
+    rescored = _prompt_logprobs(llm, prompt + list(generated.token_ids))[len(prompt) - 1 :]
+    torch.testing.assert_close(decoded[:-1], rescored[: len(decoded) - 1], rtol=0, atol=2e-3)
