@@ -30,9 +30,9 @@ def test_cuda_engine_matches_the_cpu_engine(tiny_llama_dir, options):
     gpu = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **options)
     assert gpu.engine.runner.caches[0].key.is_cuda
     prompt = _prompt(cpu)
-    # float32 everywhere; the Triton kernels' float32 products run as tf32, hence the tolerance
+    # float32 everywhere (the Triton kernels too: no tf32)
     torch.testing.assert_close(
-        _prompt_logprobs(gpu, prompt), _prompt_logprobs(cpu, prompt), rtol=0, atol=2e-3
+        _prompt_logprobs(gpu, prompt), _prompt_logprobs(cpu, prompt), rtol=0, atol=2e-4
     )
 
 
@@ -46,4 +46,4 @@ def test_cuda_moba_decode_equals_prefill_of_the_same_tokens(tiny_llama_dir):
     generated = out.outputs[0]
     decoded = torch.tensor([entry.logprob for entry in generated.logprobs])
     rescored = _prompt_logprobs(llm, prompt + list(generated.token_ids))[len(prompt) - 1 :]
-    torch.testing.assert_close(decoded[:-1], rescored[: len(decoded) - 1], rtol=0, atol=2e-3)
+    torch.testing.assert_close(decoded[:-1], rescored[: len(decoded) - 1], rtol=0, atol=2e-4)

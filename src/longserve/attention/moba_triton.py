@@ -41,6 +41,7 @@ def moba_block_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact mode), "tf32" otherwise (unused for bf16)
 ):
     """One tile: up to BLOCK_M (query, head) entries that chose the same block, attended to that block."""
     tile = tl.program_id(0)
@@ -78,7 +79,9 @@ def moba_block_attention_kernel(
             k = K_desc.load([n0, kv_head * HEAD_DIM])  # [BLOCK_N, D]
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + dims[None, :])
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], unscaled: the scale folds into one FMA below
+        s = tl.dot(
+            q, tl.trans(k), input_precision=DOT_PRECISION
+        )  # [BLOCK_M, BLOCK_N], unscaled: the scale folds into one FMA below
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         p = tl.exp2(s * scale_log2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -87,7 +90,9 @@ def moba_block_attention_kernel(
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
             v = tl.load(v_base + cols[:, None] * stride_vt + dims[None, :])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate inside the matrix instruction
+        acc = tl.dot(
+            p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION
+        )  # accumulate inside the matrix instruction
         m_i = m_new
     for n0 in range(unmasked_stop, kv_stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -97,7 +102,7 @@ def moba_block_attention_kernel(
             k = K_desc.load([n0, kv_head * HEAD_DIM])
         else:
             k = tl.load(k_base + cols64[:, None] * stride_kt + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where((cols[None, :] <= pos[:, None]) & col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -107,7 +112,7 @@ def moba_block_attention_kernel(
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
             v = tl.load(v_base + cols64[:, None] * stride_vt + dims[None, :], mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -182,6 +187,7 @@ def paged_split_decode_kernel(
     PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (sequence, KV head, split of split_size keys): the group's query heads that use the split attend
     to it, reading its keys once from the paged cache. Dense decode marks every split as used."""
@@ -219,7 +225,9 @@ def paged_split_decode_kernel(
         k = tl.load(
             K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
         )
-        s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        s = (
+            tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        )  # [GROUP_PAD, BLOCK_N]
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -228,7 +236,7 @@ def paged_split_decode_kernel(
         v = tl.load(
             V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     lse = tl.where(used, m_i + tl.log2(l_i), float("-inf"))
