@@ -145,7 +145,7 @@ def moba_prefill_sequence(
     scale: float,
     out: torch.Tensor | None = None,  # [queries, heads, d] contiguous, written in place
     window_tokens: int | None = None,
-    partial_dtype: torch.dtype = torch.bfloat16,
+    partial_dtype: torch.dtype | None = None,  # None: q's dtype (bf16 partials halve the merge's traffic)
     block_m: int = 128,
     block_n: int = 128,
     num_warps: int = 8,
@@ -161,6 +161,7 @@ def moba_prefill_sequence(
     group = heads // kv_heads
     q_start = seq - queries
     out = torch.empty_like(q) if out is None else out
+    partial_dtype = partial_dtype or q.dtype
     num_chunks = math.ceil(seq / chunk_size)
     gates = gate_keys(k, chunk_size)
     num_groups = kv_heads * num_chunks * group
