@@ -101,7 +101,7 @@ def _prefill_row(
     def moba() -> torch.Tensor:
         return moba_cuda.moba_prefill(q, k, v, [seq], chunk, topk, **kernel_options)
 
-    row["moba_ms"] = mb.time_ms(moba, reps=max(reps, 2), warmup=1)
+    row["moba_ms"] = mb.time_ms(moba, reps=5, warmup=1)  # seconds at most even at 1M: take a real median
     row["moba_mem_gb"] = mb.peak_memory_gb(moba)
     log.append(f"{seq}: moba {row['moba_ms']:.1f} ms, {row['moba_mem_gb']:.1f} GB extra")
     qf = q.transpose(0, 1).unsqueeze(0)  # [1, heads, seq, d]
@@ -141,7 +141,7 @@ def _decode_row(context: int, chunk: int, topk: int, batch: int, page: int = 16)
             q, k_cache, v_cache, tables, lens, context, page, gate_cache, chunk, topk, DIM**-0.5
         )
 
-    row["moba_ms"] = mb.time_ms(moba, reps=50, warmup=3)
+    row["moba_ms"] = mb.time_ms(moba, reps=200, warmup=10)
     row["moba_graph_ms"] = mb.time_ms(mb.graphed(moba), reps=50, warmup=3)
     for split in (512, 1024, 2048, 4096):
 
