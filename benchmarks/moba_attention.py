@@ -226,10 +226,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--topk", type=int, default=12)
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--tma", action="store_true", help="bulk-copy (TMA) K/V loads in the prefill kernel")
-    parser.add_argument("--block-n", type=int, default=64)
-    parser.add_argument("--partial-bf16", action="store_true", help="bf16 partial outputs (half the memory)")
-    parser.add_argument("--partial-gib", type=float, default=4.0, help="memory for partials per window")
+    # Kernel options; unset ones keep moba_cuda's defaults (TMA on Hopper, 128-key tiles, bf16 partials).
+    parser.add_argument(
+        "--tma", type=int, choices=[0, 1], help="bulk-copy (TMA) K/V loads in the prefill kernel"
+    )
+    parser.add_argument("--block-n", type=int, help="keys per tile of the prefill kernel")
+    parser.add_argument("--partial-gib", type=float, help="memory for partial outputs per query window")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -245,13 +247,13 @@ def main() -> None:
     }
     result["check"] = {} if args.skip_check else check(log)
     print("\n".join(log), flush=True)
-    pdtype = torch.bfloat16 if args.partial_bf16 else torch.float32
-    kernel_options = {
-        "use_tma": args.tma,
-        "block_n": args.block_n,
-        "partial_dtype": pdtype,
-        "window_tokens": int(args.partial_gib * 2**30) // (HEADS * args.topk * DIM * pdtype.itemsize),
-    }
+    kernel_options: dict = {}
+    if args.tma is not None:
+        kernel_options["use_tma"] = bool(args.tma)
+    if args.block_n:
+        kernel_options["block_n"] = args.block_n
+    if args.partial_gib:  # bf16 partials (the default for bf16 inputs): 2 bytes each
+        kernel_options["window_tokens"] = int(args.partial_gib * 2**30) // (HEADS * args.topk * DIM * 2)
     result["kernel_options"] = {k: str(v) for k, v in kernel_options.items()}
     result["prefill"] = prefill(args.sizes, args.chunk, args.topk, args.backends, kernel_options, log)
     result["decode"] = decode(args.decode_contexts, args.chunk, args.topk, 8, log)
