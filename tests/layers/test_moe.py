@@ -346,7 +346,7 @@ def test_wrong_expert_weight_shape_is_reported():
     with pytest.raises(ValueError, match="shape"):
         moe.load_expert_weight(0, "up", torch.zeros(INTER + 1, HIDDEN))
     with pytest.raises(ValueError, match="expert_impl"):
-        MoE(HIDDEN, INTER, MIXTRAL, expert_impl="triton")
+        MoE(HIDDEN, INTER, MIXTRAL, expert_impl="cutlass")
 
 
 def test_grouped_mm_runs_gated_shared_experts_as_extra_experts():

@@ -7,9 +7,10 @@ the names their checkpoints give the tensors (``MoEWeightNames``).
 Dispatch never loops over tokens: the (token, k) pairs are sorted by expert, their rows gathered into one
 matrix in which every expert's rows are contiguous, the experts run on their slices, and the results are put
 back in (token, k) order (each row once) and summed over k with their weights in a fixed order (no atomics).
-The experts run as two ``grouped_mm`` calls where the device has them (no host sync: expert offsets come from
-searchsorted, and shared experts of a multiple of moe_intermediate_size run as extra experts every token
-picks), or as a loop over the experts that received tokens. On CPU the loop uses each expert's oneDNN-repacked
+The experts run as the two fused Triton kernels of ``moe_triton`` on CUDA where Triton imports, else as two
+``grouped_mm`` calls where the device has them (either way no host sync, and shared experts of a multiple of
+moe_intermediate_size run as extra experts every token picks), or as a loop over the experts that received
+tokens. On CPU the loop uses each expert's oneDNN-repacked
 weights (see layers/matmul.py): faster than grouped_mm there, and each row's result does not depend on how many
 other rows the expert got, so greedy output does not depend on the batch.
 """
@@ -29,7 +30,7 @@ from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
 
 SCORING_FUNCS = ("softmax", "sigmoid")
-EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop", "triton")
 EXPERT_PARTS = ("gate", "up", "down")
 
 
@@ -166,7 +167,7 @@ class MoE(nn.Module):
         dtype: torch.dtype = torch.float32,
         *,
         router_dtype: torch.dtype | None = None,  # the router's matmul dtype (DeepSeek: float32); None: dtype
-        expert_impl: str = "auto",  # "auto" | "grouped_mm" | "loop"
+        expert_impl: str = "auto",  # "auto" | "grouped_mm" | "loop" | "triton"
     ) -> None:
         super().__init__()
         if expert_impl not in EXPERT_IMPLS:
@@ -192,6 +193,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, [1], False, dtype) if shared_expert_gate else None
         self._kernels: list[tuple[PreparedMatmul, PreparedMatmul]] | None = None  # per expert, once prepared
         self._grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}  # probed once per device and dtype
+        self._triton_ok: dict[tuple[str, torch.dtype], bool] = {}
         # grouped_mm path: routed experts with the shared experts appended as extra experts (see
         # _fused_shared_weights), keyed by the source tensors' storage and version.
         self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
@@ -269,6 +271,11 @@ class MoE(nn.Module):
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]): the rows are put back in (token, k) order by one
         gather and summed over k with their weights in fixed order."""
         tokens, k = ids.shape
+        if self._use_triton(x):
+            from longserve.layers.moe_triton import fused_experts
+
+            ys = fused_experts(x, ids, w_gate_up, w_down)  # [tokens, k, hidden], (token, k) order
+            return torch.bmm(weights.to(x.dtype).unsqueeze(1), ys).squeeze(1)
         flat_ids = ids.reshape(-1).to(torch.int32)  # [pairs], pair p = (token p // k, choice p % k)
         sorted_ids, order = torch.sort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
         bounds = torch.arange(1, w_gate_up.shape[0] + 1, device=ids.device, dtype=torch.int32)
@@ -349,14 +356,41 @@ class MoE(nn.Module):
         return F.linear(F.silu(gate) * up, self.w_down[expert])
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether the stacked-weight path runs (its experts as grouped_mm or, see ``_use_triton``, Triton)."""
         if self.expert_impl != "auto":
-            return self.expert_impl == "grouped_mm"
+            return self.expert_impl in ("grouped_mm", "triton")
         if self._kernels is not None:
             return False
+        if self._use_triton(x):
+            return True
         key = (x.device.type, x.dtype)
         if key not in self._grouped_mm_ok:
             self._grouped_mm_ok[key] = self._probe_grouped_mm(x)
         return self._grouped_mm_ok[key]
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        """ "triton", or "auto" on CUDA where Triton imports and its kernels run with these weights."""
+        if self.expert_impl != "auto":
+            return self.expert_impl == "triton"
+        if not x.is_cuda or self._kernels is not None:
+            return False
+        key = (x.device.type, x.dtype)
+        if key not in self._triton_ok:
+            self._triton_ok[key] = self._probe_triton(x)
+        return self._triton_ok[key]
+
+    def _probe_triton(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernels import and compile here (a build without Triton falls back to grouped_mm)."""
+        if self.w_gate_up is None or x.dtype != self.w_gate_up.dtype:
+            return False
+        try:
+            from longserve.layers.moe_triton import fused_experts
+
+            ids = torch.zeros(1, 1, dtype=torch.int64, device=x.device)
+            fused_experts(x.new_zeros(1, self.hidden_size), ids, self.w_gate_up, self.w_down)
+        except Exception:  # ImportError, or any compile/launch failure Triton raises (no common base class)
+            return False
+        return True
 
     def _probe_grouped_mm(self, x: torch.Tensor) -> bool:
         """Whether grouped_mm runs here with these weights (builds may lack it, or its device/dtype/alignment)."""
@@ -374,10 +408,10 @@ class MoE(nn.Module):
 
     def prepare(self, quantization: str | None = None) -> None:
         """After loading, on CPU: each expert's weights to PreparedMatmul (oneDNN fp32 repack, or int8); the
-        stacked copies are then dropped. Elsewhere the stacked weights feed grouped_mm as they are."""
+        stacked copies are then dropped. Elsewhere the stacked weights feed Triton or grouped_mm as they are."""
         if (
             self._kernels is not None
-            or self.expert_impl == "grouped_mm"
+            or self.expert_impl in ("grouped_mm", "triton")
             or self.w_gate_up.device.type != "cpu"
         ):
             return
