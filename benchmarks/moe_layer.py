@@ -10,7 +10,7 @@ CPU part: decode tokens/s of the tiny Qwen2-MoE checkpoint (tests/tiny_models.py
 against transformers' ``generate`` (fp32, greedy, 64 new tokens, batch 1 and 8), and a small MoE block (hidden
 512, 16 experts of 256, top-2, fp32) ours against HF at 1 / 16 / 256 tokens.
 
-    python benchmarks/moe_layer.py [--cpu-only | --gpu-only] [--threads 2] [--out FILE]
+    python benchmarks/moe_layer.py [--cpu-only | --gpu-only] [--sweep-triton] [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 GPU_TOKENS = (16, 256, 4096)
 CPU_TOKENS = (1, 16, 256)
 OURS_IMPLS = ("grouped_mm", "loop")
+GPU_IMPLS = ("triton", "grouped_mm", "loop")  # triton: fused-MoE kernels (layers/moe_triton.py)
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 TARGET_SPEEDUP, TARGET_FLOOR = 1.5, 2.0
 console = Console()
@@ -47,7 +48,8 @@ def compare_block(
 ) -> list[dict]:
     """One row per (tokens, system): checked against HF eager first, then timed."""
     ours, hf = mb.build_blocks(shape, device, dtype)
-    systems = {f"ours:{impl}": mb.ours_forward(ours, impl) for impl in OURS_IMPLS}
+    impls = GPU_IMPLS if device == "cuda" else OURS_IMPLS
+    systems = {f"ours:{impl}": mb.ours_forward(ours, impl) for impl in impls}
     if prepared_cpu:
         ours_prepared, _ = mb.build_blocks(shape, device, dtype)
         mb.prepare_for_cpu(ours_prepared)
@@ -175,27 +177,82 @@ def gpu_part() -> dict:
 
 
 def gpu_diagnostics() -> dict:
-    """Where our time goes: CUDA-graph replay (no launch gaps) and the kernel breakdown, per token count."""
+    """Where our time goes, per stacked-weight implementation and token count: CUDA-graph replay (no launch
+    gaps) and the kernel breakdown."""
     ours, _ = mb.build_blocks(mb.QWEN15_MOE_A27B, "cuda", torch.bfloat16)
-    fn = mb.ours_forward(ours, "grouped_mm")
+    out: dict = {}
+    for impl in ("triton", "grouped_mm"):
+        fn = mb.ours_forward(ours, impl)
+        for tokens in GPU_TOKENS:
+            x = torch.randn(tokens, ours.hidden_size, device="cuda", dtype=torch.bfloat16)
+            entry: dict = {}
+            with torch.inference_mode():
+                try:
+                    entry["graph_ms"] = mb.time_gpu(mb.graph_forward(fn, x))
+                except Exception as exc:  # capture needs every op to be graph-safe
+                    entry["graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                try:
+                    entry["kernels"] = mb.kernel_breakdown(lambda x=x, fn=fn: fn(x))
+                except Exception as exc:  # e.g. no Triton on this machine
+                    entry["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                    entry["kernels"] = []
+            out[f"{impl}:{tokens}"] = entry
+            graph = entry.get("graph_ms", 0)
+            table = Table(title=f"ours:{impl} at {tokens} tokens: kernels (graph replay {graph:.3f} ms)")
+            for col in ("kernel", "us/call", "launches/call"):
+                table.add_column(col)
+            for k in entry["kernels"]:
+                table.add_row(k["kernel"], f"{k['us_per_call']:.1f}", f"{k['count_per_call']:.0f}")
+            console.print(table)
+    return out
+
+
+def triton_sweep() -> dict:
+    """Time the fused-MoE Triton kernels (routed + folded shared experts, no combine) under a grid of tile
+    configs at each GPU token count, against the default heuristic's pick: for tuning ``default_config``."""
+    import itertools
+
+    from longserve.layers import moe_triton as mt
+    from longserve.layers.moe import route
+
+    ours, _ = mb.build_blocks(mb.QWEN15_MOE_A27B, "cuda", torch.bfloat16)
+    w_gate_up, w_down, extra = ours._fused_shared_weights()
+    experts = w_gate_up.shape[0]
+    grid = [
+        mt.TileConfig(bm, bn, bk, 1 if bm <= 32 else 8, warps, stages)
+        for bm, bn, bk, warps, stages in itertools.product(
+            (16, 32, 64, 128), (64, 128), (64, 128), (4, 8), (3, 4)
+        )
+    ]
     out: dict = {}
     for tokens in GPU_TOKENS:
         x = torch.randn(tokens, ours.hidden_size, device="cuda", dtype=torch.bfloat16)
-        entry: dict = {}
         with torch.inference_mode():
-            try:
-                entry["graph_ms"] = mb.time_gpu(mb.graph_forward(fn, x))
-            except Exception as exc:  # capture needs every op to be graph-safe
-                entry["graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            entry["kernels"] = mb.kernel_breakdown(lambda x=x: fn(x))
-        out[tokens] = entry
-        table = Table(
-            title=f"ours:grouped_mm at {tokens} tokens: kernels (graph replay {entry.get('graph_ms', 0):.3f} ms)"
-        )
-        for col in ("kernel", "us/call", "launches/call"):
+            _, ids = route(ours.gate(x), ours.router)
+            shared = torch.arange(experts - extra, experts, device="cuda").expand(tokens, extra)
+            ids = torch.cat([ids, shared], dim=1)  # [tokens, top_k + extra], as _grouped_forward builds them
+            default = mt.default_config(tokens, ids.numel(), experts)
+            times = []
+            for config in dict.fromkeys([default, *grid]):
+                try:
+                    ms = mb.time_gpu(
+                        lambda c=config, x=x, ids=ids: mt.fused_experts(x, ids, w_gate_up, w_down, c)
+                    )
+                except Exception as exc:  # e.g. out of shared memory for this tile
+                    console.print(f"[yellow]{config}: {type(exc).__name__}[/yellow]")
+                    continue
+                times.append({"config": vars(config), "ms": ms, "default": config == default})
+        times.sort(key=lambda r: r["ms"])
+        out[tokens] = times
+        table = Table(title=f"Triton fused experts at {tokens} tokens: fastest configs (default marked *)")
+        for col in ("ms", "BM", "BN", "BK", "GROUP_M", "warps", "stages"):
             table.add_column(col)
-        for k in entry["kernels"]:
-            table.add_row(k["kernel"], f"{k['us_per_call']:.1f}", f"{k['count_per_call']:.0f}")
+        for r in times[:8] + [r for r in times[8:] if r["default"]]:
+            c = r["config"]
+            table.add_row(
+                f"{r['ms']:.3f}{'*' if r['default'] else ''}",
+                *(str(c[k]) for k in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")),
+            )
         console.print(table)
     return out
 
@@ -271,6 +328,11 @@ def main() -> None:
     only.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the CPU part")
     parser.add_argument(
+        "--sweep-triton",
+        action="store_true",
+        help="GPU part: also time the Triton kernels under a grid of tiles",
+    )
+    parser.add_argument(
         "--out", type=Path, help="JSON path (default: benchmarks/results/moe_layer-<ts>.json)"
     )
     args = parser.parse_args()
@@ -284,6 +346,8 @@ def main() -> None:
     }
     if not args.cpu_only:
         result["gpu"] = gpu_part()
+        if args.sweep_triton and torch.cuda.is_available():
+            result["gpu"]["triton_sweep"] = triton_sweep()
     if not args.gpu_only:
         result["cpu"] = cpu_part(args.threads)
     text = json.dumps(result, indent=2, default=str)
