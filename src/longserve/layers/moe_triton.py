@@ -63,18 +63,20 @@ def align(
     device = ids.device
     flat_ids = ids.reshape(-1).to(torch.int32)  # [pairs], pair p = (token p // k, choice p % k)
     sorted_ids, order = torch.sort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
-    bounds = torch.arange(1, experts + 1, device=device, dtype=torch.int32)
-    ends = torch.searchsorted(sorted_ids, bounds, out_int32=True)  # [experts]: end of each expert's run
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # [experts]
-    padded_counts = (counts + block_m - 1) // block_m * block_m
+    # [experts + 1]: where each expert's run starts (and the last one ends); searchsorted needs no host sync
+    bounds = torch.searchsorted(
+        sorted_ids, torch.arange(experts + 1, device=device, dtype=torch.int32), out_int32=True
+    )
+    starts, counts = bounds[:-1], bounds.diff()  # [experts] each
+    padded_counts = (counts + (block_m - 1)) // block_m * block_m
     padded_ends = torch.cumsum(padded_counts, 0, dtype=torch.int32)  # [experts]
-    # Where sorted pair i lands: its expert's padded start plus its rank inside the expert's run.
-    rank = torch.arange(pairs, device=device, dtype=torch.int32) - (ends - counts)[sorted_ids]
-    dest = (padded_ends - padded_counts)[sorted_ids] + rank  # [pairs]
+    # Sorted pair i lands at i + its expert's (padded start - start): few tiny ops, then one gather.
+    shift = (padded_ends - padded_counts - starts).long()  # [experts]
+    dest = torch.arange(pairs, device=device) + shift[sorted_ids]  # [pairs]
     # At most min(experts, pairs) experts get rows, each padding fewer than block_m rows.
     max_padded = (pairs + min(experts, pairs) * (block_m - 1) + block_m - 1) // block_m * block_m
     sorted_pair_ids = torch.full((max_padded,), pairs, device=device, dtype=torch.int32)
-    sorted_pair_ids.scatter_(0, dest.long(), order.to(torch.int32))
+    sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
     block_starts = torch.arange(0, max_padded, block_m, device=device, dtype=torch.int32)
     # First expert whose padded run ends after the block's start; blocks past the end clamp (and exit early).
     block_expert = torch.searchsorted(padded_ends, block_starts, right=True, out_int32=True)
