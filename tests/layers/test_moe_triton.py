@@ -92,12 +92,15 @@ def test_experts_without_tokens_and_every_tile_config(tokens):
         assert rel_err(got16, expected) < 1e-2, config
 
 
-def test_auto_picks_triton_on_cuda():
+def test_auto_picks_triton_for_large_batches_on_cuda():
+    from longserve.layers.moe import TRITON_MIN_TOKENS
+
     moe = cuda_moe(torch.bfloat16)
-    x = inputs(4, torch.bfloat16)
-    assert moe._use_triton(x) and moe._use_grouped_mm(x)
+    large, small = inputs(TRITON_MIN_TOKENS, torch.bfloat16), inputs(4, torch.bfloat16)
+    assert moe._use_triton(large) and moe._use_grouped_mm(large)
+    assert not moe._use_triton(small) and moe._use_grouped_mm(small)  # eager launches cost more there
     moe.expert_impl = "grouped_mm"
-    assert not moe._use_triton(x)
+    assert not moe._use_triton(large)
 
 
 def test_triton_is_deterministic():

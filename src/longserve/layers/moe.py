@@ -32,6 +32,7 @@ from longserve.layers.mlp import SwiGLUMLP
 SCORING_FUNCS = ("softmax", "sigmoid")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop", "triton")
 EXPERT_PARTS = ("gate", "up", "down")
+TRITON_MIN_TOKENS = 2048  # "auto" runs the Triton experts from this many tokens on (see MoE._use_triton)
 
 
 @dataclass(frozen=True)
@@ -369,10 +370,15 @@ class MoE(nn.Module):
         return self._grouped_mm_ok[key]
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        """ "triton", or "auto" on CUDA where Triton imports and its kernels run with these weights."""
+        """ "triton", or "auto" on CUDA for large batches where Triton imports and its kernels run.
+
+        Measured on an H200 (benchmarks/NOTES.md): the Triton path wins at 4096 tokens (1.62 vs 1.74 ms) and,
+        replayed as a CUDA graph, at every size, but its extra launches make it slower eagerly at 16 and 256
+        tokens (0.64 vs 0.43 ms, 0.89 vs 0.61 ms); "auto" therefore takes it from TRITON_MIN_TOKENS rows on.
+        """
         if self.expert_impl != "auto":
             return self.expert_impl == "triton"
-        if not x.is_cuda or self._kernels is not None:
+        if not x.is_cuda or self._kernels is not None or x.shape[0] < TRITON_MIN_TOKENS:
             return False
         key = (x.device.type, x.dtype)
         if key not in self._triton_ok:
