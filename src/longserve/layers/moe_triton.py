@@ -224,7 +224,7 @@ def fused_experts(
     if pairs == 0:
         return out
     cfg = config or default_config(tokens, pairs, experts)
-    if config is None and x.element_size() == 4:  # float32 tiles take twice the shared memory per stage
+    if x.element_size() == 4:  # float32 tiles take twice the shared memory per stage
         cfg = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2))
     sorted_pair_ids, block_expert, num_padded = align(ids, experts, cfg.block_m)
     max_padded = sorted_pair_ids.numel()
