@@ -30,7 +30,7 @@ from longserve.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from longserve.serve.upstream import Upstream, make_client
+from longserve.serve.upstream import Upstream, make_client, make_stream_session
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,16 @@ def create_api_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_client()
+        client, streams = make_client(), make_stream_session()
         app.state.http = client
-        app.state.upstream = Upstream(client, config.controller_address, config.worker_connect_retries)
+        app.state.upstream = Upstream(
+            client, streams, config.controller_address, config.worker_connect_retries
+        )
         try:
             yield
         finally:
             await client.aclose()
+            await streams.close()
 
     app = FastAPI(title="longserve OpenAI-compatible API", lifespan=lifespan, **_LENIENT_JSON)
     app.state.config = config

@@ -15,13 +15,13 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from fastapi import Request
 from pydantic import ValidationError
 
 from longserve.serve.errors import APIError, ClientDisconnected, service_unavailable
 from longserve.serve.metrics import RequestRecorder
-from longserve.serve.upstream import Upstream
+from longserve.serve.upstream import Upstream, ndjson_lines
 from longserve.serve.worker_protocol import ErrorInfo, WorkerGenerateRequest, WorkerStreamChunk
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class Generation:
         put = self._queue.put_nowait
         try:
             async with self.upstream.open_stream(self.model, STREAM_PATH, payload) as response:
-                async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
+                async for line in ndjson_lines(response.content):
                     chunk = WorkerStreamChunk.model_validate_json(line)
                     put(_Item(prompt, chunk=chunk))
                     if chunk.finished or chunk.error is not None:
@@ -153,7 +151,7 @@ class Generation:
             put(_Item(prompt, ended=True))
         except APIError as exc:
             put(_Item(prompt, error=exc))
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("worker stream for %s broke: %r", payload.request_id, exc)
             put(_Item(prompt, error=APIError.from_info(_worker_failed(f"the worker stream broke: {exc!r}"))))
         except ValidationError as exc:

@@ -4,15 +4,21 @@ failing over to another worker when the chosen one cannot be reached.
 Failover happens only before a worker has answered: a refused or timed-out connection, a connection dropped
 before any response, or a 503 from a worker that is shutting down. Generation has no side effects, so sending
 the request again elsewhere is safe; once a worker has answered, its answer (or its error) is final.
+
+Worker streams go through aiohttp, everything else through httpx. Every generated token is one streamed line,
+and aiohttp (C parser) reads one for about a third of httpx's CPU time on the event loop that also serves the
+clients (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, ValidationError
 
@@ -27,11 +33,13 @@ from longserve.serve.worker_protocol import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
 
 # Connecting must fail fast so failover is quick; a stream may legitimately wait minutes for tokens.
-WORKER_TIMEOUT = httpx.Timeout(connect=3.0, read=None, write=30.0, pool=30.0)
+WORKER_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=3.0)
 WORKER_CALL_TIMEOUT = httpx.Timeout(600.0, connect=3.0)  # chat template, embeddings: bounded
 CONTROLLER_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+_JSON = {"content-type": "application/json"}
 # Errors meaning "the worker never answered": nothing was generated for this request, another worker may try.
 _NO_ANSWER = (
     httpx.ConnectError,
@@ -40,38 +48,55 @@ _NO_ANSWER = (
     httpx.ReadError,
     httpx.WriteError,
 )
+# aiohttp's: refused, reset or dropped before a response (ClientOSError, ServerDisconnectedError), connect timeout.
+_NO_ANSWER_STREAM = (aiohttp.ClientConnectionError, TimeoutError)
 
 
 def make_client() -> httpx.AsyncClient:
-    """The app's one client for the controller and workers."""
+    """The app's client for the controller and workers' request/response endpoints."""
     return httpx.AsyncClient(
-        # Every open stream holds a connection, so the pool must not be what limits concurrency.
         limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
-        timeout=WORKER_TIMEOUT,
+        timeout=CONTROLLER_TIMEOUT,
         trust_env=False,  # cluster-internal addresses: never through an HTTP(S)_PROXY from the environment
     )
 
 
-def worker_error(response: httpx.Response) -> APIError:
+def make_stream_session() -> aiohttp.ClientSession:
+    """The app's client for worker streams; create it on the app's event loop."""
+    return aiohttp.ClientSession(
+        # Every open stream holds a connection, so the pool must not be what limits concurrency (0: no limit).
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=WORKER_STREAM_TIMEOUT,
+        trust_env=False,
+    )
+
+
+def worker_error(status: int, content: bytes) -> APIError:
     """A worker's HTTP error as the same status and body (an ErrorInfo, or whatever FastAPI said)."""
     try:
-        return APIError.from_info(
-            ErrorInfo.model_validate_json(response.content), status=response.status_code
-        )
+        return APIError.from_info(ErrorInfo.model_validate_json(content), status=status)
     except ValidationError:
         pass
+    text = content.decode("utf-8", errors="replace")
     try:
-        detail = response.json().get("detail", response.text)
+        detail = json.loads(text).get("detail", text)
     except (ValueError, AttributeError):
-        detail = response.text
-    return APIError(f"worker error: {detail}", status=response.status_code)
+        detail = text
+    return APIError(f"worker error: {detail}", status=status)
 
 
 class Upstream:
     """Finds workers through the controller and sends them requests, failing over before they answer."""
 
-    def __init__(self, client: httpx.AsyncClient, controller_address: str, connect_retries: int) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        streams: aiohttp.ClientSession,
+        controller_address: str,
+        connect_retries: int,
+    ) -> None:
         self.client = client
+        self.streams = streams
         self.controller_address = controller_address.rstrip("/")
         self.connect_retries = max(0, connect_retries)
 
@@ -114,9 +139,9 @@ class Upstream:
 
     # ---- workers ------------------------------------------------------------------------------------------
 
-    async def _send(self, model: str, path: str, body: BaseModel, *, stream: bool) -> httpx.Response:
-        """POST to some worker of ``model``; a worker that does not answer is excluded and another asked."""
-        content = body.model_dump_json().encode()
+    async def _with_failover(self, model: str, attempt: Callable[[str], Awaitable[R]]) -> R:
+        """``attempt(address)`` on a worker the controller picks; one that raises ``_TryAnother`` (it never
+        answered, or answered 503) is excluded and another asked."""
         exclude: list[str] = []
         last_error: APIError | None = None
         for _ in range(self.connect_retries + 1):
@@ -126,53 +151,97 @@ class Upstream:
                 if last_error is not None:  # the controller has no one else: report what the last one said
                     raise last_error from None
                 raise
-            request = self.client.build_request(
-                "POST",
-                f"{address}{path}",
-                content=content,
-                headers={"content-type": "application/json"},
-                timeout=WORKER_TIMEOUT if stream else WORKER_CALL_TIMEOUT,
-            )
             try:
-                response = await self.client.send(request, stream=stream)
-            except _NO_ANSWER as exc:
-                log.warning("worker %s did not answer %s (%r); trying another", address, path, exc)
+                return await attempt(address)
+            except _TryAnother as exc:
                 exclude.append(address)
-                last_error = service_unavailable(
-                    f"worker {address} is unreachable", code="worker_unreachable"
-                )
-                continue
-            except httpx.TransportError as exc:
-                raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if response.status_code == 503:  # shutting down or out of capacity: another worker may do
-                if stream:
-                    await response.aread()
-                    await response.aclose()
-                last_error = worker_error(response)
-                exclude.append(address)
-                continue
-            return response
+                last_error = exc.error
         assert last_error is not None  # the loop ran at least once and every pass set it or returned
         raise last_error
 
     async def call_worker(self, model: str, path: str, body: BaseModel, response_type: type[T]) -> T:
         """A JSON request/response call to a worker of ``model`` (chat template, embeddings, ...)."""
-        response = await self._send(model, path, body, stream=False)
+        content = body.model_dump_json().encode()
+
+        async def attempt(address: str) -> httpx.Response:
+            try:
+                response = await self.client.post(
+                    f"{address}{path}", content=content, headers=_JSON, timeout=WORKER_CALL_TIMEOUT
+                )
+            except _NO_ANSWER as exc:
+                raise _TryAnother.unreachable(address, path, exc) from exc
+            except httpx.TransportError as exc:
+                raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
+            if response.status_code == 503:  # shutting down or out of capacity: another worker may do
+                raise _TryAnother(worker_error(503, response.content))
+            return response
+
+        response = await self._with_failover(model, attempt)
         if response.status_code >= 400:
-            raise worker_error(response)
+            raise worker_error(response.status_code, response.content)
         try:
             return response_type.model_validate_json(response.content)
         except ValidationError as exc:
             raise APIError(f"worker sent a malformed {path} answer", status=500) from exc
 
     @contextlib.asynccontextmanager
-    async def open_stream(self, model: str, path: str, body: BaseModel) -> AsyncIterator[httpx.Response]:
-        """A worker's streamed answer; leaving the block closes it, which makes the worker abort the request."""
-        response = await self._send(model, path, body, stream=True)
+    async def open_stream(
+        self, model: str, path: str, body: BaseModel
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A worker's streamed answer (read it with ``ndjson_lines``); leaving the block closes it, which makes
+        the worker abort the request if it has not finished."""
+        content = body.model_dump_json().encode()
+
+        async def attempt(address: str) -> aiohttp.ClientResponse:
+            try:
+                response = await self.streams.post(f"{address}{path}", data=content, headers=_JSON)
+            except _NO_ANSWER_STREAM as exc:
+                raise _TryAnother.unreachable(address, path, exc) from exc
+            except aiohttp.ClientError as exc:
+                raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
+            if response.status == 503:
+                try:
+                    raise _TryAnother(worker_error(503, await response.read()))
+                finally:
+                    response.close()
+            return response
+
+        response = await self._with_failover(model, attempt)
         try:
-            if response.status_code >= 400:
-                await response.aread()
-                raise worker_error(response)
+            if response.status >= 400:
+                raise worker_error(response.status, await response.read())
             yield response
         finally:
-            await response.aclose()
+            response.close()
+
+
+async def ndjson_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The non-empty lines of a newline-delimited JSON stream, however long: aiohttp's own line reader caps a
+    line at its buffer size, and a line with prompt logprobs can run to megabytes."""
+    partial: list[bytes] = []
+    async for data in stream.iter_any():
+        *complete, rest = data.split(b"\n")
+        if complete:
+            complete[0] = b"".join([*partial, complete[0]])
+            partial = []
+            for line in complete:
+                if line.strip():
+                    yield line
+        if rest:
+            partial.append(rest)
+    last = b"".join(partial)
+    if last.strip():
+        yield last
+
+
+class _TryAnother(Exception):
+    """This worker cannot serve the request, and nothing was generated: ``error`` if no other worker can."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+    @classmethod
+    def unreachable(cls, address: str, path: str, exc: Exception) -> _TryAnother:
+        log.warning("worker %s did not answer %s (%r); trying another", address, path, exc)
+        return cls(service_unavailable(f"worker {address} is unreachable", code="worker_unreachable"))
