@@ -36,9 +36,11 @@ def test_cuda_engine_matches_the_cpu_engine(tiny_llama_dir, options):
     )
 
 
-def test_cuda_moba_decode_equals_prefill_of_the_same_tokens(tiny_llama_dir):
-    llm = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **MOBA)
-    assert llm.engine.runner.caches[0].gate_keys is not None
+@pytest.mark.parametrize("options", [{}, MOBA], ids=["dense", "moba"])
+def test_cuda_decode_equals_prefill_of_the_same_tokens(tiny_llama_dir, options):
+    """Decode runs the paged split-K kernel (MoBA: over the cached block means); prefill does not."""
+    llm = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **options)
+    assert (llm.engine.runner.caches[0].gate_keys is not None) == bool(options)
     prompt = _prompt(llm, seed=1)[:37]  # decoding crosses several 16-token block boundaries
     out = llm.generate([prompt], SamplingParams(max_tokens=60, temperature=0.0, logprobs=0, ignore_eos=True))[
         0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.moba_paged import cuda_dense_decode, cuda_path_available
 from longserve.attention.paged_cache import LayerKVCache
 
 
@@ -43,6 +44,8 @@ class DenseAttention:
     def _decode(
         q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
+        if cuda_path_available(q):  # split-K Triton kernel straight over the paged cache: no gathered copy
+            return cuda_dense_decode(q, cache, metadata, scale)
         slots = metadata.decode_slots  # [batch, max_context]
         shape = (*slots.shape, *cache.key.shape[1:])
         flat = slots.view(-1)

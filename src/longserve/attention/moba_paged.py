@@ -1,5 +1,5 @@
-"""The ``moba`` backend's CUDA path over the paged cache: keeping the per-block mean keys current, and calling
-the Triton kernels of ``moba_cuda`` for prompt chunks and decodes."""
+"""The CUDA path over the paged cache: keeping MoBA's per-block mean keys current, and calling the Triton
+kernels of ``moba_cuda`` for MoBA prompt chunks and decodes, and for dense decodes (every split chosen)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,34 @@ def cuda_prefill(
     )
 
 
+def _paged_layout(q: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block tables [batch, pages] and context lengths [batch] of the step's decodes, and the longest."""
+    block = metadata.block_size
+    tables = (metadata.decode_slots[:, ::block] // block).to(torch.int32)
+    lens = metadata.decode_context_lens
+    return tables, torch.tensor(lens, dtype=torch.int32, device=q.device), max(lens)
+
+
+def cuda_dense_decode(
+    q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
+    long contexts spread over the whole GPU."""
+    tables, context_lens, longest = _paged_layout(q, metadata)
+    split = min(1024, max(metadata.block_size, 16 * -(-longest // (16 * 8))))  # >= 8 splits when short
+    return moba_cuda.paged_decode(
+        q.contiguous(),
+        cache.key,
+        cache.value,
+        tables,
+        context_lens,
+        longest,
+        metadata.block_size,
+        split,
+        scale,
+    )
+
+
 def cuda_decode(
     q: torch.Tensor,
     cache: LayerKVCache,
@@ -72,11 +100,8 @@ def cuda_decode(
     scale: float,
 ) -> torch.Tensor:
     """All decodes of the step: gate against the cached block means, read only the chosen blocks."""
-    block = metadata.block_size
-    tables = (metadata.decode_slots[:, ::block] // block).to(torch.int32)  # [batch, pages]
-    lens = metadata.decode_context_lens
-    context_lens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+    tables, context_lens, longest = _paged_layout(q, metadata)
     return moba_cuda.moba_paged_decode(
-        q.contiguous(), cache.key, cache.value, tables, context_lens, max(lens), block,
+        q.contiguous(), cache.key, cache.value, tables, context_lens, longest, metadata.block_size,
         cache.gate_keys, chunk_size, topk, scale,
     )  # fmt: skip
