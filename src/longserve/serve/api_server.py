@@ -1,7 +1,7 @@
 """The OpenAI-compatible API server: routes, the app factory and its runner.
 
-It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with one
-shared HTTP client per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health`` and
+It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with
+shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health`` and
 ``/metrics`` are always open. Errors always leave in OpenAI's shape (see ``errors``).
 """
 
