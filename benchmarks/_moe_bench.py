@@ -224,6 +224,19 @@ def graph_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return graph.replay
 
 
+def host_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """Milliseconds of CPU per call to launch ``fn`` (the device queue is drained first and never fills)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - began
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls
+
+
 def kernel_breakdown(fn: Callable[[], object], calls: int = 20, top: int = 12) -> list[dict]:
     """Device time per call of the ``top`` costliest kernels of ``fn`` (torch.profiler), microseconds."""
     from torch.profiler import ProfilerActivity, profile

@@ -177,8 +177,8 @@ def gpu_part() -> dict:
 
 
 def gpu_diagnostics() -> dict:
-    """Where our time goes, per stacked-weight implementation and token count: CUDA-graph replay (no launch
-    gaps) and the kernel breakdown."""
+    """Where our time goes, per stacked-weight implementation and token count: CPU launch time per call,
+    CUDA-graph replay (no launch gaps), and the kernel breakdown."""
     ours, _ = mb.build_blocks(mb.QWEN15_MOE_A27B, "cuda", torch.bfloat16)
     out: dict = {}
     for impl in ("triton", "grouped_mm"):
@@ -188,6 +188,7 @@ def gpu_diagnostics() -> dict:
             entry: dict = {}
             with torch.inference_mode():
                 try:
+                    entry["host_ms"] = mb.host_ms(lambda x=x, fn=fn: fn(x))
                     entry["graph_ms"] = mb.time_gpu(mb.graph_forward(fn, x))
                 except Exception as exc:  # capture needs every op to be graph-safe
                     entry["graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -197,8 +198,8 @@ def gpu_diagnostics() -> dict:
                     entry["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                     entry["kernels"] = []
             out[f"{impl}:{tokens}"] = entry
-            graph = entry.get("graph_ms", 0)
-            table = Table(title=f"ours:{impl} at {tokens} tokens: kernels (graph replay {graph:.3f} ms)")
+            times = ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if k.endswith("_ms"))
+            table = Table(title=f"ours:{impl} at {tokens} tokens: kernels ({times})")
             for col in ("kernel", "us/call", "launches/call"):
                 table.add_column(col)
             for k in entry["kernels"]:
@@ -207,51 +208,60 @@ def gpu_diagnostics() -> dict:
     return out
 
 
-def triton_sweep() -> dict:
-    """Time the fused-MoE Triton kernels (routed + folded shared experts, no combine) under a grid of tile
-    configs at each GPU token count, against the default heuristic's pick: for tuning ``default_config``."""
+def sweep_grid(tokens: int) -> list:
+    """Tile configs to try at ``tokens``: small row-blocks for weight-bound sizes, large ones for prefill."""
     import itertools
 
+    from longserve.layers import moe_triton as mt
+
+    if tokens <= 512:
+        space = itertools.product((16, 32), (64, 128), (128,), (4,), (3, 4, 5))
+    else:
+        space = itertools.product((64, 128), (64, 128), (64,), (4, 8), (3, 4))
+    return [mt.TileConfig(bm, bn, bk, 1 if bm <= 32 else 8, w, st) for bm, bn, bk, w, st in space]
+
+
+def triton_sweep() -> dict:
+    """Time the fused-MoE Triton kernels (align + both matmuls; routed experts plus the shared expert as
+    slots) under a grid of tile configs, with and without TMA weight loads, at each GPU token count, against
+    the default heuristic's pick: for tuning ``default_config``."""
     from longserve.layers import moe_triton as mt
     from longserve.layers.moe import route
 
     ours, _ = mb.build_blocks(mb.QWEN15_MOE_A27B, "cuda", torch.bfloat16)
     w_gate_up, w_down, extra = ours._fused_shared_weights()
     experts = w_gate_up.shape[0]
-    grid = [
-        mt.TileConfig(bm, bn, bk, 1 if bm <= 32 else 8, warps, stages)
-        for bm, bn, bk, warps, stages in itertools.product(
-            (16, 32, 64, 128), (64, 128), (64, 128), (4, 8), (3, 4)
-        )
-    ]
     out: dict = {}
     for tokens in GPU_TOKENS:
         x = torch.randn(tokens, ours.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():
             _, ids = route(ours.gate(x), ours.router)
-            shared = torch.arange(experts - extra, experts, device="cuda").expand(tokens, extra)
-            ids = torch.cat([ids, shared], dim=1)  # [tokens, top_k + extra], as _grouped_forward builds them
-            default = mt.default_config(tokens, ids.numel(), experts)
+            default = mt.default_config(tokens, tokens * (ids.shape[1] + extra), experts)
             times = []
-            for config in dict.fromkeys([default, *grid]):
-                try:
-                    ms = mb.time_gpu(
-                        lambda c=config, x=x, ids=ids: mt.fused_experts(x, ids, w_gate_up, w_down, c)
-                    )
-                except Exception as exc:  # e.g. out of shared memory for this tile
-                    console.print(f"[yellow]{config}: {type(exc).__name__}[/yellow]")
-                    continue
-                times.append({"config": vars(config), "ms": ms, "default": config == default})
+            for config in dict.fromkeys([default, *sweep_grid(tokens)]):
+                for tma in (True, False):
+                    try:
+                        ms = mb.time_gpu(
+                            lambda c=config, t=tma, x=x, ids=ids: mt.fused_experts(
+                                x, ids, w_gate_up, w_down, c, shared_slices=extra, use_tma=t
+                            )
+                        )
+                    except Exception as exc:  # e.g. out of shared memory for this tile
+                        console.print(f"[yellow]{config} tma={tma}: {type(exc).__name__}[/yellow]")
+                        continue
+                    entry = {"config": vars(config), "tma": tma, "ms": ms, "default": config == default}
+                    times.append(entry)
         times.sort(key=lambda r: r["ms"])
         out[tokens] = times
         table = Table(title=f"Triton fused experts at {tokens} tokens: fastest configs (default marked *)")
-        for col in ("ms", "BM", "BN", "BK", "GROUP_M", "warps", "stages"):
+        for col in ("ms", "BM", "BN", "BK", "GROUP_M", "warps", "stages", "TMA"):
             table.add_column(col)
         for r in times[:8] + [r for r in times[8:] if r["default"]]:
             c = r["config"]
             table.add_row(
                 f"{r['ms']:.3f}{'*' if r['default'] else ''}",
                 *(str(c[k]) for k in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")),
+                str(r["tma"]),
             )
         console.print(table)
     return out

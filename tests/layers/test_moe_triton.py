@@ -63,11 +63,38 @@ def test_triton_matches_grouped_mm_and_loop_bf16(tokens, shared):
         assert rel_err(ours, run(moe, "grouped_mm", x)) < 1e-2
 
 
+@pytest.mark.parametrize("shared", ("gated, folded", "not foldable"))
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
-def test_triton_matches_loop_float32(tokens):
-    moe = cuda_moe(torch.float32, **SHARED["gated, folded"])
+def test_triton_matches_loop_float32(tokens, shared):
+    moe = cuda_moe(torch.float32, **SHARED[shared])
     x = inputs(tokens, torch.float32)
     torch.testing.assert_close(run(moe, "triton", x), run(moe, "loop", x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,shared,block_m",
+    [(1, 1, 4, 0, 16), (300, 4, 16, 2, 32), (2000, 4, 60, 4, 64), (50, 2, 8, 1, 128)],
+)
+def test_align_puts_every_pair_in_a_block_of_its_expert(tokens, top_k, experts, shared, block_m):
+    from longserve.layers import moe_triton as mt
+
+    gen = torch.Generator().manual_seed(tokens)
+    routed = experts - shared
+    ids = torch.stack([torch.randperm(routed, generator=gen)[:top_k] for _ in range(tokens)])
+    rows = mt.align(ids.cuda(), experts, block_m, shared)
+    slots, num_pairs = top_k + shared, tokens * (top_k + shared)
+    padded = int(rows.num_padded)
+    assert padded % block_m == 0 and padded <= rows.sorted_pairs.numel()
+    pairs = rows.sorted_pairs[:padded].cpu()
+    block_expert = rows.block_expert.cpu()[torch.arange(padded) // block_m]  # [padded] the expert of each row
+    real = pairs < num_pairs
+    assert torch.equal(pairs[real].sort().values, torch.arange(num_pairs, dtype=torch.int32))
+    assert bool((pairs[~real] == num_pairs).all())
+    token, slot = pairs[real].long() // slots, pairs[real].long() % slots
+    expected = torch.where(slot < top_k, ids[token, slot.clamp(max=top_k - 1)], routed + slot - top_k)
+    assert torch.equal(block_expert[real].long(), expected)
+    counts = torch.bincount(expected, minlength=experts)
+    assert padded == int(((counts + block_m - 1) // block_m * block_m).sum())
 
 
 @pytest.mark.parametrize("tokens", (1, 3, 40))
@@ -92,15 +119,12 @@ def test_experts_without_tokens_and_every_tile_config(tokens):
         assert rel_err(got16, expected) < 1e-2, config
 
 
-def test_auto_picks_triton_for_large_batches_on_cuda():
-    from longserve.layers.moe import TRITON_MIN_TOKENS
-
+def test_auto_picks_triton_on_cuda():
     moe = cuda_moe(torch.bfloat16)
-    large, small = inputs(TRITON_MIN_TOKENS, torch.bfloat16), inputs(4, torch.bfloat16)
-    assert moe._use_triton(large) and moe._use_grouped_mm(large)
-    assert not moe._use_triton(small) and moe._use_grouped_mm(small)  # eager launches cost more there
+    for tokens in (1, 4096):
+        assert moe._use_triton(inputs(tokens, torch.bfloat16))
     moe.expert_impl = "grouped_mm"
-    assert not moe._use_triton(large)
+    assert not moe._use_triton(inputs(4, torch.bfloat16))
 
 
 def test_triton_is_deterministic():

@@ -1,18 +1,18 @@
-"""Mixture-of-Experts block: a router picks top-k experts per token, stacked SwiGLU experts run on the tokens
-routed to them, shared experts run densely on every token.
+"""Mixture-of-Experts block: a router picks top-k experts per token (``moe_router``), stacked SwiGLU experts run
+on the tokens routed to them, shared experts run on every token.
 
 One layer serves Mixtral, Qwen2/3-MoE and DeepSeek-V2/V3: the families differ only in ``RouterConfig`` and in
 the names their checkpoints give the tensors (``MoEWeightNames``).
 
-Dispatch never loops over tokens: the (token, k) pairs are sorted by expert, their rows gathered into one
-matrix in which every expert's rows are contiguous, the experts run on their slices, and the results are put
-back in (token, k) order (each row once) and summed over k with their weights in a fixed order (no atomics).
-The experts run as the two fused Triton kernels of ``moe_triton`` on CUDA where Triton imports, else as two
-``grouped_mm`` calls where the device has them (either way no host sync, and shared experts of a multiple of
-moe_intermediate_size run as extra experts every token picks), or as a loop over the experts that received
-tokens. On CPU the loop uses each expert's oneDNN-repacked
-weights (see layers/matmul.py): faster than grouped_mm there, and each row's result does not depend on how many
-other rows the expert got, so greedy output does not depend on the batch.
+Dispatch never loops over tokens. The (token, k) pairs are grouped by expert, every expert runs on its rows,
+and each row goes back to its (token, k) place; the k outputs are summed with their weights in a fixed order
+(no atomics), so results are deterministic. Three expert implementations:
+- CUDA with Triton ("auto" there): the fused kernels of ``moe_triton``, five launches and no host sync;
+  shared experts of a multiple of moe_intermediate_size run as extra slots every token uses.
+- ``grouped_mm`` where the device has it: the same grouping with torch ops and two grouped matmuls.
+- a loop over the experts that received tokens. On CPU it uses each expert's oneDNN-repacked weights (see
+  layers/matmul.py): faster than grouped_mm there, and each row's result does not depend on how many other
+  rows the expert got, so greedy output does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -28,126 +28,12 @@ from torch import nn
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
+from longserve.layers.moe_router import RouterConfig, RouterLinear, route
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+__all__ = ["MoE", "MoEWeightNames", "RouterConfig", "moe_weight_targets", "route"]
+
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop", "triton")
 EXPERT_PARTS = ("gate", "up", "down")
-TRITON_MIN_TOKENS = 2048  # "auto" runs the Triton experts from this many tokens on (see MoE._use_triton)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """How a token's experts and their weights follow from its router logits (see ``route``).
-
-    Mixtral: softmax, norm_topk_prob. Qwen2/3-MoE: softmax, norm_topk_prob from the config. DeepSeek-V2:
-    softmax, sorted_topk=False, n_group/topk_group for ``group_limited_greedy``. DeepSeek-V3 (Moonlight,
-    Kimi K2): sigmoid, use_correction_bias, n_group/topk_group, norm_topk_prob, routed_scaling_factor,
-    sorted_topk=False.
-    """
-
-    num_experts: int
-    top_k: int
-    scoring: str = "softmax"  # "softmax" | "sigmoid" (HF: scoring_func)
-    norm_topk_prob: bool = False  # rescale the selected weights to sum to 1
-    # Group-limited routing: experts form n_group equal groups, each token keeps its topk_group best groups and
-    # picks its top_k experts among theirs. A group scores its best expert, or with use_correction_bias (as
-    # DeepSeek-V3) the sum of its two best corrected scores. None: off.
-    n_group: int | None = None
-    topk_group: int | None = None
-    # DeepSeek-V3's e_score_correction_bias: added to the scores to *select* experts; weights stay uncorrected.
-    use_correction_bias: bool = False
-    routed_scaling_factor: float = 1.0
-    # True (Mixtral, Qwen): softmax over all experts, then top-k. False: top-k of the raw logits, then softmax
-    # over the k selected (equal up to rounding to True with norm_topk_prob). Softmax scoring only.
-    softmax_before_topk: bool = True
-    # torch.topk's ``sorted``: DeepSeek's HF routers ask for unsorted results, whose order (and so the order
-    # in which the renormalising sum adds the weights) differs; mirrored so that weights equal HF's bit for bit.
-    sorted_topk: bool = True
-
-    def __post_init__(self) -> None:
-        if self.scoring not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring!r}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be positive, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok (top_k) must be in [1, num_experts={self.num_experts}], got {self.top_k}"
-            )
-        if not self.softmax_before_topk and self.scoring != "softmax":
-            raise ValueError("softmax_before_topk=False needs scoring_func 'softmax'")
-        if self.routed_scaling_factor <= 0:
-            raise ValueError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
-        if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError("n_group and topk_group must be set together")
-        if self.n_group is not None:
-            if self.n_group < 1 or self.num_experts % self.n_group:
-                raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts})")
-            if not 1 <= self.topk_group <= self.n_group:
-                raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
-            per_group = self.num_experts // self.n_group
-            if self.top_k > self.topk_group * per_group:
-                raise ValueError(
-                    f"num_experts_per_tok ({self.top_k}) exceeds the experts in topk_group={self.topk_group} "
-                    f"groups of {per_group}"
-                )
-            if self.use_correction_bias and per_group < 2:
-                raise ValueError("group scores sum each group's two best experts: n_group too large")
-
-
-def route(
-    logits: torch.Tensor,  # [tokens, experts]
-    config: RouterConfig,
-    correction_bias: torch.Tensor | None = None,  # [experts]; required iff config.use_correction_bias
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's experts and weights: (float32 weights [tokens, top_k], int64 ids [tokens, top_k]).
-
-    Every step is the operation HF's routers perform on the same float32 values, torch.topk included, so the
-    choice among tied scores and the weights are HF's exactly.
-    """
-    if config.use_correction_bias != (correction_bias is not None):
-        raise ValueError("pass correction_bias exactly when config.use_correction_bias is set")
-    if config.scoring == "sigmoid":
-        scores = logits.float().sigmoid()  # [tokens, experts]
-    elif config.softmax_before_topk:
-        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    else:
-        scores = logits.float()
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    if config.n_group is not None:
-        choice = _keep_best_groups(choice, config)
-    ids = torch.topk(choice, config.top_k, dim=-1, sorted=config.sorted_topk).indices  # [tokens, top_k]
-    weights = scores.gather(1, ids)
-    if not config.softmax_before_topk:
-        weights = torch.softmax(weights, dim=-1)
-    elif config.norm_topk_prob:
-        # The epsilon (DeepSeek-V3's) is below float32 resolution for any softmax top-k sum, so the result is
-        # also bit-equal to the plain division Mixtral and Qwen use.
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * config.routed_scaling_factor, ids
-
-
-def _keep_best_groups(choice: torch.Tensor, config: RouterConfig) -> torch.Tensor:
-    """``choice`` with the experts outside each token's ``topk_group`` best groups masked out."""
-    tokens, groups = choice.shape[0], config.n_group
-    grouped = choice.view(tokens, groups, -1)  # [tokens, groups, experts per group]
-    if config.use_correction_bias:
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [tokens, groups]
-    else:
-        group_scores = grouped.max(dim=-1).values
-    best = torch.topk(group_scores, config.topk_group, dim=-1, sorted=False).indices  # [tokens, topk_group]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [tokens, groups]
-    keep = keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)  # [tokens, experts]
-    # Masked to what HF masks with: unsorted topk's output order depends on the masked values. Probabilities
-    # (DeepSeek-V2) use 0, biased or raw scores, which may be negative, -inf.
-    probabilities = config.softmax_before_topk and not config.use_correction_bias
-    return choice.masked_fill(~keep, 0.0 if probabilities else float("-inf"))
-
-
-class RouterLinear(Linear):
-    """The router's projection. Never quantized: int8 logits could send a token to other experts."""
-
-    def prepare(self, quantization: str | None = None) -> None:
-        super().prepare(None)
 
 
 class MoE(nn.Module):
@@ -204,6 +90,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, hidden]
         logits = self.gate(x.to(self.router_dtype))  # [tokens, experts]
         weights, ids = route(logits, self.router, self.e_score_correction_bias)  # [tokens, top_k] each
+        if x.shape[0] and self._use_triton(x):
+            return self._triton_forward(x, weights, ids)
         if x.shape[0] and self._use_grouped_mm(x):
             return self._grouped_forward(x, weights, ids)
         out = self.run_experts(x, weights, ids)
@@ -227,6 +115,10 @@ class MoE(nn.Module):
         tokens, top_k = ids.shape
         if tokens == 0:
             return x.new_zeros(0, self.hidden_size)
+        if self._use_triton(x):
+            from longserve.layers.moe_triton import combine, fused_experts
+
+            return combine(fused_experts(x, ids, self.w_gate_up, self.w_down), weights)
         if self._use_grouped_mm(x):
             return self._grouped_experts(x, weights, ids, self.w_gate_up, self.w_down)
         flat_ids = ids.reshape(-1)  # [pairs], pair p = (token p // top_k, choice p % top_k)
@@ -237,6 +129,25 @@ class MoE(nn.Module):
         ys = torch.empty_like(ys).index_copy_(0, order, ys).view(tokens, top_k, self.hidden_size)
         # Weighted and summed in float32: a token's k expert outputs are rounded once, not k times.
         return (ys.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    # ---- the Triton path (no host sync: CUDA-graph capturable) ----------------------------------------------
+
+    def _triton_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts as Triton kernels; shared experts as extra slots of the same kernels where their size
+        allows (faster than separate dense matmuls from 16 to 4096 tokens on an H200: benchmarks/NOTES.md),
+        else as dense matmuls added in the combine."""
+        from longserve.layers import moe_triton
+
+        gate = self.shared_expert_gate
+        gate_logit = gate(x) if gate is not None else None  # [tokens, 1]
+        fused = self._fused_shared_weights()
+        if fused is not None:
+            w_gate_up, w_down, slices = fused
+            ys = moe_triton.fused_experts(x, ids, w_gate_up, w_down, shared_slices=slices)
+            return moe_triton.combine(ys, weights, gate_logit)
+        ys = moe_triton.fused_experts(x, ids, self.w_gate_up, self.w_down)  # [tokens, top_k, hidden]
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return moe_triton.combine(ys, weights, gate_logit, shared)
 
     # ---- the grouped_mm path (no host sync: CUDA-graph capturable) ------------------------------------------
 
@@ -272,11 +183,6 @@ class MoE(nn.Module):
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]): the rows are put back in (token, k) order by one
         gather and summed over k with their weights in fixed order."""
         tokens, k = ids.shape
-        if self._use_triton(x):
-            from longserve.layers.moe_triton import fused_experts
-
-            ys = fused_experts(x, ids, w_gate_up, w_down)  # [tokens, k, hidden], (token, k) order
-            return torch.bmm(weights.to(x.dtype).unsqueeze(1), ys).squeeze(1)
         flat_ids = ids.reshape(-1).to(torch.int32)  # [pairs], pair p = (token p // k, choice p % k)
         sorted_ids, order = torch.sort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
         bounds = torch.arange(1, w_gate_up.shape[0] + 1, device=ids.device, dtype=torch.int32)
@@ -357,28 +263,25 @@ class MoE(nn.Module):
         return F.linear(F.silu(gate) * up, self.w_down[expert])
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        """Whether the stacked-weight path runs (its experts as grouped_mm or, see ``_use_triton``, Triton)."""
+        """Whether the experts run as two grouped_mm calls over the stacked weights."""
         if self.expert_impl != "auto":
-            return self.expert_impl in ("grouped_mm", "triton")
+            return self.expert_impl == "grouped_mm"
         if self._kernels is not None:
             return False
-        if self._use_triton(x):
-            return True
         key = (x.device.type, x.dtype)
         if key not in self._grouped_mm_ok:
             self._grouped_mm_ok[key] = self._probe_grouped_mm(x)
         return self._grouped_mm_ok[key]
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        """ "triton", or "auto" on CUDA for large batches where Triton imports and its kernels run.
+        """ "triton", or "auto" on CUDA where Triton imports and its kernels run.
 
-        Measured on an H200 (benchmarks/NOTES.md): the Triton path wins at 4096 tokens (1.62 vs 1.74 ms) and,
-        replayed as a CUDA graph, at every size, but its extra launches make it slower eagerly at 16 and 256
-        tokens (0.64 vs 0.43 ms, 0.89 vs 0.61 ms); "auto" therefore takes it from TRITON_MIN_TOKENS rows on.
+        Measured on an H200 (benchmarks/NOTES.md), eagerly: 0.35 / 0.40 / 1.30 ms at 16 / 256 / 4096 tokens
+        against grouped_mm's 0.44 / 0.55 / 1.73 ms.
         """
         if self.expert_impl != "auto":
             return self.expert_impl == "triton"
-        if not x.is_cuda or self._kernels is not None or x.shape[0] < TRITON_MIN_TOKENS:
+        if not x.is_cuda or self._kernels is not None:
             return False
         key = (x.device.type, x.dtype)
         if key not in self._triton_ok:
@@ -390,10 +293,11 @@ class MoE(nn.Module):
         if self.w_gate_up is None or x.dtype != self.w_gate_up.dtype:
             return False
         try:
-            from longserve.layers.moe_triton import fused_experts
+            from longserve.layers.moe_triton import combine, fused_experts
 
             ids = torch.zeros(1, 1, dtype=torch.int64, device=x.device)
-            fused_experts(x.new_zeros(1, self.hidden_size), ids, self.w_gate_up, self.w_down)
+            ys = fused_experts(x.new_zeros(1, self.hidden_size), ids, self.w_gate_up, self.w_down)
+            combine(ys, ids.float())
         except Exception:  # ImportError, or any compile/launch failure Triton raises (no common base class)
             return False
         return True

@@ -1,11 +1,12 @@
-"""Fused-MoE Triton path for stacked SwiGLU experts: the (token, k) pairs' expert outputs in two kernels.
+"""Fused-MoE Triton path for stacked SwiGLU experts: every (token, slot) pair's expert output, then the
+weighted sum over slots, in five small launches and two matmul kernels (``moe_triton_kernels``).
 
-Importing this module needs Triton; ``layers/moe.py`` imports it only when the Triton path runs. The pairs are
-sorted by expert and each expert's run padded to a multiple of BLOCK_M (``align``, torch ops, no host sync),
-so every BLOCK_M row-block belongs to one expert. Kernel 1 gathers each block's token rows of x and applies
-the expert's gate and up projections and silu(gate) * up in one program; kernel 2 applies the down projection
-and writes each real row straight to its (token, k) position. No atomics: the caller sums over k in fixed
-order, so results are deterministic.
+Importing this module needs Triton; ``layers/moe.py`` imports it only when the Triton path runs. ``align``
+sorts the pairs into one-expert row-blocks on the device (no host sync, so the path is CUDA-graph safe);
+``fused_experts`` runs gate/up + silu and down over those blocks and writes each row to its (token, slot)
+position; ``combine`` sums the slots with their weights in a fixed order (no atomics), so results are
+deterministic. Shared experts may ride along as extra slots every token uses (their weights appended to the
+stacked experts), or be passed to ``combine`` already computed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
+
+from longserve.layers import moe_triton_kernels as kernels
+
+ALIGN_BLOCK = 1024  # pairs per align program (and per step of the one-program align)
+ONE_PROGRAM_MAX_PAIRS = 8192  # up to here one program aligns every pair: one launch, no zeroed scratch
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ def default_config(tokens: int, pairs: int, experts: int) -> TileConfig:
     if tokens <= 32 or rows_per_expert <= 16:
         return TileConfig(16, 64, 128, 1, 4, 4)
     if tokens <= 512 or rows_per_expert <= 96:
-        return TileConfig(32, 64, 128, 4, 4, 4)
+        return TileConfig(32, 64, 128, 1, 4, 3)
     if tokens <= 2048:
         return TileConfig(64, 128, 64, 8, 4, 3)
     return TileConfig(128, 128, 64, 8, 8, 3)
@@ -48,230 +53,134 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _use_tma(x: torch.Tensor, hidden: int, inter: int) -> bool:
+    """Bulk tensor copies of the weight tiles on Hopper and newer (not under the interpreter); their row
+    strides must be multiples of 16 bytes."""
+    aligned = (hidden * x.element_size()) % 16 == 0 and (inter * x.element_size()) % 16 == 0
+    return aligned and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Where every pair sits in the expert-sorted, padded row order (see ``align``)."""
+
+    sorted_pairs: torch.Tensor  # [max_padded] int32: the pair of each row, or num_pairs for a padding row
+    block_expert: torch.Tensor  # [max_padded // block_m] int32: the expert of each row-block
+    num_padded: torch.Tensor  # [1] int32: rows up to the end of the last run; blocks past it exit at once
+    num_pairs: int
+    slots: int  # K: routed top_k + shared slices
+
+
 def align(
-    ids: torch.Tensor,  # [tokens, k], values in [0, experts)
-    experts: int,
+    ids: torch.Tensor,  # [tokens, top_k], values in [0, experts - shared_slices)
+    experts: int,  # stacked experts, shared slices included
     block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pairs sorted by expert, each expert's run padded to a multiple of block_m, without a host sync.
+    shared_slices: int = 0,
+) -> Alignment:
+    """Pairs grouped by expert, each expert's run padded to a multiple of block_m, without a host sync: one
+    launch for up to ONE_PROGRAM_MAX_PAIRS pairs, else a count and a placement launch over many programs.
 
-    Returns ``sorted_pair_ids`` ([max_padded] int32: pair index t * k + j, or the sentinel ``pairs`` for
-    padding), ``block_expert`` ([max_padded // block_m] int32: the expert of each row-block) and
-    ``num_padded`` ([1] int32: the real padded length; blocks at or past it exit at once). max_padded is a
-    static bound, so the grid is known on the host.
+    The row bound max_padded is static (every expert with rows pads fewer than block_m of them), so the
+    matmul grids are known on the host.
     """
-    pairs = ids.numel()
-    device = ids.device
-    flat_ids = ids.reshape(-1).to(torch.int32)  # [pairs], pair p = (token p // k, choice p % k)
-    sorted_ids, order = torch.sort(flat_ids, stable=True)  # [pairs]: pairs grouped by expert
-    # [experts + 1]: where each expert's run starts (and the last one ends); searchsorted needs no host sync
-    bounds = torch.searchsorted(
-        sorted_ids, torch.arange(experts + 1, device=device, dtype=torch.int32), out_int32=True
+    tokens, top_k = ids.shape
+    ids = ids.contiguous()
+    slots = top_k + shared_slices
+    routed_pairs, num_pairs = tokens * top_k, tokens * slots
+    num_bins = triton.next_power_of_2(experts)
+    max_padded = triton.cdiv(num_pairs + min(experts, num_pairs) * (block_m - 1), block_m) * block_m
+    max_blocks = max_padded // block_m
+    one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS
+    scratch = (torch.empty if one_program else torch.zeros)(
+        2 * num_bins, device=ids.device, dtype=torch.int32
     )
-    starts, counts = bounds[:-1], bounds.diff()  # [experts] each
-    padded_counts = (counts + (block_m - 1)) // block_m * block_m
-    padded_ends = torch.cumsum(padded_counts, 0, dtype=torch.int32)  # [experts]
-    # Sorted pair i lands at i + its expert's (padded start - start): few tiny ops, then one gather.
-    shift = (padded_ends - padded_counts - starts).long()  # [experts]
-    dest = torch.arange(pairs, device=device) + shift[sorted_ids]  # [pairs]
-    # At most min(experts, pairs) experts get rows, each padding fewer than block_m rows.
-    max_padded = (pairs + min(experts, pairs) * (block_m - 1) + block_m - 1) // block_m * block_m
-    sorted_pair_ids = torch.full((max_padded,), pairs, device=device, dtype=torch.int32)
-    sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(0, max_padded, block_m, device=device, dtype=torch.int32)
-    # First expert whose padded run ends after the block's start; blocks past the end clamp (and exit early).
-    block_expert = torch.searchsorted(padded_ends, block_starts, right=True, out_int32=True)
-    block_expert = block_expert.clamp_(max=experts - 1)
-    return sorted_pair_ids, block_expert, padded_ends[-1:]
-
-
-@triton.jit
-def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M row-blocks sweep the N-tiles together, so a weight tile is reused from L2."""
-    in_group = GROUP_M * num_pid_n
-    group = pid // in_group
-    first_m = group * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def gate_up_silu_kernel(
-    X,  # [tokens, hidden]
-    W,  # [experts, 2 inter, hidden]: rows [0, inter) gate, [inter, 2 inter) up
-    Act,  # [max_padded, inter] out: silu(x W_gate^T) * (x W_up^T) per sorted, padded pair
-    sorted_pair_ids,  # [max_padded] int32
-    block_expert,  # [max_padded // BLOCK_M] int32
-    num_padded,  # [1] int32
-    num_pairs,
-    top_k,
-    inter,
-    hidden,
-    stride_xt,
-    stride_xk,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_at,
-    stride_an,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One row-block (one expert) x one BLOCK_N slice of inter: gate and up tiles for the same columns."""
-    num_pid_m = tl.cdiv(tl.num_programs(0), tl.cdiv(inter, BLOCK_N))
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded):
-        return
-    expert = tl.load(block_expert + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids + rows)
-    row_ok = pair < num_pairs  # padding rows read zeros and are never read back
-    token = (pair // top_k).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = X + token[:, None] * stride_xt + ks[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_base = W + expert * stride_we
-    wg_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
-    wu_ptrs = wg_ptrs + inter * stride_wn
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(hidden, BLOCK_K)):
-        k_ok = ks < hidden - k0 * BLOCK_K
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_gate = tl.dot(x, wg, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(x, wu, acc_up, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
-        wu_ptrs += BLOCK_K * stride_wk
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up in float32, rounded once
-    a_ptrs = Act + rows[:, None].to(tl.int64) * stride_at + cols[None, :] * stride_an
-    tl.store(a_ptrs, act.to(Act.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def down_kernel(
-    Act,  # [max_padded, inter]
-    W,  # [experts, hidden, inter]
-    Out,  # [pairs, hidden]: row t * k + j is token t's j-th expert output
-    sorted_pair_ids,
-    block_expert,
-    num_padded,
-    num_pairs,
-    hidden,
-    inter,
-    stride_at,
-    stride_ak,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_ot,
-    stride_on,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One row-block x one BLOCK_N slice of hidden: act @ w_down[e]^T, each real row stored at its pair."""
-    num_pid_m = tl.cdiv(tl.num_programs(0), tl.cdiv(hidden, BLOCK_N))
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded):
-        return
-    expert = tl.load(block_expert + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids + rows)
-    row_ok = pair < num_pairs
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = Act + rows[:, None].to(tl.int64) * stride_at + ks[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    w_ptrs = W + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(inter, BLOCK_K)):
-        k_ok = ks < inter - k0 * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
-    o_ptrs = Out + pair[:, None].to(tl.int64) * stride_ot + cols[None, :] * stride_on
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out = torch.empty(max_padded + max_blocks + 1, device=ids.device, dtype=torch.int32)
+    sorted_pairs, block_expert, num_padded = out.split((max_padded, max_blocks, 1))
+    counts, cursor = scratch.split(num_bins)
+    if not one_program and routed_pairs:
+        grid = (triton.cdiv(routed_pairs, ALIGN_BLOCK),)
+        kernels.count_kernel[grid](ids, counts, routed_pairs, BLOCK=ALIGN_BLOCK, NUM_BINS=num_bins)
+    kernels.align_kernel[(1 if one_program else triton.cdiv(num_pairs, ALIGN_BLOCK),)](
+        ids, counts, cursor, sorted_pairs, block_expert, num_padded,
+        tokens, top_k, slots, experts, max_blocks,
+        BLOCK=ALIGN_BLOCK, BLOCK_M=block_m, NUM_BINS=num_bins, BLOCKS_PER_STEP=max(1, 2048 // block_m),
+        ONE_PROGRAM=one_program,
+    )  # fmt: skip
+    return Alignment(sorted_pairs, block_expert, num_padded, num_pairs, slots)
 
 
 def fused_experts(
     x: torch.Tensor,  # [tokens, hidden]
-    ids: torch.Tensor,  # [tokens, k], values in [0, w_gate_up.shape[0])
-    w_gate_up: torch.Tensor,  # [experts, 2 inter, hidden]
+    ids: torch.Tensor,  # [tokens, top_k] routed ids, values in [0, experts - shared_slices)
+    w_gate_up: torch.Tensor,  # [experts, 2 inter, hidden]; the last shared_slices are the shared slices
     w_down: torch.Tensor,  # [experts, hidden, inter]
     config: TileConfig | None = None,
+    shared_slices: int = 0,
+    use_tma: bool | None = None,  # None: on Hopper and newer
 ) -> torch.Tensor:
-    """expert_{ids[t, j]}(x[t]) for every pair: [tokens, k, hidden], in x's dtype, unweighted."""
+    """expert outputs for every (token, slot): [tokens, top_k + shared_slices, hidden], x's dtype, unweighted."""
     if not (x.is_cuda or _interpreting()):
         raise RuntimeError("the Triton MoE path needs a CUDA device (or TRITON_INTERPRET=1)")
     tokens, top_k = ids.shape
     experts, two_inter, hidden = w_gate_up.shape
     inter = two_inter // 2
-    pairs = tokens * top_k
-    out = x.new_empty(tokens, top_k, hidden)
-    if pairs == 0:
+    slots = top_k + shared_slices
+    x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    out = x.new_empty(tokens, slots, hidden)
+    if tokens == 0 or slots == 0:
         return out
-    cfg = config or default_config(tokens, pairs, experts)
+    cfg = config or default_config(tokens, tokens * slots, experts)
     if x.element_size() == 4:  # float32 tiles take twice the shared memory per stage
         cfg = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2))
-    sorted_pair_ids, block_expert, num_padded = align(ids, experts, cfg.block_m)
-    max_padded = sorted_pair_ids.numel()
-    act = x.new_empty(max_padded, inter)  # [max_padded, inter]; padding rows are never written or read
+    tma = _use_tma(x, hidden, inter) if use_tma is None else use_tma
+    rows = align(ids, experts, cfg.block_m, shared_slices)
+    max_padded = rows.sorted_pairs.numel()
+    act = x.new_empty(max_padded, inter)  # [max_padded, inter]; padding rows are never written
     blocks = max_padded // cfg.block_m
-    # float32 (exact mode, tests): IEEE products; bf16/fp16 ignore the precision.
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     tiles = dict(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        DOT_PRECISION=precision,
+        USE_TMA=tma,
+        # float32 (exact mode, tests): IEEE products; bf16/fp16 ignore the precision.
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
-    gate_up_silu_kernel[(blocks * triton.cdiv(inter, cfg.block_n),)](
-        x,
-        w_gate_up,
-        act,
-        sorted_pair_ids,
-        block_expert,
-        num_padded,
-        pairs,
-        top_k,
-        inter,
-        hidden,
-        *x.stride(),
-        *w_gate_up.stride(),
-        *act.stride(),
-        **tiles,
-        **launch,
-    )
-    flat = out.view(pairs, hidden)  # [pairs, hidden], row t * k + j
-    down_kernel[(blocks * triton.cdiv(hidden, cfg.block_n),)](
-        act,
-        w_down,
-        flat,
-        sorted_pair_ids,
-        block_expert,
-        num_padded,
-        pairs,
-        hidden,
-        inter,
-        *act.stride(),
-        *w_down.stride(),
-        *flat.stride(),
-        **tiles,
-        **launch,
-    )
+    wgu_desc = a_desc = wd_desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        wgu_desc = TensorDescriptor.from_tensor(w_gate_up.view(-1, hidden), [cfg.block_n, cfg.block_k])
+        wd_desc = TensorDescriptor.from_tensor(w_down.view(-1, inter), [cfg.block_n, cfg.block_k])
+        a_desc = TensorDescriptor.from_tensor(act, [cfg.block_m, cfg.block_k])
+    index = (rows.sorted_pairs, rows.block_expert, rows.num_padded, rows.num_pairs)
+    kernels.gate_up_silu_kernel[(blocks * triton.cdiv(inter, cfg.block_n),)](
+        x, w_gate_up, wgu_desc, act, *index, slots, INTER=inter, HIDDEN=hidden, **tiles, **launch
+    )  # fmt: skip
+    kernels.down_kernel[(blocks * triton.cdiv(hidden, cfg.block_n),)](
+        act, a_desc, w_down, wd_desc, out, *index, HIDDEN=hidden, INTER=inter, **tiles, **launch
+    )  # fmt: skip
+    return out
+
+
+def combine(
+    ys: torch.Tensor,  # [tokens, slots, hidden] from fused_experts
+    weights: torch.Tensor,  # [tokens, top_k] routing weights (slots past top_k are shared slices)
+    shared_gate_logit: torch.Tensor | None = None,  # [tokens, 1]: shared part scaled by its sigmoid
+    shared: torch.Tensor | None = None,  # [tokens, hidden]: a shared-expert output computed elsewhere
+) -> torch.Tensor:
+    """sum_j<top_k w_j ys_j + g * (sum of the shared slots + shared): [tokens, hidden] in ys's dtype."""
+    tokens, slots, hidden = ys.shape
+    out = ys.new_empty(tokens, hidden)
+    if tokens == 0:
+        return out
+    weights = weights.float().contiguous()
+    gate = shared_gate_logit.reshape(tokens).contiguous() if shared_gate_logit is not None else None
+    shared = shared.contiguous() if shared is not None else None
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    kernels.combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        ys.contiguous(), weights, gate, shared, out, weights.shape[1], slots,
+        HIDDEN=hidden, BLOCK_H=block_h, HAS_GATE=gate is not None, HAS_SHARED=shared is not None, num_warps=4,
+    )  # fmt: skip
     return out
