@@ -224,7 +224,7 @@ def sweep_grid(tokens: int) -> list:
 def triton_sweep() -> dict:
     """Time the fused-MoE Triton kernels (align + both matmuls; routed experts plus the shared expert as
     slots) under a grid of tile configs, with and without TMA weight loads, at each GPU token count, against
-    the default heuristic's pick: for tuning ``default_config``."""
+    the default heuristic's pick: for tuning ``default_configs``."""
     from longserve.layers import moe_triton as mt
     from longserve.layers.moe import route
 
@@ -236,7 +236,7 @@ def triton_sweep() -> dict:
         x = torch.randn(tokens, ours.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():
             _, ids = route(ours.gate(x), ours.router)
-            default = mt.default_config(tokens, tokens * (ids.shape[1] + extra), experts)
+            default = mt.default_configs(tokens, tokens * (ids.shape[1] + extra), experts)[0]
             times = []
             for config in dict.fromkeys([default, *sweep_grid(tokens)]):
                 for tma in (True, False):

@@ -110,13 +110,15 @@ def test_experts_without_tokens_and_every_tile_config(tokens):
     ids = torch.stack([torch.randperm(3, generator=gen)[:k] for _ in range(tokens)]).cuda() * 5  # 0, 5, 10
     gate, up = torch.einsum("tkoh,th->tko", w_gate_up[ids], x).split(inter, dim=-1)
     expected = torch.einsum("tkhi,tki->tkh", w_down[ids], torch.nn.functional.silu(gate) * up)
-    configs = {mt.default_config(t, t * k, experts) for t in (1, 300, 1000, 4096)}
-    configs |= {mt.default_config(t, t * 8, 64) for t in (16, 256, 1024, 4096)}
-    for config in sorted(configs, key=str):
-        got = mt.fused_experts(x, ids, w_gate_up, w_down, config)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"{config}")
-        got16 = mt.fused_experts(x.bfloat16(), ids, w_gate_up.bfloat16(), w_down.bfloat16(), config)
-        assert rel_err(got16, expected) < 1e-2, config
+    configs = {mt.default_configs(t, t * k, experts) for t in (1, 300, 1000, 4096)}
+    configs |= {mt.default_configs(t, t * 8, 64) for t in (16, 256, 1024, 4096)}
+    for gate_up, down in sorted(configs, key=str):
+        for tma in (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,):
+            run = dict(config=gate_up, down_config=down, use_tma=tma)
+            got = mt.fused_experts(x, ids, w_gate_up, w_down, **run)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"{run}")
+            got16 = mt.fused_experts(x.bfloat16(), ids, w_gate_up.bfloat16(), w_down.bfloat16(), **run)
+            assert rel_err(got16, expected) < 1e-2, run
 
 
 def test_auto_picks_triton_on_cuda():

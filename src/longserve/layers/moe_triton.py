@@ -36,17 +36,20 @@ class TileConfig:
     num_stages: int
 
 
-def default_config(tokens: int, pairs: int, experts: int) -> TileConfig:
-    """A heuristic by rows per expert: few (decode) -> BLOCK_M 16, the run is weight-read bound and wants many
-    N-tiles in flight; many (prefill) -> 64/128, the run is matmul bound and wants big tiles."""
+def default_configs(tokens: int, pairs: int, experts: int) -> tuple[TileConfig, TileConfig]:
+    """(gate/up tiles, down tiles) by rows per expert: few (decode) -> BLOCK_M 16, the run is weight-read bound
+    and wants many N-tiles in flight; many (prefill) -> 64/128, the run is matmul bound and wants big tiles.
+    Picked by sweeps on an H200 (benchmarks/NOTES.md); the down kernel has one accumulator, so wider tiles."""
     rows_per_expert = pairs / max(experts, 1)
     if tokens <= 32 or rows_per_expert <= 16:
-        return TileConfig(16, 64, 128, 1, 4, 4)
+        tiles = TileConfig(16, 64, 128, 1, 4, 4)
+        return tiles, tiles
     if tokens <= 512 or rows_per_expert <= 96:
-        return TileConfig(32, 64, 128, 1, 4, 3)
+        return TileConfig(32, 64, 128, 1, 4, 3), TileConfig(32, 128, 128, 1, 4, 3)
     if tokens <= 2048:
-        return TileConfig(64, 128, 64, 8, 4, 3)
-    return TileConfig(128, 128, 64, 8, 8, 3)
+        tiles = TileConfig(64, 128, 64, 8, 4, 3)
+        return tiles, tiles
+    return TileConfig(128, 128, 64, 16, 8, 4), TileConfig(128, 256, 64, 8, 8, 3)
 
 
 def _interpreting() -> bool:
@@ -114,9 +117,10 @@ def fused_experts(
     ids: torch.Tensor,  # [tokens, top_k] routed ids, values in [0, experts - shared_slices)
     w_gate_up: torch.Tensor,  # [experts, 2 inter, hidden]; the last shared_slices are the shared slices
     w_down: torch.Tensor,  # [experts, hidden, inter]
-    config: TileConfig | None = None,
+    config: TileConfig | None = None,  # None: default_configs'
     shared_slices: int = 0,
     use_tma: bool | None = None,  # None: on Hopper and newer
+    down_config: TileConfig | None = None,  # the down kernel's tiles (same block_m); None: config's
 ) -> torch.Tensor:
     """expert outputs for every (token, slot): [tokens, top_k + shared_slices, hidden], x's dtype, unweighted."""
     if not (x.is_cuda or _interpreting()):
@@ -129,20 +133,22 @@ def fused_experts(
     out = x.new_empty(tokens, slots, hidden)
     if tokens == 0 or slots == 0:
         return out
-    cfg = config or default_config(tokens, tokens * slots, experts)
+    if config is None:
+        cfg, down = default_configs(tokens, tokens * slots, experts)
+    else:
+        cfg, down = config, down_config or config
+    if down.block_m != cfg.block_m:
+        raise ValueError("both kernels share the aligned row-blocks: down_config.block_m must equal block_m")
     if x.element_size() == 4:  # float32 tiles take twice the shared memory per stage
         cfg = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2))
+        down = dataclasses.replace(down, num_stages=min(down.num_stages, 2))
     tma = _use_tma(x, hidden, inter) if use_tma is None else use_tma
     rows = align(ids, experts, cfg.block_m, shared_slices)
     max_padded = rows.sorted_pairs.numel()
     act = x.new_empty(max_padded, inter)  # [max_padded, inter]; padding rows are never written
     blocks = max_padded // cfg.block_m
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    tiles = dict(
+    common = dict(
         BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
         USE_TMA=tma,
         # float32 (exact mode, tests): IEEE products; bf16/fp16 ignore the precision.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -152,16 +158,26 @@ def fused_experts(
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         wgu_desc = TensorDescriptor.from_tensor(w_gate_up.view(-1, hidden), [cfg.block_n, cfg.block_k])
-        wd_desc = TensorDescriptor.from_tensor(w_down.view(-1, inter), [cfg.block_n, cfg.block_k])
-        a_desc = TensorDescriptor.from_tensor(act, [cfg.block_m, cfg.block_k])
+        wd_desc = TensorDescriptor.from_tensor(w_down.view(-1, inter), [down.block_n, down.block_k])
+        a_desc = TensorDescriptor.from_tensor(act, [down.block_m, down.block_k])
     index = (rows.sorted_pairs, rows.block_expert, rows.num_padded, rows.num_pairs)
     kernels.gate_up_silu_kernel[(blocks * triton.cdiv(inter, cfg.block_n),)](
-        x, w_gate_up, wgu_desc, act, *index, slots, INTER=inter, HIDDEN=hidden, **tiles, **launch
+        x, w_gate_up, wgu_desc, act, *index, slots, INTER=inter, HIDDEN=hidden, **common, **_tiles(cfg)
     )  # fmt: skip
-    kernels.down_kernel[(blocks * triton.cdiv(hidden, cfg.block_n),)](
-        act, a_desc, w_down, wd_desc, out, *index, HIDDEN=hidden, INTER=inter, **tiles, **launch
+    kernels.down_kernel[(blocks * triton.cdiv(hidden, down.block_n),)](
+        act, a_desc, w_down, wd_desc, out, *index, HIDDEN=hidden, INTER=inter, **common, **_tiles(down)
     )  # fmt: skip
     return out
+
+
+def _tiles(cfg: TileConfig) -> dict:
+    return dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def combine(
