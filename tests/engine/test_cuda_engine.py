@@ -49,3 +49,22 @@ def test_cuda_decode_equals_prefill_of_the_same_tokens(tiny_llama_dir, options):
     decoded = torch.tensor([entry.logprob for entry in generated.logprobs])
     rescored = _prompt_logprobs(llm, prompt + list(generated.token_ids))[len(prompt) - 1 :]
     torch.testing.assert_close(decoded[:-1], rescored[: len(decoded) - 1], rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"])
+def test_cuda_moe_engine_matches_the_cpu_engine(tiny_model_cache, name):
+    """MoE families (and MLA) on CUDA run the Triton experts; float32 there too (IEEE products)."""
+    directory = tiny_model_cache.path(name)
+    cpu = LLM(directory, kv_cache_memory_mb=4)
+    gpu = LLM(directory, kv_cache_memory_mb=4, device="cuda")
+    moe = next(m for m in gpu.engine.runner.model.modules() if type(m).__name__ == "MoE")
+    assert moe._use_triton(torch.zeros(1, moe.hidden_size, device="cuda"))
+    prompt = _prompt(cpu)
+    torch.testing.assert_close(
+        _prompt_logprobs(gpu, prompt), _prompt_logprobs(cpu, prompt), rtol=0, atol=2e-4
+    )
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    batch = [prompt[:20], prompt[20:33], prompt[40:47]]
+    assert [o.outputs[0].token_ids for o in gpu.generate(batch, params)] == [
+        o.outputs[0].token_ids for o in cpu.generate(batch, params)
+    ]

@@ -66,7 +66,8 @@ def build_attention_metadata(
     block_size: int,
 ) -> AttentionMetadata:
     """Metadata for sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
-    slot_chunks: list[torch.Tensor] = []
+    decode_new_slots: list[int] = []  # one per decode, in plain ints: no tensor ops per decoding sequence
+    prefill_new_slots: list[torch.Tensor] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     prefills: list[PrefillSpan] = []
@@ -74,15 +75,16 @@ def build_attention_metadata(
     num_decodes = 0
     for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
         context_len = computed + qlen
-        slots = context_slots(table, context_len, block_size)
-        slot_chunks.append(slots[computed:])
         if qlen == 1 and computed > 0:
             if prefills:
                 raise ValueError("decode sequences must come before prefill sequences")
             num_decodes += 1
             decode_tables.append(table)
             decode_lens.append(context_len)
+            decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
         else:
+            slots = context_slots(table, context_len, block_size)
+            prefill_new_slots.append(slots[computed:])
             prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
         query_start += qlen
 
@@ -92,15 +94,15 @@ def build_attention_metadata(
         lens = torch.tensor(decode_lens)
         positions = torch.arange(max_len)
         valid = positions[None, :] < lens[:, None]  # [num_decodes, max_len]
-        padded_tables = torch.zeros(num_decodes, (max_len + block_size - 1) // block_size, dtype=torch.long)
-        for row, table in enumerate(decode_tables):
-            used = table[: padded_tables.shape[1]]
-            padded_tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        width = (max_len + block_size - 1) // block_size
+        padded_tables = torch.tensor(
+            [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables], dtype=torch.long
+        )  # [num_decodes, width]
         blocks = padded_tables[:, positions // block_size]  # [num_decodes, max_len]
         decode_slots = torch.where(valid, blocks * block_size + positions % block_size, 0)
         decode_mask = None if len(set(decode_lens)) == 1 else valid[:, None, None, :]
     return AttentionMetadata(
-        slot_mapping=torch.cat(slot_chunks) if slot_chunks else torch.empty(0, dtype=torch.long),
+        slot_mapping=torch.cat([torch.tensor(decode_new_slots, dtype=torch.long), *prefill_new_slots]),
         num_decodes=num_decodes,
         decode_slots=decode_slots,
         decode_mask=decode_mask,
