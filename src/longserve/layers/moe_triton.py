@@ -1,5 +1,5 @@
 """Fused-MoE Triton path for stacked SwiGLU experts: every (token, slot) pair's expert output, then the
-weighted sum over slots, in five small launches and two matmul kernels (``moe_triton_kernels``).
+weighted sum over slots, in four launches (``moe_triton_kernels``): align, gate/up, down and combine.
 
 Importing this module needs Triton; ``layers/moe.py`` imports it only when the Triton path runs. ``align``
 sorts the pairs into one-expert row-blocks on the device (no host sync, so the path is CUDA-graph safe);
@@ -26,7 +26,7 @@ ONE_PROGRAM_MAX_PAIRS = 8192  # up to here one program aligns every pair: one la
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes and launch parameters shared by both kernels."""
+    """Tile sizes and launch parameters of one matmul kernel (both kernels share block_m: the alignment)."""
 
     block_m: int  # rows (pairs) per block: every block belongs to one expert
     block_n: int
