@@ -191,7 +191,10 @@ def _listed_models(client: openai.OpenAI) -> list[str] | None:
         return None
 
 
-def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
+@pytest.mark.parametrize("model", ["llama", "deepseek_v3"], ids=["llama", "moe+mla"])
+def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_model_cache, model):
+    """`longserve serve --model <directory>`, for a dense model and a MoE model with MLA (DeepSeek-V3)."""
+    model_dir = tiny_model_cache.path(model)
     ports = {name: unused_port() for name in ("port", "controller-port", "worker-port")}
     args = [f"--{name}={port}" for name, port in ports.items()]
     command = [
@@ -200,7 +203,7 @@ def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
         "longserve.cli",
         "serve",
         "--model",
-        tiny_llama_dir,
+        model_dir,
         "--model-name",
         MODEL,
     ]
@@ -215,6 +218,17 @@ def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_llama_dir):
         wait_until(lambda: _listed_models(client) == [MODEL], what="the model to be listed")
         out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
         assert out.usage.completion_tokens >= 1
+        chat = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(chat)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens >= 1
     finally:
         process.send_signal(signal.SIGINT)
         try:
