@@ -4,7 +4,8 @@ GPU part (skipped with a note without CUDA): one Qwen1.5-MoE-A2.7B-shaped block 
 1408, top-4, gated shared expert of 5632; bf16, random weights) at 16, 256 and 4096 tokens, ours under each
 ``expert_impl`` against HF under each ``experts_implementation``; outputs are checked to agree before timing;
 the floor (max of measured-bandwidth and measured-matmul-rate times), the routed load balance, and where our
-time goes (CUDA-graph replay, per-kernel breakdown from torch.profiler) are reported.
+time goes (CPU launch time per call, CUDA-graph replay, per-kernel breakdown from torch.profiler) are
+reported.
 
 CPU part: decode tokens/s of the tiny Qwen2-MoE checkpoint (tests/tiny_models.py) through ``longserve.LLM``
 against transformers' ``generate`` (fp32, greedy, 64 new tokens, batch 1 and 8), and a small MoE block (hidden
