@@ -115,10 +115,32 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
     if api:
         parser.add_argument("--port", type=int, dest="api_port", help="API server port (default 8000)")
         parser.add_argument("--api-keys", help="comma-separated keys clients must send as Bearer tokens")
+        parser.add_argument(
+            "--max-in-flight-requests",
+            type=int,
+            help="generation requests the API server handles at once; more get 429 (default 4096)",
+        )
+        parser.add_argument(
+            "--worker-stream-timeout",
+            type=float,
+            dest="worker_stream_timeout_s",
+            help="seconds a worker stream may stay silent before the request fails (default 60)",
+        )
+        parser.add_argument(
+            "--request-timeout",
+            type=float,
+            dest="request_timeout_s",
+            help="seconds a whole request may take before it ends with a timeout error (default: none)",
+        )
     if worker:
         parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
         parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
         parser.add_argument("--worker-concurrency", type=int, help="requests a worker admits at once")
+        parser.add_argument(
+            "--max-queue-len",
+            type=int,
+            help="requests that may wait for a worker slot; more get 429 (default 256)",
+        )
     if controller:
         parser.add_argument("--controller-port", type=int, help="controller port (default 21001)")
         parser.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"])
@@ -136,6 +158,10 @@ def _serve_config(args: argparse.Namespace, **extra):
         "worker_port",
         "model_name",
         "worker_concurrency",
+        "max_queue_len",
+        "max_in_flight_requests",
+        "worker_stream_timeout_s",
+        "request_timeout_s",
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")

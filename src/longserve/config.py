@@ -143,8 +143,15 @@ class ServeConfig:
     heart_beat_interval_s: float = 15.0
     heart_beat_expiration_s: float = 45.0
     worker_concurrency: int = 64  # requests a worker admits at once (its semaphore)
+    max_queue_len: int = 256  # requests that may wait for a worker's semaphore; beyond that, 429 at once
+    max_in_flight_requests: int = 4096  # generation requests one API server handles at once; beyond, 429
     max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413
     worker_connect_retries: int = 3  # other workers tried when one is unreachable before streaming
+    # A worker stream silent this long fails its request; live workers send a keep-alive line every
+    # worker_stream_keepalive_s, so only a frozen worker or a broken network trips it.
+    worker_stream_timeout_s: float = 60.0
+    worker_stream_keepalive_s: float = 5.0
+    request_timeout_s: float | None = None  # a whole generation request; None: no limit
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery"):
@@ -153,8 +160,18 @@ class ServeConfig:
             )
         if self.heart_beat_expiration_s <= self.heart_beat_interval_s:
             raise ValueError("heart_beat_expiration_s must be larger than heart_beat_interval_s")
-        if self.worker_concurrency < 1:
-            raise ValueError(f"worker_concurrency must be >= 1, got {self.worker_concurrency}")
+        for name in ("worker_concurrency", "max_in_flight_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_len < 0:
+            raise ValueError(f"max_queue_len must be >= 0, got {self.max_queue_len}")
+        if not 0 < self.worker_stream_keepalive_s < self.worker_stream_timeout_s:
+            raise ValueError(
+                "worker_stream_keepalive_s must be positive and smaller than worker_stream_timeout_s, got "
+                f"{self.worker_stream_keepalive_s} and {self.worker_stream_timeout_s}"
+            )
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if isinstance(self.api_keys, str):
             self.api_keys = tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 

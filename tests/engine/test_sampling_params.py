@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from longserve.engine.sampling_params import SamplingParams
+from longserve.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 INVALID = [
     ("n", 0),
@@ -86,9 +86,32 @@ def test_valid_edge_values_construct(kwargs):
         assert getattr(params, key) == value
 
 
-def test_greedy_means_zero_temperature():
-    assert SamplingParams(temperature=0).greedy
-    assert not SamplingParams(temperature=1e-6).greedy
+def test_greedy_means_a_temperature_below_the_float32_safe_bound():
+    # Below GREEDY_TEMPERATURE logits / temperature overflows float32 and the softmax is NaN (as vLLM, greedy).
+    for t in (0, 1e-40, 5e-324, GREEDY_TEMPERATURE / 2):
+        assert SamplingParams(temperature=t).greedy
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+
+
+@pytest.mark.parametrize("value", [1e-300, 5e-324, 0.0099, 100.5, 1e300])
+def test_repetition_penalties_that_overflow_float32_are_rejected(value):
+    with pytest.raises(ValueError, match=r"^repetition_penalty must be in \[0.01, 100\]"):
+        SamplingParams(repetition_penalty=value)
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**30])
+def test_seeds_outside_int64_are_rejected(seed):
+    with pytest.raises(ValueError, match="^seed must be a 64-bit signed integer"):
+        SamplingParams(seed=seed)
+
+
+def test_extreme_int64_seeds_work_for_every_completion():
+    from longserve.engine.sequence import Sequence
+
+    for seed in (2**63 - 1, -(2**63)):
+        params = SamplingParams(seed=seed, n=4)
+        seqs = [Sequence("r", i, [1], params, frozenset(), 8) for i in range(4)]
+        assert len({seq.generator.initial_seed() for seq in seqs}) == 4
 
 
 def test_stop_accepts_a_single_string_and_copies_lists():

@@ -339,7 +339,8 @@ def test_semaphore_is_fully_released_after_errors(narrow_worker, engine):
     ) as r:
         next(r.iter_lines())
 
-    # An engine failure mid-stream is the stream's last line; one before the first output is a 500.
+    # An engine failure is the stream's last line, mid-stream or before the first output (the worker has sent
+    # its 200 and keep-alives by then; the API server turns a first-line error into the HTTP status).
     original_step, calls = core.step, []
 
     def failing_step(fail_at: int):
@@ -358,8 +359,8 @@ def test_semaphore_is_fully_released_after_errors(narrow_worker, engine):
         assert "injected failure" in chunks[-1].error.message and chunks[-1].usage is None
         calls.clear()
         core.step = failing_step(1)
-        info = _error(httpx.post(f"{url}/worker_generate_stream", json=_body(), timeout=10), 500)
-        assert "injected failure" in info.message
+        (only,) = _stream(url, _body())
+        assert only.finished and only.error.status == 500 and "injected failure" in only.error.message
     finally:
         del core.step  # back to the class's method
     _wait_until(lambda: _idle(engine, worker), what="the worker to be idle")

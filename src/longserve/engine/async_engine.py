@@ -19,6 +19,14 @@ from longserve.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class RequestFailed(RuntimeError):
+    """The engine ended this request with an error (sampling, detokenizing, its forward pass, shutdown)."""
+
+
+class EngineShutDown(RequestFailed):
+    """The engine is stopping (or stopped): the request was cut short or never started; another may serve it."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -61,13 +69,31 @@ class AsyncEngine:
         add_special_tokens: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (deltas in ``delta_text``); the last one has ``finished`` set."""
+        request = await self.build_request(prompt, params, request_id, add_special_tokens=add_special_tokens)
+        async for output in self.stream(request):
+            yield output
+
+    async def build_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        add_special_tokens: bool = True,
+    ) -> Request:
+        """Tokenize and validate off the event loop; a bad request raises ``ValueError`` here."""
         request_id = request_id or f"req-{next(self._ids)}"
-        # Tokenization and validation run off the event loop; a bad request raises here, before queuing.
-        request: Request = await asyncio.to_thread(
+        return await asyncio.to_thread(
             self.engine.build_request, request_id, prompt, params, add_special_tokens=add_special_tokens
         )
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue a built request and stream its outputs; ``RequestFailed`` if the engine ends it with an error."""
+        request_id = request.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
+        with self._lock:  # with begin_shutdown's: a stream registered here is either failed there or refused
+            if self._stopped.is_set():
+                raise EngineShutDown("the engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running")
             self._streams[request_id] = stream
@@ -77,6 +103,7 @@ class AsyncEngine:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
+                    finished = True  # the engine has already dropped the request
                     raise item
                 finished = item.finished
                 yield item
@@ -101,7 +128,7 @@ class AsyncEngine:
 
         token_lists = await asyncio.to_thread(tokenize)
         if self._stopped.is_set():
-            raise RuntimeError("engine is shut down")
+            raise EngineShutDown("the engine is shut down")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("embed", (token_lists, future)))
         embeddings = await asyncio.wrap_future(future)
@@ -111,14 +138,47 @@ class AsyncEngine:
         """Stop a request; its stream ends with finish_reason "abort" and its KV blocks are freed."""
         self._inbox.put(("abort", request_id))
 
-    def shutdown(self) -> None:
-        self._stopped.set()
+    def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Stop taking work and end every open stream with ``EngineShutDown(reason)``; returns at once, so it
+        may run on an event loop. The engine thread leaves after the step it is in."""
+        with self._lock:
+            self._stopped.set()
+            streams = list(self._streams.items())
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
+        for _, stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineShutDown(reason))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """``begin_shutdown`` and wait for the engine thread (blocking: from async code use ``ashutdown``)."""
+        self.begin_shutdown()
+        self._thread.join(timeout=timeout)
+
+    async def ashutdown(self, timeout: float = 10.0) -> None:
+        """``shutdown`` without blocking the event loop while the engine thread finishes its step."""
+        self.begin_shutdown()
+        await asyncio.to_thread(self._thread.join, timeout)
 
     # ---- engine thread --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        """After stopping: whatever was still queued gets an answer, so no caller waits forever."""
+        while True:
+            try:
+                command, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                self._deliver(payload.request_id, EngineShutDown("the engine is shut down"))
+            elif command == "embed" and payload[1].set_running_or_notify_cancel():
+                payload[1].set_exception(EngineShutDown("the engine is shut down"))
+
+    def _loop(self) -> None:
         while not self._stopped.is_set():
             block = not self.engine.has_unfinished()
             try:
@@ -126,6 +186,8 @@ class AsyncEngine:
             except queue.Empty:
                 command = None
             while command is not None:
+                if command == "stop":
+                    return  # what is still queued is answered by _drain_inbox
                 self._handle(command, payload)
                 try:
                     command, payload = self._inbox.get_nowait()
@@ -135,12 +197,17 @@ class AsyncEngine:
                 return
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bug must not kill the loop: fail the running requests instead
+            except (
+                Exception
+            ) as exc:  # step() isolates request failures; this is a bug in the scheduler itself
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
             for output in outputs:
-                self._deliver(output.request_id, output)
+                # A failed request's last output has no news for the caller, only the error.
+                self._deliver(
+                    output.request_id, output if output.error is None else RequestFailed(output.error)
+                )
 
     def _handle(self, command: str, payload) -> None:
         if command == "add":
@@ -167,4 +234,4 @@ class AsyncEngine:
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+            self._deliver(request_id, RequestFailed(f"engine step failed: {exc!r}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +24,8 @@ from longserve.engine.sequence import FinishReason, Sequence
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.models.registry import build_model
+
+log = logging.getLogger(__name__)
 
 
 class CacheBusyError(RuntimeError):
@@ -243,29 +246,80 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduler step -> forward -> sample -> detokenize; the outputs of every request it touched.
+
+        Failures stay with the request they belong to: a sampling or detokenizing error ends that request with
+        ``error`` set and the rest of the batch goes on. Only a failed forward pass fails several requests,
+        those scheduled in this step (their KV cache is suspect); requests not in the step keep running.
+        """
         outputs, self._finished_outputs = self._finished_outputs, []
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        result = self.runner.execute(plan.scheduled)
+        try:
+            result = self.runner.execute(plan.scheduled)
+        except Exception as exc:  # reported to each request and logged with its traceback, never swallowed
+            log.exception("forward pass failed; failing the %d sequences of this step", len(plan.scheduled))
+            for item in plan.scheduled:
+                request = self.requests.get(item.seq.request_id)
+                if request is not None:
+                    outputs.append(self._fail(request, f"forward pass failed: {exc!r}"))
+            return outputs
         for index, logits in result.prompt_logits.items():
-            self._record_prompt_logprobs(plan.scheduled[index], logits)
+            item = plan.scheduled[index]
+            self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits)
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
 
-        sampled_seqs = [plan.scheduled[i].seq for i in result.sample_index]
+        rows = [(i, plan.scheduled[i].seq) for i in result.sample_index]
+        rows = [(i, seq) for i, seq in rows if seq.request_id in self.requests]  # not failed meanwhile
         touched: dict[str, Request] = {}
-        if sampled_seqs:
-            sampled = self.sampler(result.sample_logits, sampled_seqs)
-            for seq, token, logprob in zip(sampled_seqs, sampled.token_ids, sampled.logprobs, strict=True):
-                request = self.requests[seq.request_id]
-                self._append_token(request, seq, token, logprob)
-                touched[request.request_id] = request
+        if rows:
+            sampled_seqs = [seq for _, seq in rows]
+            logits = result.sample_logits
+            if len(rows) < len(result.sample_index):
+                keep = [result.sample_index.index(i) for i, _ in rows]
+                logits = logits[torch.tensor(keep, device=logits.device)]
+            sampled = self.sampler(logits, sampled_seqs)
+            for row, seq in enumerate(sampled_seqs):
+                request = self.requests.get(seq.request_id)
+                if request is None:  # an earlier row of the same request failed
+                    continue
+                error = sampled.errors.get(row)
+                if error is not None:
+                    outputs.append(self._fail(request, error))
+                    continue
+                token, logprob = sampled.token_ids[row], sampled.logprobs[row]
+                if self._guarded(seq, outputs, self._append_token, request, seq, token, logprob):
+                    touched[request.request_id] = request
         for request in touched.values():
+            if request.request_id not in self.requests:
+                continue  # failed after an earlier row touched it
             outputs.append(self._output(request))
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _guarded(self, seq: Sequence, outputs: list[RequestOutput], work, *args) -> bool:
+        """``work(*args)`` for one sequence; if it raises, that request fails (logged) and False comes back."""
+        try:
+            work(*args)
+            return True
+        except Exception as exc:  # a bug in one request's post-processing must not end the others
+            log.exception("request %s failed while processing its step output", seq.request_id)
+            request = self.requests.get(seq.request_id)
+            if request is not None:
+                outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
+            return False
+
+    def _fail(self, request: Request, error: str) -> RequestOutput:
+        """End ``request`` now with ``error``: its blocks are freed; the returned output is its last."""
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        output = self._output(request)
+        output.error = error
+        return output
 
     def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
         now = time.monotonic()

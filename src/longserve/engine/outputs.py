@@ -32,6 +32,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None (nothing predicts token 0)
+    # Set on the last output of a request that failed (sampling, detokenizing or its forward pass); its
+    # completions then end with finish_reason "abort". Other requests of the same step are unaffected.
+    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

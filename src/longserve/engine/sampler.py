@@ -7,14 +7,17 @@ from the raw model logits, before any of that processing.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence as SequenceOf
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 # A float32 cumsum lands a hair below an exact boundary (0.5 + 0.3 -> 0.79999995): mass within this of top_p
 # counts as having reached it, so the nucleus is the smallest set the user would compute by hand.
@@ -33,8 +36,9 @@ _PROMPT_LOGPROB_CHUNK = 256
 class SamplerOutput:
     """What one sampler call produced, row-aligned with the sequences passed in."""
 
-    token_ids: list[int]  # one per row
+    token_ids: list[int]  # one per row; -1 for a row in ``errors``
     logprobs: list[TokenLogprob | None]  # filled only for rows whose params.logprobs is not None
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it produced no token
 
 
 class Sampler:
@@ -52,7 +56,25 @@ class Sampler:
         if not any(_needs_processing(seq) for seq in seqs):
             # The common decode step: plain greedy, nothing to mask or report.
             return SamplerOutput(greedy_argmax(logits).tolist(), [None] * len(seqs))
-        return self._sample(logits, seqs)
+        try:
+            return self._sample(logits, seqs)
+        except Exception:  # logged loudly; then each row alone, so only the row that fails loses its token
+            log.exception("batched sampling of %d rows failed; sampling the rows one by one", len(seqs))
+        return self._sample_each(logits, seqs)
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        out = SamplerOutput([-1] * len(seqs), [None] * len(seqs))
+        for i, seq in enumerate(seqs):
+            try:
+                row = self._sample(logits[i : i + 1], [seq])
+            except Exception as exc:
+                log.exception("sampling failed for request %s", seq.request_id)
+                out.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+                continue
+            out.token_ids[i], out.logprobs[i] = row.token_ids[0], row.logprobs[0]
+            if row.errors:
+                out.errors[i] = row.errors[0]
+        return out
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_ids: list[int], num_top: int
@@ -96,13 +118,20 @@ class Sampler:
         token_ids = torch.empty(n, dtype=torch.long, device=logits.device)  # [num_seqs]
         if greedy:
             _put_rows(token_ids, greedy, greedy_argmax(_take_rows(logits, greedy)))
+        errors: dict[int, str] = {}
         if sampled:
-            chosen = _sample_rows(_take_rows(logits, sampled), [seqs[i] for i in sampled])
+            chosen, invalid = _sample_rows(_take_rows(logits, sampled), [seqs[i] for i in sampled])
             _put_rows(token_ids, sampled, chosen)
+            for j in invalid:
+                errors[sampled[j]] = (
+                    "sampling failed: the next-token probabilities are not finite (NaN or infinite logits)"
+                )
         tokens = token_ids.tolist()
+        for i in errors:
+            tokens[i] = -1
 
         logprobs: list[TokenLogprob | None] = [None] * n
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None and i not in errors]
         if wanted:
             computed = compute_logprobs(
                 _take_rows(raw, wanted),
@@ -111,7 +140,7 @@ class Sampler:
             )
             for i, lp in zip(wanted, computed, strict=True):
                 logprobs[i] = lp
-        return SamplerOutput(tokens, logprobs)
+        return SamplerOutput(tokens, logprobs, errors)
 
     def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
         """The prompt's distinct token ids, kept per sequence for the repetition penalty."""
@@ -138,10 +167,7 @@ def _has_penalty(p: SamplingParams) -> bool:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return (
-        p.temperature != 0.0
-        or p.logprobs is not None
-        or _has_penalty(p)
-        or len(seq.output_token_ids) < p.min_tokens
+        not p.greedy or p.logprobs is not None or _has_penalty(p) or len(seq.output_token_ids) < p.min_tokens
     )
 
 
@@ -281,8 +307,12 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Sample one token per row of penalised ``logits`` ``[m, vocab]`` (all rows have temperature > 0)."""
+def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+    """Sample one token per row of penalised ``logits`` ``[m, vocab]`` (no row is greedy).
+
+    Also returns the rows whose probabilities are no distribution (NaN, or nothing left): their token is
+    meaningless and the caller fails them.
+    """
     m, vocab = logits.shape
     device = logits.device
     params = [seq.params for seq in seqs]
@@ -300,7 +330,11 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     probs = logits.softmax(dim=-1)  # [m, vocab]
     if any(p.min_p > 0.0 for p in params):
         probs = apply_min_p(probs, torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device))
-    return _draw(probs, [seq.generator for seq in seqs])
+    total = probs.sum(dim=-1)  # [m]; NaN if any entry is
+    invalid = (~(total > 0)).nonzero().flatten().tolist()
+    if invalid:  # drawn from uniform instead, so the batch's other rows still get theirs
+        probs[torch.tensor(invalid, device=device)] = 1.0
+    return _draw(probs, [seq.generator for seq in seqs]), invalid
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

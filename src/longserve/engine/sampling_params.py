@@ -5,6 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily (as vLLM): dividing logits by a tinier one overflows to inf and
+# the softmax to NaN, and the distribution is one-hot long before that anyway.
+GREEDY_TEMPERATURE = 1e-5
+# repetition_penalty divides or multiplies logits; beyond these bounds float32 logits overflow to inf or
+# vanish to 0 (the API rejects such values rather than clamp them silently).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as OpenAI and vLLM take it
+
 
 @dataclass
 class SamplingParams:
@@ -14,7 +22,7 @@ class SamplingParams:
     """
 
     n: int = 1  # number of completions to return for the prompt
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (anything below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0  # nucleus: smallest set of tokens whose probability mass reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 means all
     min_p: float = 0.0  # drop tokens whose probability is below min_p * max probability
@@ -53,14 +61,17 @@ class SamplingParams:
             fail("top_k", "must be an integer >= -1 (0 or -1 disables it)")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1]")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "must be a number > 0")
+        low, high = REPETITION_PENALTY_RANGE
+        if not _is_number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            fail("repetition_penalty", f"must be in [{low}, {high:g}]")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
                 fail(name, "must be in [-2, 2]")
-        if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "must be an integer or None")
+        if self.seed is not None and (
+            not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            fail("seed", "must be a 64-bit signed integer or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -78,7 +89,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_number(value: object) -> bool:

@@ -62,7 +62,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.seq_index)
+            # Masked to 64 bits, as torch reads a negative seed: seed + index never overflows manual_seed.
+            self.generator = torch.Generator().manual_seed((self.params.seed + self.seq_index) % 2**64)
 
     @property
     def num_tokens(self) -> int:

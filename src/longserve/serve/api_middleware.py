@@ -1,4 +1,4 @@
-"""ASGI middleware of the API server: API-key check and request-body size limit.
+"""ASGI middleware of the API server: API-key check, request-body size limit, in-flight request limit.
 
 Both are plain ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses pass through untouched and a
 client disconnect still reaches the route.
@@ -10,9 +10,10 @@ import hmac
 import json
 from collections.abc import Iterable
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from longserve.serve.errors import APIError
+from longserve.serve.errors import APIError, too_many_requests
 
 # A body declared too large is still read (and dropped) up to this much before answering 413: most HTTP/1.1
 # clients write the whole body before they read a response, and would see a reset instead of the 413.
@@ -114,3 +115,39 @@ class BodySizeLimitMiddleware:
             code="request_too_large",
         )
         await send_error(send, error, close=more)
+
+
+class InFlightLimitMiddleware:
+    """429 at once for a ``POST /v1/...`` beyond ``max_in_flight`` being handled (streams count until they end).
+
+    Without it a burst queues without bound in the API server itself, holding sockets and memory, and every
+    client waits for minutes instead of hearing "retry later".
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, rejected: Counter) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.rejected = rejected  # longserve:api_requests_rejected, labelled by reason
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limited = (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith(PROTECTED_PREFIX)
+        )
+        if not limited:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            self.rejected.labels("api_in_flight_limit").inc()
+            error = too_many_requests(
+                f"the server is handling {self.in_flight} requests, its limit; retry later"
+            )
+            await send_error(send, error, close=True)  # the body was not read
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

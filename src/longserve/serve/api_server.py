@@ -2,7 +2,9 @@
 
 It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with
 shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health`` and
-``/metrics`` are always open. Errors always leave in OpenAI's shape (see ``errors``).
+``/metrics`` are always open. Errors always leave in OpenAI's shape (see ``errors``). At most
+``max_in_flight_requests`` generation requests are handled at once; more get 429. ``begin_shutdown(app)`` ends
+every open stream with an error event and [DONE], so stopping never waits on a long generation.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from longserve.config import ServeConfig
-from longserve.serve.api_middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
+from longserve.serve.api_middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    InFlightLimitMiddleware,
+)
 from longserve.serve.errors import install_error_handlers, model_not_found
 from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
@@ -42,7 +49,8 @@ _LENIENT_JSON = (
     else {}
 )
 # Documented in the OpenAPI schema; the bodies are all ErrorResponse.
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+GENERATION_ERRORS = {**ERROR_RESPONSES, 504: {"model": ErrorResponse}}  # 504: past request_timeout_s
 
 
 def create_api_app(config: ServeConfig) -> FastAPI:
@@ -50,10 +58,14 @@ def create_api_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client, streams = make_client(), make_stream_session()
+        client, streams = make_client(), make_stream_session(config.worker_stream_timeout_s)
         app.state.http = client
         app.state.upstream = Upstream(
-            client, streams, config.controller_address, config.worker_connect_retries
+            client,
+            streams,
+            config.controller_address,
+            config.worker_connect_retries,
+            request_timeout_s=config.request_timeout_s,
         )
         try:
             yield
@@ -65,9 +77,15 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     app.state.config = config
     app.state.metrics = ApiMetrics()
     install_error_handlers(app)
-    # Added last = outermost: the key is checked before the body is read.
+    app.openapi = lambda: _openapi(app)
+    # Added last = outermost: the key is checked before the body is read, and the limit before either.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
+    app.add_middleware(
+        InFlightLimitMiddleware,
+        max_in_flight=config.max_in_flight_requests,
+        rejected=app.state.metrics.rejected,
+    )
 
     def upstream(request: Request) -> Upstream:
         return request.app.state.upstream
@@ -93,19 +111,39 @@ def create_api_app(config: ServeConfig) -> FastAPI:
             raise model_not_found(model)
         return ModelCard(id=model)
 
-    @app.post("/v1/chat/completions", response_model=None, responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat_completion(body, request, upstream(request), request.app.state.metrics)
 
-    @app.post("/v1/completions", response_model=None, responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await completion(body, request, upstream(request), request.app.state.metrics)
 
-    @app.post("/v1/embeddings", response_model=None, responses=ERROR_RESPONSES)
+    @app.post("/v1/embeddings", response_model=None, responses=GENERATION_ERRORS)
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await embeddings(body, upstream(request))
 
     return app
 
 
-__all__ = ["create_api_app"]
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is stopping: every open generation ends now with an error event (and [DONE])."""
+    upstream = getattr(app.state, "upstream", None)
+    if upstream is not None:
+        upstream.stopping.set()
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The schema without FastAPI's 422 answers: a bad body gets 400 in OpenAI's shape here, never 422."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+__all__ = ["begin_shutdown", "create_api_app"]

@@ -3,7 +3,8 @@
 ``Controller`` is the pure logic (no FastAPI, no I/O): workers register with their ``WorkerStatus``, send
 heartbeats carrying their queue length, and are dropped when silent for longer than
 ``heart_beat_expiration_s``. ``get_worker_address`` picks a live worker serving a model, by ``shortest_queue``
-(least ``queue_length / speed``) or ``lottery`` (random, weighted by speed).
+(least ``queue_length / speed``) or ``lottery`` (random, weighted by speed). A worker an API server reports
+unresponsive (it timed out) is skipped until its next heartbeat.
 
 ``create_controller_app`` wraps it in the HTTP API of ``worker_protocol`` and runs expiry in the background;
 The launcher (serve/launcher.py) serves that app with Uvicorn.
@@ -37,6 +38,7 @@ from longserve.serve.worker_protocol import (
     ListModelsResponse,
     ListWorkersResponse,
     RegisterWorkerRequest,
+    ReportWorkerRequest,
     WorkerInfo,
     WorkerStatus,
 )
@@ -58,6 +60,7 @@ class _WorkerRecord:
     status: WorkerStatus
     last_heart_beat: float
     check_heart_beat: bool
+    suspended: bool = False  # an API server saw it time out; cleared by its next heartbeat
 
 
 class Controller:
@@ -120,6 +123,21 @@ class Controller:
             return False
         record.status.queue_length = queue_length
         record.last_heart_beat = self.clock()
+        if record.suspended:
+            logger.info("worker %s heartbeats again; dispatching to it", _normalize(worker_address))
+            record.suspended = False
+        return True
+
+    def suspend(self, worker_address: str, reason: str = "") -> bool:
+        """Skip a worker in dispatch until its next heartbeat or status poll; False when it is unknown."""
+        record = self._workers.get(_normalize(worker_address))
+        if record is None:
+            return False
+        if not record.suspended:
+            logger.warning(
+                "worker %s reported unresponsive (%s); skipped until it heartbeats", worker_address, reason
+            )
+        record.suspended = True
         return True
 
     def update_status(self, worker_address: str, status: WorkerStatus) -> bool:
@@ -129,6 +147,7 @@ class Controller:
             return False
         record.status = status.model_copy(deep=True)
         record.last_heart_beat = self.clock()
+        record.suspended = False
         return True
 
     def remove(self, worker_address: str) -> bool:
@@ -195,7 +214,7 @@ class Controller:
         candidates = [
             (address, rec)
             for address, rec in sorted(self._live_workers().items())
-            if model in rec.status.model_names and address not in excluded
+            if model in rec.status.model_names and address not in excluded and not rec.suspended
         ]
         if not candidates:
             return ""
@@ -336,6 +355,10 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
     async def get_worker_address(body: GetWorkerAddressRequest, request: Request) -> GetWorkerAddressResponse:
         address = get_state(request).controller.get_worker_address(body.model, body.exclude)
         return GetWorkerAddressResponse(address=address)
+
+    @app.post("/report_unresponsive_worker")
+    async def report_unresponsive_worker(body: ReportWorkerRequest, request: Request) -> dict[str, bool]:
+        return {"ok": get_state(request).controller.suspend(body.worker_address, body.reason)}
 
     @app.post("/worker_get_status")
     async def worker_get_status(request: Request) -> ControllerStatus:

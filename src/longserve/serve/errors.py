@@ -1,8 +1,9 @@
 """API errors: one exception type carrying OpenAI's error fields and an HTTP status, and the handlers that
 turn it (and FastAPI's own validation and HTTP errors) into ``{"error": {"message", "type", "param", "code"}}``.
 
-Statuses: 400 bad request, 401 bad API key, 404 unknown model or route, 413 body too large, 503 no worker can
-take the request (with Retry-After). 500 is only ever a bug in this server; a worker's own error status and
+Statuses: 400 bad request, 401 bad API key, 404 unknown model or route, 413 body too large, 429 every queue is
+full (with Retry-After), 503 no worker can take the request (with Retry-After), 504 the request ran past
+``request_timeout_s``. 500 is only ever a bug in this server; a worker's own error status and
 body are passed through unchanged.
 """
 
@@ -65,7 +66,7 @@ class APIError(Exception):
     def from_info(cls, info: ErrorInfo, status: int | None = None) -> APIError:
         """A worker's ErrorInfo; ``status`` (the HTTP status it came with) wins over the body's."""
         status = status or info.status
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
         return cls(
             info.message, status=status, type=info.type, param=info.param, code=info.code, headers=headers
         )
@@ -92,6 +93,12 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def service_unavailable(message: str, code: str = "service_unavailable") -> APIError:
     return APIError(message, status=503, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def too_many_requests(message: str) -> APIError:
+    return APIError(
+        message, status=429, code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 def model_not_found(model: str) -> APIError:
@@ -133,6 +140,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if exc.status == 429 and metrics is not None:
+            metrics.rejected.labels("workers_full").inc()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

@@ -2,7 +2,8 @@
 sequence of ``(prompt index, WorkerStreamChunk)``, and closed together.
 
 The request's lifetime is watched too: when the client disconnects, the merged sequence ends and every worker
-stream is closed, which makes the workers abort the requests and free their KV cache.
+stream is closed, which makes the workers abort the requests and free their KV cache. The same happens, with
+an error the client sees, when the request runs past ``request_timeout_s`` or the API server is stopping.
 
 ``start()`` waits for each stream's first line (the prompt line, sent once the worker has accepted the request)
 so that a rejection still becomes an HTTP error status; after that, an error can only travel inside the stream.
@@ -39,7 +40,7 @@ class StreamBroken(Exception):
 
 @dataclass
 class _Item:
-    prompt: int  # -1 for the disconnect watcher
+    prompt: int  # -1 for the watchers: the client disconnected, or (with ``error``) timeout or shutdown
     chunk: WorkerStreamChunk | None = None
     error: APIError | None = None  # the stream failed; before its first line this is the request's answer
     ended: bool = False  # the stream closed (after a finished line, or too early)
@@ -76,11 +77,14 @@ class Generation:
             for i, payload in enumerate(self.payloads)
         ]
         self._tasks.append(asyncio.create_task(self._watch_disconnect(), name="disconnect-watch"))
+        self._tasks.append(asyncio.create_task(self._watch_stop(), name="stop-watch"))
+        if self.upstream.request_timeout_s is not None:
+            self._tasks.append(asyncio.create_task(self._watch_deadline(), name="deadline-watch"))
         started: set[int] = set()  # prompts whose stream sent its first line
         try:
             while len(started) < len(self.payloads):
                 item = await self._queue.get()
-                if item.prompt < 0:
+                if item.prompt < 0 and item.error is None:
                     raise ClientDisconnected()
                 if item.error is not None:
                     raise item.error
@@ -104,10 +108,11 @@ class Generation:
         """
         while len(self._finished) < len(self.payloads):
             item = self._pending.pop(0) if self._pending else await self._queue.get()
-            if item.prompt < 0:
+            if item.prompt < 0 and item.error is None:
                 raise ClientDisconnected()
             if item.error is not None or (item.chunk is not None and item.chunk.error is not None):
-                self.recorder.on_stream_error(item.prompt)
+                if item.prompt >= 0:
+                    self.recorder.on_stream_error(item.prompt)
                 raise StreamBroken(item.error.info() if item.error is not None else item.chunk.error)
             if item.chunk is None:  # closed without a finished line: the worker died mid-stream
                 if item.prompt in self._finished:
@@ -153,9 +158,24 @@ class Generation:
             put(_Item(prompt, error=exc))
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("worker stream for %s broke: %r", payload.request_id, exc)
-            put(_Item(prompt, error=APIError.from_info(_worker_failed(f"the worker stream broke: {exc!r}"))))
+            why = "went silent past the read timeout" if isinstance(exc, TimeoutError) else f"broke: {exc!r}"
+            put(_Item(prompt, error=APIError.from_info(_worker_failed(f"the worker stream {why}"))))
         except ValidationError as exc:
             put(_Item(prompt, error=APIError(f"the worker sent a malformed stream line: {exc}", status=500)))
+        except Exception as exc:  # a bug on this path: logged with its traceback, and the client is told
+            log.exception("worker stream reader for %s failed", payload.request_id)
+            put(_Item(prompt, error=APIError(f"internal error: {type(exc).__name__}", status=500)))
+
+    async def _watch_stop(self) -> None:
+        await self.upstream.stopping.wait()
+        error = service_unavailable("the server is shutting down", code="server_shutting_down")
+        self._queue.put_nowait(_Item(-1, error=error))
+
+    async def _watch_deadline(self) -> None:
+        timeout = self.upstream.request_timeout_s
+        await asyncio.sleep(timeout)
+        message = f"the request did not finish within the server's request timeout ({timeout:g} s)"
+        self._queue.put_nowait(_Item(-1, error=APIError(message, status=504, code="request_timeout")))
 
     async def _watch_disconnect(self) -> None:
         # The body has been read, so the next ASGI message is the disconnect (or the response completing).

@@ -1,7 +1,8 @@
 """Launcher: runs controller, worker and API server apps under Uvicorn, alone or all three in one process.
 
-Signals are handled here once for every server in the process: Ctrl-C (or SIGTERM) asks each server to finish
-its in-flight requests and stop, then the engine thread is shut down.
+Signals are handled here once for every server in the process: Ctrl-C (or SIGTERM) first ends every open
+stream with an error (the engine stops taking work, the API server closes its streams with an error event and
+[DONE]), then asks each server to stop, then waits for the engine thread off the event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -28,6 +30,7 @@ class AppSpec:
     app: FastAPI
     host: str
     port: int
+    on_stop: Callable[[], None] | None = None  # called on the loop when stopping begins; must not block
 
 
 class _Server(uvicorn.Server):
@@ -57,6 +60,9 @@ async def run_apps(specs: list[AppSpec], on_started=None) -> None:
     loop = asyncio.get_running_loop()
 
     def stop_all() -> None:
+        for spec in specs:
+            if spec.on_stop is not None:
+                spec.on_stop()
         for server in servers:
             server.should_exit = True
 
@@ -102,7 +108,7 @@ async def _serve(server: _Server, spec: AppSpec) -> None:
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
     """``longserve serve``: controller, one worker with the model and the API server, in this process."""
     from longserve.engine.async_engine import AsyncEngine
-    from longserve.serve.api_server import create_api_app
+    from longserve.serve.api_server import begin_shutdown, create_api_app
     from longserve.serve.controller import create_controller_app
     from longserve.serve.worker import create_worker_app
 
@@ -111,10 +117,12 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
     name = serve_config.model_name or model_display_name(engine_config.model)
     engine = await AsyncEngine.create(engine_config)
     try:
+        worker_app = create_worker_app(engine, serve_config, name)
+        api_app = create_api_app(serve_config)
         specs = [
             AppSpec("controller", create_controller_app(serve_config), host, serve_config.controller_port),
-            AppSpec("worker", create_worker_app(engine, serve_config, name), host, serve_config.worker_port),
-            AppSpec("api server", create_api_app(serve_config), host, serve_config.api_port),
+            AppSpec("worker", worker_app, host, serve_config.worker_port, engine.begin_shutdown),
+            AppSpec("api server", api_app, host, serve_config.api_port, lambda: begin_shutdown(api_app)),
         ]
 
         def announce() -> None:
@@ -123,7 +131,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
         await run_apps(specs, announce)
     finally:
-        engine.shutdown()
+        await engine.ashutdown()
 
 
 async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
@@ -135,12 +143,12 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
     engine = await AsyncEngine.create(engine_config)
     try:
         app = create_worker_app(engine, serve_config, name)
-        spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port)
+        spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port, engine.begin_shutdown)
         await run_apps(
             [spec], lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}")
         )
     finally:
-        engine.shutdown()
+        await engine.ashutdown()
 
 
 async def serve_controller(serve_config: ServeConfig) -> None:
@@ -153,9 +161,10 @@ async def serve_controller(serve_config: ServeConfig) -> None:
 
 
 async def serve_api(serve_config: ServeConfig) -> None:
-    from longserve.serve.api_server import create_api_app
+    from longserve.serve.api_server import begin_shutdown, create_api_app
 
-    spec = AppSpec("api server", create_api_app(serve_config), serve_config.host, serve_config.api_port)
+    app = create_api_app(serve_config)
+    spec = AppSpec("api server", app, serve_config.host, serve_config.api_port, lambda: begin_shutdown(app))
     await run_apps([spec], lambda: print(f"longserve API at http://{spec.host}:{spec.port}/v1"))
 
 

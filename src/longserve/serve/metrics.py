@@ -75,6 +75,24 @@ class ApiMetrics:
         self.workers = Gauge(
             "longserve:workers", "Workers the controller knows, per model.", model, registry=r
         )
+        self.worker_queue_length = Gauge(
+            "longserve:worker_queue_length",
+            "Requests in flight on each worker (running or waiting for a slot).",
+            ["model_name", "worker"],
+            registry=r,
+        )
+        self.worker_rejected = Gauge(
+            "longserve:worker_rejected_requests",
+            "Requests each worker turned away with 429 (its queue was full) since it started.",
+            ["model_name", "worker"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "longserve:api_requests_rejected",
+            "Requests this API server answered with 429, by reason.",
+            ["reason"],
+            registry=r,
+        )
 
     async def refresh_workers(self, client: httpx.AsyncClient, controller_address: str) -> None:
         """Engine gauges from the workers, best effort: an unreachable controller leaves them empty."""
@@ -85,7 +103,8 @@ class ApiMetrics:
         except (httpx.HTTPError, ValueError):
             workers = []
         statuses = await asyncio.gather(*(_live_status(client, w) for w in workers))
-        for gauge in (self.running, self.waiting, self.kv_cache_usage, self.workers):
+        per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected)
+        for gauge in (self.running, self.waiting, self.workers, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
         for info, status in zip(workers, statuses, strict=True):
             # A worker serving several names counts once, under its first one.
@@ -93,6 +112,8 @@ class ApiMetrics:
             self.running.labels(name).inc(status.running)
             self.waiting.labels(name).inc(status.waiting)
             self.kv_cache_usage.labels(name, info.worker_address).set(status.kv_cache_usage)
+            self.worker_queue_length.labels(name, info.worker_address).set(status.queue_length)
+            self.worker_rejected.labels(name, info.worker_address).set(status.rejected)
             self.workers.labels(name).inc()
 
     def render(self) -> bytes:

@@ -5,19 +5,27 @@ and the streaming response that always closes its worker streams.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from longserve.serve.errors import ClientDisconnected
+from longserve.engine.sampling_params import SamplingParams
+from longserve.serve.errors import APIError, ClientDisconnected
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.protocol import SamplingRequest, UsageInfo
 from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, Usage
 
+log = logging.getLogger(__name__)
+
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
+
+
+# SamplingParams fields whose API name differs (their messages start with the engine's name).
+_API_FIELD = {"logprobs": "logprobs", "prompt_logprobs": "logprobs"}
 
 
 def sampling_options(
@@ -30,7 +38,7 @@ def sampling_options(
     def pick(value, default):
         return default if value is None else value
 
-    return SamplingOptions(
+    options = SamplingOptions(
         n=req.n,
         temperature=pick(req.temperature, defaults.temperature),
         top_p=pick(req.top_p, defaults.top_p),
@@ -50,6 +58,12 @@ def sampling_options(
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
+    try:  # the worker checks again; checking here lets the error name the API's field, and saves a hop
+        SamplingParams(**options.model_dump())
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise APIError(str(exc), param=_API_FIELD.get(field, field)) from None
+    return options
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
@@ -83,6 +97,9 @@ async def sse_events(body: AsyncIterator[str]) -> AsyncIterator[str]:
         yield sse_error(exc.info)
     except ClientDisconnected:
         return  # nobody to tell
+    except Exception as exc:  # a bug here: logged with its traceback; the stream still ends in OpenAI's shape
+        log.exception("streamed response failed")
+        yield sse_error(ErrorInfo(message=f"internal error: {type(exc).__name__}", type="server_error"))
     yield SSE_DONE
 
 

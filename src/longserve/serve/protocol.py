@@ -2,8 +2,11 @@
 
 Requests accept OpenAI's fields plus vLLM's sampling extensions (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, skip_special_tokens, ...). Unknown fields are ignored, as vLLM does, so newer clients
-keep working. A value out of range fails validation, which the API server answers with 400 naming the field.
-Checks that involve several fields or features we do not serve live in ``check()`` and raise ``APIError``.
+keep working. Types are strict, as OpenAI's: ``"stream": "yes"`` or ``"max_tokens": "4"`` is an error, and so
+are NaN and infinities; text must be valid Unicode (a lone UTF-16 surrogate such as ``"\udfff"`` is rejected
+before it reaches a worker). A value out of range fails validation, which the API server answers with 400
+naming the field. Checks that involve several fields or features we do not serve live in ``check()`` and raise
+``APIError``; fields we only accept to reject them (``tools``, ``best_of``, ...) are left out of the schema.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
+from longserve.engine.sampling_params import REPETITION_PENALTY_RANGE, SEED_RANGE
 from longserve.serve.errors import APIError
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for (OpenAI's chat limit, vLLM's default)
@@ -33,19 +38,52 @@ def now() -> int:
 
 # ---- requests ----------------------------------------------------------------------------------------------
 
+# Every request-side model: no "4" for 4, no "yes" for true, no NaN or Infinity.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """Raise a 400 naming the field if any string (or key) in ``value`` holds a lone surrogate.
+
+    JSON's ``"\udfff"`` escape decodes to such a string; it cannot be encoded as UTF-8, so the tokenizer, the
+    worker protocol and the JSON answer (which echoes some fields) would all fail on it later.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = path or "body"
+            raise APIError(
+                f"{where}: the text holds a lone UTF-16 surrogate ({value[exc.start]!r} at {exc.start}), "
+                "which is not valid Unicode",
+                param=path or None,
+                code="invalid_unicode",
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, path)
+            check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_unicode(item, f"{path}.{i}" if path else str(i))
+
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False  # one more chunk before [DONE]: usage for the whole request, no choices
 
 
 class OpenAIRequest(BaseModel):
-    """Base of the request bodies: unknown fields ignored, null read as "not given"."""
+    """Base of the request bodies: unknown fields ignored, null read as "not given", strict types."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **STRICT)
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
+        # An APIError raised here is not a ValueError, so pydantic lets it through to the app's handler.
+        check_unicode(data)
         # Many clients send every optional field, unset ones as null; OpenAI reads null as "not given".
         # max_tokens keeps its null: for completions it means "up to the context length", not 16.
         if isinstance(data, dict):
@@ -65,15 +103,17 @@ class SamplingRequest(OpenAIRequest):
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
     stop_token_ids: list[TokenId] | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: dict[str, float] | None = None
+    logit_bias: SkipJsonSchema[dict[str, float] | None] = None  # rejected in check()
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; not used
@@ -90,7 +130,7 @@ class SamplingRequest(OpenAIRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
     type: str
     text: str | None = None
@@ -99,7 +139,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One message; extra keys (tool_calls, tool_call_id, ...) pass through to the chat template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
@@ -128,9 +168,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # Accepted only to say clearly that they are not served (check()); not advertised in the schema.
+    tools: SkipJsonSchema[list[dict[str, Any]] | None] = None
+    tool_choice: SkipJsonSchema[str | dict[str, Any] | None] = None
+    response_format: SkipJsonSchema[dict[str, Any] | None] = None
     add_generation_prompt: bool = True  # vLLM extension: end the rendered prompt with the assistant's turn
 
     def check(self) -> None:
@@ -165,8 +206,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    suffix: SkipJsonSchema[str | None] = None  # rejected in check()
+    best_of: SkipJsonSchema[int | None] = Field(None, ge=1)  # only best_of == n is served
 
     def check(self) -> None:
         super().check()

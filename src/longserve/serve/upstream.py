@@ -2,8 +2,10 @@
 failing over to another worker when the chosen one cannot be reached.
 
 Failover happens only before a worker has answered: a refused or timed-out connection, a connection dropped
-before any response, or a 503 from a worker that is shutting down. Generation has no side effects, so sending
-the request again elsewhere is safe; once a worker has answered, its answer (or its error) is final.
+before any response, a 503 from a worker that is shutting down, or a 429 from one whose queue is full.
+Generation has no side effects, so sending the request again elsewhere is safe; once a worker has answered,
+its answer (or its error) is final. A worker that times out is reported to the controller, which skips it until
+its next heartbeat.
 
 Worker streams go through aiohttp, everything else through httpx. Every generated token is one streamed line,
 and aiohttp (C parser) reads one for about a third of httpx's CPU time on the event loop that also serves the
@@ -12,6 +14,7 @@ clients (benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,6 +31,7 @@ from longserve.serve.worker_protocol import (
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
     ListModelsResponse,
+    ReportWorkerRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -35,10 +39,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
 
-# Connecting must fail fast so failover is quick; a stream may legitimately wait minutes for tokens.
-WORKER_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=3.0)
-WORKER_CALL_TIMEOUT = httpx.Timeout(600.0, connect=3.0)  # chat template, embeddings: bounded
-CONTROLLER_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# A refused connection fails at once whatever these say. The connect timeouts cover a host that does not
+# answer; they are generous because in `longserve serve` the three servers share one busy event loop, where
+# 3 s connects were seen firing under a burst although nothing was down.
+CONNECT_TIMEOUT_S = 10.0
+WORKER_CALL_TIMEOUT = httpx.Timeout(600.0, connect=CONNECT_TIMEOUT_S)  # chat template, embeddings: bounded
+CONTROLLER_TIMEOUT = httpx.Timeout(30.0, connect=CONNECT_TIMEOUT_S)
+REPORT_TIMEOUT = httpx.Timeout(2.0)  # telling the controller about a stuck worker is best effort
 _JSON = {"content-type": "application/json"}
 # Errors meaning "the worker never answered": nothing was generated for this request, another worker may try.
 _NO_ANSWER = (
@@ -61,12 +68,16 @@ def make_client() -> httpx.AsyncClient:
     )
 
 
-def make_stream_session() -> aiohttp.ClientSession:
-    """The app's client for worker streams; create it on the app's event loop."""
+def make_stream_session(read_timeout_s: float) -> aiohttp.ClientSession:
+    """The app's client for worker streams; create it on the app's event loop.
+
+    ``read_timeout_s`` bounds the silence between two reads (headers included), not the whole stream: a live
+    worker sends a keep-alive line every few seconds however long the request takes.
+    """
     return aiohttp.ClientSession(
         # Every open stream holds a connection, so the pool must not be what limits concurrency (0: no limit).
         connector=aiohttp.TCPConnector(limit=0),
-        timeout=WORKER_STREAM_TIMEOUT,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s),
         trust_env=False,
     )
 
@@ -94,11 +105,15 @@ class Upstream:
         streams: aiohttp.ClientSession,
         controller_address: str,
         connect_retries: int,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.client = client
         self.streams = streams
         self.controller_address = controller_address.rstrip("/")
         self.connect_retries = max(0, connect_retries)
+        self.request_timeout_s = request_timeout_s  # a whole generation request; None: no limit
+        # Set when the API server begins to stop: open generations end with an error event, then [DONE].
+        self.stopping = asyncio.Event()
 
     # ---- controller ---------------------------------------------------------------------------------------
 
@@ -118,6 +133,19 @@ class Upstream:
             return response_type.model_validate_json(response.content)
         except ValidationError as exc:
             raise service_unavailable(f"the controller sent a malformed {path} answer") from exc
+
+    async def report_unresponsive(self, address: str, reason: str) -> None:
+        """Ask the controller to skip ``address`` until its next heartbeat; failures are only logged."""
+        body = ReportWorkerRequest(worker_address=address, reason=reason)
+        try:
+            response = await self.client.post(
+                f"{self.controller_address}/report_unresponsive_worker",
+                json=body.model_dump(),
+                timeout=REPORT_TIMEOUT,
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not report worker %s to the controller: %r", address, exc)
 
     async def list_models(self) -> list[str]:
         return (await self._controller("/list_models", None, ListModelsResponse)).models
@@ -156,6 +184,8 @@ class Upstream:
             except _TryAnother as exc:
                 exclude.append(address)
                 last_error = exc.error
+                if exc.timed_out:
+                    await self.report_unresponsive(address, str(exc))
         assert last_error is not None  # the loop ran at least once and every pass set it or returned
         raise last_error
 
@@ -172,8 +202,8 @@ class Upstream:
                 raise _TryAnother.unreachable(address, path, exc) from exc
             except httpx.TransportError as exc:
                 raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if response.status_code == 503:  # shutting down or out of capacity: another worker may do
-                raise _TryAnother(worker_error(503, response.content))
+            if response.status_code in _TRY_ANOTHER_STATUS:
+                raise _TryAnother(worker_error(response.status_code, response.content))
             return response
 
         response = await self._with_failover(model, attempt)
@@ -199,9 +229,9 @@ class Upstream:
                 raise _TryAnother.unreachable(address, path, exc) from exc
             except aiohttp.ClientError as exc:
                 raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if response.status == 503:
+            if response.status in _TRY_ANOTHER_STATUS:
                 try:
-                    raise _TryAnother(worker_error(503, await response.read()))
+                    raise _TryAnother(worker_error(response.status, await response.read()))
                 finally:
                     response.close()
             return response
@@ -211,6 +241,10 @@ class Upstream:
             if response.status >= 400:
                 raise worker_error(response.status, await response.read())
             yield response
+        except TimeoutError:  # silent past the read timeout mid-stream (aiohttp's ServerTimeoutError)
+            address = f"{response.url.scheme}://{response.url.host}:{response.url.port}"
+            await self.report_unresponsive(address, "stream read timed out")
+            raise
         finally:
             response.close()
 
@@ -234,14 +268,21 @@ async def ndjson_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield last
 
 
+# 503: shutting down or out of KV cache; 429: its queue is full. Another worker may take the request.
+_TRY_ANOTHER_STATUS = (429, 503)
+
+
 class _TryAnother(Exception):
     """This worker cannot serve the request, and nothing was generated: ``error`` if no other worker can."""
 
-    def __init__(self, error: APIError) -> None:
+    def __init__(self, error: APIError, timed_out: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
+        self.timed_out = timed_out  # it accepted the connection but said nothing: likely frozen
 
     @classmethod
     def unreachable(cls, address: str, path: str, exc: Exception) -> _TryAnother:
         log.warning("worker %s did not answer %s (%r); trying another", address, path, exc)
-        return cls(service_unavailable(f"worker {address} is unreachable", code="worker_unreachable"))
+        timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+        what = "did not answer in time" if timed_out else "is unreachable"
+        return cls(service_unavailable(f"worker {address} {what}", code="worker_unreachable"), timed_out)

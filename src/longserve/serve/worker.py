@@ -3,8 +3,9 @@
 Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
 ``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, model_details,
 apply_chat_template; GET health. A request rejected before it generates (unknown model, bad sampling value,
-prompt too long) gets an HTTP error whose body is an ``ErrorInfo``; once a stream has started, an error is its
-final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once.
+prompt too long, a full queue) gets an HTTP error whose body is an ``ErrorInfo``; once a stream has started,
+an error is its final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once
+and at most ``max_queue_len`` more wait for it; beyond that a request gets 429 at once.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from fastapi.requests import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from longserve.config import ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.async_engine import AsyncEngine, EngineShutDown, RequestFailed
 from longserve.engine.engine import CacheBusyError
+from longserve.engine.engine import Request as EngineRequest
 from longserve.engine.outputs import RequestOutput
+from longserve.serve.ndjson_stream import NdjsonStream
 from longserve.serve.worker_outputs import (
     OutputConverter,
     WorkerError,
@@ -65,10 +68,11 @@ class ModelWorker:
         self.controller_address = (config.controller_address or "").rstrip("/") or None
         self.semaphore = asyncio.Semaphore(config.worker_concurrency)
         self.converter = OutputConverter(engine.tokenizer)
-        self.in_flight = 0  # requests admitted or waiting for the semaphore (the controller's queue length)
+        self.in_flight = 0  # requests running or queued for the semaphore (the controller's queue length)
         self.num_requests = 0  # generate and embedding requests received
         self.num_errors = 0  # of those, failed with an error (rejections included)
         self.num_aborted = 0  # streams closed before their last output: the client went away
+        self.num_rejected = 0  # turned away with 429: the queue was full
         self.controller_link: ControllerLink | None = None  # while started with a controller
 
     # ---- status ---------------------------------------------------------------------------------------------
@@ -87,6 +91,7 @@ class ModelWorker:
             model_names=self.model_names,
             speed=self.speed,
             queue_length=self.in_flight,
+            rejected=self.num_rejected,
             running=len(core.scheduler.running),
             waiting=len(core.scheduler.waiting),
             kv_cache_usage=core.block_manager.usage,
@@ -104,72 +109,94 @@ class ModelWorker:
                 )
             )
 
+    # ---- admission ------------------------------------------------------------------------------------------
+
+    def reserve(self) -> None:
+        """Take a place in this worker (running or queued); 429 when ``max_queue_len`` requests already wait.
+
+        Every ``reserve`` is matched by one ``release``, however the request ends.
+        """
+        if self.in_flight >= self.config.worker_concurrency + self.config.max_queue_len:
+            self.num_rejected += 1
+            raise WorkerError(
+                ErrorInfo(
+                    message=(
+                        f"the worker is at capacity ({self.config.worker_concurrency} running, "
+                        f"{self.config.max_queue_len} queued); retry later"
+                    ),
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    status=429,
+                )
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
     # ---- generation -----------------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """Hold one of the ``worker_concurrency`` slots; counted in the queue length while waiting for it."""
-        self.in_flight += 1
-        try:
-            async with self.semaphore:
-                yield
-        finally:
-            self.in_flight -= 1
-
-    async def outputs(self, request: WorkerGenerateRequest, request_id: str) -> AsyncGenerator[RequestOutput]:
-        """The engine's outputs for one request, inside a semaphore slot.
-
-        A request the engine rejects raises ``WorkerError`` before the first output. Closing this generator early
-        closes the engine's stream, which aborts the request and frees its KV blocks at the next step.
-        """
+    async def prepare(self, request: WorkerGenerateRequest) -> EngineRequest:
+        """Validate and tokenize (after ``reserve``): a bad value raises a 400 ``WorkerError`` before any byte
+        of the answer is sent."""
         self.num_requests += 1
-        started = finished = failed = False
         try:
             params = sampling_params(request.sampling)
-            async with (
-                self.admitted(),
-                aclosing(
-                    self.engine.generate(
-                        request.prompt, params, request_id, add_special_tokens=request.add_special_tokens
-                    )
-                ) as stream,
-            ):
-                try:
-                    async for output in stream:
-                        started, finished = True, output.finished
-                        yield output
-                except ValueError as exc:
-                    if started:
-                        raise
-                    raise rejection(exc) from exc  # tokenizing/validation failed: nothing was generated
-        except Exception:
-            failed = True
+            return await self.engine.build_request(
+                request.prompt,
+                params,
+                request.request_id or f"wrk-{uuid.uuid4().hex}",
+                add_special_tokens=request.add_special_tokens,
+            )
+        except WorkerError:
             self.num_errors += 1
             raise
+        except ValueError as exc:
+            self.num_errors += 1
+            raise rejection(exc) from exc
+
+    async def outputs(self, request: EngineRequest) -> AsyncGenerator[RequestOutput]:
+        """The engine's outputs for a prepared request, once it holds one of the ``worker_concurrency`` slots.
+
+        Closing this generator early closes the engine's stream, which aborts the request and frees its KV
+        blocks at the next step. An engine failure raises ``WorkerError`` (503 when the engine is stopping).
+        """
+        started = finished = False
+        try:
+            async with self.semaphore, aclosing(self.engine.stream(request)) as stream:
+                async for output in stream:
+                    started, finished = True, output.finished
+                    yield output
+        except EngineShutDown as exc:
+            self.num_errors += 1
+            raise WorkerError(_shutting_down(str(exc))) from exc
+        except RequestFailed as exc:
+            self.num_errors += 1
+            raise WorkerError(_server_error(exc, code="request_failed")) from exc
         finally:
-            if started and not finished and not failed:  # closed or cancelled early: the client went away
+            if started and not finished:  # closed or cancelled early: the client went away
                 self.num_aborted += 1
 
-    async def stream(self, request: WorkerGenerateRequest) -> AsyncGenerator[WorkerStreamChunk]:
+    async def stream(self, request: EngineRequest) -> AsyncGenerator[WorkerStreamChunk]:
         """worker_generate_stream's lines: the prompt line, delta lines, then a final line (usage or error).
 
-        The first ``anext`` raises when the request is rejected; nothing has been sent to the client then.
+        Every failure becomes the last line: the reader has the HTTP status 200 already.
         """
-        request_id = request.request_id or f"wrk-{uuid.uuid4().hex}"
-        async with aclosing(self.outputs(request, request_id)) as outputs:
-            first = await _first(outputs)
-            yield WorkerStreamChunk(
-                request_id=request_id,
-                prompt_token_ids=first.prompt_token_ids,
-                prompt_logprobs=self.converter.prompt_logprobs(first.prompt_logprobs),
-                prompt_token_texts=(
-                    [self.converter.token_text(t) for t in first.prompt_token_ids]
-                    if request.sampling.prompt_logprobs is not None
-                    else None
-                ),
-            )
-            finished_indices: set[int] = set()
-            try:
+        request_id = request.request_id
+        try:
+            async with aclosing(self.outputs(request)) as outputs:
+                first = await _first(outputs)
+                yield WorkerStreamChunk(
+                    request_id=request_id,
+                    prompt_token_ids=first.prompt_token_ids,
+                    prompt_logprobs=self.converter.prompt_logprobs(first.prompt_logprobs),
+                    prompt_token_texts=(
+                        [self.converter.token_text(t) for t in first.prompt_token_ids]
+                        if request.params.prompt_logprobs is not None
+                        else None
+                    ),
+                )
+                finished_indices: set[int] = set()
                 output = first
                 while True:
                     deltas = self.converter.deltas(output, finished_indices)
@@ -182,21 +209,23 @@ class ModelWorker:
                     if deltas:
                         yield WorkerStreamChunk(request_id=request_id, outputs=deltas)
                     output = await _next(outputs)
-            except Exception as exc:  # the stream has started: the error becomes its last line
-                log.exception("request %s failed mid-stream", request_id)
-                yield WorkerStreamChunk(request_id=request_id, finished=True, error=_server_error(exc))
+        except WorkerError as exc:
+            log.warning("request %s failed: %s", request_id, exc.info.message)
+            yield WorkerStreamChunk(request_id=request_id, finished=True, error=exc.info)
+        except Exception as exc:  # a bug here: logged with its traceback, and the stream's last line says so
+            log.exception("request %s failed mid-stream", request_id)
+            yield WorkerStreamChunk(request_id=request_id, finished=True, error=_server_error(exc))
 
-    async def generate(self, request: WorkerGenerateRequest) -> WorkerGenerateResponse:
-        """worker_generate: run to the end and return the joined result."""
-        request_id = request.request_id or f"wrk-{uuid.uuid4().hex}"
+    async def generate(self, request: EngineRequest) -> WorkerGenerateResponse:
+        """worker_generate: run a prepared request to the end and return the joined result."""
         last: RequestOutput | None = None
-        async with aclosing(self.outputs(request, request_id)) as outputs:
+        async with aclosing(self.outputs(request)) as outputs:
             async for last in outputs:  # noqa: B007 - only the final, cumulative output matters
                 pass
         if last is None or not last.finished:
             raise RuntimeError("the engine stream ended without a final output")
         return WorkerGenerateResponse(
-            request_id=request_id,
+            request_id=request.request_id,
             outputs=self.converter.completions(last),
             prompt_token_ids=last.prompt_token_ids,
             prompt_logprobs=self.converter.prompt_logprobs(last.prompt_logprobs),
@@ -205,8 +234,9 @@ class ModelWorker:
 
     async def embed(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         self.num_requests += 1
+        self.reserve()
         try:
-            async with self.admitted():
+            async with self.semaphore:
                 embeddings, prompt_tokens = await self.engine.embed(request.inputs)
         except ValueError as exc:
             self.num_errors += 1
@@ -214,6 +244,11 @@ class ModelWorker:
         except CacheBusyError as exc:
             self.num_errors += 1
             raise WorkerError(ErrorInfo(message=str(exc), type="server_error", status=503)) from exc
+        except EngineShutDown as exc:
+            self.num_errors += 1
+            raise WorkerError(_shutting_down(str(exc))) from exc
+        finally:
+            self.release()
         return EmbeddingsResponse(embeddings=embeddings, prompt_tokens=prompt_tokens)
 
     # ---- controller link ------------------------------------------------------------------------------------
@@ -230,31 +265,6 @@ class ModelWorker:
         link, self.controller_link = self.controller_link, None
         if link is not None:
             await link.stop()
-
-
-class _ChunkStream(StreamingResponse):
-    """ndjson lines of ``WorkerStreamChunk``; closes the chunk generator however the response ends.
-
-    Starlette cancels the body on a client disconnect, which may leave the generator suspended at a ``yield``;
-    closing it here is what aborts the engine request and gives the semaphore slot back without waiting for
-    garbage collection.
-    """
-
-    def __init__(self, first: WorkerStreamChunk, rest: AsyncGenerator[WorkerStreamChunk]) -> None:
-        self._rest = rest
-        super().__init__(self._lines(first), media_type="application/x-ndjson")
-
-    async def _lines(self, first: WorkerStreamChunk) -> AsyncIterator[bytes]:
-        yield _line(first)
-        async for chunk in self._rest:
-            yield _line(chunk)
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            await self._rest.aclose()
 
 
 def create_worker_app(engine: AsyncEngine, config: ServeConfig, model_name: str) -> FastAPI:
@@ -290,25 +300,25 @@ def create_worker_app(engine: AsyncEngine, config: ServeConfig, model_name: str)
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(body: WorkerGenerateRequest) -> StreamingResponse:
+        # Rejections (unknown model, full queue, bad values) are HTTP errors; the 200 and keep-alive lines
+        # go out before the request waits for a slot, so a reader can time out a frozen worker only.
         worker.check_model(body.model)
-        chunks = worker.stream(body)
+        worker.reserve()
         try:
-            first = await anext(chunks)  # validation errors surface here, before any byte is sent
-        except WorkerError:
+            prepared = await worker.prepare(body)
+        except BaseException:
+            worker.release()
             raise
-        except Exception as exc:
-            raise WorkerError(_server_error(exc)) from exc
-        return _ChunkStream(first, chunks)
+        return NdjsonStream(worker.stream(prepared), config.worker_stream_keepalive_s, worker.release)
 
     @app.post("/worker_generate")
     async def worker_generate(body: WorkerGenerateRequest) -> WorkerGenerateResponse:
         worker.check_model(body.model)
+        worker.reserve()
         try:
-            return await worker.generate(body)
-        except WorkerError:
-            raise
-        except Exception as exc:
-            raise WorkerError(_server_error(exc)) from exc
+            return await worker.generate(await worker.prepare(body))
+        finally:
+            worker.release()
 
     @app.post("/worker_get_embeddings")
     async def worker_get_embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
@@ -363,9 +373,11 @@ async def _next(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
         raise RuntimeError("the engine stream ended without a final output") from None
 
 
-def _server_error(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error", status=500)
+def _server_error(exc: BaseException, code: str | None = None) -> ErrorInfo:
+    message = str(exc) if isinstance(exc, RequestFailed) else f"{type(exc).__name__}: {exc}"
+    return ErrorInfo(message=message, type="server_error", code=code, status=500)
 
 
-def _line(chunk: WorkerStreamChunk) -> bytes:
-    return chunk.model_dump_json(exclude_none=True).encode() + b"\n"
+def _shutting_down(message: str) -> ErrorInfo:
+    # 503: nothing of this request survives here, but another worker may serve it.
+    return ErrorInfo(message=message, type="server_error", code="worker_shutting_down", status=503)

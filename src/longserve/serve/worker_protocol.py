@@ -1,7 +1,7 @@
 """Every message between the API server, the controller and the model workers, as typed pydantic models.
 
 Controller endpoints (POST, JSON): register_worker, receive_heart_beat, list_models, list_workers,
-get_worker_address, worker_get_status, refresh_all_workers; GET health.
+get_worker_address, report_unresponsive_worker, worker_get_status, refresh_all_workers; GET health.
 Worker endpoints (POST, JSON): worker_generate_stream (newline-delimited WorkerStreamChunk), worker_generate,
 worker_get_embeddings, worker_get_status, count_token, model_details, apply_chat_template; GET health.
 A worker answers a request it rejects before generating with an HTTP error whose body is an ``ErrorInfo``.
@@ -33,6 +33,7 @@ class WorkerStatus(BaseModel):
     model_names: list[str]
     speed: float = 1.0  # relative throughput weight used by dispatch
     queue_length: int = 0  # requests in flight on this worker (running + waiting for its semaphore)
+    rejected: int = 0  # requests turned away with 429 (queue full) since the worker started
     running: int = 0  # sequences the engine is running
     waiting: int = 0  # sequences queued in the engine
     kv_cache_usage: float = 0.0  # fraction of KV blocks held (0..1)
@@ -76,6 +77,13 @@ class GetWorkerAddressRequest(BaseModel):
 
 class GetWorkerAddressResponse(BaseModel):
     address: str  # empty when no live worker serves the model
+
+
+class ReportWorkerRequest(BaseModel):
+    """An API server saw this worker time out: dispatch skips it until it heartbeats again."""
+
+    worker_address: str
+    reason: str = ""
 
 
 class ControllerStatus(BaseModel):
