@@ -4,7 +4,6 @@ client. Failover when a worker dies, interleaving of concurrent streams, cleanup
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,84 +13,8 @@ import time
 import httpx
 import openai
 import pytest
-from servers import serve_app, unused_port, wait_until
-
-from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
-from longserve.serve.api_server import create_api_app
-from longserve.serve.controller import create_controller_app
-from longserve.serve.worker import create_worker_app
-
-MODEL = "tiny"
-
-
-class Stack:
-    """A controller, ``num_workers`` workers serving the tiny model, and an API server, each on loopback."""
-
-    def __init__(self, model_dir: str, num_workers: int, **serve_options) -> None:
-        self.model_dir = model_dir
-        self.num_workers = num_workers
-        self.serve_options = serve_options
-        self.exit_stack = contextlib.ExitStack()
-        self.engines: list[AsyncEngine] = []
-        self.worker_urls: list[str] = []
-        self.worker_servers: list[contextlib.AbstractContextManager] = []
-        self.added: list[int] = []  # requests each worker's engine accepted
-
-    def __enter__(self) -> Stack:
-        controller_config = ServeConfig(**self.serve_options)
-        self.controller_url = self.exit_stack.enter_context(
-            serve_app(create_controller_app(controller_config))
-        )
-        for index in range(self.num_workers):
-            self.start_worker(index)
-        api_config = ServeConfig(controller_address=self.controller_url, **self.serve_options)
-        self.api_url = self.exit_stack.enter_context(serve_app(create_api_app(api_config)))
-        self.client = openai.OpenAI(base_url=f"{self.api_url}/v1", api_key="unused", max_retries=0)
-        wait_until(lambda: len(self.live_workers()) == self.num_workers, what="workers to register")
-        return self
-
-    def start_worker(self, index: int) -> None:
-        engine = asyncio.run(AsyncEngine.create(EngineConfig(model=self.model_dir, kv_cache_memory_mb=4)))
-        self.engines.append(engine)
-        self.added.append(0)
-        original_add = engine.engine.add_request
-
-        def counting_add(request, _index=index, _original=original_add):
-            self.added[_index] += 1
-            return _original(request)
-
-        engine.engine.add_request = counting_add
-        port = unused_port()
-        config = ServeConfig(
-            controller_address=self.controller_url,
-            worker_address=f"http://127.0.0.1:{port}",
-            worker_port=port,
-            **self.serve_options,
-        )
-        server = serve_app(create_worker_app(engine, config, MODEL), port=port)
-        self.worker_urls.append(server.__enter__())
-        self.worker_servers.append(server)
-
-    def kill_worker(self, index: int) -> None:
-        self.worker_servers[index].__exit__(None, None, None)
-
-    def live_workers(self) -> list[str]:
-        response = httpx.post(f"{self.controller_url}/list_workers", json={}, timeout=5)
-        return [w["worker_address"] for w in response.json()["workers"]]
-
-    def __exit__(self, *exc_info) -> None:
-        for server in self.worker_servers:
-            with contextlib.suppress(Exception):
-                server.__exit__(None, None, None)
-        self.exit_stack.close()
-        for engine in self.engines:
-            engine.shutdown()
-
-
-def _all_blocks_free(engine: AsyncEngine) -> bool:
-    manager = engine.engine.block_manager
-    return manager.num_free_blocks == manager.num_usable_blocks and not engine.engine.requests
+from servers import unused_port, wait_until
+from stack import MODEL, Stack, all_blocks_free
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +87,7 @@ def test_32_concurrent_streams_complete_and_interleave(single_stack):
     assert len(texts) == 32 and all(texts)
     # Interleaved, not one by one: the engine ran many of these sequences in the same steps.
     assert peak_running >= 16, peak_running
-    wait_until(lambda: _all_blocks_free(stack.engines[0]), what="KV blocks to be freed")
+    wait_until(lambda: all_blocks_free(stack.engines[0]), what="KV blocks to be freed")
 
 
 def test_client_disconnect_mid_stream_frees_the_request(single_stack):
@@ -181,7 +104,7 @@ def test_client_disconnect_mid_stream_frees_the_request(single_stack):
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # read one event, then hang up
-    wait_until(lambda: _all_blocks_free(stack.engines[0]), what="the aborted request's blocks")
+    wait_until(lambda: all_blocks_free(stack.engines[0]), what="the aborted request's blocks")
 
 
 def _listed_models(client: openai.OpenAI) -> list[str] | None:

@@ -46,6 +46,9 @@ CONNECT_TIMEOUT_S = 10.0
 WORKER_CALL_TIMEOUT = httpx.Timeout(600.0, connect=CONNECT_TIMEOUT_S)  # chat template, embeddings: bounded
 CONTROLLER_TIMEOUT = httpx.Timeout(30.0, connect=CONNECT_TIMEOUT_S)
 REPORT_TIMEOUT = httpx.Timeout(2.0)  # telling the controller about a stuck worker is best effort
+# Idle pooled connections are dropped before Uvicorn's 5 s keep-alive closes them on the other side: reusing
+# one as the server closes it fails the write ("Can not write request body"), which looked like a dead worker.
+KEEPALIVE_EXPIRY_S = 3.0
 _JSON = {"content-type": "application/json"}
 # Errors meaning "the worker never answered": nothing was generated for this request, another worker may try.
 _NO_ANSWER = (
@@ -62,7 +65,9 @@ _NO_ANSWER_STREAM = (aiohttp.ClientConnectionError, TimeoutError)
 def make_client() -> httpx.AsyncClient:
     """The app's client for the controller and workers' request/response endpoints."""
     return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+        limits=httpx.Limits(
+            max_connections=4096, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_EXPIRY_S
+        ),
         timeout=CONTROLLER_TIMEOUT,
         trust_env=False,  # cluster-internal addresses: never through an HTTP(S)_PROXY from the environment
     )
@@ -76,7 +81,7 @@ def make_stream_session(read_timeout_s: float) -> aiohttp.ClientSession:
     """
     return aiohttp.ClientSession(
         # Every open stream holds a connection, so the pool must not be what limits concurrency (0: no limit).
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s),
         trust_env=False,
     )
