@@ -110,6 +110,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_admission_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-queue-len",
+        type=int,
+        help="requests that may wait for a worker slot; more get 429 (default 256)",
+    )
+    parser.add_argument(
+        "--worker-stream-keepalive",
+        type=float,
+        dest="worker_stream_keepalive_s",
+        help="seconds between keep-alive lines on a silent stream (default 5)",
+    )
+
+
 def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool, controller: bool) -> None:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     if api:
@@ -124,7 +138,8 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
             "--worker-stream-timeout",
             type=float,
             dest="worker_stream_timeout_s",
-            help="seconds a worker stream may stay silent before the request fails (default 60)",
+            help="seconds a worker stream may stay silent before the request fails (default 60; keep it well "
+            "above the workers' --worker-stream-keepalive)",
         )
         parser.add_argument(
             "--request-timeout",
@@ -136,11 +151,7 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
         parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
         parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
         parser.add_argument("--worker-concurrency", type=int, help="requests a worker admits at once")
-        parser.add_argument(
-            "--max-queue-len",
-            type=int,
-            help="requests that may wait for a worker slot; more get 429 (default 256)",
-        )
+        _worker_admission_arguments(parser)
     if controller:
         parser.add_argument("--controller-port", type=int, help="controller port (default 21001)")
         parser.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"])
@@ -161,6 +172,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "max_queue_len",
         "max_in_flight_requests",
         "worker_stream_timeout_s",
+        "worker_stream_keepalive_s",
         "request_timeout_s",
         "controller_port",
     )
@@ -221,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-address", help="URL the controller uses to reach this worker")
     worker.add_argument("--model-name", help="name clients use for the model (default: from the path)")
     worker.add_argument("--worker-concurrency", type=int, help="requests this worker admits at once")
+    _worker_admission_arguments(worker)
     worker.set_defaults(handler=_run_server)
     api = commands.add_parser("api", help="the OpenAI-compatible API server alone")
     _serve_arguments(api, api=True, worker=False, controller=False)

@@ -165,11 +165,11 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_len < 0:
             raise ValueError(f"max_queue_len must be >= 0, got {self.max_queue_len}")
-        if not 0 < self.worker_stream_keepalive_s < self.worker_stream_timeout_s:
-            raise ValueError(
-                "worker_stream_keepalive_s must be positive and smaller than worker_stream_timeout_s, got "
-                f"{self.worker_stream_keepalive_s} and {self.worker_stream_timeout_s}"
-            )
+        # The keep-alive is the workers' setting and the timeout the API server's, often in other processes:
+        # keep the timeout well above the workers' keep-alive.
+        for name in ("worker_stream_timeout_s", "worker_stream_keepalive_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if isinstance(self.api_keys, str):
