@@ -112,6 +112,23 @@ def test_exclude_is_honoured() -> None:
         assert controller.get_worker_address("m", exclude=[A, B]) == ""
 
 
+def test_a_reported_worker_is_skipped_until_its_next_heartbeat() -> None:
+    controller, _ = make_controller()
+    controller.register(A, status("m"))
+    controller.register(B, status("m", queue_length=50))
+    assert controller.suspend(A, "stream read timed out")
+    assert {controller.get_worker_address("m") for _ in range(5)} == {B}  # busier, but alive
+    assert controller.list_models() == ["m"]  # still listed: it may only be slow
+    controller.heart_beat(A, 0)
+    assert controller.get_worker_address("m") == A
+    controller.suspend(B)
+    controller.suspend(A)
+    assert controller.get_worker_address("m") == ""  # nobody answers: the API server says 503
+    assert controller.update_status(B, status("m"))  # a status poll counts as a heartbeat
+    assert controller.get_worker_address("m") == B
+    assert not controller.suspend("http://nobody:1")
+
+
 def test_unknown_model_gets_empty_address() -> None:
     controller, _ = make_controller()
     controller.register(A, status("m"))
@@ -235,6 +252,10 @@ def test_http_endpoints() -> None:
 
         agg = ControllerStatus.model_validate(client.post("/worker_get_status").json())
         assert agg == ControllerStatus(model_names=["m", "x"], num_workers=2, speed=3.0, queue_length=9)
+
+        reported = client.post("/report_unresponsive_worker", json={"worker_address": B, "reason": "timeout"})
+        assert reported.json() == {"ok": True}
+        assert client.post("/get_worker_address", json={"model": "m"}).json() == {"address": A}
 
 
 def test_http_malformed_body_gets_400_error_info() -> None:
