@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from burst import burst, check_burst
 from servers import unused_port, wait_until
 
 MODEL = "tiny"
@@ -207,3 +208,28 @@ def test_ctrl_c_with_8_streams_in_flight_ends_each_and_exits_within_seconds(tiny
         if r.error is not None:
             assert "shutting down" in r.error["message"]
     assert any(r.error is not None for r in results), "every stream had finished before Ctrl-C"
+
+
+def test_a_burst_against_longserve_serve_gets_no_503(tiny_llama_dir):
+    """One process, one event loop for the three servers: 300 clients at once get answers or quick 429s."""
+    ports = {name: unused_port() for name in ("port", "controller-port", "worker-port")}
+    args = [f"--{name}={port}" for name, port in ports.items()]
+    limits = ["--worker-concurrency", "4", "--max-queue-len", "8"]
+    process = _start("serve", "--model", tiny_llama_dir, "--model-name", MODEL, *limits, *args)
+    url = f"http://127.0.0.1:{ports['port']}"
+    try:
+
+        def serving() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return bool(httpx.get(f"{url}/v1/models", timeout=2).json()["data"])
+            return False
+
+        wait_until(serving, timeout=60, what="the model to be served")
+        answers = burst(url, MODEL, 300)
+        check_burst(answers, min_ok=12, max_429_s=10)
+        worker = f"http://127.0.0.1:{ports['worker-port']}"
+        wait_until(lambda: _queue_length(worker) == 0, what="the worker to be idle")
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+    finally:
+        _stop(process)

@@ -7,9 +7,10 @@ Generation has no side effects, so sending the request again elsewhere is safe; 
 its answer (or its error) is final. A worker that times out is reported to the controller, which skips it until
 its next heartbeat.
 
-Worker streams go through aiohttp, everything else through httpx. Every generated token is one streamed line,
-and aiohttp (C parser) reads one for about a third of httpx's CPU time on the event loop that also serves the
-clients (benchmarks/NOTES.md).
+Every call goes through one aiohttp session. Every generated token is one streamed line, and aiohttp (C parser)
+reads one for about a third of httpx's CPU time on the event loop that also serves the clients
+(benchmarks/NOTES.md); and httpcore's pool rescans every connection each time a response closes, which under a
+burst of 300 requests took over half of the API server's event loop (the controller calls).
 """
 
 from __future__ import annotations
@@ -43,27 +44,21 @@ R = TypeVar("R")
 # answer; they are generous because in `longserve serve` the three servers share one busy event loop, where
 # 3 s connects were seen firing under a burst although nothing was down.
 CONNECT_TIMEOUT_S = 10.0
-WORKER_CALL_TIMEOUT = httpx.Timeout(600.0, connect=CONNECT_TIMEOUT_S)  # chat template, embeddings: bounded
-CONTROLLER_TIMEOUT = httpx.Timeout(30.0, connect=CONNECT_TIMEOUT_S)
-REPORT_TIMEOUT = httpx.Timeout(2.0)  # telling the controller about a stuck worker is best effort
+# chat template, embeddings: bounded as a whole
+WORKER_CALL_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=CONNECT_TIMEOUT_S)
+CONTROLLER_TIMEOUT = aiohttp.ClientTimeout(total=30.0, sock_connect=CONNECT_TIMEOUT_S)
+REPORT_TIMEOUT = aiohttp.ClientTimeout(total=2.0)  # telling the controller about a stuck worker: best effort
 # Idle pooled connections are dropped before Uvicorn's 5 s keep-alive closes them on the other side: reusing
 # one as the server closes it fails the write ("Can not write request body"), which looked like a dead worker.
 KEEPALIVE_EXPIRY_S = 3.0
 _JSON = {"content-type": "application/json"}
-# Errors meaning "the worker never answered": nothing was generated for this request, another worker may try.
-_NO_ANSWER = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
-# aiohttp's: refused, reset or dropped before a response (ClientOSError, ServerDisconnectedError), connect timeout.
-_NO_ANSWER_STREAM = (aiohttp.ClientConnectionError, TimeoutError)
+# "The worker never answered": refused, reset or dropped before a response (ClientOSError,
+# ServerDisconnectedError), or silent past a timeout. Nothing was generated; another worker may try.
+_NO_ANSWER = (aiohttp.ClientConnectionError, TimeoutError)
 
 
 def make_client() -> httpx.AsyncClient:
-    """The app's client for the controller and workers' request/response endpoints."""
+    """The app's client for metrics scrapes (a few calls each, off the request path)."""
     return httpx.AsyncClient(
         limits=httpx.Limits(
             max_connections=4096, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_EXPIRY_S
@@ -74,10 +69,11 @@ def make_client() -> httpx.AsyncClient:
 
 
 def make_stream_session(read_timeout_s: float) -> aiohttp.ClientSession:
-    """The app's client for worker streams; create it on the app's event loop.
+    """The app's client for the controller and the workers; create it on the app's event loop.
 
-    ``read_timeout_s`` bounds the silence between two reads (headers included), not the whole stream: a live
-    worker sends a keep-alive line every few seconds however long the request takes.
+    ``read_timeout_s`` bounds the silence between two reads of a worker stream (headers included), not the
+    whole stream: a live worker sends a keep-alive line every few seconds however long the request takes.
+    Request/response calls carry their own overall timeouts.
     """
     return aiohttp.ClientSession(
         # Every open stream holds a connection, so the pool must not be what limits concurrency (0: no limit).
@@ -122,35 +118,34 @@ class Upstream:
 
     # ---- controller ---------------------------------------------------------------------------------------
 
+    async def _post(self, url: str, content: bytes, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
+        async with self.streams.post(url, data=content, headers=_JSON, timeout=timeout) as response:
+            return response.status, await response.read()
+
     async def _controller(self, path: str, body: BaseModel | None, response_type: type[T]) -> T:
+        content = b"{}" if body is None else body.model_dump_json().encode()
         try:
-            response = await self.client.post(
-                f"{self.controller_address}{path}",
-                json=None if body is None else body.model_dump(),
-                timeout=CONTROLLER_TIMEOUT,
-            )
-        except httpx.TransportError as exc:
+            status, data = await self._post(f"{self.controller_address}{path}", content, CONTROLLER_TIMEOUT)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("controller %s unreachable: %r", self.controller_address, exc)
             raise service_unavailable("the controller is unreachable", code="controller_unreachable") from exc
-        if response.status_code != 200:
-            raise service_unavailable(f"the controller answered {path} with HTTP {response.status_code}")
+        if status != 200:
+            raise service_unavailable(f"the controller answered {path} with HTTP {status}")
         try:
-            return response_type.model_validate_json(response.content)
+            return response_type.model_validate_json(data)
         except ValidationError as exc:
             raise service_unavailable(f"the controller sent a malformed {path} answer") from exc
 
     async def report_unresponsive(self, address: str, reason: str) -> None:
         """Ask the controller to skip ``address`` until its next heartbeat; failures are only logged."""
-        body = ReportWorkerRequest(worker_address=address, reason=reason)
+        content = ReportWorkerRequest(worker_address=address, reason=reason).model_dump_json().encode()
+        url = f"{self.controller_address}/report_unresponsive_worker"
         try:
-            response = await self.client.post(
-                f"{self.controller_address}/report_unresponsive_worker",
-                json=body.model_dump(),
-                timeout=REPORT_TIMEOUT,
-            )
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            log.warning("could not report worker %s to the controller: %r", address, exc)
+            status, _ = await self._post(url, content, REPORT_TIMEOUT)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = repr(exc)
+        if status != 200:
+            log.warning("could not report worker %s to the controller: %s", address, status)
 
     async def list_models(self) -> list[str]:
         return (await self._controller("/list_models", None, ListModelsResponse)).models
@@ -198,24 +193,22 @@ class Upstream:
         """A JSON request/response call to a worker of ``model`` (chat template, embeddings, ...)."""
         content = body.model_dump_json().encode()
 
-        async def attempt(address: str) -> httpx.Response:
+        async def attempt(address: str) -> tuple[int, bytes]:
             try:
-                response = await self.client.post(
-                    f"{address}{path}", content=content, headers=_JSON, timeout=WORKER_CALL_TIMEOUT
-                )
+                status, data = await self._post(f"{address}{path}", content, WORKER_CALL_TIMEOUT)
             except _NO_ANSWER as exc:
                 raise _TryAnother.unreachable(address, path, exc) from exc
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if response.status_code in _TRY_ANOTHER_STATUS:
-                raise _TryAnother(worker_error(response.status_code, response.content))
-            return response
+            if status in _TRY_ANOTHER_STATUS:
+                raise _TryAnother(worker_error(status, data))
+            return status, data
 
-        response = await self._with_failover(model, attempt)
-        if response.status_code >= 400:
-            raise worker_error(response.status_code, response.content)
+        status, data = await self._with_failover(model, attempt)
+        if status >= 400:
+            raise worker_error(status, data)
         try:
-            return response_type.model_validate_json(response.content)
+            return response_type.model_validate_json(data)
         except ValidationError as exc:
             raise APIError(f"worker sent a malformed {path} answer", status=500) from exc
 
@@ -230,7 +223,7 @@ class Upstream:
         async def attempt(address: str) -> aiohttp.ClientResponse:
             try:
                 response = await self.streams.post(f"{address}{path}", data=content, headers=_JSON)
-            except _NO_ANSWER_STREAM as exc:
+            except _NO_ANSWER as exc:
                 raise _TryAnother.unreachable(address, path, exc) from exc
             except aiohttp.ClientError as exc:
                 raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
@@ -288,6 +281,6 @@ class _TryAnother(Exception):
     @classmethod
     def unreachable(cls, address: str, path: str, exc: Exception) -> _TryAnother:
         log.warning("worker %s did not answer %s (%r); trying another", address, path, exc)
-        timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+        timed_out = isinstance(exc, TimeoutError)
         what = "did not answer in time" if timed_out else "is unreachable"
         return cls(service_unavailable(f"worker {address} {what}", code="worker_unreachable"), timed_out)
