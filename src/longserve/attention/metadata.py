@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -21,21 +22,49 @@ class PrefillSpan:
 class AttentionMetadata:
     """Per-step layout of the flattened batch. Decode rows (one new token each) come first, then prefills.
 
-    The gather indices are computed once here so every layer reuses them instead of rebuilding them.
+    Decodes are described as paged kernels want them (as vLLM does): an int32 block table and an int32
+    context length per sequence, built once per step on the host and copied once to the device. The dense
+    per-position slot table that gather-based paths need is derived from them on the device, at most once per
+    step, and only if a layer asks for it.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
     num_decodes: int  # the first num_decodes rows are single-token decodes, one per sequence
-    decode_slots: torch.Tensor | None  # [num_decodes, max_decode_context] slots of each decode's context
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_context] True where a key is valid;
-    # None when all decode contexts have the same length (no padding)
-    decode_context_lens: list[int]  # context length of each decode sequence (including the new token)
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32, padded with block 0
+    decode_seq_lens: torch.Tensor | None  # [num_decodes] int32 context lengths (including the new token)
+    decode_context_lens: list[int]  # the same lengths as host ints (loop bounds, kernel grid sizes)
     prefills: list[PrefillSpan]
     block_size: int = 16  # tokens per cache block: slot // block_size is the block (page) of a slot
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+    @property
+    def max_decode_len(self) -> int:
+        return max(self.decode_context_lens, default=0)
+
+    @cached_property
+    def _decode_valid(self) -> torch.Tensor:
+        positions = torch.arange(self.max_decode_len, device=self.decode_seq_lens.device)
+        return positions[None, :] < self.decode_seq_lens[:, None]  # [num_decodes, max_len]
+
+    @cached_property
+    def decode_slots(self) -> torch.Tensor | None:
+        """[num_decodes, max_decode_len] cache slot of every context position; padding reads slot 0."""
+        if not self.num_decodes:
+            return None
+        block = self.block_size
+        positions = torch.arange(self.max_decode_len, device=self.decode_block_tables.device)
+        blocks = self.decode_block_tables[:, positions // block].long()  # [num_decodes, max_len]
+        return torch.where(self._decode_valid, blocks * block + positions % block, 0)
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor | None:
+        """[num_decodes, 1, 1, max_len] True where a key is valid; None when no context is padded."""
+        if not self.num_decodes or len(set(self.decode_context_lens)) == 1:
+            return None
+        return self._decode_valid[:, None, None, :]
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """The same layout with its index tensors on ``device`` (built on the CPU, used where the cache is)."""
@@ -46,8 +75,8 @@ class AttentionMetadata:
         return replace(
             self,
             slot_mapping=move(self.slot_mapping),
-            decode_slots=move(self.decode_slots),
-            decode_mask=move(self.decode_mask),
+            decode_block_tables=move(self.decode_block_tables),
+            decode_seq_lens=move(self.decode_seq_lens),
             prefills=[replace(span, context_slots=move(span.context_slots)) for span in self.prefills],
         )
 
@@ -88,24 +117,18 @@ def build_attention_metadata(
             prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
         query_start += qlen
 
-    decode_slots = decode_mask = None
+    tables = lens = None
     if num_decodes:
-        max_len = max(decode_lens)
-        lens = torch.tensor(decode_lens)
-        positions = torch.arange(max_len)
-        valid = positions[None, :] < lens[:, None]  # [num_decodes, max_len]
-        width = (max_len + block_size - 1) // block_size
-        padded_tables = torch.tensor(
-            [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables], dtype=torch.long
+        width = (max(decode_lens) + block_size - 1) // block_size
+        tables = torch.tensor(
+            [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables], dtype=torch.int32
         )  # [num_decodes, width]
-        blocks = padded_tables[:, positions // block_size]  # [num_decodes, max_len]
-        decode_slots = torch.where(valid, blocks * block_size + positions % block_size, 0)
-        decode_mask = None if len(set(decode_lens)) == 1 else valid[:, None, None, :]
+        lens = torch.tensor(decode_lens, dtype=torch.int32)  # [num_decodes]
     return AttentionMetadata(
         slot_mapping=torch.cat([torch.tensor(decode_new_slots, dtype=torch.long), *prefill_new_slots]),
         num_decodes=num_decodes,
-        decode_slots=decode_slots,
-        decode_mask=decode_mask,
+        decode_block_tables=tables,
+        decode_seq_lens=lens,
         decode_context_lens=decode_lens,
         prefills=prefills,
         block_size=block_size,

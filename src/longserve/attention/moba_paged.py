@@ -63,12 +63,9 @@ def cuda_prefill(
     )
 
 
-def _paged_layout(q: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Block tables [batch, pages] and context lengths [batch] of the step's decodes, and the longest."""
-    block = metadata.block_size
-    tables = (metadata.decode_slots[:, ::block] // block).to(torch.int32)
-    lens = metadata.decode_context_lens
-    return tables, torch.tensor(lens, dtype=torch.int32, device=q.device), max(lens)
+def _paged_layout(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block tables [batch, pages] and context lengths [batch] (int32, built once per step), and the longest."""
+    return metadata.decode_block_tables, metadata.decode_seq_lens, metadata.max_decode_len
 
 
 def cuda_dense_decode(
@@ -76,7 +73,7 @@ def cuda_dense_decode(
 ) -> torch.Tensor:
     """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
     long contexts spread over the whole GPU."""
-    tables, context_lens, longest = _paged_layout(q, metadata)
+    tables, context_lens, longest = _paged_layout(metadata)
     split = min(1024, max(metadata.block_size, 16 * -(-longest // (16 * 8))))  # >= 8 splits when short
     return moba_cuda.paged_decode(
         q.contiguous(),
@@ -100,7 +97,7 @@ def cuda_decode(
     scale: float,
 ) -> torch.Tensor:
     """All decodes of the step: gate against the cached block means, read only the chosen blocks."""
-    tables, context_lens, longest = _paged_layout(q, metadata)
+    tables, context_lens, longest = _paged_layout(metadata)
     return moba_cuda.moba_paged_decode(
         q.contiguous(), cache.key, cache.value, tables, context_lens, longest, metadata.block_size,
         cache.gate_keys, chunk_size, topk, scale,

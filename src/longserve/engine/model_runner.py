@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -29,6 +29,49 @@ class RunnerOutput:
     ]  # scheduled index -> [chunk_tokens, vocab] logits for prompt logprobs
 
 
+class StepUploader:
+    """Copies a step's host index tensors to the device in one transfer, through a persistent pinned buffer.
+
+    Each tensor becomes a view into one device buffer (cast back to its dtype), so a step costs one
+    host-to-device copy however many index tensors it has. The host buffer is refilled only after the previous
+    copy out of it has completed (an event, not a device sync: a step without sampled tokens never syncs);
+    the device buffer is refilled by a copy queued behind the previous step's kernels on the same stream.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._host = torch.empty(0, dtype=torch.long)
+        self._device = torch.empty(0, dtype=torch.long, device=device)
+        self._copied: torch.cuda.Event | None = None
+
+    def upload(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        present = [t for t in tensors if t is not None]
+        total = sum(t.numel() for t in present)
+        if self._copied is not None:
+            self._copied.synchronize()
+        if total > self._host.numel():
+            capacity = max(total, 2 * self._host.numel(), 4096)
+            self._host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+            self._device = torch.empty(capacity, dtype=torch.long, device=self.device)
+        offset = 0
+        for t in present:
+            self._host[offset : offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        self._device[:total].copy_(self._host[:total], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        out: list[torch.Tensor | None] = []
+        offset = 0
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            view = self._device[offset : offset + t.numel()].view(t.shape)
+            out.append(view if t.dtype == torch.long else view.to(t.dtype))
+            offset += t.numel()
+        return out
+
+
 class ModelRunner:
     """Owns the model and the paged cache tensors; one ``execute`` call per engine step."""
 
@@ -43,6 +86,7 @@ class ModelRunner:
         self.caches = caches
         self.block_size = block_size
         self.device = torch.device(device)
+        self.uploader = StepUploader(self.device) if self.device.type == "cuda" else None
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[ModelInput, list[int], dict[int, range]]:
         ids: list[int] = []
@@ -70,15 +114,30 @@ class ModelRunner:
             self.block_size,
         )
         extra_rows = [row for rows in prompt_rows.values() for row in rows]
-        # Built on the host, then copied once per step to where the model runs.
-        model_input = ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
-            metadata=metadata if self.device.type == "cpu" else metadata.to(self.device),
-            logit_rows=torch.tensor(sample_rows + extra_rows, dtype=torch.long).to(
-                self.device, non_blocking=True
-            ),
-        )
+        host = [
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            torch.tensor(sample_rows + extra_rows, dtype=torch.long),
+            metadata.slot_mapping,
+            metadata.decode_block_tables,
+            metadata.decode_seq_lens,
+            *(span.context_slots for span in metadata.prefills),
+        ]
+        if self.uploader is not None:  # one host-to-device copy for the whole step
+            host = self.uploader.upload(host)
+            input_ids, positions_t, logit_rows, slots, tables, lens, *context = host
+            metadata = replace(
+                metadata,
+                slot_mapping=slots,
+                decode_block_tables=tables,
+                decode_seq_lens=lens,
+                prefills=[
+                    replace(span, context_slots=c) for span, c in zip(metadata.prefills, context, strict=True)
+                ],
+            )
+        else:
+            input_ids, positions_t, logit_rows = host[:3]
+        model_input = ModelInput(input_ids, positions_t, metadata, logit_rows)
         return model_input, sample_index, prompt_rows
 
     @torch.inference_mode()

@@ -1,0 +1,35 @@
+"""Step metadata: decodes as int32 block tables and lengths (what paged kernels read), the per-position slot
+table derived from them once per step, prefill spans with their context slots."""
+
+import torch
+
+from longserve.attention.metadata import build_attention_metadata, context_slots
+
+BLOCK = 4
+
+
+def test_decodes_carry_int32_block_tables_and_lengths_and_derive_slots_once():
+    tables = [[7, 3, 9], [5], [2, 8, 6, 1]]
+    computed = [9, 2, 12]  # each decodes one token: contexts 10, 3, 13
+    meta = build_attention_metadata(tables, computed, [1, 1, 1], BLOCK)
+    assert meta.num_decodes == 3 and meta.decode_context_lens == [10, 3, 13]
+    assert meta.decode_block_tables.dtype == torch.int32 and meta.decode_seq_lens.dtype == torch.int32
+    assert meta.decode_block_tables.tolist() == [[7, 3, 9, 0], [5, 0, 0, 0], [2, 8, 6, 1]]
+    assert meta.decode_seq_lens.tolist() == [10, 3, 13] and meta.max_decode_len == 13
+    for row, (table, length) in enumerate(zip(tables, [10, 3, 13], strict=True)):
+        assert meta.decode_slots[row, :length].tolist() == context_slots(table, length, BLOCK).tolist()
+        assert not meta.decode_slots[row, length:].any()  # padding reads slot 0
+        assert meta.decode_mask[row, 0, 0].tolist() == [i < length for i in range(13)]
+    assert meta.decode_slots is meta.decode_slots  # built once, shared by every layer
+    assert meta.slot_mapping.tolist() == [9 * BLOCK + 1, 5 * BLOCK + 2, 1 * BLOCK + 0]
+
+
+def test_equal_lengths_need_no_mask_and_prefills_follow_decodes():
+    meta = build_attention_metadata([[1, 2], [3, 4], [5, 6]], [5, 5, 2], [1, 1, 3], BLOCK)
+    assert meta.num_decodes == 2 and meta.decode_mask is None
+    (span,) = meta.prefills
+    assert (span.query_start, span.query_len, span.context_len) == (2, 3, 5)
+    assert span.context_slots.tolist() == context_slots([5, 6], 5, BLOCK).tolist()
+    assert meta.slot_mapping.tolist()[2:] == [22, 23, 24]
+    only_prefill = build_attention_metadata([[1]], [0], [3], BLOCK)
+    assert only_prefill.decode_block_tables is None and only_prefill.decode_slots is None
