@@ -17,6 +17,12 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu (default) or cuda: where the model and KV cache live")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    parser.add_argument(
         "--quantization",
         choices=["int8"],
         help="int8: dynamic-int8 decode matmuls on CPU (~2x faster, approximate)",
@@ -57,6 +63,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         show_progress=True,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
     )
 
 

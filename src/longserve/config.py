@@ -37,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64  # sequences running at once
     num_threads: int | None = None  # torch intra-op threads; None = all cores
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying captured CUDA graphs
     show_progress: bool = False  # progress bar while loading
 
     def __post_init__(self) -> None:

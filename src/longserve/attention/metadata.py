@@ -35,6 +35,10 @@ class AttentionMetadata:
     decode_context_lens: list[int]  # the same lengths as host ints (loop bounds, kernel grid sizes)
     prefills: list[PrefillSpan]
     block_size: int = 16  # tokens per cache block: slot // block_size is the block (page) of a slot
+    # The context length the split-K decode kernel sizes its splits for; None: this step's longest. The CUDA
+    # runner sets the engine's longest allowed context, so eager steps and captured graphs sum in the same
+    # order and give the same bits.
+    split_context: int | None = None
 
     @property
     def num_tokens(self) -> int:

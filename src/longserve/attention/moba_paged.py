@@ -74,7 +74,8 @@ def cuda_dense_decode(
     """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
     long contexts spread over the whole GPU."""
     tables, context_lens, longest = _paged_layout(metadata)
-    split = min(1024, max(metadata.block_size, 16 * -(-longest // (16 * 8))))  # >= 8 splits when short
+    sized_for = metadata.split_context or longest
+    split = min(1024, max(metadata.block_size, 16 * -(-sized_for // (16 * 8))))  # >= 8 splits when short
     return moba_cuda.paged_decode(
         q.contiguous(),
         cache.key,

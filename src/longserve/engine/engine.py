@@ -13,6 +13,7 @@ from longserve.attention.backend import layer_backends
 from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
+from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.detokenizer import IncrementalDetokenizer
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_runner import ModelRunner
@@ -99,7 +100,25 @@ class LLMEngine:
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(self.model, caches, config.block_size, self.device)
+        graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if config.attention == "dense" and getattr(self.model, "supports_cuda_graphs", False):
+                graphs = DecodeGraphs(
+                    self.model,
+                    caches,
+                    config.block_size,
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    self.device,
+                )
+                graphs.capture_all()
+            else:
+                log.info(
+                    "CUDA graphs are not used for this model or attention backend: every step runs eagerly"
+                )
+        self.runner = ModelRunner(
+            self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len
+        )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted requests reported at the next step

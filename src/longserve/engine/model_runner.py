@@ -9,6 +9,7 @@ from torch import nn
 
 from longserve.attention.metadata import AttentionMetadata, build_attention_metadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
 
 
@@ -81,7 +82,11 @@ class ModelRunner:
         caches: list[LayerKVCache],
         block_size: int,
         device: torch.device | str = "cpu",
+        graphs: DecodeGraphs | None = None,  # replays decode-only steps; None: every step eager
+        max_context: int | None = None,  # the engine's longest context (sizes the decode kernel's splits)
     ) -> None:
+        self.max_context = max_context
+        self.graphs = graphs
         self.model = model
         self.caches = caches
         self.block_size = block_size
@@ -128,6 +133,7 @@ class ModelRunner:
             input_ids, positions_t, logit_rows, slots, tables, lens, *context = host
             metadata = replace(
                 metadata,
+                split_context=self.max_context,
                 slot_mapping=slots,
                 decode_block_tables=tables,
                 decode_seq_lens=lens,
@@ -143,7 +149,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:
         model_input, sample_index, prompt_rows = self.prepare(scheduled)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.caches, model_input.metadata)
+        metadata = model_input.metadata
+        if (
+            self.graphs is not None
+            and not metadata.prefills
+            and not prompt_rows
+            and metadata.num_decodes <= self.graphs.max_batch
+        ):
+            hidden = self.graphs.run(model_input.input_ids, model_input.positions, metadata)
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
         logits = self.model.compute_logits(hidden[model_input.logit_rows])  # [rows, vocab]
         num_sampling = len(sample_index)
         prompt_logits: dict[int, torch.Tensor] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,9 @@ class LlamaForCausalLM(nn.Module):
 
     ``backends`` holds one attention backend per layer (MoBA keeps some layers dense).
     """
+
+    # The decode forward has static shapes and no host syncs: engine/cuda_graphs.py may capture it.
+    supports_cuda_graphs: ClassVar[bool] = True
 
     def __init__(
         self, config: DecoderConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype

@@ -93,6 +93,7 @@ class MoEForCausalLM(LlamaForCausalLM):
     config: MoEDecoderConfig
     moe_block: ClassVar[str] = "mlp"  # the MoE block's name inside a layer (Mixtral: block_sparse_moe)
     moe_names: ClassVar[MoEWeightNames] = MoEWeightNames()
+    supports_cuda_graphs: ClassVar[bool] = False  # routing sizes its expert batches on the host
 
     def _build_mlp(self, layer_index: int) -> nn.Module:
         config = self.config
