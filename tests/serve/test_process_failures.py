@@ -59,11 +59,24 @@ class StreamResult:
     exception: BaseException | None = None
 
 
+def _sse_lines(response: httpx.Response):
+    """SSE lines split on newlines only: httpx's iter_lines also splits at U+2028 or U+0085, which JSON
+    leaves unescaped inside token texts."""
+    buffer = b""
+    for data in response.iter_bytes():
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.decode()
+    if buffer:
+        yield buffer.decode()
+
+
 def _stream(url: str, result: StreamResult, body: dict = LONG_STREAM) -> None:
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             assert response.status_code == 200, response.read()
-            for line in response.iter_lines():
+            for line in _sse_lines(response):
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: ") :]

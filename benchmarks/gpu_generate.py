@@ -1,0 +1,172 @@
+"""GPU decode throughput, side by side in one process: longserve (CUDA graphs), longserve --enforce-eager and
+HF transformers ``generate`` (bf16, sdpa), on a Llama-3.2-1B-shaped model with random weights that this script
+builds itself. Prints a table and writes JSON to benchmarks/results/.
+
+    python benchmarks/gpu_generate.py                # batch 1, 8, 64, 256; prompt 128 + 128 new tokens
+    python benchmarks/gpu_generate.py --tiny         # a small shape, to dry-run the script (CPU too)
+
+Each (system, batch) runs ``--repeats`` times after a warm-up; the table shows the median, the spread and
+every run. Throughput counts generated tokens over the whole ``generate`` call (prefill included), as a user
+sees it. The roofline is the weight bytes read per step at the measured device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))  # tiny_models: the tokenizer writer shared with the tests
+
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
+    rope_theta=500000.0,
+)  # fmt: skip
+TINY = dict(LLAMA_1B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)  # fmt: skip
+
+
+def build_checkpoint(shape: dict, device: str, directory: str) -> str:
+    import tiny_models
+    import transformers
+
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    tiny_models.write_tokenizer(directory, tiny_models.train_tokenizer())
+    return directory
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Device-to-device copy bandwidth, bytes/s (read + write counted), or None on the CPU."""
+    if device != "cuda":
+        return None
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * 10 * x.numel() / (time.perf_counter() - start)
+
+
+def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager) -> dict:
+    from longserve import LLM, SamplingParams
+
+    llm = LLM(path, device=device, dtype="bfloat16", max_num_seqs=max(batches), enforce_eager=eager,
+              kv_cache_memory_mb=16384 if device == "cuda" else 512)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    out = {}
+    for batch in batches:
+        llm.generate(prompts[:batch], params)  # warm-up: allocator, kernels
+        out[batch] = [_timed(lambda b=batch: llm.generate(prompts[:b], params), batch * new_tokens, device)
+                      for _ in range(repeats)]  # fmt: skip
+    return out  # the engine and its KV cache are freed with this frame
+
+
+def run_hf(path: str, device: str, batches, prompts, new_tokens, repeats) -> dict:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).to(device)
+    out = {}
+    for batch in batches:
+        ids = torch.tensor(prompts[:batch], device=device)  # equal lengths: no padding needed
+
+        def generate(ids=ids):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+        generate()
+        out[batch] = [_timed(generate, batch * new_tokens, device) for _ in range(repeats)]
+    return out
+
+
+def _free(device: str) -> None:
+    """Give the last system's memory back before the next one loads (engines hold reference cycles)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed(fn, tokens: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shape, for a dry run")
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = TINY if args.tiny else LLAMA_1B
+    batches = [int(b) for b in args.batches.split(",")]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, shape["vocab_size"] - 10, (args.prompt_len,), generator=g).tolist()
+               for _ in range(max(batches))]  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        path = build_checkpoint(shape, device, directory)
+        systems = {}
+        for name, eager in (("longserve (graphs)", False), ("longserve (eager)", True)):
+            systems[name] = run_longserve(
+                path, device, batches, prompts, args.new_tokens, args.repeats, eager
+            )
+            _free(device)
+        if not args.skip_hf:
+            systems["transformers generate"] = run_hf(
+                path, device, batches, prompts, args.new_tokens, args.repeats
+            )
+            _free(device)
+    bandwidth = copy_bandwidth(device)
+    hidden, layers, ffn, vocab = (
+        shape[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    )
+    kv = shape["num_key_value_heads"] * hidden // shape["num_attention_heads"]
+    weight_bytes = 2 * (layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn) + vocab * hidden)
+    roofline = bandwidth / weight_bytes if bandwidth else None  # HBM bytes/s, reads and writes counted
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; weights {weight_bytes / 1e9:.2f} GB;"
+          f" batch-1 roofline {roofline:.0f} tok/s" if roofline else f"device: {device}")  # fmt: skip
+    print(f"{'system':<24}" + "".join(f"{'batch ' + str(b):>28}" for b in batches))
+    table = {}
+    for name, runs in systems.items():
+        cells, table[name] = [], {}
+        for b in batches:
+            rates = runs[b]
+            med = statistics.median(rates)
+            table[name][b] = {"median_tok_s": med, "runs_tok_s": rates, "spread": max(rates) - min(rates)}
+            cells.append(f"{med:>10.0f} [{min(rates):.0f}-{max(rates):.0f}]")
+        print(f"{name:<24}" + "".join(f"{c:>28}" for c in cells))
+    results = ROOT / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"gpu_generate{'_tiny' if args.tiny else ''}.json"
+    out.write_text(json.dumps({"shape": shape, "device": device, "prompt_len": args.prompt_len,
+                               "new_tokens": args.new_tokens, "roofline_tok_s": roofline, "systems": table},
+                              indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
