@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _moba_bench as mb  # noqa: E402
 
-from longserve.attention import moba_cuda  # noqa: E402
+from longserve.attention import moba_cuda, paged_decode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, KV_HEADS, DIM = 32, 8, 128
@@ -57,7 +57,7 @@ def check(log: list[str]) -> dict:
     moba = moba_cuda.moba_paged_decode(
         q, k_cache, v_cache, tables, lens, context, page, gate_cache, chunk, topk, DIM**-0.5
     )
-    dense = moba_cuda.paged_decode(q, k_cache, v_cache, tables, lens, context, page, 1024, DIM**-0.5)
+    dense = paged_decode.paged_decode(q, k_cache, v_cache, tables, lens, context, page, 1024, DIM**-0.5)
     for b, length in enumerate(lens.tolist()):
         kb = mb.gather_context(k_cache, tables[b], length, page)
         vb = mb.gather_context(v_cache, tables[b], length, page)
@@ -154,7 +154,9 @@ def _decode_row(context: int, chunk: int, topk: int, batch: int, page: int = 16)
     for split in (512, 1024, 2048, 4096):
 
         def dense(split: int = split) -> torch.Tensor:
-            return moba_cuda.paged_decode(q, k_cache, v_cache, tables, lens, context, page, split, DIM**-0.5)
+            return paged_decode.paged_decode(
+                q, k_cache, v_cache, tables, lens, context, page, split, DIM**-0.5
+            )
 
         row[f"dense_paged_split{split}_ms"] = mb.time_ms(dense, reps=50, warmup=3)
         row[f"dense_paged_split{split}_graph_ms"] = mb.time_ms(mb.graphed(dense), reps=50, warmup=3)

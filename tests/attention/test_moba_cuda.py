@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from longserve.attention import moba_cuda  # noqa: E402
+from longserve.attention import moba_cuda, paged_decode  # noqa: E402
 from longserve.attention.moba import moba_attention_reference  # noqa: E402
 
 BF16_TOL = 2e-2  # relative error of bf16 operands with float32 accumulation
@@ -96,7 +96,9 @@ def test_paged_decode_kernels_match_the_oracle():
     moba = moba_cuda.moba_paged_decode(
         q, k_cache, v_cache, tables, context_lens, max(lens), page, gate_cache, chunk, topk, dim**-0.5
     )
-    dense = moba_cuda.paged_decode(q, k_cache, v_cache, tables, context_lens, max(lens), page, 128, dim**-0.5)
+    dense = paged_decode.paged_decode(
+        q, k_cache, v_cache, tables, context_lens, max(lens), page, 128, dim**-0.5
+    )
     for row, n in enumerate(lens):
         keys = _context(k_cache, tables[row], n, page)
         values = _context(v_cache, tables[row], n, page)

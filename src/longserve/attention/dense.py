@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from longserve.attention.metadata import AttentionMetadata
-from longserve.attention.moba_paged import cuda_dense_decode, cuda_path_available
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.attention.paged_decode import cuda_dense_decode, cuda_path_available
 
 
 class DenseAttention:

@@ -23,8 +23,9 @@ from longserve.attention.moba_gating import (
     select_moba_blocks,
     validate_moba_params,
 )
-from longserve.attention.moba_paged import cuda_decode, cuda_path_available, cuda_prefill, update_gate_keys
+from longserve.attention.moba_paged import cuda_decode, cuda_prefill, update_gate_keys
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.attention.paged_decode import cuda_path_available
 
 MAX_QUERY_ROWS = 1024  # query rows per SDPA call: the mask and scores are [heads, rows, keys] ...
 MASK_ELEMENTS = 1 << 26  # ... and that is kept under this many elements (256 MB of float32) where it can be

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from longserve.attention.paged_decode import dot_precision, merge_partials, next_pow2, paged_decode
+
 _LOG2E = 1.4426950408889634
 _MAX_GATE_BLOCKS = 1024  # the gate kernels keep a row of scores in registers; more blocks go through torch
 
@@ -68,7 +70,7 @@ def select_prefill_blocks(
     chosen = torch.empty(rows, heads, topk, dtype=torch.int32, device=q.device)
     if rows == 0:
         return chosen
-    block_b = max(16, _next_pow2(blocks))
+    block_b = max(16, next_pow2(blocks))
     if _gate_kernel_ok(q, block_b):
         from longserve.attention.moba_triton import moba_gate_scores_kernel, moba_prefill_topk_kernel
 
@@ -100,21 +102,12 @@ def select_prefill_blocks(
     return chosen
 
 
-def _dot_precision(t: torch.Tensor) -> str:
-    """float32 inputs keep float32 products (the engine's exact mode); tf32 would cost ~1e-3 relative."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _gate_kernel_ok(q: torch.Tensor, block_b: int) -> bool:
     return q.is_cuda and block_b <= _MAX_GATE_BLOCKS
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _tiles(
@@ -197,21 +190,11 @@ def moba_prefill_sequence(
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 q_start, num_chunks, chunk_size, seq, scale * _LOG2E, k_desc, v_desc,
                 GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
-                WARP_SPECIALIZE=warp_specialize, DOT_PRECISION=_dot_precision(q),
+                WARP_SPECIALIZE=warp_specialize, DOT_PRECISION=dot_precision(q),
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
-        _merge(o_part, lse_part, out[w0 : w0 + rows], rows * heads, topk)
+        merge_partials(o_part, lse_part, out[w0 : w0 + rows], rows * heads, topk)
     return out
-
-
-def _merge(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, rows: int, slots: int) -> None:
-    """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials."""
-    from longserve.attention.moba_triton import moba_merge_kernel
-
-    block_r = 32
-    moba_merge_kernel[(-(-rows // block_r),)](
-        o_part, lse, out, rows, slots, HEAD_DIM=out.shape[-1], BLOCK_R=block_r, num_warps=4
-    )
 
 
 def moba_prefill(
@@ -236,43 +219,6 @@ def moba_prefill(
     return out
 
 
-def paged_decode(
-    q: torch.Tensor,  # [batch, heads, d]: one new token per sequence
-    key_cache: torch.Tensor,  # [slots, kv_heads, d]
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [batch, max_pages] int32
-    context_lens: torch.Tensor,  # [batch] int32, the new token included
-    max_context: int,
-    page_size: int,
-    split_size: int,
-    scale: float,
-    chosen: torch.Tensor | None = None,  # [batch, kv_heads, splits] int32 head bitmask; None = dense
-) -> torch.Tensor:
-    """Split-K attention of each new token over its paged context; only the chosen splits are read."""
-    from longserve.attention.moba_triton import paged_split_decode_kernel
-
-    batch, heads, dim = q.shape
-    kv_heads = key_cache.shape[1]
-    group = heads // kv_heads
-    splits = -(-max_context // split_size)
-    if chosen is None:
-        chosen = torch.full((batch, kv_heads, splits), (1 << group) - 1, dtype=torch.int32, device=q.device)
-    o_part = torch.empty(batch * heads * splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
-    paged_split_decode_kernel[(splits, batch * kv_heads)](
-        q, key_cache, value_cache, block_tables, context_lens, chosen, o_part, lse,
-        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
-        value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
-        kv_heads, splits, split_size, scale * _LOG2E,
-        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
-        DOT_PRECISION=_dot_precision(key_cache),
-        num_warps=4, num_stages=3,
-    )  # fmt: skip
-    out = torch.empty_like(q)
-    _merge(o_part, lse, out, batch * heads, splits)
-    return out
-
-
 def select_decode_blocks(
     q: torch.Tensor,  # [batch, heads, d]
     gate_cache: torch.Tensor,  # [num_pages, kv_heads, d] float32: a complete block's mean key at its first page
@@ -290,7 +236,7 @@ def select_decode_blocks(
     splits = -(-max_context // chunk_size)
     blocks = (max_context - 1) // chunk_size  # most complete earlier blocks of any sequence
     pages_per_block = chunk_size // page_size
-    block_b = max(16, _next_pow2(blocks))
+    block_b = max(16, next_pow2(blocks))
     if _gate_kernel_ok(q, block_b):
         from longserve.attention.moba_triton import moba_decode_gate_kernel
 

@@ -1,5 +1,5 @@
-"""The CUDA path over the paged cache: keeping MoBA's per-block mean keys current, and calling the Triton
-kernels of ``moba_cuda`` for MoBA prompt chunks and decodes, and for dense decodes (every split chosen)."""
+"""MoBA's CUDA path over the paged cache: keeping the per-block mean keys current, and calling the Triton
+kernels of ``moba_cuda`` for MoBA prompt chunks and decodes."""
 
 from __future__ import annotations
 
@@ -8,17 +8,7 @@ import torch
 from longserve.attention import moba_cuda
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
-
-
-def cuda_path_available(q: torch.Tensor) -> bool:
-    """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256."""
-    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from longserve.attention.paged_decode import paged_layout
 
 
 def update_gate_keys(
@@ -63,32 +53,6 @@ def cuda_prefill(
     )
 
 
-def _paged_layout(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Block tables [batch, pages] and context lengths [batch] (int32, built once per step), and the longest."""
-    return metadata.decode_block_tables, metadata.decode_seq_lens, metadata.max_decode_len
-
-
-def cuda_dense_decode(
-    q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
-    long contexts spread over the whole GPU."""
-    tables, context_lens, longest = _paged_layout(metadata)
-    sized_for = metadata.split_context or longest
-    split = min(1024, max(metadata.block_size, 16 * -(-sized_for // (16 * 8))))  # >= 8 splits when short
-    return moba_cuda.paged_decode(
-        q.contiguous(),
-        cache.key,
-        cache.value,
-        tables,
-        context_lens,
-        longest,
-        metadata.block_size,
-        split,
-        scale,
-    )
-
-
 def cuda_decode(
     q: torch.Tensor,
     cache: LayerKVCache,
@@ -98,7 +62,7 @@ def cuda_decode(
     scale: float,
 ) -> torch.Tensor:
     """All decodes of the step: gate against the cached block means, read only the chosen blocks."""
-    tables, context_lens, longest = _paged_layout(metadata)
+    tables, context_lens, longest = paged_layout(metadata)
     return moba_cuda.moba_paged_decode(
         q.contiguous(), cache.key, cache.value, tables, context_lens, longest, metadata.block_size,
         cache.gate_keys, chunk_size, topk, scale,

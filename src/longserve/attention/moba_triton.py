@@ -1,4 +1,7 @@
-"""Triton kernels for MoBA on CUDA: gathered-query block attention, the log-sum-exp merge, paged split decode.
+"""Triton kernels for MoBA on CUDA: gathered-query block attention and the gates (block selection).
+
+The log-sum-exp merge and the paged split decode that MoBA shares with dense attention are in
+``paged_triton``.
 
 Importing this module needs Triton; ``moba_cuda`` imports it only when it runs on a GPU. Scores are kept in
 base-2 units (q·k · scale · log2 e) so the softmax uses ``exp2``; every log-sum-exp written here is base 2.
@@ -123,125 +126,6 @@ def moba_block_attention_kernel(
         mask=row_ok[:, None],
     )
     tl.store(LSE_part + dst, m_i + tl.log2(l_i), mask=row_ok)
-
-
-@triton.jit
-def moba_merge_kernel(
-    O_part,  # [rows * num_slots, HEAD_DIM]
-    LSE_part,  # [rows * num_slots] base 2; -inf where the slot is unused
-    Out,  # [rows, HEAD_DIM] (a view of the [tokens, heads, HEAD_DIM] output)
-    num_rows,
-    num_slots,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """Out[r] = sum_j w_j O_part[r, j] with w = softmax over j of LSE_part[r, j] (a log-sum-exp merge)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < num_rows
-    dims = tl.arange(0, HEAD_DIM)
-    rows64 = rows.to(tl.int64)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j in range(num_slots):
-        m = tl.maximum(m, tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf")))
-    m = tl.where(m > float("-inf"), m, 0.0)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
-    den = tl.zeros([BLOCK_R], tl.float32)
-    for j in range(num_slots):
-        lse = tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf"))
-        used = lse > float("-inf")
-        w = tl.where(used, tl.exp2(lse - m), 0.0)
-        part = tl.load(
-            O_part + (rows64 * num_slots + j)[:, None] * HEAD_DIM + dims[None, :],
-            mask=(ok & used)[:, None],
-            other=0.0,
-        )
-        acc += w[:, None] * part.to(tl.float32)
-        den += w
-    out = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(Out + rows64[:, None] * HEAD_DIM + dims[None, :], out.to(Out.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
-def paged_split_decode_kernel(
-    Q,  # [batch, heads, HEAD_DIM]
-    K_cache,  # [slots, kv_heads, HEAD_DIM]; slot = page * PAGE + offset
-    V_cache,
-    block_tables,  # [batch, max_pages] int32
-    context_lens,  # [batch] int32, the new token included
-    chosen,  # [batch, kv_heads, num_splits] int32 bitmask: bit i = query head i of the group uses the split
-    O_part,  # [batch, kv_heads, GROUP, num_splits, HEAD_DIM] fp32 (rows = batch * heads, slots = splits)
-    LSE_part,  # [batch, kv_heads, GROUP, num_splits] fp32, base 2; -inf where unused
-    stride_qb,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_bt,
-    num_kv_heads,
-    num_splits,
-    split_size,
-    scale_log2,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    PAGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One (sequence, KV head, split of split_size keys): the group's query heads that use the split attend
-    to it, reading its keys once from the paged cache. Dense decode marks every split as used."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_kv_heads
-    kv_head = bh % num_kv_heads
-    part = (bh * num_splits + split).to(tl.int64)
-    heads = tl.arange(0, GROUP_PAD)
-    slot = (bh * GROUP + heads).to(tl.int64) * num_splits + split  # [GROUP_PAD] row-major (head row, split)
-    head_ok = heads < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    bits = tl.load(chosen + part)
-    context = tl.load(context_lens + b)
-    kv_start = split * split_size
-    used = ((bits >> heads) & 1) == 1
-    if (bits == 0) | (kv_start >= context):
-        tl.store(LSE_part + slot, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=head_ok)
-        return
-    q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :],
-        mask=head_ok[:, None],
-        other=0.0,
-    )  # [GROUP_PAD, D]
-    kv_stop = tl.minimum(kv_start + split_size, context)
-    table = block_tables + b.to(tl.int64) * stride_bt
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(kv_start, kv_stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < kv_stop
-        page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
-        slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
-        k = tl.load(
-            K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
-        )
-        s = (
-            tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        )  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
-        )
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    lse = tl.where(used, m_i + tl.log2(l_i), float("-inf"))
-    tl.store(O_part + slot[:, None] * HEAD_DIM + dims[None, :], out, mask=(head_ok & used)[:, None])
-    tl.store(LSE_part + slot, lse, mask=head_ok)
 
 
 @triton.jit

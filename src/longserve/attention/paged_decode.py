@@ -1,0 +1,106 @@
+"""Paged decode on CUDA, shared by dense and MoBA attention: each new token attends its context straight from
+the paged KV cache (split-K over the context, then a log-sum-exp merge); MoBA passes the splits its gating
+chose, dense reads them all. The kernels are in ``paged_triton``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.attention.metadata import AttentionMetadata
+from longserve.attention.paged_cache import LayerKVCache
+
+_LOG2E = 1.4426950408889634
+
+
+def cuda_path_available(q: torch.Tensor) -> bool:
+    """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256."""
+    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def paged_layout(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block tables [batch, pages] and context lengths [batch] (int32, built once per step), and the longest."""
+    return metadata.decode_block_tables, metadata.decode_seq_lens, metadata.max_decode_len
+
+
+def cuda_dense_decode(
+    q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
+    long contexts spread over the whole GPU."""
+    tables, context_lens, longest = paged_layout(metadata)
+    sized_for = metadata.split_context or longest
+    split = min(1024, max(metadata.block_size, 16 * -(-sized_for // (16 * 8))))  # >= 8 splits when short
+    return paged_decode(
+        q.contiguous(),
+        cache.key,
+        cache.value,
+        tables,
+        context_lens,
+        longest,
+        metadata.block_size,
+        split,
+        scale,
+    )
+
+
+def paged_decode(
+    q: torch.Tensor,  # [batch, heads, d]: one new token per sequence
+    key_cache: torch.Tensor,  # [slots, kv_heads, d]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [batch, max_pages] int32
+    context_lens: torch.Tensor,  # [batch] int32, the new token included
+    max_context: int,
+    page_size: int,
+    split_size: int,
+    scale: float,
+    chosen: torch.Tensor | None = None,  # [batch, kv_heads, splits] int32 head bitmask; None = dense
+) -> torch.Tensor:
+    """Split-K attention of each new token over its paged context; only the chosen splits are read."""
+    from longserve.attention.paged_triton import paged_split_decode_kernel
+
+    batch, heads, dim = q.shape
+    kv_heads = key_cache.shape[1]
+    group = heads // kv_heads
+    splits = -(-max_context // split_size)
+    if chosen is None:
+        chosen = torch.full((batch, kv_heads, splits), (1 << group) - 1, dtype=torch.int32, device=q.device)
+    o_part = torch.empty(batch * heads * splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
+    paged_split_decode_kernel[(splits, batch * kv_heads)](
+        q, key_cache, value_cache, block_tables, context_lens, chosen, o_part, lse,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
+        kv_heads, splits, split_size, scale * _LOG2E,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
+        DOT_PRECISION=dot_precision(key_cache),
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    merge_partials(o_part, lse, out, batch * heads, splits)
+    return out
+
+
+def merge_partials(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, rows: int, slots: int) -> None:
+    """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials."""
+    from longserve.attention.paged_triton import lse_merge_kernel
+
+    block_r = 32
+    lse_merge_kernel[(-(-rows // block_r),)](
+        o_part, lse, out, rows, slots, HEAD_DIM=out.shape[-1], BLOCK_R=block_r, num_warps=4
+    )
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """float32 inputs keep float32 products (the engine's exact mode); tf32 would cost ~1e-3 relative."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
