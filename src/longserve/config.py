@@ -153,6 +153,7 @@ class ServeConfig:
     worker_stream_timeout_s: float = 60.0
     worker_stream_keepalive_s: float = 5.0
     request_timeout_s: float | None = None  # a whole generation request; None: no limit
+    sse_keepalive_s: float = 15.0  # an SSE comment to a client whose stream has been silent this long
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery"):
@@ -168,7 +169,7 @@ class ServeConfig:
             raise ValueError(f"max_queue_len must be >= 0, got {self.max_queue_len}")
         # The keep-alive is the workers' setting and the timeout the API server's, often in other processes:
         # keep the timeout well above the workers' keep-alive.
-        for name in ("worker_stream_timeout_s", "worker_stream_keepalive_s"):
+        for name in ("worker_stream_timeout_s", "worker_stream_keepalive_s", "sse_keepalive_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:

@@ -267,3 +267,26 @@ def test_request_timeout_ends_a_stream_with_an_error_event_and_a_call_with_504(t
         finally:
             del engine.step
         wait_until(lambda: _idle(stack), what="the timed-out requests to be aborted")
+
+
+def test_a_silent_stream_gets_sse_keepalive_comments_that_clients_ignore(tiny_llama_dir):
+    with Stack(tiny_llama_dir, 1, sse_keepalive_s=0.2) as stack:
+        engine = stack.engines[0].engine
+        step, calls = engine.step, []
+
+        def slow_first_steps():
+            calls.append(1)
+            if len(calls) <= 2:
+                time.sleep(0.7)  # a long prefill or queue wait
+            return step()
+
+        engine.step = slow_first_steps
+        try:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "stream": True}
+            raw = httpx.post(f"{stack.api_url}/v1/completions", json=body, timeout=30).text
+            assert raw.count(": keep-alive\n\n") >= 2 and raw.rstrip().endswith("data: [DONE]")
+            calls.clear()
+            chunks = list(stack.client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream=True))
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        finally:
+            del engine.step

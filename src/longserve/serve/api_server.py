@@ -66,6 +66,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
             config.controller_address,
             config.worker_connect_retries,
             request_timeout_s=config.request_timeout_s,
+            sse_keepalive_s=config.sse_keepalive_s,
         )
         try:
             yield

@@ -9,13 +9,13 @@ skip blank lines (``upstream.ndjson_lines``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from longserve.serve.keepalive import with_keepalive
 
 KEEPALIVE_LINE = b"\n"
 
@@ -40,23 +40,8 @@ class NdjsonStream(StreamingResponse):
         super().__init__(self._lines(), media_type="application/x-ndjson")
 
     async def _lines(self) -> AsyncIterator[bytes]:
-        pending: asyncio.Task | None = None
-        try:
-            while True:
-                pending = asyncio.ensure_future(anext(self._items))
-                while not (await asyncio.wait({pending}, timeout=self._keepalive_s))[0]:
-                    yield KEEPALIVE_LINE
-                task, pending = pending, None
-                try:
-                    item = task.result()
-                except StopAsyncIteration:
-                    return
-                yield item.model_dump_json(exclude_none=True).encode() + b"\n"
-        finally:
-            if pending is not None:  # left while waiting: cancelling the step ends ``items`` at its await
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await pending
+        async for item in with_keepalive(self._items, self._keepalive_s):
+            yield KEEPALIVE_LINE if item is None else item.model_dump_json(exclude_none=True).encode() + b"\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -15,12 +15,14 @@ from starlette.types import Receive, Scope, Send
 from longserve.engine.sampling_params import SamplingParams
 from longserve.serve.errors import APIError, ClientDisconnected
 from longserve.serve.generation import Generation, StreamBroken
+from longserve.serve.keepalive import with_keepalive
 from longserve.serve.protocol import SamplingRequest, UsageInfo
 from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, Usage
 
 log = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
 
 
@@ -88,11 +90,15 @@ def add_usage(total: UsageInfo, usage: Usage | None) -> None:
         total.total_tokens += usage.total_tokens
 
 
-async def sse_events(body: AsyncIterator[str]) -> AsyncIterator[str]:
-    """``body``'s events, then [DONE]; a broken worker stream becomes an error event before [DONE]."""
+async def sse_events(body: AsyncIterator[str], keepalive_s: float) -> AsyncIterator[str]:
+    """``body``'s events, then [DONE]; a broken worker stream becomes an error event before [DONE].
+
+    While nothing comes for ``keepalive_s`` (a long queue or prefill), an SSE comment line goes out, which
+    clients ignore, so proxies and client read timeouts see a live stream.
+    """
     try:
-        async for event in body:
-            yield event
+        async for event in with_keepalive(body, keepalive_s):
+            yield SSE_KEEPALIVE if event is None else event
     except StreamBroken as exc:
         yield sse_error(exc.info)
     except ClientDisconnected:
@@ -127,4 +133,4 @@ class EventStreamResponse(StreamingResponse):
 
 
 def streaming_response(generation: Generation, body: AsyncIterator[str]) -> EventStreamResponse:
-    return EventStreamResponse(sse_events(body), generation.aclose)
+    return EventStreamResponse(sse_events(body, generation.upstream.sse_keepalive_s), generation.aclose)
