@@ -10,6 +10,7 @@ skip blank lines (``upstream.ndjson_lines``).
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -40,8 +41,14 @@ class NdjsonStream(StreamingResponse):
         super().__init__(self._lines(), media_type="application/x-ndjson")
 
     async def _lines(self) -> AsyncIterator[bytes]:
-        async for item in with_keepalive(self._items, self._keepalive_s):
-            yield KEEPALIVE_LINE if item is None else item.model_dump_json(exclude_none=True).encode() + b"\n"
+        # aclosing: leaving early must cancel the pending step now, before __call__ closes ``items``.
+        async with aclosing(with_keepalive(self._items, self._keepalive_s)) as items:
+            async for item in items:
+                yield (
+                    KEEPALIVE_LINE
+                    if item is None
+                    else item.model_dump_json(exclude_none=True).encode() + b"\n"
+                )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

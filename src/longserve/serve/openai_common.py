@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
@@ -97,8 +98,9 @@ async def sse_events(body: AsyncIterator[str], keepalive_s: float) -> AsyncItera
     clients ignore, so proxies and client read timeouts see a live stream.
     """
     try:
-        async for event in with_keepalive(body, keepalive_s):
-            yield SSE_KEEPALIVE if event is None else event
+        async with aclosing(with_keepalive(body, keepalive_s)) as events:  # closed (step cancelled) on exit
+            async for event in events:
+                yield SSE_KEEPALIVE if event is None else event
     except StreamBroken as exc:
         yield sse_error(exc.info)
     except ClientDisconnected:
