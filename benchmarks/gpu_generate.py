@@ -67,12 +67,43 @@ def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats,
     llm = LLM(path, device=device, dtype="bfloat16", max_num_seqs=max(batches), enforce_eager=eager,
               kv_cache_memory_mb=16384 if device == "cuda" else 512)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    out = {}
+    out, steps = {}, {}
     for batch in batches:
         llm.generate(prompts[:batch], params)  # warm-up: allocator, kernels
         out[batch] = [_timed(lambda b=batch: llm.generate(prompts[:b], params), batch * new_tokens, device)
                       for _ in range(repeats)]  # fmt: skip
-    return out  # the engine and its KV cache are freed with this frame
+        steps[batch] = step_times(llm, prompts[:batch], new_tokens, device)
+    return {"runs": out, "steps": steps}  # the engine and its KV cache are freed with this frame
+
+
+def step_times(llm, prompts, new_tokens, device) -> dict:
+    """Median wall time of a decode step, and (graphs only) the GPU time of the captured forward's replay:
+    their difference is host time the GPU spends idle."""
+    from longserve import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(engine.build_request(f"steps-{len(prompts)}-{i}", prompt, params))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.seqs):
+        engine.step()  # prefill
+    walls = []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - start)
+    result = {"step_ms": 1e3 * statistics.median(walls[1:-1] or walls)}
+    graphs = engine.runner.graphs
+    bucket = graphs.bucket_for(len(prompts)) if graphs is not None else None
+    if device == "cuda" and bucket in getattr(graphs, "_graphs", {}):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(20):
+            graphs._graphs[bucket].replay()
+        end.record()
+        torch.cuda.synchronize()
+        result["graph_gpu_ms"] = begin.elapsed_time(end) / 20
+    return result
 
 
 def run_hf(path: str, device: str, batches, prompts, new_tokens, repeats) -> dict:
@@ -150,14 +181,21 @@ def main(argv: list[str] | None = None) -> int:
           f" batch-1 roofline {roofline:.0f} tok/s" if roofline else f"device: {device}")  # fmt: skip
     print(f"{'system':<24}" + "".join(f"{'batch ' + str(b):>28}" for b in batches))
     table = {}
-    for name, runs in systems.items():
+    for name, result in systems.items():
+        runs, steps = (result["runs"], result["steps"]) if "runs" in result else (result, {})
         cells, table[name] = [], {}
         for b in batches:
             rates = runs[b]
             med = statistics.median(rates)
-            table[name][b] = {"median_tok_s": med, "runs_tok_s": rates, "spread": max(rates) - min(rates)}
+            table[name][b] = {"median_tok_s": med, "runs_tok_s": rates, "spread": max(rates) - min(rates),
+                              **steps.get(b, {})}  # fmt: skip
             cells.append(f"{med:>10.0f} [{min(rates):.0f}-{max(rates):.0f}]")
         print(f"{name:<24}" + "".join(f"{c:>28}" for c in cells))
+        if steps:
+            print(f"{'  decode step ms':<24}" + "".join(
+                f"{steps[b]['step_ms']:>18.3f}" + (f" (GPU {steps[b]['graph_gpu_ms']:.3f})"
+                                                   if "graph_gpu_ms" in steps[b] else " " * 12)
+                for b in batches))  # fmt: skip
     results = ROOT / "results"
     results.mkdir(exist_ok=True)
     out = results / f"gpu_generate{'_tiny' if args.tiny else ''}.json"

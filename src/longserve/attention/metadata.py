@@ -92,48 +92,85 @@ def context_slots(block_table: list[int], num_tokens: int, block_size: int) -> t
     return blocks * block_size + positions % block_size
 
 
+@dataclass
+class AttentionPlan:
+    """The step's layout in plain ints (no tensors yet): the CUDA runner uploads these lists in one copy."""
+
+    decode_new_slots: list[int]  # one per decode
+    decode_tables: list[list[int]]  # [num_decodes][width], padded with block 0
+    decode_lens: list[int]  # [num_decodes] context lengths, the new token included
+    prefill_new_slots: list[torch.Tensor]  # per prefill: [query_len] slots written
+    prefills: list[PrefillSpan]
+    block_size: int
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_lens)
+
+    def metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        tables: torch.Tensor | None,
+        lens: torch.Tensor | None,
+        prefills: list[PrefillSpan] | None = None,
+        split_context: int | None = None,
+    ) -> AttentionMetadata:
+        """The metadata over tensors made from this plan (wherever they live)."""
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decodes=self.num_decodes,
+            decode_block_tables=tables,
+            decode_seq_lens=lens,
+            decode_context_lens=self.decode_lens,
+            prefills=self.prefills if prefills is None else prefills,
+            block_size=self.block_size,
+            split_context=split_context,
+        )
+
+
+def plan_attention(
+    block_tables: list[list[int]],
+    computed_lens: list[int],
+    query_lens: list[int],
+    block_size: int,
+) -> AttentionPlan:
+    """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
+    plan = AttentionPlan([], [], [], [], [], block_size)
+    query_start = 0
+    for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
+        context_len = computed + qlen
+        if qlen == 1 and computed > 0:  # plain ints per decoding sequence: no tensor ops
+            if plan.prefills:
+                raise ValueError("decode sequences must come before prefill sequences")
+            plan.decode_tables.append(table)
+            plan.decode_lens.append(context_len)
+            plan.decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
+        else:
+            slots = context_slots(table, context_len, block_size)
+            plan.prefill_new_slots.append(slots[computed:])
+            plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
+        query_start += qlen
+    if plan.decode_lens:
+        width = (max(plan.decode_lens) + block_size - 1) // block_size
+        plan.decode_tables = [t[:width] + [0] * (width - len(t[:width])) for t in plan.decode_tables]
+    return plan
+
+
 def build_attention_metadata(
     block_tables: list[list[int]],
     computed_lens: list[int],
     query_lens: list[int],
     block_size: int,
 ) -> AttentionMetadata:
-    """Metadata for sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
-    decode_new_slots: list[int] = []  # one per decode, in plain ints: no tensor ops per decoding sequence
-    prefill_new_slots: list[torch.Tensor] = []
-    decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
-    prefills: list[PrefillSpan] = []
-    query_start = 0
-    num_decodes = 0
-    for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
-        context_len = computed + qlen
-        if qlen == 1 and computed > 0:
-            if prefills:
-                raise ValueError("decode sequences must come before prefill sequences")
-            num_decodes += 1
-            decode_tables.append(table)
-            decode_lens.append(context_len)
-            decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
-        else:
-            slots = context_slots(table, context_len, block_size)
-            prefill_new_slots.append(slots[computed:])
-            prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
-        query_start += qlen
+    """Metadata (CPU tensors) for sequences ordered decodes-first; ``computed_lens`` counts cached tokens."""
+    return host_metadata(plan_attention(block_tables, computed_lens, query_lens, block_size))
 
+
+def host_metadata(plan: AttentionPlan) -> AttentionMetadata:
+    """The plan's metadata over CPU tensors."""
     tables = lens = None
-    if num_decodes:
-        width = (max(decode_lens) + block_size - 1) // block_size
-        tables = torch.tensor(
-            [table[:width] + [0] * (width - len(table[:width])) for table in decode_tables], dtype=torch.int32
-        )  # [num_decodes, width]
-        lens = torch.tensor(decode_lens, dtype=torch.int32)  # [num_decodes]
-    return AttentionMetadata(
-        slot_mapping=torch.cat([torch.tensor(decode_new_slots, dtype=torch.long), *prefill_new_slots]),
-        num_decodes=num_decodes,
-        decode_block_tables=tables,
-        decode_seq_lens=lens,
-        decode_context_lens=decode_lens,
-        prefills=prefills,
-        block_size=block_size,
-    )
+    if plan.num_decodes:
+        tables = torch.tensor(plan.decode_tables, dtype=torch.int32)  # [num_decodes, width]
+        lens = torch.tensor(plan.decode_lens, dtype=torch.int32)  # [num_decodes]
+    slots = torch.cat([torch.tensor(plan.decode_new_slots, dtype=torch.long), *plan.prefill_new_slots])
+    return plan.metadata(slots, tables, lens)

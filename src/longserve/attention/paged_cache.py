@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longserve.layers.triton_support import use_triton
+
 
 @dataclass
 class LayerKVCache:
@@ -19,6 +21,17 @@ class LayerKVCache:
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store this step's new keys/values ([tokens, kv_heads, head_dim]) at their slots."""
+        if use_triton(key) and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[0]:
+            from longserve.attention.paged_triton import store_kv_kernel
+
+            tokens, heads, dim = key.shape
+            store_kv_kernel[(tokens,)](
+                key, value, self.key, self.value, slot_mapping,
+                key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                self.key.stride(0), self.key.stride(1), self.value.stride(0), self.value.stride(1),
+                heads, dim, HEADS_PAD=_pow2(heads), DIM_PAD=_pow2(dim), num_warps=4,
+            )  # fmt: skip
+            return
         self.key.index_copy_(0, slot_mapping, key.to(self.key.dtype))
         self.value.index_copy_(0, slot_mapping, value.to(self.value.dtype))
 
@@ -52,3 +65,7 @@ def allocate_kv_cache(
         LayerKVCache(storage[0, layer], storage[1, layer], None if gates is None else gates[layer])
         for layer in range(num_layers)
     ]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

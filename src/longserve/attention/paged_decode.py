@@ -38,7 +38,7 @@ def cuda_dense_decode(
     sized_for = metadata.split_context or longest
     split = min(1024, max(metadata.block_size, 16 * -(-sized_for // (16 * 8))))  # >= 8 splits when short
     return paged_decode(
-        q.contiguous(),
+        q if q.stride(-1) == 1 else q.contiguous(),
         cache.key,
         cache.value,
         tables,
@@ -69,20 +69,19 @@ def paged_decode(
     kv_heads = key_cache.shape[1]
     group = heads // kv_heads
     splits = -(-max_context // split_size)
-    if chosen is None:
-        chosen = torch.full((batch, kv_heads, splits), (1 << group) - 1, dtype=torch.int32, device=q.device)
     o_part = torch.empty(batch * heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
     paged_split_decode_kernel[(splits, batch * kv_heads)](
-        q, key_cache, value_cache, block_tables, context_lens, chosen, o_part, lse,
+        q, key_cache, value_cache, block_tables, context_lens, context_lens if chosen is None else chosen,
+        o_part, lse,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
         kv_heads, splits, split_size, scale * _LOG2E,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
-        DOT_PRECISION=dot_precision(key_cache),
+        DOT_PRECISION=dot_precision(key_cache), DENSE=chosen is None,
         num_warps=4, num_stages=3,
     )  # fmt: skip
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [batch, heads, d] contiguous: merged rows
     merge_partials(o_part, lse, out, batch * heads, splits)
     return out
 

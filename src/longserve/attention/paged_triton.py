@@ -1,5 +1,5 @@
-"""Triton kernels over the paged KV cache that dense and MoBA attention share: split-K decode and the
-log-sum-exp merge of partial results.
+"""Triton kernels over the paged KV cache that dense and MoBA attention share: the K/V write, split-K decode
+and the log-sum-exp merge of partial results.
 
 Importing this module needs Triton; ``paged_decode`` imports it only when it runs on a GPU. Scores are kept in
 base-2 units (q·k · scale · log2 e) so the softmax uses ``exp2``; every log-sum-exp written here is base 2.
@@ -9,6 +9,25 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def store_kv_kernel(
+    K, V, K_cache, V_cache, slot_mapping,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_dt, stride_dh,
+    kv_heads, head_dim,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """One token: its keys and values [kv_heads, head_dim] written to its cache slot (K and V in one launch)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping + t).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, DIM_PAD)[None, :]
+    ok = (h < kv_heads) & (d < head_dim)
+    k = tl.load(K + t * stride_kt + h * stride_kh + d, mask=ok)
+    v = tl.load(V + t * stride_vt + h * stride_vh + d, mask=ok)
+    tl.store(K_cache + slot * stride_ct + h * stride_ch + d, k.to(K_cache.dtype.element_ty), mask=ok)
+    tl.store(V_cache + slot * stride_dt + h * stride_dh + d, v.to(V_cache.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -74,9 +93,10 @@ def paged_split_decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DENSE: tl.constexpr,  # every head uses every split: ``chosen`` is not read
 ):
     """One (sequence, KV head, split of split_size keys): the group's query heads that use the split attend
-    to it, reading its keys once from the paged cache. Dense decode marks every split as used."""
+    to it, reading its keys once from the paged cache."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -86,7 +106,10 @@ def paged_split_decode_kernel(
     slot = (bh * GROUP + heads).to(tl.int64) * num_splits + split  # [GROUP_PAD] row-major (head row, split)
     head_ok = heads < GROUP
     dims = tl.arange(0, HEAD_DIM)
-    bits = tl.load(chosen + part)
+    if DENSE:
+        bits = (1 << GROUP) - 1
+    else:
+        bits = tl.load(chosen + part)
     context = tl.load(context_lens + b)
     kv_start = split * split_size
     used = ((bits >> heads) & 1) == 1

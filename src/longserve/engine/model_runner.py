@@ -7,7 +7,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from longserve.attention.metadata import AttentionMetadata, build_attention_metadata
+from longserve.attention.metadata import (
+    AttentionMetadata,
+    AttentionPlan,
+    host_metadata,
+    plan_attention,
+)
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
@@ -30,13 +35,18 @@ class RunnerOutput:
     ]  # scheduled index -> [chunk_tokens, vocab] logits for prompt logprobs
 
 
-class StepUploader:
-    """Copies a step's host index tensors to the device in one transfer, through a persistent pinned buffer.
+Segment = list[int] | torch.Tensor  # a run of int64 values: host ints or a 1-D CPU tensor
 
-    Each tensor becomes a view into one device buffer (cast back to its dtype), so a step costs one
-    host-to-device copy however many index tensors it has. The host buffer is refilled only after the previous
-    copy out of it has completed (an event, not a device sync: a step without sampled tokens never syncs);
-    the device buffer is refilled by a copy queued behind the previous step's kernels on the same stream.
+
+class StepUploader:
+    """Copies a step's host indices to the device in one transfer, through a persistent pinned buffer.
+
+    Each part (a concatenation of segments) becomes one int64 view into one device buffer, so a step costs one
+    host-to-device copy however many index lists it has. Host ints are written straight into the pinned
+    buffer through its numpy view (no intermediate tensors: on a slow host each small torch op costs ~10 µs).
+    The host buffer is refilled only after the previous copy out of it has completed (an event, not a device
+    sync); the device buffer is refilled by a copy queued behind the previous step's kernels on the same
+    stream.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -45,32 +55,34 @@ class StepUploader:
         self._device = torch.empty(0, dtype=torch.long, device=device)
         self._copied: torch.cuda.Event | None = None
 
-    def upload(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        present = [t for t in tensors if t is not None]
-        total = sum(t.numel() for t in present)
+    def upload(self, parts: list[list[Segment]]) -> list[torch.Tensor]:
+        total = sum(_length(segment) for part in parts for segment in part)
         if self._copied is not None:
             self._copied.synchronize()
         if total > self._host.numel():
             capacity = max(total, 2 * self._host.numel(), 4096)
             self._host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
             self._device = torch.empty(capacity, dtype=torch.long, device=self.device)
-        offset = 0
-        for t in present:
-            self._host[offset : offset + t.numel()].copy_(t.reshape(-1))
-            offset += t.numel()
+        host = self._host.numpy()
+        bounds, offset = [], 0
+        for part in parts:
+            start = offset
+            for segment in part:
+                n = _length(segment)
+                if isinstance(segment, torch.Tensor):
+                    self._host[offset : offset + n].copy_(segment.reshape(-1))
+                else:
+                    host[offset : offset + n] = segment
+                offset += n
+            bounds.append((start, offset))
         self._device[:total].copy_(self._host[:total], non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        out: list[torch.Tensor | None] = []
-        offset = 0
-        for t in tensors:
-            if t is None:
-                out.append(None)
-                continue
-            view = self._device[offset : offset + t.numel()].view(t.shape)
-            out.append(view if t.dtype == torch.long else view.to(t.dtype))
-            offset += t.numel()
-        return out
+        return [self._device[start:stop] for start, stop in bounds]
+
+
+def _length(segment: Segment) -> int:
+    return segment.numel() if isinstance(segment, torch.Tensor) else len(segment)
 
 
 class ModelRunner:
@@ -112,39 +124,49 @@ class ModelRunner:
                 # Row r predicts token r + 1; the last prompt token predicts the first output token.
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows[index] = range(first_row, first_row + last - start)
-        metadata = build_attention_metadata(
+        plan = plan_attention(
             [s.seq.block_table for s in scheduled],
             [s.seq.num_computed_tokens for s in scheduled],
             [s.num_new_tokens for s in scheduled],
             self.block_size,
         )
-        extra_rows = [row for rows in prompt_rows.values() for row in rows]
-        host = [
-            torch.tensor(ids, dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            torch.tensor(sample_rows + extra_rows, dtype=torch.long),
-            metadata.slot_mapping,
-            metadata.decode_block_tables,
-            metadata.decode_seq_lens,
-            *(span.context_slots for span in metadata.prefills),
-        ]
-        if self.uploader is not None:  # one host-to-device copy for the whole step
-            host = self.uploader.upload(host)
-            input_ids, positions_t, logit_rows, slots, tables, lens, *context = host
-            metadata = replace(
-                metadata,
-                split_context=self.max_context,
-                slot_mapping=slots,
-                decode_block_tables=tables,
-                decode_seq_lens=lens,
-                prefills=[
-                    replace(span, context_slots=c) for span, c in zip(metadata.prefills, context, strict=True)
-                ],
-            )
+        logit_rows = sample_rows + [row for rows in prompt_rows.values() for row in rows]
+        if self.uploader is None:
+            metadata = host_metadata(plan)
+            tensors = [torch.tensor(x, dtype=torch.long) for x in (ids, positions, logit_rows)]
+            model_input = ModelInput(*tensors[:2], metadata, tensors[2])
         else:
-            input_ids, positions_t, logit_rows = host[:3]
-        model_input = ModelInput(input_ids, positions_t, metadata, logit_rows)
+            model_input = self._upload(ids, positions, logit_rows, plan)
         return model_input, sample_index, prompt_rows
+
+    def _upload(
+        self, ids: list[int], positions: list[int], logit_rows: list[int], plan: AttentionPlan
+    ) -> ModelInput:
+        """The step's inputs on the device from one host-to-device copy."""
+        flat_tables = [block for table in plan.decode_tables for block in table]
+        uploaded = self.uploader.upload(
+            [
+                [ids],
+                [positions],
+                [logit_rows],
+                [plan.decode_new_slots, *plan.prefill_new_slots],
+                [flat_tables, plan.decode_lens],
+                *([span.context_slots] for span in plan.prefills if span.context_slots is not None),
+            ]
+        )
+        input_ids, positions_t, rows, slots, tables_and_lens, *context = uploaded
+        tables = lens = None
+        if plan.num_decodes:  # one cast for both int32 tensors
+            small = tables_and_lens.to(torch.int32)
+            tables = small[: len(flat_tables)].view(plan.num_decodes, -1)  # [num_decodes, width]
+            lens = small[len(flat_tables) :]  # [num_decodes]
+        contexts = iter(context)
+        prefills = [
+            span if span.context_slots is None else replace(span, context_slots=next(contexts))
+            for span in plan.prefills
+        ]
+        metadata = plan.metadata(slots, tables, lens, prefills, split_context=self.max_context)
+        return ModelInput(input_ids, positions_t, metadata, rows)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longserve.layers.linear import Linear
+from longserve.layers.triton_support import use_triton
 
 
 class SwiGLUMLP(nn.Module):
@@ -17,5 +18,10 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, [hidden_size], False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [tokens, inter] each
+        gate_up = self.gate_up_proj(x)  # [tokens, 2 * inter]
+        if use_triton(gate_up) and gate_up.shape[0]:
+            from longserve.layers.fused_triton import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [tokens, inter] each
         return self.down_proj(F.silu(gate) * up)

@@ -1,10 +1,12 @@
-"""RMSNorm as Llama-family models define it (normalise in float32, then scale)."""
+"""RMSNorm as Llama-family models define it (normalise in float32, then scale), alone or after the residual add."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from longserve.layers.triton_support import use_triton
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +16,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if use_triton(x):
+            from longserve.layers.fused_triton import rms_norm
+
+            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)
+        return self._norm(x)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) for ``[tokens, dim]`` inputs: the pre-norm block's residual step,
+        one kernel on CUDA."""
+        if use_triton(x) and x.stride(-1) == 1 and residual.stride(-1) == 1:
+            from longserve.layers.fused_triton import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        summed = residual + x
+        return self._norm(summed), summed
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Lower precisions normalise in float32 like HF does, then cast back before scaling.

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from longserve.layers.triton_support import use_triton
+
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, scaled as ``rope_scaling`` says (HF config semantics)."""
@@ -54,5 +56,14 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [tokens, heads, head_dim] rotated pairwise (i, i + head_dim/2), as HF's rotate_half does."""
+    if (
+        use_triton(x)
+        and x.shape[0]
+        and cos.shape[0] == sin.shape[0] == x.shape[0]
+        and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
+    ):
+        from longserve.layers.fused_triton import rotary
+
+        return rotary(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -32,6 +32,7 @@ from longserve.layers.mla import MLAConfig, MLARotary, MultiHeadLatentAttention,
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.moe import MoE, MoEWeightNames, RouterConfig, moe_weight_targets
 from longserve.layers.norm import RMSNorm
+from longserve.models.llama import PreNormDecoderLayer, run_decoder
 
 Loader = Callable[[torch.Tensor], None]
 
@@ -190,7 +191,7 @@ class DeepseekConfig:
         )
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(
         self, config: DeepseekConfig, layer_index: int, backend: AttentionBackend, dtype: torch.dtype
     ) -> None:
@@ -211,16 +212,6 @@ class DeepseekDecoderLayer(nn.Module):
                 dtype=dtype,
                 router_dtype=torch.float32,  # HF routes on float32 logits whatever the model's dtype
             )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [tokens, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: LayerKVCache,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -270,9 +261,7 @@ class DeepseekForCausalLM(nn.Module):
         """Final-norm hidden states, [tokens, hidden]."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.lookup(positions, hidden.dtype)  # cos, sin: [tokens, 1, qk_rope_head_dim / 2]
-        for layer, cache in zip(self.layers, caches, strict=True):
-            hidden = layer(hidden, rope, cache, metadata)
-        return self.norm(hidden)
+        return run_decoder(self.layers, self.norm, hidden, rope, caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""

@@ -22,7 +22,54 @@ from longserve.layers.rotary import RotaryEmbedding
 from longserve.models.config import DecoderConfig
 
 
-class DecoderLayer(nn.Module):
+class PreNormDecoderLayer(nn.Module):
+    """The block every family shares: norm -> attention -> residual add -> norm -> feed-forward.
+
+    The residual stream travels beside the hidden states, so each add is fused with the norm that follows it
+    (one kernel on CUDA); the result equals ``h + attn(norm(h))`` then ``h + mlp(norm(h))``. Subclasses
+    build ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``.
+    """
+
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+    self_attn: nn.Module
+    mlp: nn.Module
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [tokens, hidden]: the previous block's output, not yet added
+        residual: torch.Tensor | None,  # [tokens, hidden]; None for the first layer
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_forward(hidden, residual)
+        hidden = self.self_attn(hidden, rope, cache, metadata)
+        hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+def run_decoder(
+    layers: nn.ModuleList,
+    final_norm: RMSNorm,
+    hidden: torch.Tensor,  # [tokens, hidden] embeddings
+    rope: tuple[torch.Tensor, torch.Tensor],
+    caches: list[LayerKVCache],
+    metadata: AttentionMetadata,
+) -> torch.Tensor:
+    """Every layer, then the final norm over the last residual add: [tokens, hidden]."""
+    residual = None
+    for layer, cache in zip(layers, caches, strict=True):
+        hidden, residual = layer(hidden, residual, rope, cache, metadata)
+    if residual is None:  # no layers
+        return final_norm(hidden)
+    return final_norm.add_forward(hidden, residual)[0]
+
+
+class DecoderLayer(PreNormDecoderLayer):
     def __init__(
         self,
         config: DecoderConfig,
@@ -44,16 +91,6 @@ class DecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = mlp if mlp is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [tokens, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: LayerKVCache,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -106,9 +143,7 @@ class LlamaForCausalLM(nn.Module):
         """Final-norm hidden states, [tokens, hidden]."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.lookup(positions, hidden.dtype)
-        for layer, cache in zip(self.layers, caches, strict=True):
-            hidden = layer(hidden, rope, cache, metadata)
-        return self.norm(hidden)
+        return run_decoder(self.layers, self.norm, hidden, rope, caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
