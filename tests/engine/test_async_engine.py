@@ -115,3 +115,37 @@ def test_bad_request_raises_in_the_caller_and_engine_keeps_serving(engine):
 
     last = asyncio.run(main())
     assert last.finished and len(last.outputs[0].token_ids) == 3
+
+
+def test_engine_is_built_on_the_thread_that_steps_it(monkeypatch, tiny_llama_dir) -> None:
+    """CPU compute threads belong to the thread that first runs torch work: loading on another thread would
+    leave the engine stepping with a second, competing OpenMP team (issue 12)."""
+    import threading
+
+    from longserve.engine.engine import LLMEngine
+
+    seen: dict[str, set[int]] = {"init": set(), "step": set()}
+    init, step = LLMEngine.__init__, LLMEngine.step
+
+    def recording_init(self, *args, **kwargs):
+        seen["init"].add(threading.get_ident())
+        init(self, *args, **kwargs)
+
+    def recording_step(self):
+        seen["step"].add(threading.get_ident())
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", recording_init)
+    monkeypatch.setattr(LLMEngine, "step", recording_step)
+
+    async def main() -> None:
+        engine = await AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4))
+        try:
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=3, temperature=0)):
+                pass
+        finally:
+            await engine.ashutdown()
+
+    asyncio.run(main())
+    assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
+    assert threading.get_ident() not in seen["init"]
