@@ -4,6 +4,8 @@ Systems (names used by `--systems`):
   * `longserve` / `longserve-int8`: `longserve serve` (controller + worker + API server in one process) on free
     loopback ports, default model, optionally `--quantization int8`; ready once its banner is printed and
     `/v1/models` lists the model.
+  * `llama-server`: llama.cpp's own C++ server (the fair peer: continuous batching over 16 slots), built from the
+    llama.cpp in the llama-cpp-python 0.3.36 sdist by `_llama_server.py`; `-t 2 -c 8192 -np 16 -cb`.
   * `llamacpp`: llama-cpp-python's OpenAI server on the same GGUF as installed (`--n_threads 2`).
   * `llamacpp-1t`: the same server with every model call on one thread (`--n_threads 1 --n_threads_batch 1`,
     OMP_NUM_THREADS=1) and `--logits_all False`. The server runs each request's llama.cpp calls on AnyIO worker
@@ -32,6 +34,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,14 +44,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import _llama_server
 import httpx
 
-SERVER_SYSTEMS = ("longserve", "longserve-int8", "llamacpp", "llamacpp-1t")
+SERVER_SYSTEMS = ("longserve", "longserve-int8", "llama-server", "llamacpp", "llamacpp-1t")
 ENGINE_SYSTEMS = ("engine", "engine-int8")
 ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
 LABELS = {
     "longserve": "longserve (fp32)",
     "longserve-int8": "longserve int8",
+    "llama-server": "llama.cpp llama-server (C++)",
     "llamacpp": "llama.cpp server (as installed)",
     "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",
     "engine": "AsyncEngine direct (fp32)",
@@ -66,6 +71,12 @@ def free_port() -> int:
 
 def missing_requirement(system: str) -> str | None:
     """Why a system cannot run here, or None."""
+    if (
+        system == "llama-server"
+        and shutil.which("cmake") is None
+        and _llama_server.binary(build=False) is None
+    ):
+        return "llama-server is not built and cmake is missing to build it"
     if system.startswith("llamacpp"):
         probe = [sys.executable, "-c", "import llama_cpp.server.app"]
         if subprocess.run(probe, capture_output=True).returncode != 0:
@@ -140,6 +151,10 @@ def server_command(system: str, model_path: Path, threads: int) -> tuple[list[st
             cmd += ["--quantization", "int8"]
         # the default model is exactly model_path; passing no --model exercises the newcomer's path
         return cmd, {}, "SmolLM2-135M-Instruct"
+    if system == "llama-server":
+        cmd = [str(_llama_server.binary()), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["-t", str(threads), "-tb", str(threads), "-c", "8192", "-np", "16", "-cb"]
+        return cmd + ["--alias", "SmolLM2-135M-Instruct"], {}, "SmolLM2-135M-Instruct"
     per_call = 1 if system == "llamacpp-1t" else threads
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_ctx", "4096", "--n_threads", str(per_call)]
