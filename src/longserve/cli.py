@@ -24,8 +24,9 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=["int8"],
-        help="int8: dynamic-int8 decode matmuls on CPU (~2x faster, approximate)",
+        choices=["int8", "gguf"],
+        help="CPU: gguf = run a GGUF file's own Q4_0/Q4_1/Q8_0 weights low-bit (exact values, fastest decode); "
+        "int8 = dynamic-int8 decode matmuls (approximate)",
     )
     parser.add_argument("--attention", choices=["dense", "reference", "moba"], help="attention backend")
     parser.add_argument("--moba-chunk-size", type=int, help="moba: tokens per key block (default 4096)")

@@ -72,7 +72,7 @@ class LLMEngine:
             model, self.model_config = build_model(
                 checkpoint.config, partial(layer_backends, config), config.torch_dtype
             )
-            model.load_weights(checkpoint.weights)
+            model.load_weights(checkpoint.weights, keep_blocks=config.quantization == "gguf")
             model.to(
                 self.device
             )  # before prepare: kernel choices (oneDNN packing, int8) depend on the device

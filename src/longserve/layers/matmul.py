@@ -9,6 +9,11 @@ int8 with activations quantized on the fly (fbgemm's dynamic linear): a quarter 
 decode than fp32 here. fbgemm takes one activation scale per call, so a long prompt chunk would share one
 scale across hundreds of tokens (perplexity x2-3 on the default model); larger steps therefore keep the exact
 fp32 path. Approximate, and not batch-invariant.
+
+CPU, ``gguf``: projections stored in the file as Q4_0, Q4_1 or Q8_0 stay in those blocks and run through our
+own kernels (``ggml_kernels``): about a fifth of fp32's bytes per token, with the file's exact values, fp32
+activations and fp32 accumulation. Steps of up to 4 rows take a direct path, larger steps expand 16 columns
+at a time; the two sum in different orders, so results are not batch-invariant either.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = (None, "int8")
+from longserve.loading.gguf_blocks import Blocks, Q4Blocks
+
+QUANTIZATIONS = (None, "int8", "gguf")
 _PACK_HINT_ROWS = 16  # oneDNN packs for a typical batch; any row count still works
 INT8_MAX_ROWS = 16  # larger steps (prompt chunks) take the exact path
 
@@ -50,12 +57,19 @@ class PreparedMatmul:
         bias: torch.Tensor | None = None,  # [out]
         quantization: str | None = None,
         repack: bool = True,  # False: larger steps use ``weight`` as given, sparing a repacked copy
+        blocks: Blocks | None = None,  # the file's low-bit blocks (``quantization="gguf"``); weight unused
     ) -> None:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         self.bias = bias
         self.weight: torch.Tensor | None = None
         self.packed = self.packed_int8 = None
+        self.blocks = blocks
+        if blocks is not None:
+            from longserve.layers.ggml_kernels import ggml_kernels
+
+            self._kernels = ggml_kernels()  # built (or loaded) now: a start-up error, not a first-request one
+            return
         if quantization == "int8" and _int8_available(weight):
             float_bias = bias.float() if bias is not None else None
             self.packed_int8 = torch.ops.quantized.linear_prepack(
@@ -67,9 +81,22 @@ class PreparedMatmul:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out]
+        if self.blocks is not None:
+            return self._block_linear(x)
         if self.packed_int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
             # reduce_range: 7-bit activations keep AVX2's 16-bit pairwise sums from saturating.
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed_int8, True).to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _block_linear(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float().contiguous()
+        b = self.blocks
+        if isinstance(b, Q4Blocks):
+            y = self._kernels.q4_linear(x32, b.codes, b.scale, b.minimum)
+        else:
+            y = self._kernels.q8_linear(x32, b.codes, b.scale)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype)

@@ -1,58 +1,80 @@
-"""GGUF's 4-bit block formats read as they are, for kernels that keep weights low-bit: Q4_0 and Q4_1 blocks
-(32 weights each) as 4-bit codes with one scale and one zero per block.
+"""GGUF's block formats read as they are, for kernels that keep weights low-bit (``layers/ggml_kernels``):
+Q4_0 and Q4_1 as 4-bit codes with a scale and a minimum per 32 weights, Q8_0 as int8 codes with a scale.
 
-Every value follows ``(code - 8) * scale + zero``, the convention of torch's int4 matmul kernels:
-Q4_0 is ``d * (q - 8)`` (zero 0) and Q4_1 is ``d * q + m`` (zero ``m + 8 d``, exact up to float32 rounding).
+Scales are stored as float32 (the file's fp16 values, exactly). Q4_0's ``d * (q - 8)`` becomes
+``d * q + (-8 d)``, so both 4-bit formats are ``scale * code + minimum``; the nibbles keep the file's order
+(weight j in the low nibble of byte j of its block, weight j + 16 in the high nibble).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gguf
 import numpy as np
 import torch
 
-GROUP = 32  # weights per block in both formats
+GROUP = 32  # weights per block in every format here
 _Q = gguf.GGMLQuantizationType
-INT4_TYPES = (_Q.Q4_0, _Q.Q4_1)
+BLOCK_TYPES = (_Q.Q4_0, _Q.Q4_1, _Q.Q8_0)
 
 
 @dataclass
-class Int4Groups:
-    """A [rows, cols] matrix as 4-bit codes with per-block affine parameters."""
-
-    codes: torch.Tensor  # [rows, cols] uint8 in [0, 15]
+class Q4Blocks:
+    codes: torch.Tensor  # [rows, cols / 2] uint8, two codes per byte
     scale: torch.Tensor  # [rows, cols / GROUP] float32
-    zero: torch.Tensor  # [rows, cols / GROUP] float32
+    minimum: torch.Tensor  # [rows, cols / GROUP] float32
+
+    def dequantize_shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 2
 
     def dequantize(self) -> torch.Tensor:
-        """[rows, cols] float32: what the file's values are."""
-        rows, cols = self.codes.shape
-        codes = self.codes.view(rows, cols // GROUP, GROUP).float() - 8.0
-        return (codes * self.scale[..., None] + self.zero[..., None]).view(rows, cols)
-
-    @staticmethod
-    def cat(parts: list[Int4Groups]) -> Int4Groups:
-        """Stacked along rows (fused projections: q, k, v or gate, up)."""
-        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")))
+        """[rows, cols] float32, the file's values."""
+        rows = self.codes.shape[0]
+        packed = self.codes.view(rows, -1, GROUP // 2)  # [rows, groups, 16]
+        codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [rows, groups, 32]
+        return (codes * self.scale[..., None] + self.minimum[..., None]).view(rows, -1)
 
 
-def int4_groups(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Int4Groups:
-    """A Q4_0/Q4_1 tensor's raw bytes ``[rows, bytes_per_row]`` (as GGUFReader gives them) as codes + params."""
-    if qtype not in INT4_TYPES:
-        raise ValueError(
-            f"{qtype.name} is not a 4-bit block format ({', '.join(t.name for t in INT4_TYPES)})"
-        )
-    header = 2 if qtype == _Q.Q4_0 else 4  # fp16 d, then fp16 m for Q4_1
+@dataclass
+class Q8Blocks:
+    codes: torch.Tensor  # [rows, cols] int8
+    scale: torch.Tensor  # [rows, cols / GROUP] float32
+
+    def dequantize_shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        rows = self.codes.shape[0]
+        return (self.codes.view(rows, -1, GROUP).float() * self.scale[..., None]).view(rows, -1)
+
+
+Blocks = Q4Blocks | Q8Blocks
+
+
+def cat_blocks(parts: list[Blocks]) -> Blocks:
+    """Parts stacked along rows (fused projections: q|k|v, gate|up); all of one format."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts):
+        raise ValueError("cannot fuse projections stored in different block formats")
+    return kind(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(kind)))
+
+
+def read_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Blocks:
+    """A tensor's raw bytes ``[rows, bytes_per_row]`` (as GGUFReader gives them) as codes + block params."""
+    if qtype not in BLOCK_TYPES:
+        raise ValueError(f"{qtype.name} has no low-bit kernel ({', '.join(t.name for t in BLOCK_TYPES)} do)")
+    header = 4 if qtype == _Q.Q4_1 else 2  # fp16 d, then fp16 m for Q4_1
+    payload = GROUP if qtype == _Q.Q8_0 else GROUP // 2
     rows = data.shape[0]
-    blocks = np.ascontiguousarray(data).reshape(rows, -1, header + GROUP // 2)  # [rows, groups, bytes]
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]
-    packed = blocks[..., header:]  # [rows, groups, 16]: weight j in the low nibble, weight j + 16 in the high
-    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)  # [rows, cols]
-    if qtype == _Q.Q4_0:
-        zero = np.zeros_like(d)
-    else:
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zero = m + 8.0 * d
-    return Int4Groups(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero))
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, header + payload)  # [rows, groups, bytes]
+    scale = _fp16(blocks[..., 0:2])  # [rows, groups]
+    codes = np.ascontiguousarray(blocks[..., header:]).reshape(rows, -1)
+    if qtype == _Q.Q8_0:
+        return Q8Blocks(torch.from_numpy(codes.view(np.int8)), torch.from_numpy(scale))
+    minimum = -8.0 * scale if qtype == _Q.Q4_0 else _fp16(blocks[..., 2:4])
+    return Q4Blocks(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum))
+
+
+def _fp16(two_bytes: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(two_bytes).view(np.float16)[..., 0].astype(np.float32)

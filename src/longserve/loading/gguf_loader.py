@@ -14,6 +14,7 @@ from gguf.quants import dequantize
 
 from longserve.loading.checkpoint import Checkpoint
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.gguf_blocks import BLOCK_TYPES, Blocks, read_blocks
 from longserve.loading.tokenizer import Tokenizer
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -98,6 +99,21 @@ class _LazyDequantized(Mapping[str, torch.Tensor]):
         if self._progress is not None:
             self._progress.advance()
         return torch.from_numpy(value)
+
+    def blocks(self, hf_name: str, *, counts_as_read: bool = True) -> Blocks | None:
+        """The tensor as its low-bit blocks (Q4_0/Q4_1/Q8_0, rows un-permuted like the values), else None.
+
+        ``counts_as_read=False`` for a tensor that is also read as floats (tied embeddings), so the progress
+        bar counts it once."""
+        tensor = self._tensors[hf_name]
+        if tensor.tensor_type not in BLOCK_TYPES or len(tensor.shape) != 2:
+            return None
+        raw = tensor.data  # [rows, bytes per row]
+        if self._config["model_type"] == "llama":
+            raw = _unpermute_if_qk(hf_name, raw, self._config)
+        if self._progress is not None and counts_as_read:
+            self._progress.advance()
+        return read_blocks(raw, tensor.tensor_type)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

@@ -284,8 +284,9 @@ class DeepseekForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
             self.lm_head = None  # repacked: the plain copy would only take memory
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors into place; unknown or missing names raise ``ValueError``.
+    def load_weights(self, weights: Mapping[str, torch.Tensor], keep_blocks: bool = False) -> None:
+        """Copy HF-named tensors into place; unknown or missing names raise ``ValueError``. (``keep_blocks``
+        is accepted for one interface: DeepSeek checkpoints come from safetensors, which has no blocks.)
 
         Routed experts may be stored per expert (hub checkpoints, and what transformers 5 saves) or stacked
         (``experts.gate_up_proj`` / ``experts.down_proj``, transformers 5's in-memory layout). Each name is

@@ -14,7 +14,7 @@ from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.layers.attention import SelfAttention
-from longserve.layers.linear import Linear
+from longserve.layers.linear import Linear, ShardTarget
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
@@ -121,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        self.head_blocks = None  # the output head's low-bit blocks, between load_weights and prepare
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -159,19 +160,34 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.prepare(quantization)
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        head_blocks = self.head_blocks if quantization == "gguf" else None
         # With int8 the head serves decode steps; the rare larger step (prompt logprobs) can use the plain
         # weight, which for tied embeddings costs no memory, instead of a second fp32 copy.
         self.lm_head_kernel = PreparedMatmul(
-            head.data, quantization=quantization, repack=quantization is None
+            None if head_blocks is not None else head.data,
+            quantization=quantization,
+            repack=quantization != "int8",
+            blocks=head_blocks,
         )
+        self.head_blocks = None
         if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
             self.lm_head = None  # repacked: the plain copy would only take memory
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def load_weights(self, weights: Mapping[str, torch.Tensor], keep_blocks: bool = False) -> None:
         """Copy HF-named tensors into the fused parameters; unknown or missing names raise ``ValueError``.
 
-        Each name is read once, so a lazily dequantized checkpoint never sits in memory whole.
+        Each name is read once, so a lazily dequantized checkpoint never sits in memory whole. With
+        ``keep_blocks``, projections the file stores in a low-bit block format (GGUF Q4_0/Q4_1/Q8_0; see
+        ``weights.blocks``) are kept as those blocks and never expanded, the output head's included.
         """
+        blocks_of = getattr(weights, "blocks", None) if keep_blocks else None
+        head_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        tied = self.config.tie_word_embeddings
+        self.head_blocks = (
+            blocks_of(head_name, counts_as_read=not tied)
+            if blocks_of is not None and head_name in weights
+            else None
+        )
         targets = self._weight_targets()
         unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
         if unknown:
@@ -181,6 +197,12 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for name, load in targets.items():
             try:
+                blocks = blocks_of(name) if blocks_of is not None and isinstance(load, ShardTarget) else None
+                if blocks is not None:
+                    load.load_blocks(blocks)
+                    continue
+                if name == head_name and self.head_blocks is not None and not tied:
+                    continue  # the head runs on its blocks; the float copy would only take memory
                 load(weights[name].to(self.dtype))
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(f"tensor {name}: {exc}") from exc
@@ -201,12 +223,12 @@ class LlamaForCausalLM(nn.Module):
                 layer.post_attention_layernorm.weight
             )
             for shard, part in enumerate(("q", "k", "v")):
-                targets[f"{prefix}self_attn.{part}_proj.weight"] = partial(attn.qkv_proj.load_shard, shard)
+                targets[f"{prefix}self_attn.{part}_proj.weight"] = attn.qkv_proj.shard(shard)
                 if attn.qkv_proj.bias is not None:
                     targets[f"{prefix}self_attn.{part}_proj.bias"] = partial(
                         attn.qkv_proj.load_bias_shard, shard
                     )
-            targets[prefix + "self_attn.o_proj.weight"] = partial(attn.o_proj.load_shard, 0)
+            targets[prefix + "self_attn.o_proj.weight"] = attn.o_proj.shard(0)
             if attn.q_norm is not None:
                 targets[prefix + "self_attn.q_norm.weight"] = _copier(attn.q_norm.weight)
                 targets[prefix + "self_attn.k_norm.weight"] = _copier(attn.k_norm.weight)
@@ -219,9 +241,9 @@ class LlamaForCausalLM(nn.Module):
         """The feed-forward block's tensors (``layer_prefix`` is ``model.layers.{i}.``); families override."""
         prefix = layer_prefix + "mlp."
         return {
-            prefix + "gate_proj.weight": partial(mlp.gate_up_proj.load_shard, 0),
-            prefix + "up_proj.weight": partial(mlp.gate_up_proj.load_shard, 1),
-            prefix + "down_proj.weight": partial(mlp.down_proj.load_shard, 0),
+            prefix + "gate_proj.weight": mlp.gate_up_proj.shard(0),
+            prefix + "up_proj.weight": mlp.gate_up_proj.shard(1),
+            prefix + "down_proj.weight": mlp.down_proj.shard(0),
         }
 
 

@@ -1,0 +1,279 @@
+// y = x W^T over weights kept in GGUF's block formats (repacked once at load), fp32 activations and fp32
+// accumulation. Decode on a CPU is bound by the bytes of weights read per token, so the 4-bit and 8-bit
+// blocks are read as they are instead of being expanded to fp32 (4-8x the bytes).
+//
+//   q4: 32 weights per block as 16 bytes of nibbles (weight j in the low nibble of byte j, weight j + 16 in the
+//       high nibble, as in the file), value = scale * code + minimum  (Q4_0: minimum = -8 scale; Q4_1: m).
+//   q8: 32 int8 codes per block, value = scale * code  (Q8_0).
+//
+// AVX2 + FMA where the CPU has them (a scalar loop otherwise). Each output is summed in a fixed order, so
+// results depend neither on the number of threads nor on what else is in the batch.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kGroup = 32;
+constexpr int kHalf = 16;
+constexpr int kRowTile = 4;  // activation rows that share one decode of a weight block
+
+#if defined(__AVX2__) && defined(__FMA__)
+// A block's 32 codes as four 8-float vectors: codes 0-7, 8-15, 16-23, 24-31.
+inline void q4_codes(const uint8_t* q, __m256 c[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(15));
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+  c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+  c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+  c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+  c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+}
+
+inline void q8_codes(const int8_t* q, __m256 c[4]) {
+  for (int i = 0; i < 4; ++i) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+    c[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  }
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// y[r] = sum over blocks of scale * (codes . x_r) (+ minimum * sum(x_r) for q4), for `rows` <= kRowTile rows.
+template <bool kQ4>
+void dot_rows(const void* codes, const float* scale, const float* minimum, const float* x, int64_t in,
+              const float* x_sums, int64_t groups, int rows, float* out) {
+  __m256 acc[kRowTile];
+  float offset[kRowTile] = {0};
+  for (int r = 0; r < kRowTile; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 c[4];
+    if constexpr (kQ4) {
+      q4_codes(static_cast<const uint8_t*>(codes) + g * kHalf, c);
+    } else {
+      q8_codes(static_cast<const int8_t*>(codes) + g * kGroup, c);
+    }
+    const __m256 d = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < rows; ++r) {
+      const float* xs = x + r * in + g * kGroup;
+      __m256 block = _mm256_mul_ps(c[0], _mm256_loadu_ps(xs));
+      block = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xs + 8), block);
+      block = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xs + 16), block);
+      block = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xs + 24), block);
+      acc[r] = _mm256_fmadd_ps(d, block, acc[r]);
+      if constexpr (kQ4) offset[r] += minimum[g] * x_sums[r * groups + g];
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r] = horizontal_sum(acc[r]) + offset[r];
+}
+#else
+template <bool kQ4>
+void dot_rows(const void* codes, const float* scale, const float* minimum, const float* x, int64_t in,
+              const float* x_sums, int64_t groups, int rows, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float total = 0.f, offset = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xs = x + r * in + g * kGroup;
+      float block = 0.f;
+      for (int j = 0; j < kGroup; ++j) {
+        float code;
+        if constexpr (kQ4) {
+          const uint8_t byte = static_cast<const uint8_t*>(codes)[g * kHalf + j % kHalf];
+          code = static_cast<float>(j < kHalf ? byte & 15 : byte >> 4);
+        } else {
+          code = static_cast<float>(static_cast<const int8_t*>(codes)[g * kGroup + j]);
+        }
+        block += code * xs[j];
+      }
+      total += scale[g] * block;
+      if constexpr (kQ4) offset += minimum[g] * x_sums[r * groups + g];
+    }
+    out[r] = total + offset;
+  }
+}
+#endif
+
+// Larger steps: a thread expands 16 output columns at a time into float rows (the file's values, computed as
+// dequantization computes them: scale * code + minimum, rounded after each op), then multiplies every
+// activation row with them in a 4-row x 2-column register-blocked kernel, so the arithmetic runs near the FMA
+// rate instead of re-decoding the codes for every row.
+constexpr int kTileColumns = 16;
+
+template <bool kQ4>
+void expand_column(const uint8_t* codes, const float* scale, const float* minimum, int64_t groups, float* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 c[4];
+    if constexpr (kQ4) {
+      q4_codes(codes + g * kHalf, c);
+    } else {
+      q8_codes(reinterpret_cast<const int8_t*>(codes) + g * kGroup, c);
+    }
+    const __m256 d = _mm256_set1_ps(scale[g]);
+    const __m256 m = _mm256_set1_ps(kQ4 ? minimum[g] : 0.f);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 value = _mm256_mul_ps(c[i], d);
+      _mm256_storeu_ps(out + g * kGroup + 8 * i, kQ4 ? _mm256_add_ps(value, m) : value);
+    }
+#else
+    for (int j = 0; j < kGroup; ++j) {
+      float code;
+      if constexpr (kQ4) {
+        const uint8_t byte = codes[g * kHalf + j % kHalf];
+        code = static_cast<float>(j < kHalf ? byte & 15 : byte >> 4);
+      } else {
+        code = static_cast<float>(reinterpret_cast<const int8_t*>(codes)[g * kGroup + j]);
+      }
+      out[g * kGroup + j] = kQ4 ? scale[g] * code + minimum[g] : scale[g] * code;
+    }
+#endif
+  }
+}
+
+// y[r, c] = x[r] . w[c] for every row and the tile's columns (w: [columns][in] floats).
+void tile_matmul(const float* x, int64_t rows, int64_t in, const float* w, int columns, float* y, int64_t out) {
+#if defined(__AVX512F__)
+  if (in % 16 == 0) {
+    constexpr int kR = 4, kC = 4;
+    for (int64_t r0 = 0; r0 < rows; r0 += kR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kR, rows - r0));
+      for (int c0 = 0; c0 < columns; c0 += kC) {
+        const int nc = std::min(kC, columns - c0);
+        __m512 acc[kR][kC];
+        for (int r = 0; r < kR; ++r)
+          for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < in; k += 16) {
+          __m512 wv[kC];
+          for (int c = 0; c < kC; ++c) wv[c] = _mm512_loadu_ps(w + (c0 + std::min(c, nc - 1)) * in + k);
+          for (int r = 0; r < kR; ++r) {
+            const __m512 xv = _mm512_loadu_ps(x + (r0 + std::min(r, nr - 1)) * in + k);
+            for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+          }
+        }
+        for (int r = 0; r < nr; ++r)
+          for (int c = 0; c < nc; ++c) y[(r0 + r) * out + c0 + c] = _mm512_reduce_add_ps(acc[r][c]);
+      }
+    }
+    return;
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  constexpr int kR = 4, kC = 3;
+  for (int64_t r0 = 0; r0 < rows; r0 += kR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kR, rows - r0));
+    for (int c0 = 0; c0 < columns; c0 += kC) {
+      const int nc = std::min(kC, columns - c0);
+      __m256 acc[kR][kC];
+      for (int r = 0; r < kR; ++r)
+        for (int c = 0; c < kC; ++c) acc[r][c] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < in; k += 8) {
+        __m256 wv[kC];
+        for (int c = 0; c < kC; ++c) wv[c] = _mm256_loadu_ps(w + (c0 + std::min(c, nc - 1)) * in + k);
+        for (int r = 0; r < kR; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x + (r0 + std::min(r, nr - 1)) * in + k);
+          for (int c = 0; c < kC; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+      }
+      for (int r = 0; r < nr; ++r)
+        for (int c = 0; c < nc; ++c) y[(r0 + r) * out + c0 + c] = horizontal_sum(acc[r][c]);
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < columns; ++c) {
+      float total = 0.f;
+      for (int64_t k = 0; k < in; ++k) total += x[r * in + k] * w[c * in + k];
+      y[r * out + c] = total;
+    }
+  }
+#endif
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, int64_t bytes_per_group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be [rows, in] fp32");
+  TORCH_CHECK(x.size(1) % kGroup == 0, "in_features must be a multiple of 32");
+  const int64_t groups = x.size(1) / kGroup;
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == groups * bytes_per_group && codes.is_contiguous(),
+              "codes must be [out, in / 32 * bytes per block]");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == codes.size(0) && scale.size(1) == groups &&
+                  scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(),
+              "scales must be [out, in / 32] fp32");
+}
+
+// Output columns are split into chunks across threads; each thread runs every activation row over its chunk
+// (kRowTile rows per decoded block), so a weight block is read from memory once per call whatever the batch.
+constexpr int64_t kColumnsPerTask = 16;
+
+template <bool kQ4>
+torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                           const float* minimum, int64_t bytes_per_group) {
+  const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = in / kGroup;
+  auto y = torch::empty({rows, out}, x.options());
+  // Per-block sums of x carry the minimum term: sum_j (d q_j + m) x_j = d sum_j q_j x_j + m sum_j x_j.
+  torch::Tensor x_sums = kQ4 ? x.view({rows, groups, kGroup}).sum(-1).contiguous() : torch::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* sp = kQ4 ? x_sums.data_ptr<float>() : nullptr;
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
+  const float* dp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (rows > kRowTile) {
+    at::parallel_for(0, (out + kTileColumns - 1) / kTileColumns, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> tile(in * kTileColumns);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * kTileColumns;
+        const int columns = static_cast<int>(std::min<int64_t>(kTileColumns, out - n0));
+        for (int c = 0; c < columns; ++c) {
+          const int64_t n = n0 + c;
+          expand_column<kQ4>(cp + n * groups * bytes_per_group, dp + n * groups, kQ4 ? minimum + n * groups : nullptr,
+                             groups, tile.data() + c * in);
+        }
+        tile_matmul(xp, rows, in, tile.data(), columns, yp + n0, out);
+      }
+    });
+    return y;
+  }
+  at::parallel_for(0, out, kColumnsPerTask, [&](int64_t begin, int64_t end) {
+    float tile[kRowTile];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+        const int tile_rows = static_cast<int>(std::min<int64_t>(kRowTile, rows - r0));
+        dot_rows<kQ4>(cp + n * groups * bytes_per_group, dp + n * groups, kQ4 ? minimum + n * groups : nullptr,
+                      xp + r0 * in, in, kQ4 ? sp + r0 * groups : nullptr, groups, tile_rows, tile);
+        for (int r = 0; r < tile_rows; ++r) yp[(r0 + r) * out + n] = tile[r];
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                        const torch::Tensor& minimum) {
+  check(x, codes, scale, kHalf);
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8, "q4 codes must be uint8");
+  TORCH_CHECK(minimum.sizes() == scale.sizes() && minimum.scalar_type() == torch::kFloat32 && minimum.is_contiguous(),
+              "minimums must match the scales");
+  return block_linear<true>(x, codes, scale, minimum.data_ptr<float>(), kHalf);
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale) {
+  check(x, codes, scale, kGroup);
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8, "q8 codes must be int8");
+  return block_linear<false>(x, codes, scale, nullptr, kGroup);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_linear", &q4_linear, "x [rows, in] fp32 @ q4 blocks^T -> [rows, out]");
+  m.def("q8_linear", &q8_linear, "x [rows, in] fp32 @ q8 blocks^T -> [rows, out]");
+}

@@ -1,0 +1,56 @@
+"""The CPU kernels over GGUF block weights (``csrc/ggml_linear.cpp``), compiled for this machine's CPU on
+first use and cached by torch's extension builder (~1 min once; later starts load the cached library).
+
+Built with ``-march=native``: the machines we run on differ (AVX2, AVX-512), and the cache directory is
+keyed by the source and flags, so a different host rebuilds instead of loading code for the wrong CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+import time
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "ggml_linear.cpp"
+
+
+@functools.cache
+def ggml_kernels() -> ModuleType:
+    """The compiled module (``q4_linear``, ``q8_linear``); raises RuntimeError if it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    # One build per source version and CPU model: -march=native code must not be reused on another CPU.
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_model().encode()).hexdigest()[:12]
+    start = time.perf_counter()
+    try:
+        module = load(
+            name=f"longserve_ggml_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except (
+        OSError,
+        RuntimeError,
+        ImportError,
+    ) as exc:  # no compiler or headers: say so, never fall back silently
+        raise RuntimeError(f"cannot build the GGUF CPU kernels ({SOURCE.name}): {exc}") from exc
+    log.info("GGUF CPU kernels ready in %.1f s", time.perf_counter() - start)
+    return module
+
+
+def _cpu_model() -> str:
+    """The first CPU's model name and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((line for line in lines if line.startswith("model name")), "")
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    return model + flags

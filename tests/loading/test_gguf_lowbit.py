@@ -1,0 +1,70 @@
+"""``quantization="gguf"``: a GGUF's own Q4_0/Q4_1/Q8_0 projections run low-bit and give what the exact (fp32)
+path gives on the same file; a projection fused from shards of different formats falls back to the exact
+values; the low-bit path keeps no float copy of the weights it serves."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from longserve import LLM, SamplingParams
+from longserve.layers.matmul import PreparedMatmul
+
+Q = gguf.GGMLQuantizationType
+HIDDEN, FFN = 64, 128  # multiples of 32: every projection's input is whole blocks
+
+
+def _tensors(k_type, vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+
+    def w(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.2).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+
+    return {
+        "token_embd.weight": (w(vocab, HIDDEN), Q.Q8_0),
+        "output_norm.weight": (norm(), Q.F32),
+        "blk.0.attn_norm.weight": (norm(), Q.F32),
+        "blk.0.ffn_norm.weight": (norm(), Q.F32),
+        "blk.0.attn_q.weight": (w(HIDDEN, HIDDEN), Q.Q4_1),
+        "blk.0.attn_k.weight": (w(32, HIDDEN), k_type),
+        "blk.0.attn_v.weight": (w(32, HIDDEN), Q.Q4_1),
+        "blk.0.attn_output.weight": (w(HIDDEN, HIDDEN), Q.Q4_0),
+        "blk.0.ffn_gate.weight": (w(FFN, HIDDEN), Q.Q4_1),
+        "blk.0.ffn_up.weight": (w(FFN, HIDDEN), Q.Q4_1),
+        "blk.0.ffn_down.weight": (w(HIDDEN, FFN), Q.Q4_0),
+    }
+
+
+METADATA = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN}
+
+
+@pytest.mark.parametrize("k_type", [Q.Q4_0, Q.F32], ids=["all-blocks", "mixed-qkv"])
+def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) -> None:
+    path = write_gguf(_tensors(k_type, len(tiny_tokens)), metadata=METADATA)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    prompt = "hello 12345 world"
+    exact = LLM(path).generate(prompt, params)[0]
+    llm = LLM(path, quantization="gguf")
+    low_bit = llm.generate(prompt, params)[0]
+
+    assert low_bit.outputs[0].token_ids == exact.outputs[0].token_ids
+    for ours, theirs in zip(low_bit.outputs[0].logprobs, exact.outputs[0].logprobs, strict=True):
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+    for ours, theirs in zip(low_bit.prompt_logprobs[1:], exact.prompt_logprobs[1:], strict=True):
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+
+    layer = llm.engine.model.layers[0]
+    on_blocks = lambda linear: linear.kernel.blocks is not None  # noqa: E731
+    assert (
+        on_blocks(layer.mlp.gate_up_proj)
+        and on_blocks(layer.mlp.down_proj)
+        and on_blocks(layer.self_attn.o_proj)
+    )
+    assert on_blocks(layer.self_attn.qkv_proj) == (k_type != Q.F32)
+    assert layer.mlp.gate_up_proj.weight is None  # no float copy beside the blocks
+    head = llm.engine.model.lm_head_kernel
+    assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None
