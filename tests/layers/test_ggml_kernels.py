@@ -53,3 +53,27 @@ def test_shape_errors_are_clear() -> None:
     matmul = PreparedMatmul(None, None, "gguf", blocks=blocks)
     with pytest.raises(RuntimeError, match="codes must be"):
         matmul(torch.randn(2, 96))
+
+
+def test_fused_norm_and_silu_mul_equal_torch() -> None:
+    from longserve.layers.ggml_kernels import ggml_kernels
+    from longserve.layers.mlp import SwiGLUMLP
+    from longserve.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, residual = torch.randn(7, 576), torch.randn(7, 576)
+    exact_out, exact_sum = norm.add_forward(x, residual)
+    exact_plain = norm(x)
+    norm.use_cpu_kernels(ggml_kernels())
+    out, summed = norm.add_forward(x, residual)
+    assert torch.equal(summed, exact_sum)  # the add itself is exact
+    torch.testing.assert_close(out, exact_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm(x), exact_plain, rtol=1e-6, atol=1e-6)
+
+    gate_up = torch.randn(5, 2 * 300)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    fused = ggml_kernels().silu_mul(gate_up)
+    torch.testing.assert_close(fused.double(), gate * torch.sigmoid(gate) * up, rtol=1e-6, atol=1e-6)
+    assert SwiGLUMLP(8, 16, torch.float32).cpu_kernels is None  # off unless the model asks for them

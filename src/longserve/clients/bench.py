@@ -118,6 +118,10 @@ async def sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
         yield "\n".join(lines)
 
 
+# Idle pooled connections the server closed fail one by one; several may sit in the pool after a pause.
+_STALE_RETRIES = 3
+
+
 class _Client:
     """Builds request bodies for one BenchConfig and streams them over a shared aiohttp session."""
 
@@ -139,7 +143,10 @@ class _Client:
             body["stream_options"] = {"include_usage": True}
         if cfg.ignore_eos:
             body["ignore_eos"] = True
-        return body | cfg.extra_body
+        body |= cfg.extra_body
+        if "min_tokens" in body:  # a shortened request (the warm-up) keeps min_tokens <= max_tokens
+            body["min_tokens"] = min(body["min_tokens"], body["max_tokens"])
+        return body
 
     async def request(self, index: int, run_start: float, max_tokens: int | None = None) -> RequestResult:
         sent = time.perf_counter()
@@ -147,19 +154,28 @@ class _Client:
         usage: dict[str, Any] = {}
         info: dict[str, Any] = {"finish_reason": None, "status": None}
         error: str | None = None
-        try:
-            async with self.session.post(self.url, json=self.body(index, max_tokens)) as resp:
-                info["status"] = resp.status
-                if resp.status != 200:
-                    error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                else:
-                    error = await self._consume(resp, arrivals, usage, info)
-        except (
-            aiohttp.ClientError,
-            TimeoutError,
-            ValueError,
-        ) as exc:  # ValueError: undecodable/oversized line
-            error = f"{type(exc).__name__}: {exc}"
+        for attempt in range(_STALE_RETRIES + 1):
+            try:
+                async with self.session.post(self.url, json=self.body(index, max_tokens)) as resp:
+                    info["status"] = resp.status
+                    if resp.status != 200:
+                        error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    else:
+                        error = await self._consume(resp, arrivals, usage, info)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                # A pooled keep-alive connection the server had already closed fails before any answer
+                # (llama-server closes idle ones): the request never reached it, so send it once more.
+                if info["status"] is None and not arrivals and attempt < _STALE_RETRIES:
+                    sent = time.perf_counter()
+                    continue
+            except (
+                aiohttp.ClientError,
+                TimeoutError,
+                ValueError,
+            ) as exc:  # ValueError: undecodable/oversized line
+                error = f"{type(exc).__name__}: {exc}"
+            break
         ended = time.perf_counter()
         return make_result(
             index,

@@ -16,9 +16,16 @@ class SwiGLUMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], False, dtype)
         self.down_proj = Linear(intermediate_size, [hidden_size], False, dtype)
+        self.cpu_kernels = None  # the compiled CPU kernels (layers/ggml_kernels.py), once asked to use them
+
+    def use_cpu_kernels(self, kernels) -> None:
+        """silu(gate) * up of float32 CPU rows in one compiled call."""
+        self.cpu_kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
         gate_up = self.gate_up_proj(x)  # [tokens, 2 * inter]
+        if self.cpu_kernels is not None and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu":
+            return self.down_proj(self.cpu_kernels.silu_mul(gate_up))
         if use_triton(gate_up) and gate_up.shape[0]:
             from longserve.layers.fused_triton import silu_mul
 

@@ -14,8 +14,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.cpu_kernels = None  # the compiled CPU kernels (layers/ggml_kernels.py), once asked to use them
+
+    def use_cpu_kernels(self, kernels) -> None:
+        """Run float32 CPU rows through one compiled call (``ggml_kernels``) instead of several torch ops."""
+        self.cpu_kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if self._on_cpu_kernels(x):
+            return self.cpu_kernels.rms_norm(x.reshape(-1, x.shape[-1]), None, self.weight, self.eps)[0].view(
+                x.shape
+            )
         if use_triton(x):
             from longserve.layers.fused_triton import rms_norm
 
@@ -25,12 +34,17 @@ class RMSNorm(nn.Module):
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x) for ``[tokens, dim]`` inputs: the pre-norm block's residual step,
         one kernel on CUDA."""
+        if self._on_cpu_kernels(x) and residual.dtype == torch.float32:
+            return tuple(self.cpu_kernels.rms_norm(x, residual, self.weight, self.eps))
         if use_triton(x) and x.stride(-1) == 1 and residual.stride(-1) == 1:
             from longserve.layers.fused_triton import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
         summed = residual + x
         return self._norm(summed), summed
+
+    def _on_cpu_kernels(self, x: torch.Tensor) -> bool:
+        return self.cpu_kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:

@@ -159,6 +159,14 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(quantization)
+        if quantization == "gguf" and self.embed_tokens.device.type == "cpu":
+            # The fast CPU mode also fuses the small per-layer ops (norms, SiLU·mul) into compiled calls.
+            from longserve.layers.ggml_kernels import ggml_kernels
+
+            kernels = ggml_kernels()
+            for module in self.modules():
+                if isinstance(module, (RMSNorm, SwiGLUMLP)):
+                    module.use_cpu_kernels(kernels)
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         head_blocks = self.head_blocks if quantization == "gguf" else None
         # With int8 the head serves decode steps; the rare larger step (prompt logprobs) can use the plain
