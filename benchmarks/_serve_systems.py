@@ -1,8 +1,9 @@
 """Serving-benchmark systems: start and stop each server as a subprocess, and the in-process engine workload.
 
 Systems (names used by `--systems`):
-  * `longserve` / `longserve-int8`: `longserve serve` (controller + worker + API server in one process) on free
-    loopback ports, default model, optionally `--quantization int8`; ready once its banner is printed and
+  * `longserve` / `longserve-none` / `longserve-int8` / `longserve-gguf`: `longserve serve` (controller + worker +
+    API server in one process) on free loopback ports, default model (whose default is `gguf`), optionally
+    `--quantization none|int8|gguf`; ready once its banner is printed and
     `/v1/models` lists the model.
   * `llama-server`: llama.cpp's own C++ server (the fair peer: continuous batching over 16 slots), built from the
     llama.cpp in the llama-cpp-python 0.3.36 sdist by `_llama_server.py`; `-t 2 -c 8192 -np 16 -cb`.
@@ -47,12 +48,22 @@ from pathlib import Path
 import _llama_server
 import httpx
 
-SERVER_SYSTEMS = ("longserve", "longserve-int8", "llama-server", "llamacpp", "llamacpp-1t")
+SERVER_SYSTEMS = (
+    "longserve",
+    "longserve-none",
+    "longserve-int8",
+    "longserve-gguf",
+    "llama-server",
+    "llamacpp",
+    "llamacpp-1t",
+)
 ENGINE_SYSTEMS = ("engine", "engine-int8")
 ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
 LABELS = {
-    "longserve": "longserve (fp32)",
+    "longserve": "longserve (default: GGUF blocks)",
+    "longserve-none": "longserve exact fp32",
     "longserve-int8": "longserve int8",
+    "longserve-gguf": "longserve (GGUF blocks)",
     "llama-server": "llama.cpp llama-server (C++)",
     "llamacpp": "llama.cpp server (as installed)",
     "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",
@@ -147,8 +158,8 @@ def server_command(system: str, model_path: Path, threads: int) -> tuple[list[st
     if system.startswith("longserve"):
         cmd = [sys.executable, "-m", "longserve.cli", "serve", "--port", str(port)]
         cmd += ["--controller-port", str(free_port()), "--worker-port", str(free_port())]
-        if system == "longserve-int8":
-            cmd += ["--quantization", "int8"]
+        if system != "longserve":
+            cmd += ["--quantization", system.split("-")[1]]
         # the default model is exactly model_path; passing no --model exercises the newcomer's path
         return cmd, {}, "SmolLM2-135M-Instruct"
     if system == "llama-server":

@@ -24,8 +24,9 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=["int8", "gguf"],
-        help="CPU: gguf = run a GGUF file's own Q4_0/Q4_1/Q8_0 weights low-bit (exact values, fastest decode); "
+        choices=["none", "gguf", "int8"],
+        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0 weights, else none. "
+        "gguf = the file's own low-bit blocks (its exact values, fastest decode); none = exact fp32; "
         "int8 = dynamic-int8 decode matmuls (approximate)",
     )
     parser.add_argument("--attention", choices=["dense", "reference", "moba"], help="attention backend")

@@ -22,8 +22,9 @@ class EngineConfig:
     model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
     device: str = "cpu"  # where the weights, the KV cache and the step run: "cpu" or "cuda" ("cuda:1", ...)
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
-    # None: exact fp32 (the file's values expanded); "int8": dynamic int8 matmuls on CPU (approximate);
-    # "gguf": the file's own Q4_0/Q4_1/Q8_0 blocks kept low-bit (its exact values, a fifth of the bytes)
+    # None (auto): "gguf" for a GGUF with Q4_0/Q4_1/Q8_0 projections on the CPU, else exact. "none": exact
+    # fp32 (the file's values expanded). "gguf": the file's own blocks kept low-bit (its exact values, a fifth
+    # of the bytes). "int8": dynamic int8 matmuls on CPU (approximate).
     quantization: str | None = None
     attention: str = "dense"  # attention backend: dense | reference | moba
     moba_chunk_size: int = 4096  # moba: tokens per key block (a multiple of 16 and of block_size)
@@ -47,8 +48,10 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "gguf"):
-            raise ValueError(f"quantization must be None, 'int8' or 'gguf', got {self.quantization!r}")
+        if self.quantization not in (None, "none", "int8", "gguf"):
+            raise ValueError(
+                f"quantization must be None (auto), 'none', 'int8' or 'gguf', got {self.quantization!r}"
+            )
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if value is None and name == "max_num_batched_tokens":

@@ -47,7 +47,7 @@ def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) ->
     path = write_gguf(_tensors(k_type, len(tiny_tokens)), metadata=METADATA)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     prompt = "hello 12345 world"
-    exact = LLM(path).generate(prompt, params)[0]
+    exact = LLM(path, quantization="none").generate(prompt, params)[0]
     llm = LLM(path, quantization="gguf")
     low_bit = llm.generate(prompt, params)[0]
 
@@ -68,3 +68,12 @@ def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) ->
     assert layer.mlp.gate_up_proj.weight is None  # no float copy beside the blocks
     head = llm.engine.model.lm_head_kernel
     assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None
+
+
+def test_auto_picks_the_low_bit_path_for_block_files_only(write_gguf, tiny_tokens) -> None:
+    blocks = LLM(write_gguf(_tensors(Q.Q4_0, len(tiny_tokens)), metadata=METADATA, name="blocks.gguf"))
+    assert blocks.engine.quantization == "gguf"
+    assert LLM(write_gguf(_tensors(Q.Q4_0, len(tiny_tokens)), metadata=METADATA, name="b.gguf"),
+               quantization="none").engine.quantization is None  # fmt: skip
+    floats = {name: (array, Q.F32) for name, (array, _) in _tensors(Q.F32, len(tiny_tokens)).items()}
+    assert LLM(write_gguf(floats, metadata=METADATA, name="floats.gguf")).engine.quantization is None

@@ -100,6 +100,10 @@ class _LazyDequantized(Mapping[str, torch.Tensor]):
             self._progress.advance()
         return torch.from_numpy(value)
 
+    def has_blocks(self) -> bool:
+        """Whether any 2-D tensor is stored in a block format the low-bit kernels run."""
+        return any(t.tensor_type in BLOCK_TYPES and len(t.shape) == 2 for t in self._tensors.values())
+
     def blocks(self, hf_name: str, *, counts_as_read: bool = True) -> Blocks | None:
         """The tensor as its low-bit blocks (Q4_0/Q4_1/Q8_0, rows un-permuted like the values), else None.
 
