@@ -17,10 +17,11 @@ from pathlib import Path
 
 from _bench_util import contention, cpu_snapshot, dist_version, peak_rss_mb, rss_mb, timed
 
-ALL_SYSTEMS = ("ours", "ours-int8", "hf", "llamacpp")
-OURS = ("ours", "ours-int8")  # longserve variants: exact fp32, and int8 decode matmuls
+ALL_SYSTEMS = ("ours", "ours-none", "ours-int8", "hf", "llamacpp")
+OURS = ("ours", "ours-none", "ours-int8")  # longserve: default (GGUF blocks), exact fp32, int8 decode matmuls
 LABELS = {
-    "ours": "longserve fp32",
+    "ours": "longserve (default: GGUF blocks)",
+    "ours-none": "longserve exact fp32",
     "ours-int8": "longserve int8",
     "hf": "HF transformers",
     "llamacpp": "llama.cpp",
@@ -222,6 +223,7 @@ class LlamaCpp:
 
 ADAPTERS = {
     "ours": lambda spec: Ours(spec, quantization=None),
+    "ours-none": lambda spec: Ours(spec, quantization="none"),
     "ours-int8": lambda spec: Ours(spec, quantization="int8"),
     "hf": HF,
     "llamacpp": LlamaCpp,
@@ -232,6 +234,7 @@ def missing_requirement(system: str) -> str | None:
     """Why `system` cannot run in this environment (checked before spawning), or None."""
     need = {
         "ours": ["longserve", "torch"],
+        "ours-none": ["longserve", "torch"],
         "ours-int8": ["longserve", "torch"],
         "hf": ["transformers", "torch", "accelerate", "gguf"],
         "llamacpp": ["llama_cpp"],

@@ -9,8 +9,8 @@ from _serve_systems import LABELS
 from rich.console import Console
 from rich.table import Table
 
-OURS = ("longserve", "longserve-int8")
-LLAMACPP = ("llamacpp", "llamacpp-1t")
+OURS = ("longserve", "longserve-none", "longserve-int8", "longserve-gguf")
+LLAMACPP = ("llama-server", "llamacpp", "llamacpp-1t")
 ENGINE_OF = {"longserve": "engine", "longserve-int8": "engine-int8"}
 VS_LLAMACPP_TARGET = (
     1.5  # output tok/s at the reference concurrency >= 1.5x the better llama.cpp configuration

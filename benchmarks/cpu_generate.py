@@ -1,10 +1,11 @@
-"""CPU generation benchmark: longserve (fp32 and int8) vs HF transformers vs llama.cpp, side by side.
+"""CPU generation benchmark: longserve (default, exact fp32, int8) vs HF transformers vs llama.cpp, side by side.
 
 Every system runs the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) on the same token ids, greedy, with a
 fixed number of new tokens (EOS ignored), on `--threads` CPU threads (2 by default). Each system is measured
 in its own fresh subprocess (this script, re-run with `--worker NAME`), so its peak RSS is its own.
 
-Systems: `ours` = longserve exact fp32 (LLM(quantization=None)); `ours-int8` = longserve with dynamic-int8
+Systems: `ours` = longserve as it starts by default (LLM(): the GGUF's own Q4_1/Q8_0 blocks, `gguf`);
+`ours-none` = longserve exact fp32 (LLM(quantization="none")); `ours-int8` = longserve with dynamic-int8
 matmuls for decode steps of <= 16 rows, exact fp32 otherwise (LLM(quantization="int8")); `hf` = HF
 transformers `generate`, fp32; `llamacpp` = llama-cpp-python on the GGUF as it is.
 
@@ -22,7 +23,7 @@ Targets (from the spec), evaluated for each longserve variant: 16-concurrent >= 
 prompt >= 3x llama.cpp; single stream >= 0.6x llama.cpp; peak RSS < 1.5 GB.
 
 Usage:
-  python benchmarks/cpu_generate.py [--systems ours,ours-int8,hf,llamacpp] [--new-tokens N] [--quick]
+  python benchmarks/cpu_generate.py [--systems ours,ours-none,ours-int8,hf,llamacpp] [--new-tokens N] [--quick]
                                     [--wait-idle S] [--retries N]
 Results: benchmarks/results/cpu_generate-<timestamp>.json and cpu_generate-latest.json.
 """
