@@ -68,6 +68,7 @@ def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) ->
     assert layer.mlp.gate_up_proj.weight is None  # no float copy beside the blocks
     head = llm.engine.model.lm_head_kernel
     assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None
+    assert llm.engine.model.embed_blocks is head.blocks  # tied: lookups read the same Q8_0 blocks
 
 
 def test_auto_picks_the_low_bit_path_for_block_files_only(write_gguf, tiny_tokens) -> None:

@@ -422,6 +422,8 @@ def resolve_quantization(requested: str | None, checkpoint, device: torch.device
     """
     if requested == "none":
         return None
+    if requested == "gguf" and device.type != "cpu":
+        raise ValueError("quantization 'gguf' runs on the CPU; on a GPU the weights are expanded to --dtype")
     if requested is not None:
         return requested
     blocks = getattr(checkpoint.weights, "has_blocks", None)

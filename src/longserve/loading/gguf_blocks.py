@@ -60,6 +60,11 @@ def cat_blocks(parts: list[Blocks]) -> Blocks:
     return kind(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(kind)))
 
 
+def select_rows(blocks: Blocks, rows: torch.Tensor) -> Blocks:
+    """The blocks of ``rows`` ([n] indices), in that order (an embedding lookup)."""
+    return type(blocks)(*(getattr(blocks, f.name).index_select(0, rows) for f in fields(blocks)))
+
+
 def read_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Blocks:
     """A tensor's raw bytes ``[rows, bytes_per_row]`` (as GGUFReader gives them) as codes + block params."""
     if qtype not in BLOCK_TYPES:

@@ -19,6 +19,7 @@ from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import RotaryEmbedding
+from longserve.loading.gguf_blocks import select_rows
 from longserve.models.config import DecoderConfig
 
 
@@ -122,6 +123,7 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.head_blocks = None  # the output head's low-bit blocks, between load_weights and prepare
+        self.embed_blocks = None  # the embedding's low-bit blocks when it is served from them
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -142,7 +144,10 @@ class LlamaForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-norm hidden states, [tokens, hidden]."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        if self.embed_blocks is not None:
+            hidden = select_rows(self.embed_blocks, input_ids).dequantize().to(self.dtype)  # [tokens, hidden]
+        else:
+            hidden = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.lookup(positions, hidden.dtype)
         return run_decoder(self.layers, self.norm, hidden, rope, caches, metadata)
 
@@ -191,11 +196,13 @@ class LlamaForCausalLM(nn.Module):
         blocks_of = getattr(weights, "blocks", None) if keep_blocks else None
         head_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         tied = self.config.tie_word_embeddings
-        self.head_blocks = (
-            blocks_of(head_name, counts_as_read=not tied)
-            if blocks_of is not None and head_name in weights
-            else None
-        )
+        self.head_blocks = blocks_of(head_name) if blocks_of is not None and head_name in weights else None
+        # Embedding rows are looked up from the blocks too: the float table would be the largest tensor.
+        embed_name = "model.embed_tokens.weight"
+        if blocks_of is None or embed_name not in weights:
+            self.embed_blocks = None
+        else:
+            self.embed_blocks = self.head_blocks if tied else blocks_of(embed_name)
         targets = self._weight_targets()
         unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
         if unknown:
@@ -209,8 +216,10 @@ class LlamaForCausalLM(nn.Module):
                 if blocks is not None:
                     load.load_blocks(blocks)
                     continue
-                if name == head_name and self.head_blocks is not None and not tied:
-                    continue  # the head runs on its blocks; the float copy would only take memory
+                if (name == head_name and self.head_blocks is not None) or (
+                    name == embed_name and self.embed_blocks is not None
+                ):
+                    continue  # served from its blocks; the float copy would only take memory
                 load(weights[name].to(self.dtype))
             except (ValueError, RuntimeError) as exc:
                 raise ValueError(f"tensor {name}: {exc}") from exc
