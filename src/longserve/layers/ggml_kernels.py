@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +27,7 @@ def ggml_kernels() -> ModuleType:
     """The compiled module (``q4_linear``, ``q8_linear``); raises RuntimeError if it cannot be built."""
     from torch.utils.cpp_extension import load
 
+    _find_ninja()
     # One build per source version and CPU model: -march=native code must not be reused on another CPU.
     key = hashlib.sha256(SOURCE.read_bytes() + _cpu_model().encode()).hexdigest()[:12]
     start = time.perf_counter()
@@ -43,6 +47,13 @@ def ggml_kernels() -> ModuleType:
         raise RuntimeError(f"cannot build the GGUF CPU kernels ({SOURCE.name}): {exc}") from exc
     log.info("GGUF CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
+
+
+def _find_ninja() -> None:
+    """torch's builder runs ``ninja`` from PATH; a venv used without activation has it beside the interpreter."""
+    beside = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (beside / "ninja").is_file():
+        os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _cpu_model() -> str:
