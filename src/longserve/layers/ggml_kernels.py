@@ -23,19 +23,21 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "ggml_linear.cpp"
 
 
 @functools.cache
-def ggml_kernels() -> ModuleType:
-    """The compiled module (``q4_linear``, ``q8_linear``); raises RuntimeError if it cannot be built."""
+def ggml_kernels(march: str = "native") -> ModuleType:
+    """The compiled module (``q4_linear``, ``q8_linear``, ``rms_norm``, ``silu_mul``); raises RuntimeError if
+    it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
+    check the AVX2 and the scalar paths on an AVX-512 machine)."""
     from torch.utils.cpp_extension import load
 
     _find_ninja()
     # One build per source version and CPU model: -march=native code must not be reused on another CPU.
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_model().encode()).hexdigest()[:12]
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_model().encode() + march.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
         module = load(
             name=f"longserve_ggml_{key}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
