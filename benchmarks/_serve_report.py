@@ -49,7 +49,8 @@ def summarize(results: dict, ref_conc: int) -> dict:
             "target": VS_LLAMACPP_TARGET,
             "met": None if ratio is None else ratio >= VS_LLAMACPP_TARGET,
         }
-        direct = tok_s(results, ENGINE_OF[ours], ref_conc)
+        engine = ENGINE_OF.get(ours)  # the engine-direct twin, for the systems that have one
+        direct = tok_s(results, engine, ref_conc) if engine else None
         loss = 1 - value / direct if value is not None and direct else None
         out["api_hop"][ours] = {
             "served_tok_s": value,
