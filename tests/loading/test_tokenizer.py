@@ -114,11 +114,6 @@ def test_unknown_pre_tokenizer_warns_and_uses_gpt2(write_gguf, caplog):
     assert [tok.id_to_token(i) for i in tok.encode("12345")] == ["1234", "5"]
 
 
-def test_sentencepiece_gguf_is_a_clear_error(write_gguf):
-    with pytest.raises(ModelLoadError, match="SentencePiece"):
-        _tiny(write_gguf, **{"tokenizer.ggml.model": "llama"})
-
-
 def test_gguf_end_of_turn_ids(write_gguf):
     tok = _tiny(write_gguf, **{"tokenizer.ggml.eot_token_id": 1})
     assert tok.eos_token_ids == {2, 1, 0}  # eos, the declared end-of-turn id, and <|endoftext|>

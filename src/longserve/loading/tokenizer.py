@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from longserve.loading.chat_template import ChatTemplate
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.spm_tokenizer import sentencepiece_bpe
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +183,18 @@ class Tokenizer:
                 pre,
             )
         elif model == "llama":
-            raise ModelLoadError(
-                "GGUF files with a SentencePiece vocabulary (tokenizer.ggml.model='llama') are not supported yet; "
-                "load the model's Hugging Face directory instead"
+            unk = metadata.get("tokenizer.ggml.unknown_token_id")
+            backend = sentencepiece_bpe(
+                metadata.get("tokenizer.ggml.tokens") or [],
+                metadata.get("tokenizer.ggml.scores") or [],
+                metadata.get("tokenizer.ggml.token_type") or [],
+                int(unk) if unk is not None else None,
+                add_space_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
             )
         else:
             raise ModelLoadError(
-                f"unsupported GGUF tokenizer model {model!r} (supported: 'gpt2' byte-level BPE)"
+                f"unsupported GGUF tokenizer model {model!r} "
+                "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
             )
 
         def token_id(name: str) -> int | None:
@@ -199,8 +205,8 @@ class Tokenizer:
         # As llama.cpp does: any end-of-turn-looking special token ends generation, in the template or not.
         extra += _end_of_turn_ids(backend, only_in=None)
         add_bos = metadata.get("tokenizer.ggml.add_bos_token")
-        if add_bos is None:  # llama.cpp's default: Llama-3-style vocabularies want BOS, other BPE ones do not
-            add_bos = pre in _LLAMA3_PRES
+        if add_bos is None:  # llama.cpp's default: SentencePiece and Llama-3-style vocabularies want BOS
+            add_bos = model == "llama" or pre in _LLAMA3_PRES
         return cls(
             backend,
             bos_token_id=token_id("bos"),
