@@ -163,14 +163,16 @@ def _k_quant_blocks(qtype: Q, n_blocks: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     halves = rng.uniform(-0.1, 0.1, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:  # d and dmin lead the block
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d and dmin lead the block
         blocks[:, 0:4] = halves
-    else:  # Q6_K: d closes the block
+    elif qtype == Q.Q2_K:  # d and dmin close the block
+        blocks[:, -4:] = halves
+    else:  # Q3_K, Q6_K: d closes the block
         blocks[:, -2:] = halves[:, :2]
     return blocks
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
 def test_k_quants_match_an_independent_dequantizer(write_gguf, qtype):
     # gguf has no quantizer for K-quants: decode random blocks and compare with transformers' torch decoder.
     dequant = pytest.importorskip("transformers.integrations.gguf.dequant")
