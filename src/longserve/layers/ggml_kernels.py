@@ -30,8 +30,11 @@ def ggml_kernels(march: str = "native") -> ModuleType:
     from torch.utils.cpp_extension import load
 
     _find_ninja()
-    # One build per source version and CPU model: -march=native code must not be reused on another CPU.
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_model().encode() + march.encode()).hexdigest()[:12]
+    # One build per source version, CPU model and checkout: -march=native code must not be reused on another
+    # CPU, and torch's builder rebuilds when the same name points at a source elsewhere (two checkouts sharing
+    # ~/.cache would rebuild each other's library at every start).
+    identity = SOURCE.read_bytes() + _cpu_model().encode() + march.encode() + str(SOURCE).encode()
+    key = hashlib.sha256(identity).hexdigest()[:12]
     start = time.perf_counter()
     try:
         module = load(
