@@ -65,6 +65,8 @@ def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) ->
         and on_blocks(layer.self_attn.o_proj)
     )
     assert on_blocks(layer.self_attn.qkv_proj) == (k_type != Q.F32)
+    # decode attention and rotary ran through the compiled kernels (tokens above equal the exact path's)
+    assert layer.self_attn.cpu_kernels is not None and layer.self_attn.backend.cpu_kernels is not None
     assert layer.mlp.gate_up_proj.weight is None  # no float copy beside the blocks
     head = llm.engine.model.lm_head_kernel
     assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None

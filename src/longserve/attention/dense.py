@@ -15,6 +15,15 @@ class DenseAttention:
 
     name = "dense"
 
+    def __init__(self) -> None:
+        self.cpu_kernels = (
+            None  # the compiled CPU kernels (layers/cpu_kernels.py), once the model asks for them
+        )
+
+    def use_cpu_kernels(self, kernels) -> None:
+        """Decode fp32 CPU rows with the compiled paged kernel instead of a gather and SDPA."""
+        self.cpu_kernels = kernels
+
     def forward(
         self,
         q: torch.Tensor,
@@ -40,12 +49,21 @@ class DenseAttention:
                 out[rows] = _sdpa(q[rows], keys, values, scale, mask=mask)
         return out
 
-    @staticmethod
     def _decode(
-        q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+        self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         if cuda_path_available(q):  # split-K Triton kernel straight over the paged cache: no gathered copy
             return cuda_dense_decode(q, cache, metadata, scale)
+        if self.cpu_kernels is not None and q.dtype == cache.key.dtype == torch.float32 and not q.is_cuda:
+            return self.cpu_kernels.paged_decode(
+                q,
+                cache.key,
+                cache.value,
+                metadata.decode_block_tables,
+                metadata.decode_seq_lens,
+                metadata.block_size,
+                scale,
+            )  # [batch, heads, d], read through the block tables: no gathered copy either
         slots = metadata.decode_slots  # [batch, max_context]
         shape = (*slots.shape, *cache.key.shape[1:])
         flat = slots.view(-1)

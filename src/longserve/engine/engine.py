@@ -429,10 +429,10 @@ def resolve_quantization(requested: str | None, checkpoint, device: torch.device
     blocks = getattr(checkpoint.weights, "has_blocks", None)
     if device.type != "cpu" or blocks is None or not blocks():
         return None
-    from longserve.layers.ggml_kernels import ggml_kernels
+    from longserve.layers.cpu_kernels import cpu_kernels
 
     try:
-        ggml_kernels()
+        cpu_kernels()
     except RuntimeError as exc:
         log.warning("running %s in exact fp32 (5x the bytes per token): %s", checkpoint.path, exc)
         return None

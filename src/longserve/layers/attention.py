@@ -35,6 +35,13 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype) if qk_norm_eps is not None else None
         self.backend = backend
+        self.cpu_kernels = None  # the compiled CPU kernels (layers/cpu_kernels.py), once asked to use them
+
+    def use_cpu_kernels(self, kernels) -> None:
+        """Rotate fp32 CPU rows in place with one compiled call; hand the kernels to the backend too."""
+        self.cpu_kernels = kernels
+        if hasattr(self.backend, "use_cpu_kernels"):
+            self.backend.use_cpu_kernels(kernels)
 
     def forward(
         self,
@@ -51,12 +58,18 @@ class SelfAttention(nn.Module):
             qk = qkv[:, : self.q_size + self.kv_size].view(
                 tokens, self.num_heads + self.num_kv_heads, self.head_dim
             )
-            qk = apply_rotary(qk, *rope)
+            qk = self._rotate(qk, *rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = self._rotate(q, *rope), self._rotate(k, *rope)
         out = self.backend.forward(q, k, v, cache, metadata, self.scale)  # [tokens, heads, head_dim]
         return self.o_proj(out.reshape(tokens, self.q_size))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernels is not None and x.dtype == cos.dtype == torch.float32 and x.device.type == "cpu":
+            self.cpu_kernels.rotary_(x, cos, sin)  # x is this step's fresh projection output: rotate in place
+            return x
+        return apply_rotary(x, cos, sin)

@@ -11,7 +11,7 @@ scale across hundreds of tokens (perplexity x2-3 on the default model); larger s
 fp32 path. Approximate, and not batch-invariant.
 
 CPU, ``gguf``: projections stored in the file as Q4_0, Q4_1 or Q8_0 stay in those blocks and run through our
-own kernels (``ggml_kernels``): about a fifth of fp32's bytes per token, with the file's exact values, fp32
+own kernels (``cpu_kernels``): about a fifth of fp32's bytes per token, with the file's exact values, fp32
 activations and fp32 accumulation. Steps of up to 4 rows take a direct path, larger steps expand 16 columns
 at a time; the two sum in different orders, so results are not batch-invariant either.
 """
@@ -66,9 +66,9 @@ class PreparedMatmul:
         self.packed = self.packed_int8 = None
         self.blocks = blocks
         if blocks is not None:
-            from longserve.layers.ggml_kernels import ggml_kernels
+            from longserve.layers.cpu_kernels import cpu_kernels
 
-            self._kernels = ggml_kernels()  # built (or loaded) now: a start-up error, not a first-request one
+            self._kernels = cpu_kernels()  # built (or loaded) now: a start-up error, not a first-request one
             return
         if quantization == "int8" and _int8_available(weight):
             float_bias = bias.float() if bias is not None else None

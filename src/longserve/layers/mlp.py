@@ -21,7 +21,7 @@ class SwiGLUMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], False, dtype)
         self.down_proj = Linear(intermediate_size, [hidden_size], False, dtype)
-        self.cpu_kernels = None  # the compiled CPU kernels (layers/ggml_kernels.py), once asked to use them
+        self.cpu_kernels = None  # the compiled CPU kernels (layers/cpu_kernels.py), once asked to use them
 
     def use_cpu_kernels(self, kernels) -> None:
         """silu(gate) * up of float32 CPU rows in one compiled call."""

@@ -14,10 +14,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
-        self.cpu_kernels = None  # the compiled CPU kernels (layers/ggml_kernels.py), once asked to use them
+        self.cpu_kernels = None  # the compiled CPU kernels (layers/cpu_kernels.py), once asked to use them
 
     def use_cpu_kernels(self, kernels) -> None:
-        """Run float32 CPU rows through one compiled call (``ggml_kernels``) instead of several torch ops."""
+        """Run float32 CPU rows through one compiled call (``cpu_kernels``) instead of several torch ops."""
         self.cpu_kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]

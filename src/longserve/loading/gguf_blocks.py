@@ -1,4 +1,4 @@
-"""GGUF's block formats read as they are, for kernels that keep weights low-bit (``layers/ggml_kernels``):
+"""GGUF's block formats read as they are, for kernels that keep weights low-bit (``layers/cpu_kernels``):
 Q4_0 and Q4_1 as 4-bit codes with a scale and a minimum per 32 weights, Q8_0 as int8 codes with a scale.
 
 Scales are stored as float32 (the file's fp16 values, exactly). Q4_0's ``d * (q - 8)`` becomes

@@ -165,12 +165,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.prepare(quantization)
         if quantization == "gguf" and self.embed_tokens.device.type == "cpu":
-            # The fast CPU mode also fuses the small per-layer ops (norms, SiLU·mul) into compiled calls.
-            from longserve.layers.ggml_kernels import ggml_kernels
+            # The fast CPU mode also runs the small per-layer ops (norms, rotary, SiLU·mul) and decode
+            # attention as compiled calls.
+            from longserve.layers.cpu_kernels import cpu_kernels
 
-            kernels = ggml_kernels()
+            kernels = cpu_kernels()
             for module in self.modules():
-                if isinstance(module, (RMSNorm, SwiGLUMLP)):
+                if isinstance(module, (RMSNorm, SwiGLUMLP, SelfAttention)):
                     module.use_cpu_kernels(kernels)
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         head_blocks = self.head_blocks if quantization == "gguf" else None

@@ -8,13 +8,15 @@
 //
 // AVX2 + FMA where the CPU has them (a scalar loop otherwise). Each output is summed in a fixed order, so
 // results depend neither on the number of threads nor on what else is in the batch.
-#include <torch/extension.h>
+#include <torch/types.h>
 
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "cpu_kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -314,73 +316,4 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
   check(x, codes, scale, kGroup);
   TORCH_CHECK(codes.scalar_type() == torch::kInt8, "q8 codes must be int8");
   return block_linear<false>(x, codes, scale, nullptr, kGroup);
-}
-
-// RMSNorm of fp32 rows, optionally after the residual add (summed = x + residual, then normalised): one call
-// instead of the five small torch ops (and their thread wake-ups) a decode step pays per norm.
-std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
-                                    const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1, "x must be [rows, dim] fp32");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == torch::kFloat32 &&
-                  weight.is_contiguous(),
-              "weight must be [dim] fp32");
-  const int64_t rows = x.size(0), dim = x.size(1);
-  auto out = torch::empty({rows, dim}, x.options());
-  torch::Tensor summed;
-  const float* rp = nullptr;
-  int64_t r_stride = 0;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == torch::kFloat32 && residual->stride(1) == 1,
-                "residual must match x");
-    summed = torch::empty({rows, dim}, x.options());
-    rp = residual->data_ptr<float>();
-    r_stride = residual->stride(0);
-  }
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* sp = summed.defined() ? summed.data_ptr<float>() : nullptr;
-  const int64_t x_stride = x.stride(0);
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * x_stride;
-      float* s = sp ? sp + r * dim : nullptr;
-      if (s) {
-        for (int64_t j = 0; j < dim; ++j) s[j] = rp[r * r_stride + j] + row[j];
-        row = s;
-      }
-      double squares = 0.0;  // in double: the mean of squares is exact to float precision whatever the dim
-      for (int64_t j = 0; j < dim; ++j) squares += static_cast<double>(row[j]) * row[j];
-      const float rstd = static_cast<float>(1.0 / std::sqrt(squares / dim + eps));
-      float* o = op + r * dim;
-      for (int64_t j = 0; j < dim; ++j) o[j] = row[j] * rstd * wp[j];
-    }
-  });
-  if (summed.defined()) return {out, summed};
-  return {out};
-}
-
-// silu(gate) * up for fp32 [rows, 2 * width] (gate | up): one pass instead of split, silu and mul.
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat32 && gate_up.stride(1) == 1 &&
-                  gate_up.size(1) % 2 == 0,
-              "gate_up must be [rows, 2 * width] fp32");
-  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2, stride = gate_up.stride(0);
-  auto out = torch::empty({rows, width}, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* g = gp + r * stride;
-      for (int64_t j = 0; j < width; ++j) op[r * width + j] = g[j] / (1.f + std::exp(-g[j])) * g[width + j];
-    }
-  });
-  return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "rms_norm(x [+ residual]) * weight, fp32 rows -> [out] or [out, summed]");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up over [rows, 2 * width] fp32");
-  m.def("q4_linear", &q4_linear, "x [rows, in] fp32 @ q4 blocks^T -> [rows, out]");
-  m.def("q8_linear", &q8_linear, "x [rows, in] fp32 @ q8 blocks^T -> [rows, out]");
 }

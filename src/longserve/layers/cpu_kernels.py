@@ -1,5 +1,7 @@
-"""The CPU kernels over GGUF block weights (``csrc/ggml_linear.cpp``), compiled for this machine's CPU on
-first use and cached by torch's extension builder (~1 min once; later starts load the cached library).
+"""The CPU kernels, compiled for this machine's CPU into one extension module on first use and cached by torch's
+extension builder (~1-2 min once; later starts load the cached library): the matmuls over GGUF block weights
+(``layers/csrc/ggml_linear.cpp``), the small per-layer ops (``layers/csrc/cpu_ops.cpp``) and paged decode
+attention (``attention/csrc/paged_decode_cpu.cpp``).
 
 Built with ``-march=native``: the machines we run on differ (AVX2, AVX-512), and the cache directory is
 keyed by the source and flags, so a different host rebuilds instead of loading code for the wrong CPU.
@@ -19,13 +21,19 @@ from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ggml_linear.cpp"
+_PACKAGE = Path(__file__).resolve().parent.parent
+HEADERS = _PACKAGE / "layers" / "csrc"  # cpu_kernels.h (the module's functions), vec_math.h (exp, dot)
+SOURCES = (
+    HEADERS / "ggml_linear.cpp",
+    HEADERS / "cpu_ops.cpp",
+    _PACKAGE / "attention" / "csrc" / "paged_decode_cpu.cpp",
+)
 
 
 @functools.cache
-def ggml_kernels(march: str = "native") -> ModuleType:
-    """The compiled module (``q4_linear``, ``q8_linear``, ``rms_norm``, ``silu_mul``); raises RuntimeError if
-    it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
+def cpu_kernels(march: str = "native") -> ModuleType:
+    """The compiled module (``q4_linear``, ``q8_linear``, ``rms_norm``, ``silu_mul``, ``rotary_``,
+    ``paged_decode``); raises RuntimeError if it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
     check the AVX2 and the scalar paths on an AVX-512 machine)."""
     from torch.utils.cpp_extension import load
 
@@ -33,13 +41,16 @@ def ggml_kernels(march: str = "native") -> ModuleType:
     # One build per source version, CPU model and checkout: -march=native code must not be reused on another
     # CPU, and torch's builder rebuilds when the same name points at a source elsewhere (two checkouts sharing
     # ~/.cache would rebuild each other's library at every start).
-    identity = SOURCE.read_bytes() + _cpu_model().encode() + march.encode() + str(SOURCE).encode()
+    files = sorted([*SOURCES, *HEADERS.glob("*.h")])
+    identity = b"".join(path.read_bytes() + str(path).encode() for path in files)
+    identity += _cpu_model().encode() + march.encode()
     key = hashlib.sha256(identity).hexdigest()[:12]
     start = time.perf_counter()
     try:
         module = load(
             name=f"longserve_ggml_{key}",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
+            extra_include_paths=[str(HEADERS)],
             extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -49,8 +60,8 @@ def ggml_kernels(march: str = "native") -> ModuleType:
         RuntimeError,
         ImportError,
     ) as exc:  # no compiler or headers: say so, never fall back silently
-        raise RuntimeError(f"cannot build the GGUF CPU kernels ({SOURCE.name}): {exc}") from exc
-    log.info("GGUF CPU kernels ready in %.1f s", time.perf_counter() - start)
+        raise RuntimeError(f"cannot build the CPU kernels: {exc}") from exc
+    log.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
 
 

@@ -58,7 +58,7 @@ def test_shape_errors_are_clear() -> None:
 
 
 def test_fused_norm_and_silu_mul_equal_torch() -> None:
-    from longserve.layers.ggml_kernels import ggml_kernels
+    from longserve.layers.cpu_kernels import cpu_kernels
     from longserve.layers.mlp import SwiGLUMLP
     from longserve.layers.norm import RMSNorm
 
@@ -68,7 +68,7 @@ def test_fused_norm_and_silu_mul_equal_torch() -> None:
     x, residual = torch.randn(7, 576), torch.randn(7, 576)
     exact_out, exact_sum = norm.add_forward(x, residual)
     exact_plain = norm(x)
-    norm.use_cpu_kernels(ggml_kernels())
+    norm.use_cpu_kernels(cpu_kernels())
     out, summed = norm.add_forward(x, residual)
     assert torch.equal(summed, exact_sum)  # the add itself is exact
     torch.testing.assert_close(out, exact_out, rtol=1e-6, atol=1e-6)
@@ -76,7 +76,7 @@ def test_fused_norm_and_silu_mul_equal_torch() -> None:
 
     gate_up = torch.randn(5, 2 * 300)
     gate, up = gate_up.double().chunk(2, dim=-1)
-    fused = ggml_kernels().silu_mul(gate_up)
+    fused = cpu_kernels().silu_mul(gate_up)
     torch.testing.assert_close(fused.double(), gate * torch.sigmoid(gate) * up, rtol=1e-6, atol=1e-6)
     assert SwiGLUMLP(8, 16, torch.float32).cpu_kernels is None  # off unless the model asks for them
 
@@ -93,11 +93,11 @@ def _cpu_flags() -> set[str]:
 def test_other_instruction_sets_compute_the_same(march: str) -> None:
     """Machines differ (AVX2, AVX-512): the code paths this CPU does not take by default are built and checked
     too, so an AVX2-only CI machine cannot meet untested code."""
-    from longserve.layers.ggml_kernels import ggml_kernels
+    from longserve.layers.cpu_kernels import cpu_kernels
 
     if march == "haswell" and not {"avx2", "fma"} <= _cpu_flags():
         pytest.skip("this CPU cannot run AVX2 code")
-    kernels = ggml_kernels(march)
+    kernels = cpu_kernels(march)
     for qtype in (Q.Q4_1, Q.Q8_0):
         for rows in (1, 4, 9):
             blocks = _blocks(37, 96, qtype, seed=rows)

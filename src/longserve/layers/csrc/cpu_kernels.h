@@ -1,0 +1,22 @@
+// The CPU kernels compiled into one extension module (see layers/cpu_kernels.py); bound in cpu_ops.cpp.
+#pragma once
+
+#include <torch/types.h>
+
+#include <vector>
+
+// ggml_linear.cpp: y = x W^T over GGUF blocks.
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                        const torch::Tensor& minimum);
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale);
+
+// cpu_ops.cpp: the small per-layer ops of a decode step.
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                    const torch::Tensor& weight, double eps);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+void rotary_(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// attention/csrc/paged_decode_cpu.cpp: decode attention over the paged KV cache.
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t page_size,
+                           double scale);
