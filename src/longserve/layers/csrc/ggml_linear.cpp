@@ -6,8 +6,9 @@
 //       high nibble, as in the file), value = scale * code + minimum  (Q4_0: minimum = -8 scale; Q4_1: m).
 //   q8: 32 int8 codes per block, value = scale * code  (Q8_0).
 //
-// AVX2 + FMA where the CPU has them (a scalar loop otherwise). Each output is summed in a fixed order, so
-// results depend neither on the number of threads nor on what else is in the batch.
+// AVX-512 or AVX2 + FMA where the CPU has them (a scalar loop otherwise). Each output is summed in a fixed
+// order that does not depend on the number of threads; steps of at most kRowTile rows and larger steps take
+// different paths (direct dot products, expanded tiles), which round differently.
 #include <torch/types.h>
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "vec_math.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -52,91 +54,122 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// The direct path (at most kRowTile rows): y[r][c] = sum over blocks of scale * (codes . x_r) for kCols adjacent
+// output columns (kCols = 2 keeps two columns' independent FMA chains in flight: with one, the loop waits on
+// FMA latency). The minimum term of q4 (minimum * sum(x_r) per block) is added by the caller.
 #if defined(__AVX512F__)
 // AVX-512: a block's 32 codes as two 16-float vectors (codes 0-15, 16-31): half the instructions of AVX2.
-template <bool kQ4>
-void dot_rows_512(const void* codes, const float* scale, const float* minimum, const float* x, int64_t in,
-                  const float* x_sums, int64_t groups, int rows, float* out) {
-  // Two accumulator chains per row (even and odd blocks): one chain would wait on the FMA latency.
-  __m512 acc[kRowTile][2];
-  float offset[kRowTile] = {0};
-  for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+template <bool kQ4, int kCols, int rows>
+void dot_rows_512(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
+                  int64_t groups, float* out) {
+  // Two accumulator chains per row and column (even and odd blocks). Rows and columns are template constants so
+  // the accumulators stay in registers.
+  __m512 acc[kRowTile][kCols][2];
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 lo, hi;
-    if constexpr (kQ4) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(codes) + g * kHalf));
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(15))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15))));
-    } else {
-      const int8_t* q = static_cast<const int8_t*>(codes) + g * kGroup;
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kHalf))));
-    }
-    const __m512 d = _mm512_set1_ps(scale[g]);
-    for (int r = 0; r < rows; ++r) {
-      const float* xs = x + r * in + g * kGroup;
-      const __m512 block = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + kHalf), _mm512_mul_ps(lo, _mm512_loadu_ps(xs)));
-      acc[r][g & 1] = _mm512_fmadd_ps(d, block, acc[r][g & 1]);
-      if constexpr (kQ4) offset[r] += minimum[g] * x_sums[r * groups + g];
+    for (int c = 0; c < kCols; ++c) {
+      __m512 lo, hi;
+      const uint8_t* block_codes = codes + c * column_bytes;
+      if constexpr (kQ4) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_codes + g * kHalf));
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(15))));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15))));
+      } else {
+        const auto* q = reinterpret_cast<const __m128i*>(block_codes + g * kGroup);
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
+      }
+      const __m512 d = _mm512_set1_ps(scale[c * groups + g]);
+      for (int r = 0; r < rows; ++r) {
+        const float* xs = x + r * in + g * kGroup;
+        const __m512 block = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + kHalf), _mm512_mul_ps(lo, _mm512_loadu_ps(xs)));
+        acc[r][c][g & 1] = _mm512_fmadd_ps(d, block, acc[r][c][g & 1]);
+      }
     }
   }
-  for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + offset[r];
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < kCols; ++c) out[r * kCols + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
 }
 #endif
 
-// y[r] = sum over blocks of scale * (codes . x_r) (+ minimum * sum(x_r) for q4), for `rows` <= kRowTile rows.
-template <bool kQ4>
-void dot_rows(const void* codes, const float* scale, const float* minimum, const float* x, int64_t in,
-              const float* x_sums, int64_t groups, int rows, float* out) {
-  __m256 acc[kRowTile][2];  // two accumulator chains per row, as in dot_rows_512
-  float offset[kRowTile] = {0};
-  for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+template <bool kQ4, int kCols, int rows>
+void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
+              int64_t groups, float* out) {
+  __m256 acc[kRowTile][kCols][2];  // two accumulator chains per row and column, as in dot_rows_512
+  for (int r = 0; r < kRowTile; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 c[4];
-    if constexpr (kQ4) {
-      q4_codes(static_cast<const uint8_t*>(codes) + g * kHalf, c);
-    } else {
-      q8_codes(static_cast<const int8_t*>(codes) + g * kGroup, c);
-    }
-    const __m256 d = _mm256_set1_ps(scale[g]);
-    for (int r = 0; r < rows; ++r) {
-      const float* xs = x + r * in + g * kGroup;
-      __m256 block = _mm256_mul_ps(c[0], _mm256_loadu_ps(xs));
-      block = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xs + 8), block);
-      block = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xs + 16), block);
-      block = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xs + 24), block);
-      acc[r][g & 1] = _mm256_fmadd_ps(d, block, acc[r][g & 1]);
-      if constexpr (kQ4) offset[r] += minimum[g] * x_sums[r * groups + g];
+    for (int c = 0; c < kCols; ++c) {
+      __m256 v[4];
+      if constexpr (kQ4) {
+        q4_codes(codes + c * column_bytes + g * kHalf, v);
+      } else {
+        q8_codes(reinterpret_cast<const int8_t*>(codes + c * column_bytes) + g * kGroup, v);
+      }
+      const __m256 d = _mm256_set1_ps(scale[c * groups + g]);
+      for (int r = 0; r < rows; ++r) {
+        const float* xs = x + r * in + g * kGroup;
+        __m256 block = _mm256_mul_ps(v[0], _mm256_loadu_ps(xs));
+        block = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xs + 8), block);
+        block = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xs + 16), block);
+        block = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xs + 24), block);
+        acc[r][c][g & 1] = _mm256_fmadd_ps(d, block, acc[r][c][g & 1]);
+      }
     }
   }
-  for (int r = 0; r < rows; ++r) out[r] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < kCols; ++c) out[r * kCols + c] = horizontal_sum(_mm256_add_ps(acc[r][c][0], acc[r][c][1]));
 }
 #else
-template <bool kQ4>
-void dot_rows(const void* codes, const float* scale, const float* minimum, const float* x, int64_t in,
-              const float* x_sums, int64_t groups, int rows, float* out) {
+template <bool kQ4, int kCols, int rows>
+void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
+              int64_t groups, float* out) {
   for (int r = 0; r < rows; ++r) {
-    float total = 0.f, offset = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xs = x + r * in + g * kGroup;
-      float block = 0.f;
-      for (int j = 0; j < kGroup; ++j) {
-        float code;
-        if constexpr (kQ4) {
-          const uint8_t byte = static_cast<const uint8_t*>(codes)[g * kHalf + j % kHalf];
-          code = static_cast<float>(j < kHalf ? byte & 15 : byte >> 4);
-        } else {
-          code = static_cast<float>(static_cast<const int8_t*>(codes)[g * kGroup + j]);
+    for (int c = 0; c < kCols; ++c) {
+      const uint8_t* column = codes + c * column_bytes;
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* xs = x + r * in + g * kGroup;
+        float block = 0.f;
+        for (int j = 0; j < kGroup; ++j) {
+          float code;
+          if constexpr (kQ4) {
+            const uint8_t byte = column[g * kHalf + j % kHalf];
+            code = static_cast<float>(j < kHalf ? byte & 15 : byte >> 4);
+          } else {
+            code = static_cast<float>(reinterpret_cast<const int8_t*>(column)[g * kGroup + j]);
+          }
+          block += code * xs[j];
         }
-        block += code * xs[j];
+        total += scale[c * groups + g] * block;
       }
-      total += scale[g] * block;
-      if constexpr (kQ4) offset += minimum[g] * x_sums[r * groups + g];
+      out[r * kCols + c] = total;
     }
-    out[r] = total + offset;
   }
 }
 #endif
+
+template <bool kQ4, int kCols, int kRows>
+void direct_dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
+                     int64_t groups, float* out) {
+#if defined(__AVX512F__)
+  dot_rows_512<kQ4, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
+#else
+  dot_rows<kQ4, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
+#endif
+}
+
+template <bool kQ4, int kCols>
+void direct_dot(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
+                int64_t groups, int rows, float* out) {
+  switch (rows) {
+    case 1: return direct_dot_rows<kQ4, kCols, 1>(codes, column_bytes, scale, x, in, groups, out);
+    case 2: return direct_dot_rows<kQ4, kCols, 2>(codes, column_bytes, scale, x, in, groups, out);
+    case 3: return direct_dot_rows<kQ4, kCols, 3>(codes, column_bytes, scale, x, in, groups, out);
+    default: return direct_dot_rows<kQ4, kCols, 4>(codes, column_bytes, scale, x, in, groups, out);
+  }
+}
 
 // Larger steps: a thread expands 16 output columns at a time into float rows (the file's values, computed as
 // dequantization computes them: scale * code + minimum, rounded after each op), then multiplies every
@@ -282,19 +315,28 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, c
     });
     return y;
   }
-  at::parallel_for(0, out, kColumnsPerTask, [&](int64_t begin, int64_t end) {
-    float tile[kRowTile];
-    for (int64_t n = begin; n < end; ++n) {
+  const int64_t column_bytes = groups * bytes_per_group;
+  at::parallel_for(0, (out + 1) / 2, kColumnsPerTask / 2, [&](int64_t begin, int64_t end) {
+    float tile[kRowTile * 2];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t n = 2 * pair;
+      const int columns = n + 1 < out ? 2 : 1;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
         const int tile_rows = static_cast<int>(std::min<int64_t>(kRowTile, rows - r0));
-#if defined(__AVX512F__)
-        dot_rows_512<kQ4>(
-#else
-        dot_rows<kQ4>(
-#endif
-                      cp + n * groups * bytes_per_group, dp + n * groups, kQ4 ? minimum + n * groups : nullptr,
-                      xp + r0 * in, in, kQ4 ? sp + r0 * groups : nullptr, groups, tile_rows, tile);
-        for (int r = 0; r < tile_rows; ++r) yp[(r0 + r) * out + n] = tile[r];
+        const uint8_t* column_codes = cp + n * column_bytes;
+        if (columns == 2) {
+          direct_dot<kQ4, 2>(column_codes, column_bytes, dp + n * groups, xp + r0 * in, in, groups, tile_rows, tile);
+        } else {
+          direct_dot<kQ4, 1>(column_codes, column_bytes, dp + n * groups, xp + r0 * in, in, groups, tile_rows, tile);
+        }
+        for (int r = 0; r < tile_rows; ++r) {
+          for (int c = 0; c < columns; ++c) {
+            // q4's minimum term: sum over blocks of minimum * sum(x_r over the block), one vector dot
+            const float offset =
+                kQ4 ? longserve_cpu::dot(minimum + (n + c) * groups, sp + (r0 + r) * groups, groups) : 0.f;
+            yp[(r0 + r) * out + n + c] = tile[r * columns + c] + offset;
+          }
+        }
       }
     }
   });
