@@ -34,29 +34,31 @@ def binary(name: str = "llama-server", build: bool = True) -> Path | None:
 
 
 def _build() -> None:
+    """Download the sdist, then configure and build in the cache: an interrupted build resumes where it stopped."""
     if shutil.which("cmake") is None:
         raise RuntimeError("building llama-server needs cmake and a C++ compiler (apt install cmake g++)")
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={VERSION}", "-d", tmp],
-            check=True,
-        )  # fmt: skip
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(sdist) as archive:
-            archive.extractall(tmp, filter="data")
-        source = Path(tmp) / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
-        build = source / "build"
-        subprocess.run(
-            ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON",
-             "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        jobs = str(os.cpu_count() or 2)
-        subprocess.run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", jobs], check=True)
-        (CACHE / "bin").mkdir(parents=True, exist_ok=True)
-        for tool in TOOLS:
-            shutil.copy2(build / "bin" / tool, CACHE / "bin" / tool)
+    source = CACHE / "src" / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not (source / "CMakeLists.txt").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                 f"llama-cpp-python=={VERSION}", "-d", tmp],
+                check=True,
+            )  # fmt: skip
+            sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            with tarfile.open(sdist) as archive:
+                archive.extractall(CACHE / "src", filter="data")
+    build = source / "build"
+    subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON",
+         "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", jobs], check=True)
+    (CACHE / "bin").mkdir(parents=True, exist_ok=True)
+    for tool in TOOLS:
+        shutil.copy2(build / "bin" / tool, CACHE / "bin" / tool)
 
 
 if __name__ == "__main__":
