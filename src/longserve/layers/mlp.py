@@ -9,11 +9,6 @@ from torch import nn
 from longserve.layers.linear import Linear
 from longserve.layers.triton_support import use_triton
 
-# The compiled silu·mul saves per-op overhead on decode steps of a few rows; its scalar exp loses to torch's
-# vectorised silu on larger steps (serving 8-32 streams went from 148-157 to 193-230 tok/s when larger
-# steps returned to torch's).
-CPU_KERNEL_MAX_ROWS = 4
-
 
 class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
@@ -31,7 +26,6 @@ class SwiGLUMLP(nn.Module):
         gate_up = self.gate_up_proj(x)  # [tokens, 2 * inter]
         if (
             self.cpu_kernels is not None
-            and gate_up.shape[0] <= CPU_KERNEL_MAX_ROWS
             and gate_up.dtype == torch.float32
             and gate_up.device.type == "cpu"
         ):
