@@ -121,6 +121,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _worker_admission_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        default=None,
+        help="run the engine on a thread of the worker process, not in its own process (debugging)",
+    )
+    parser.add_argument(
         "--max-queue-len",
         type=int,
         help="requests that may wait for a worker slot; more get 429 (default 256)",
@@ -186,7 +192,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
-    keys += ("worker_address",)
+    keys += ("worker_address", "engine_in_process")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return ServeConfig.from_env(**values, **extra)
 

@@ -159,6 +159,9 @@ class ServeConfig:
     worker_stream_keepalive_s: float = 5.0
     request_timeout_s: float | None = None  # a whole generation request; None: no limit
     sse_keepalive_s: float = 15.0  # an SSE comment to a client whose stream has been silent this long
+    # The worker runs its engine core in a child process (its forward passes never share the worker's GIL);
+    # True keeps it on a thread of the worker process instead (tests, debugging).
+    engine_in_process: bool = False
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery"):

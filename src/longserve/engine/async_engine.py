@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from longserve.config import EngineConfig
-from longserve.engine.engine import LLMEngine, Request
+from longserve.engine.core_messages import EngineStats
+from longserve.engine.engine import LLMEngine
 from longserve.engine.outputs import RequestOutput
+from longserve.engine.request import Request, RequestLimits
 from longserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,20 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.engine.limits
+
+    @property
+    def ready(self) -> bool:
+        return not self._stopped.is_set()
+
+    def stats(self) -> EngineStats:
+        """Running and waiting sequences and KV cache usage. Read from the event loop while the engine thread
+        steps: len() and a float are safe, and a value one step stale is fine for dispatch and metrics."""
+        scheduler = self.engine.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage)
 
     async def generate(
         self,

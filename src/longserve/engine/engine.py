@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -14,10 +13,10 @@ from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
 from longserve.engine.cuda_graphs import DecodeGraphs
-from longserve.engine.detokenizer import IncrementalDetokenizer
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.outputs import CompletionOutput, RequestOutput
+from longserve.engine.request import Request, RequestLimits, build_request
 from longserve.engine.sampler import Sampler
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler
@@ -31,26 +30,6 @@ log = logging.getLogger(__name__)
 
 class CacheBusyError(RuntimeError):
     """The KV cache has too few free blocks right now (running requests hold them); retrying later may work."""
-
-
-@dataclass
-class Request:
-    """A validated request: its prompt, settings and the n sequences that generate for it."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer]
-    arrival_time: float
-    reported_tokens: list[int]  # per sequence: output tokens already handed out
-    reported_text: list[int]  # per sequence: characters of text already handed out
-    reported_logprobs: list[int]
-
-    @property
-    def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
 
 
 class LLMEngine:
@@ -127,6 +106,16 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request may ask of this engine (also handed to the engine core's clients)."""
+        return RequestLimits(
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            cache_capacity=self.cache_capacity,
+            eos_token_ids=sorted(self.tokenizer.eos_token_ids),
+        )
+
     def build_request(
         self,
         request_id: str,
@@ -134,57 +123,17 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         add_special_tokens: bool = True,  # False for chat-template output, which carries its own BOS
+        prompt_token_ids: list[int] | None = None,  # a text prompt's ids, already encoded
     ) -> Request:
         """Tokenize and validate without touching engine state (safe to call from another thread)."""
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        else:
-            text, token_ids = None, list(prompt)
-            bad = [
-                t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size
-            ]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}"
-                )
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        limit = min(self.max_model_len, self.cache_capacity)
-        requested = len(token_ids) + (params.max_tokens or 1)
-        if requested > limit:
-            raise ValueError(
-                f"this model's maximum context length is {limit} tokens, but the request needs {requested} "
-                f"({len(token_ids)} in the prompt, {params.max_tokens or 1} for the completion)"
-            )
-        max_total = limit if params.max_tokens is None else len(token_ids) + params.max_tokens
-        eos_ids = frozenset(self.tokenizer.eos_token_ids)
-        seqs = [
-            Sequence(request_id, i, token_ids, params, eos_token_ids=eos_ids, max_total_tokens=max_total)
-            for i in range(params.n)
-        ]
-        detokenizers = [
-            IncrementalDetokenizer(
-                self.tokenizer,
-                token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-            for _ in seqs
-        ]
-        zeros = [0] * params.n
-        return Request(
+        return build_request(
+            self.tokenizer,
+            self.limits,
             request_id,
-            text,
-            token_ids,
+            prompt,
             params,
-            seqs,
-            detokenizers,
-            time.monotonic(),
-            zeros,
-            list(zeros),
-            list(zeros),
+            add_special_tokens=add_special_tokens,
+            prompt_token_ids=prompt_token_ids,
         )
 
     def add_request(self, request: Request) -> None:

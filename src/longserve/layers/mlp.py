@@ -24,11 +24,7 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
         gate_up = self.gate_up_proj(x)  # [tokens, 2 * inter]
-        if (
-            self.cpu_kernels is not None
-            and gate_up.dtype == torch.float32
-            and gate_up.device.type == "cpu"
-        ):
+        if self.cpu_kernels is not None and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu":
             return self.down_proj(self.cpu_kernels.silu_mul(gate_up))
         if use_triton(gate_up) and gate_up.shape[0]:
             from longserve.layers.fused_triton import silu_mul

@@ -105,9 +105,20 @@ async def _serve(server: _Server, spec: AppSpec) -> None:
         ) from exc
 
 
+async def start_engine(engine_config: EngineConfig, serve_config: ServeConfig):
+    """The worker's engine: a core process behind an ``EngineCoreClient`` (the default), or an ``AsyncEngine``
+    thread in this process (``engine_in_process``)."""
+    if serve_config.engine_in_process:
+        from longserve.engine.async_engine import AsyncEngine
+
+        return await AsyncEngine.create(engine_config)
+    from longserve.engine.core_client import EngineCoreClient
+
+    return await EngineCoreClient.create(engine_config)
+
+
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
     """``longserve serve``: controller, one worker with the model and the API server, in this process."""
-    from longserve.engine.async_engine import AsyncEngine
     from longserve.serve.api_server import begin_shutdown, create_api_app
     from longserve.serve.controller import create_controller_app
     from longserve.serve.worker import create_worker_app
@@ -115,7 +126,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
     host = serve_config.host
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
     name = serve_config.model_name or model_display_name(engine_config.model)
-    engine = await AsyncEngine.create(engine_config)
+    engine = await start_engine(engine_config, serve_config)
     try:
         worker_app = create_worker_app(engine, serve_config, name)
         api_app = create_api_app(serve_config)
@@ -136,11 +147,10 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
 async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
     """``longserve worker``: one model worker that registers with a controller."""
-    from longserve.engine.async_engine import AsyncEngine
     from longserve.serve.worker import create_worker_app
 
     name = serve_config.model_name or model_display_name(engine_config.model)
-    engine = await AsyncEngine.create(engine_config)
+    engine = await start_engine(engine_config, serve_config)
     try:
         app = create_worker_app(engine, serve_config, name)
         spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port, engine.begin_shutdown)

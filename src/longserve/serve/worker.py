@@ -1,4 +1,4 @@
-"""Model worker: one AsyncEngine behind the worker HTTP API of ``worker_protocol``, registered with a controller.
+"""Model worker: one engine (an engine core process's client, or an in-process AsyncEngine) behind the worker HTTP API of ``worker_protocol``, registered with a controller.
 
 Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
 ``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, model_details,
@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from longserve.config import ServeConfig
 from longserve.engine.async_engine import AsyncEngine, EngineShutDown, RequestFailed
+from longserve.engine.core_client import EngineCoreClient
 from longserve.engine.engine import CacheBusyError
-from longserve.engine.engine import Request as EngineRequest
 from longserve.engine.outputs import RequestOutput
+from longserve.engine.request import Request as EngineRequest
 from longserve.serve.ndjson_stream import NdjsonStream
 from longserve.serve.worker_outputs import (
     OutputConverter,
@@ -51,14 +52,14 @@ from longserve.serve.worker_protocol import (
 from longserve.serve.worker_registration import ControllerLink
 
 log = logging.getLogger(__name__)
+# What a worker drives: both expose tokenizer, limits, stats(), build_request, stream, embed and shutdown.
+Engine = AsyncEngine | EngineCoreClient
 
 
 class ModelWorker:
     """Admission control (semaphore + in-flight count), request handling and the link to the controller."""
 
-    def __init__(
-        self, engine: AsyncEngine, config: ServeConfig, model_name: str, *, speed: float = 1.0
-    ) -> None:
+    def __init__(self, engine: Engine, config: ServeConfig, model_name: str, *, speed: float = 1.0) -> None:
         self.engine = engine
         self.config = config
         self.model_names = [model_name]
@@ -80,21 +81,18 @@ class ModelWorker:
     @property
     def context_length(self) -> int:
         """Longest prompt + completion a request may have: the model's limit or the whole KV cache."""
-        core = self.engine.engine
-        return min(core.max_model_len, core.cache_capacity)
+        return self.engine.limits.context_length
 
     def status(self) -> WorkerStatus:
-        core = self.engine.engine
-        # Read from the event loop while the engine thread steps: len() and a float are safe, and a value
-        # one step stale is fine for dispatch and metrics.
+        stats = self.engine.stats()  # as of the engine's last step: fine for dispatch and metrics
         return WorkerStatus(
             model_names=self.model_names,
             speed=self.speed,
             queue_length=self.in_flight,
             rejected=self.num_rejected,
-            running=len(core.scheduler.running),
-            waiting=len(core.scheduler.waiting),
-            kv_cache_usage=core.block_manager.usage,
+            running=stats.running,
+            waiting=stats.waiting,
+            kv_cache_usage=stats.kv_cache_usage,
             context_length=self.context_length,
         )
 
@@ -267,7 +265,7 @@ class ModelWorker:
             await link.stop()
 
 
-def create_worker_app(engine: AsyncEngine, config: ServeConfig, model_name: str) -> FastAPI:
+def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> FastAPI:
     """The worker's FastAPI app; its lifespan registers with ``config.controller_address`` (if set)."""
     worker = ModelWorker(engine, config, model_name)
 
