@@ -61,12 +61,14 @@ def test_outputs_equal_the_in_process_engine(tiny_llama_dir) -> None:
         assert [c.token_ids for c in ours.outputs] == [c.token_ids for c in theirs.outputs]
         assert [c.text for c in ours.outputs] == [c.text for c in theirs.outputs]
         assert [c.finish_reason for c in ours.outputs] == [c.finish_reason for c in theirs.outputs]
-        if theirs.outputs[0].logprobs is not None:  # equal up to fp32 noise: the batches may be cut differently
+        # Logprobs equal up to fp32 noise: the batches may be cut differently.
+        if theirs.outputs[0].logprobs is not None:
             pairs = list(zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True))
             pairs += list(zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:], strict=True))
             assert ours.prompt_logprobs[0] is None and len(pairs) == 10 + 3
             for a, b in pairs:
-                assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+                top_a, top_b = [t for t, _ in a.top], [t for t, _ in b.top]
+                assert (a.token_id, a.rank, top_a) == (b.token_id, b.rank, top_b)
                 assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
     assert count == 3 and len(embeddings[0]) > 0
     assert stats.running == 0 and stats.kv_cache_usage == 0.0
