@@ -101,14 +101,35 @@ def missing_requirement(system: str) -> str | None:
 
 
 def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads and reaped children) of a live process, from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # the command name (field 2) may contain spaces; fields after its closing parenthesis are fixed
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+    """CPU seconds (user + system, all threads and reaped children) of a live process and of its live
+    descendants (longserve's engine core runs in a child process), from /proc/<pid>/stat."""
+    stats = _proc_stats()
+    if pid not in stats:
         return float("nan")
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _) in stats.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, CPU jiffies of it and its reaped children) for every process."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # the command name (field 2) may contain spaces; fields after its closing parenthesis are fixed
+                fields = f.read().rsplit(")", 1)[1].split()
+            stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return stats
 
 
 @dataclass

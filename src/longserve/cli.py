@@ -38,6 +38,12 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--moba-full-layers", type=int, help="moba: last layers that keep dense attention (default 3)"
     )
     parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching turns it off)",
+    )
     parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
@@ -66,6 +72,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

@@ -31,6 +31,9 @@ class EngineConfig:
     moba_topk: int = 12  # moba: blocks each query attends, its own block included
     moba_full_layers: int = 3  # moba: how many of the last layers keep dense attention
     block_size: int = 16  # tokens per KV cache block
+    enable_prefix_caching: bool = (
+        True  # full KV blocks stay cached by content and are reused by later prompts
+    )
     # KV cache size; the number of blocks follows from it. Memory is committed only as blocks are first used;
     # 1 GiB holds 64 streams of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt.
     kv_cache_memory_mb: int = 1024

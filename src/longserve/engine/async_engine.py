@@ -83,8 +83,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """Running and waiting sequences and KV cache usage. Read from the event loop while the engine thread
         steps: len() and a float are safe, and a value one step stale is fine for dispatch and metrics."""
-        scheduler = self.engine.scheduler
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage)
+        return self.engine.stats()
 
     async def generate(
         self,

@@ -106,6 +106,7 @@ class _Stream:
             finished=delta.finished,
             prompt_logprobs=self.prompt_logprobs if request.params.prompt_logprobs is not None else None,
             error=delta.error,
+            num_cached_tokens=delta.num_cached_tokens,
         )
 
 

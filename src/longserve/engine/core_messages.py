@@ -67,12 +67,15 @@ class OutputDelta(msgspec.Struct):
     finished: bool
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output only
+    num_cached_tokens: int = 0
 
 
 class EngineStats(msgspec.Struct):
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of usable KV blocks held by sequences
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the engine started
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 class StepOutputs(msgspec.Struct, tag=True):

@@ -154,11 +154,17 @@ class EngineCoreLoop:
             )
             for c in output.outputs
         ]
-        return OutputDelta(output.request_id, completions, output.finished, output.error, prompt_logprobs)
+        return OutputDelta(
+            output.request_id,
+            completions,
+            output.finished,
+            output.error,
+            prompt_logprobs,
+            output.num_cached_tokens,
+        )
 
     def stats(self) -> EngineStats:
-        scheduler = self.engine.scheduler
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage)
+        return self.engine.stats()
 
 
 if __name__ == "__main__":

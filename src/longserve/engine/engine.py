@@ -12,6 +12,7 @@ from longserve.attention.backend import layer_backends
 from longserve.attention.metadata import build_attention_metadata
 from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
+from longserve.engine.core_messages import EngineStats
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_runner import ModelRunner
@@ -79,7 +80,16 @@ class LLMEngine:
             mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype,
             device=self.device, gate_keys=config.attention == "moba" and self.device.type == "cuda",
         )  # fmt: skip
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            # MoBA keeps one mean key per MoBA block in the cache block holding its first token, so only
+            # whole MoBA blocks are shared.
+            match_granularity=config.moba_chunk_size // config.block_size
+            if config.attention == "moba"
+            else 1,
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -151,6 +161,17 @@ class LLMEngine:
         for seq in request.seqs:
             self.scheduler.finish(seq, FinishReason.ABORT)
         self._finished_outputs.append(self._output(request))
+
+    def stats(self) -> EngineStats:
+        """Running and waiting sequences, KV cache usage and prefix cache counters."""
+        blocks = self.block_manager
+        return EngineStats(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            blocks.usage,
+            blocks.prefix_queries,
+            blocks.prefix_hits,
+        )
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)
@@ -240,6 +261,7 @@ class LLMEngine:
             self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits)
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed(item.seq)
 
         rows = [(i, plan.scheduled[i].seq) for i in result.sample_index]
         rows = [(i, seq) for i, seq in rows if seq.request_id in self.requests]  # not failed meanwhile
@@ -358,6 +380,7 @@ class LLMEngine:
             completions,
             finished=request.finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
         )
 
 

@@ -1,22 +1,55 @@
-"""Block manager: owns the paged KV cache's block ids, hands them to sequences and takes every one back."""
+"""Block manager: owns the paged KV cache's block ids, hands them to sequences and takes every one back, and
+keeps full blocks cached by their contents (prefix caching) until their memory is needed.
+
+A full block is keyed by its token ids chained onto its predecessor's key, so equal keys mean an equal prefix
+up to and including that block: its KV is the same and another sequence may read it instead of recomputing.
+Blocks are reference-counted; a cached block whose last holder ends stays cached (evictable), and when no
+never-cached block is free, the least recently released cached block is taken back first.
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from longserve.engine.sequence import Sequence
 
 PAD_BLOCK = 0  # never handed out: padded gathers read it, so it stays zero
 
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, or the salt; this block's tokens)
+
 
 class BlockManager:
-    """Fixed-size blocks of ``block_size`` token slots; a sequence's block table maps its positions to them."""
+    """Fixed-size blocks of ``block_size`` token slots; a sequence's block table maps its positions to them.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    With ``enable_prefix_caching``, ``match_prefix`` finds the cached blocks a new sequence may start from, in
+    whole groups of ``match_granularity`` blocks (MoBA keeps one mean key per MoBA block, so it shares only
+    whole MoBA blocks); ``cache_computed`` registers a sequence's blocks as they fill.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = False,
+        match_granularity: int = 1,
+        salt: int = 0,  # mixed into the first block's key: anything else that changes the KV
+    ) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (one is the pad block), got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.match_granularity = max(1, match_granularity)
+        self.salt = salt
         # A stack: recently freed blocks (memory already committed) are reused first, lowest ids at the start.
         self._free: list[int] = list(range(num_blocks - 1, 0, -1))
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, BlockKey] = {}  # cached blocks
+        self._block_of: dict[BlockKey, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recent first
+        self.prefix_queries = 0  # prompt tokens looked up in the cache
+        self.prefix_hits = 0  # of those, found cached
 
     @property
     def num_usable_blocks(self) -> int:
@@ -24,11 +57,16 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a sequence may be given now: never-cached free blocks plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._key_of)
 
     @property
     def usage(self) -> float:
-        """Fraction of usable blocks held by sequences (0..1)."""
+        """Fraction of usable blocks held by sequences (0..1); cached blocks nobody holds count as free."""
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -43,9 +81,118 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
-        seq.block_table.extend(self._free.pop() for _ in range(needed))
+        for _ in range(needed):
+            block = self._free.pop() if self._free else self._evict()
+            self._refs[block] = 1
+            seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        """Return every block of ``seq`` (finished, aborted or preempted)."""
-        self._free.extend(reversed(seq.block_table))
+        """Release every block of ``seq`` (finished, aborted or preempted); cached ones stay cached.
+
+        The tail is released first, so under pressure a sequence's last blocks are evicted before its first
+        ones (a shorter shared prefix stays useful; a longer one without its start is not).
+        """
+        for block in reversed(seq.block_table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         seq.block_table = []
+        seq.block_keys = []
+
+    # ---- prefix caching -------------------------------------------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest prefix of ``seq``'s tokens, in whole groups; the last token is
+        never covered (its logits are needed)."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens = seq.token_ids()
+        full = (len(tokens) - 1) // self.block_size
+        blocks: list[int] = []
+        parent = self.salt
+        for index in range(full):
+            key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+            parent = hash(key)
+        return blocks[: len(blocks) // self.match_granularity * self.match_granularity]
+
+    def can_start(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
+        """Whether ``seq`` (holding no blocks) fits ``num_tokens`` positions when it starts from ``hits``."""
+        needed = -(-num_tokens // self.block_size) - len(hits)
+        held_by_nobody = sum(1 for block in hits if self._refs[block] == 0)  # these leave the free pool
+        return needed <= self.num_free_blocks - held_by_nobody
+
+    def start_from(self, seq: Sequence, hits: list[int]) -> None:
+        """Give ``seq`` the cached blocks ``hits`` (from ``match_prefix``): their tokens count as computed.
+        Every admission comes through here, so it counts the lookup (``prefix_queries``, ``prefix_hits``)."""
+        assert not seq.block_table, "start_from is for a sequence that holds no blocks"
+        for block in hits:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        seq.block_table = list(hits)
+        seq.block_keys = [self._key_of[block] for block in hits]
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_computed_tokens
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Register the blocks of ``seq`` that are now full of computed tokens (after a step)."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if len(seq.block_keys) >= full:
+            return
+        tokens = seq.token_ids()
+        for index in range(len(seq.block_keys), full):
+            parent = hash(seq.block_keys[-1]) if seq.block_keys else self.salt
+            key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
+            seq.block_keys.append(key)
+            block = seq.block_table[index]
+            if key not in self._block_of and block not in self._key_of:
+                # (a key already cached elsewhere: another sequence computed the same prefix at the same
+                # time; this copy stays private and is freed as usual)
+                self._block_of[key] = block
+                self._key_of[block] = key
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block nobody holds (blocks in use stay cached until released)."""
+        for block in list(self._evictable):
+            self._uncache(block)
+            self._free.append(block)
+        self._evictable.clear()
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        self._uncache(block)
+        return block
+
+    def _uncache(self, block: int) -> None:
+        key = self._key_of.pop(block)
+        del self._block_of[key]
+
+    def check_invariants(self, holders: list[Sequence]) -> None:
+        """Every block is free, evictable or held, each held block's count equals its holders (tests)."""
+        counts = [0] * self.num_blocks
+        for seq in holders:
+            for block in seq.block_table:
+                counts[block] += 1
+        assert counts == self._refs, "reference counts differ from the sequences' block tables"
+        free, evictable = set(self._free), set(self._evictable)
+        assert len(free) == len(self._free) and not free & evictable, "a block is free twice"
+        for block in range(1, self.num_blocks):
+            held = counts[block] > 0
+            assert held + (block in free) + (block in evictable) == 1, (
+                f"block {block} is lost or doubly owned"
+            )
+            assert (block in evictable) <= (block in self._key_of), "an evictable block is not cached"
+        assert all(self._block_of[key] == block for block, key in self._key_of.items())

@@ -35,6 +35,7 @@ class RequestOutput:
     # Set on the last output of a request that failed (sampling, detokenizing or its forward pass); its
     # completions then end with finish_reason "abort". Other requests of the same step are unaffected.
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

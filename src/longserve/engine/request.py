@@ -85,6 +85,8 @@ def build_request(
         Sequence(request_id, i, token_ids, params, eos_token_ids=eos_ids, max_total_tokens=max_total)
         for i in range(params.n)
     ]
+    for seq in seqs[1:]:
+        seq.leader = seqs[0]
     detokenizers = [
         IncrementalDetokenizer(
             tokenizer,

@@ -83,14 +83,27 @@ class Scheduler:
             budget -= count
             index += 1
 
-        # New or preempted work joins only when nobody was pushed out this step, so nothing thrashes.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            count = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+        # New or preempted work joins only when nobody was pushed out this step, so nothing thrashes. It starts
+        # from its longest cached prefix (a preempted sequence recomputes only what was evicted meanwhile).
+        index = 0
+        while (
+            index < len(self.waiting)
+            and budget > 0
+            and not preempted
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[index]
+            if self._waits_for_leader(seq):
+                index += 1
+                continue
+            hits = self.blocks.match_prefix(seq) if seq.params.prompt_logprobs is None else []
+            cached = len(hits) * self.blocks.block_size
+            count = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_start(seq, hits, cached + count):
                 break
-            self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed_tokens + count)
+            del self.waiting[index]
+            self.blocks.start_from(seq, hits)
+            self.blocks.grow(seq, cached + count)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, count))
@@ -99,9 +112,19 @@ class Scheduler:
         scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first, each group in arrival order
         return SchedulerOutput(scheduled, preempted)
 
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Completions 1.. of an n > 1 request start once the first has cached the shared prompt blocks."""
+        leader = seq.leader
+        if leader is None or leader.is_finished or seq.params.prompt_logprobs is not None:
+            return False
+        if not self.blocks.enable_prefix_caching:
+            return False
+        shared = (leader.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
+        return leader.num_computed_tokens < shared
+
     def _preempt(self, seq: Sequence) -> Sequence:
         """Drop the sequence's KV; it will be recomputed (prompt + output so far) when rescheduled."""
-        self.blocks.free(seq)
+        self.blocks.free(seq)  # its full blocks stay cached until evicted
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

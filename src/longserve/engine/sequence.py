@@ -59,6 +59,12 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: float | None = None
+    # Prefix caching: the cache keys of this sequence's leading full blocks (kv_cache.BlockKey), the prompt
+    # tokens found cached when it was first scheduled, and for completion 1.. of an n > 1 request the
+    # sequence that prefills the shared prompt first.
+    block_keys: list = field(default_factory=list)
+    num_cached_tokens: int = 0
+    leader: Sequence | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -13,6 +13,7 @@ import time
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from longserve.serve.worker_protocol import ListWorkersResponse, WorkerInfo, WorkerStatus, WorkerStreamChunk
 
@@ -22,6 +23,27 @@ SCRAPE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)  # a scrape must not hang on on
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+
+class _PrefixCacheCounters:
+    """``vllm:prefix_cache_queries_total`` / ``_hits_total``: the workers' own running totals (in tokens), as
+    of the last refresh, exposed as counters."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, tuple[int, int]] = {}  # model name -> (queries, hits)
+
+    def collect(self):
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=["model_name"]
+        )
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model_name"]
+        )
+        for name, (q, h) in self.totals.items():
+            queries.add_metric([name], q)
+            hits.add_metric([name], h)
+        yield queries
+        yield hits
 
 
 class ApiMetrics:
@@ -87,6 +109,8 @@ class ApiMetrics:
             ["model_name", "worker"],
             registry=r,
         )
+        self.prefix_cache = _PrefixCacheCounters()
+        r.register(self.prefix_cache)
         self.rejected = Counter(
             "longserve:api_requests_rejected",
             "Requests this API server answered with 429, by reason.",
@@ -106,6 +130,7 @@ class ApiMetrics:
         per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected)
         for gauge in (self.running, self.waiting, self.workers, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
+        totals: dict[str, tuple[int, int]] = {}
         for info, status in zip(workers, statuses, strict=True):
             # A worker serving several names counts once, under its first one.
             name = status.model_names[0] if status.model_names else "unknown"
@@ -115,6 +140,9 @@ class ApiMetrics:
             self.worker_queue_length.labels(name, info.worker_address).set(status.queue_length)
             self.worker_rejected.labels(name, info.worker_address).set(status.rejected)
             self.workers.labels(name).inc()
+            queries, hits = totals.get(name, (0, 0))
+            totals[name] = (queries + status.prefix_cache_queries, hits + status.prefix_cache_hits)
+        self.prefix_cache.totals = totals
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

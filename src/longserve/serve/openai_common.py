@@ -17,7 +17,7 @@ from longserve.engine.sampling_params import SamplingParams
 from longserve.serve.errors import APIError, ClientDisconnected
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.keepalive import with_keepalive
-from longserve.serve.protocol import SamplingRequest, UsageInfo
+from longserve.serve.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
 from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, Usage
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ def add_usage(total: UsageInfo, usage: Usage | None) -> None:
         total.prompt_tokens += usage.prompt_tokens
         total.completion_tokens += usage.completion_tokens
         total.total_tokens += usage.total_tokens
+        if usage.cached_tokens:  # OpenAI's shape: usage.prompt_tokens_details.cached_tokens
+            details = total.prompt_tokens_details or PromptTokensDetails()
+            details.cached_tokens += usage.cached_tokens
+            total.prompt_tokens_details = details
 
 
 async def sse_events(body: AsyncIterator[str], keepalive_s: float) -> AsyncIterator[str]:

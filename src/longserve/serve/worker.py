@@ -94,6 +94,8 @@ class ModelWorker:
             waiting=stats.waiting,
             kv_cache_usage=stats.kv_cache_usage,
             context_length=self.context_length,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
         )
 
     def check_model(self, model: str) -> None:

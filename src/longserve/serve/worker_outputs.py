@@ -140,4 +140,9 @@ class OutputConverter:
     @staticmethod
     def usage(output: RequestOutput) -> Usage:
         prompt, completion = output.num_prompt_tokens, output.num_generated_tokens
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            cached_tokens=output.num_cached_tokens,
+        )

@@ -38,6 +38,8 @@ class WorkerStatus(BaseModel):
     waiting: int = 0  # sequences queued in the engine
     kv_cache_usage: float = 0.0  # fraction of KV blocks held (0..1)
     context_length: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the worker started
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -145,6 +147,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
 
 
 class CompletionDelta(BaseModel):
