@@ -21,7 +21,8 @@ Systems (names used by `--systems`):
       34.4; 2 threads + OMP_WAIT_POLICY=PASSIVE 26.9.
     So one thread per call only wins when the machine is shared; both variants are measured and the better one
     is the reference.
-  * `engine` / `engine-int8`: the same requests through `longserve.AsyncEngine` in a fresh subprocess, no HTTP
+  * `engine` / `engine-int8`: the same requests through the engine core process (`EngineCoreClient`, as the
+    worker drives it) from a fresh subprocess, no HTTP
     (chat template applied in-process, as the API server does): the API-server hop's cost is the difference.
 
 Both llama.cpp variants run with `--interrupt_requests False`: by default the server ends a running stream as soon
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -53,6 +55,7 @@ SERVER_SYSTEMS = (
     "longserve-none",
     "longserve-int8",
     "longserve-gguf",
+    "longserve-nocache",
     "llama-server",
     "llamacpp",
     "llamacpp-1t",
@@ -61,14 +64,15 @@ ENGINE_SYSTEMS = ("engine", "engine-int8")
 ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
 LABELS = {
     "longserve": "longserve (default: GGUF blocks)",
+    "longserve-nocache": "longserve --no-enable-prefix-caching",
     "longserve-none": "longserve exact fp32",
     "longserve-int8": "longserve int8",
     "longserve-gguf": "longserve (GGUF blocks)",
     "llama-server": "llama.cpp llama-server (C++)",
     "llamacpp": "llama.cpp server (as installed)",
     "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",
-    "engine": "AsyncEngine direct (fp32)",
-    "engine-int8": "AsyncEngine direct int8",
+    "engine": "engine core direct (default)",
+    "engine-int8": "engine core direct int8",
 }
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
@@ -114,6 +118,16 @@ def proc_cpu_s(pid: int) -> float:
                 tree.add(child)
                 frontier.append(child)
     return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def discount(cont: dict, cpu_s: float) -> dict:
+    """``contention()`` counts only this process as its own: take the system under test's CPU out of
+    "others" too (a server process and its children, or this process's engine core child)."""
+    if math.isnan(cpu_s):
+        return cont
+    others = max(0.0, cont["others_cpu_s"] - max(0.0, cpu_s - cont["own_cpu_s"]))
+    share = others / max(cont["wall_s"] * (os.cpu_count() or 1), 1e-9)
+    return cont | {"system_cpu_s": cpu_s, "others_cpu_s": others, "others_share": share}
 
 
 def _proc_stats() -> dict[int, tuple[int, int]]:
@@ -173,19 +187,34 @@ class Server:
         return {"how": how, "returncode": self.proc.returncode, "stop_s": time.perf_counter() - t0}
 
 
-def server_command(system: str, model_path: Path, threads: int) -> tuple[list[str], dict[str, str], str]:
-    """(argv, extra environment, model name clients send) for one server system."""
+def server_command(
+    system: str, model_path: Path, threads: int, llama_slots: int = 16, llama_context: int = 8192
+) -> tuple[list[str], dict[str, str], str]:
+    """(argv, extra environment, model name clients send) for one server system. llama-server splits its
+    context evenly over its slots (8192 / 16: 512 tokens per request by default)."""
     port = free_port()
     if system.startswith("longserve"):
         cmd = [sys.executable, "-m", "longserve.cli", "serve", "--port", str(port)]
         cmd += ["--controller-port", str(free_port()), "--worker-port", str(free_port())]
-        if system != "longserve":
+        if system == "longserve-nocache":
+            cmd += ["--no-enable-prefix-caching"]
+        elif system != "longserve":
             cmd += ["--quantization", system.split("-")[1]]
         # the default model is exactly model_path; passing no --model exercises the newcomer's path
         return cmd, {}, "SmolLM2-135M-Instruct"
     if system == "llama-server":
         cmd = [str(_llama_server.binary()), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["-t", str(threads), "-tb", str(threads), "-c", "8192", "-np", "16", "-cb"]
+        cmd += [
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            str(llama_context),
+            "-np",
+            str(llama_slots),
+            "-cb",
+        ]
         return cmd + ["--alias", "SmolLM2-135M-Instruct"], {}, "SmolLM2-135M-Instruct"
     per_call = 1 if system == "llamacpp-1t" else threads
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1"]
@@ -199,9 +228,9 @@ def server_command(system: str, model_path: Path, threads: int) -> tuple[list[st
     return cmd, env, "SmolLM2-135M-Instruct"
 
 
-def start_server(system: str, model_path: Path, threads: int, log_dir: Path) -> Server:
+def start_server(system: str, model_path: Path, threads: int, log_dir: Path, **options) -> Server:
     """Start one server and wait until /v1/models lists its model; raises RuntimeError with the log's tail."""
-    cmd, extra_env, model = server_command(system, model_path, threads)
+    cmd, extra_env, model = server_command(system, model_path, threads, **options)
     port = cmd[cmd.index("--port") + 1]
     log_path = log_dir / f"{system}.log"
     env = dict(os.environ) | extra_env | {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -253,13 +282,14 @@ def run_engine_phases(system: str, spec: dict) -> dict:
     """Load the engine as `longserve serve` does, then run each phase of the spec; returns per-phase results."""
     from _bench_util import CONTENTION_WARN, contention, cpu_snapshot, wait_for_idle
 
-    from longserve import AsyncEngine, EngineConfig, SamplingParams
+    from longserve import EngineConfig, SamplingParams
     from longserve.clients.bench_results import RequestResult, make_result, run_requests, summarize
+    from longserve.engine.core_client import EngineCoreClient
 
     async def main() -> dict:
         quantization = "int8" if system == "engine-int8" else None
         t0 = time.perf_counter()
-        engine = await AsyncEngine.create(EngineConfig.from_env(quantization=quantization))
+        engine = await EngineCoreClient.create(EngineConfig.from_env(quantization=quantization))
         load_s = time.perf_counter() - t0
         tokenizer = engine.tokenizer
         prompts = [
@@ -306,9 +336,10 @@ def run_engine_phases(system: str, spec: dict) -> dict:
                 for _ in range(spec.get("retries", 0) + 1):
                     if spec.get("wait_idle", 0) > 0:
                         wait_for_idle(spec["wait_idle"])
-                    before = cpu_snapshot()
+                    before, tree0 = cpu_snapshot(), proc_cpu_s(os.getpid())
                     results, duration, peak = await run_requests(request, n, conc)
-                    cont = contention(before)  # the engine runs in this process: its CPU is our own
+                    # the engine core is our child process: its CPU is our own too, not interference
+                    cont = discount(contention(before), proc_cpu_s(os.getpid()) - tree0)
                     summary = summarize(results, conc, duration, peak)
                     finish = sorted({str(r.finish_reason) for r in results})
                     attempt = {"concurrency": conc, "summary": asdict(summary), "contention": cont}
@@ -318,7 +349,7 @@ def run_engine_phases(system: str, spec: dict) -> dict:
                 phases.append(least_contended(attempts))
             return {"ok": True, "load_s": load_s, "phases": phases}
         finally:
-            engine.shutdown()
+            await engine.ashutdown()
 
     return asyncio.run(main())
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from _serve_systems import (
     ALL_SYSTEMS,
     ENGINE_SYSTEMS,
     LABELS,
+    discount,
     least_contended,
     missing_requirement,
     proc_cpu_s,
@@ -150,11 +149,7 @@ def measure_phase(system: str, config: BenchConfig, args: argparse.Namespace, se
         result = asyncio.run(run_load(config))
         cont = contention(before)
         # contention() counts only this process as "own": the server's CPU is ours too, not interference
-        server_cpu = proc_cpu_s(server_pid) - server_cpu0
-        if not math.isnan(server_cpu):
-            cont["server_cpu_s"] = server_cpu
-            cont["others_cpu_s"] = max(0.0, cont["others_cpu_s"] - server_cpu)
-            cont["others_share"] = cont["others_cpu_s"] / max(cont["wall_s"] * (os.cpu_count() or 1), 1e-9)
+        cont = discount(cont, cont["own_cpu_s"] + proc_cpu_s(server_pid) - server_cpu0)
         s = result.summary
         print(
             f"[bench] {LABELS[system]} c={config.concurrency}: {s.completed}/{s.num_requests} ok, "

@@ -141,6 +141,13 @@ def test_longserve_serve_starts_answers_and_stops_on_ctrl_c(tiny_model_cache, mo
         wait_until(lambda: _listed_models(client) == [MODEL], what="the model to be listed")
         out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
         assert out.usage.completion_tokens >= 1
+        # The engine core process caches full prompt blocks: the same prompt again reads all but the last
+        # (partial) block from the cache, and usage says so in OpenAI's shape.
+        prompt = "one two three four five six seven eight nine ten " * 6
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        full_blocks = (again.usage.prompt_tokens - 1) // 16 * 16
+        assert full_blocks >= 32 and again.usage.prompt_tokens_details.cached_tokens == full_blocks
         chat = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "Hi"}],
