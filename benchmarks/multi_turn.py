@@ -89,7 +89,9 @@ async def chat_turn(
 
 async def run_workload(base_url: str, model: str, conversations: int, turns: int, max_tokens: int) -> dict:
     timeout = aiohttp.ClientTimeout(total=900)
-    connector = aiohttp.TCPConnector(limit=conversations)
+    # A fresh connection per turn: llama-server closes idle keep-alive connections, and a reused one that it
+    # closed fails the request.
+    connector = aiohttp.TCPConnector(limit=conversations, force_close=True)
     system = system_prompt()
     records: list[dict] = []
 
