@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     controller.add_argument(
         "--port", type=int, dest="controller_port", help="controller port (default 21001)"
     )
-    controller.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"])
+    controller.add_argument("--dispatch-method", choices=["shortest_queue", "lottery", "cache_aware"])
     controller.add_argument("--heart-beat-expiration", type=float, dest="heart_beat_expiration_s")
     controller.set_defaults(handler=_run_server)
     worker = commands.add_parser("worker", help="one model worker that registers with a controller")

@@ -148,7 +148,8 @@ class ServeConfig:
     )
     model_name: str | None = None  # name served to clients; default: derived from the model path
     api_keys: tuple[str, ...] = ()  # empty: no authentication (LONGSERVE_API_KEYS: comma-separated)
-    dispatch_method: str = "shortest_queue"  # or "lottery"
+    dispatch_method: str = "shortest_queue"  # or "lottery", or "cache_aware" (prefers the worker holding
+    # the longest part of the prompt's prefix, within a load margin; serve/prefix_routing.py)
     heart_beat_interval_s: float = 15.0
     heart_beat_expiration_s: float = 45.0
     worker_concurrency: int = 64  # requests a worker admits at once (its semaphore)
@@ -167,9 +168,10 @@ class ServeConfig:
     engine_in_process: bool = False
 
     def __post_init__(self) -> None:
-        if self.dispatch_method not in ("shortest_queue", "lottery"):
+        if self.dispatch_method not in ("shortest_queue", "lottery", "cache_aware"):
             raise ValueError(
-                f"dispatch_method must be 'shortest_queue' or 'lottery', got {self.dispatch_method!r}"
+                "dispatch_method must be 'shortest_queue', 'lottery' or 'cache_aware', "
+                f"got {self.dispatch_method!r}"
             )
         if self.heart_beat_expiration_s <= self.heart_beat_interval_s:
             raise ValueError("heart_beat_expiration_s must be larger than heart_beat_interval_s")

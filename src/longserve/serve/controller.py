@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from longserve.config import ServeConfig
+from longserve.serve.prefix_routing import PrefixIndex
 from longserve.serve.worker_protocol import (
     ControllerStatus,
     ErrorInfo,
@@ -45,7 +46,11 @@ from longserve.serve.worker_protocol import (
 
 logger = logging.getLogger(__name__)
 
-DISPATCH_METHODS = ("shortest_queue", "lottery")
+DISPATCH_METHODS = ("shortest_queue", "lottery", "cache_aware")
+# cache_aware sends a prompt to the worker that last got the longest part of its prefix, unless that worker
+# has this many more requests in flight (per unit of speed) than the least loaded one: a cache hit saves a
+# prefill, a long queue costs every request in it.
+CACHE_AWARE_MAX_IMBALANCE = 8.0
 # A worker that takes longer than this to report its status during refresh_all_workers is treated as gone.
 REFRESH_TIMEOUT_S = 5.0
 
@@ -86,6 +91,7 @@ class Controller:
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
         self._workers: dict[str, _WorkerRecord] = {}
+        self.prefixes = PrefixIndex()  # cache_aware: where each fingerprinted prefix was last sent
 
     @classmethod
     def from_config(
@@ -154,6 +160,7 @@ class Controller:
         """Forget a worker; False when it was not registered."""
         removed = self._workers.pop(_normalize(worker_address), None) is not None
         if removed:
+            self.prefixes.forget(_normalize(worker_address))
             logger.info("removed worker %s", _normalize(worker_address))
         return removed
 
@@ -163,6 +170,7 @@ class Controller:
         expired = [address for address, record in self._workers.items() if not self._is_live(record, now)]
         for address in expired:
             del self._workers[address]
+            self.prefixes.forget(address)
             logger.info("expired worker %s (no heartbeat for %.1f s)", address, self.heart_beat_expiration_s)
         return expired
 
@@ -208,8 +216,11 @@ class Controller:
 
     # ---- dispatch -------------------------------------------------------------------------------------------
 
-    def get_worker_address(self, model: str, exclude: Iterable[str] = ()) -> str:
-        """A live worker serving ``model`` and not in ``exclude``; "" when there is none."""
+    def get_worker_address(
+        self, model: str, exclude: Iterable[str] = (), fingerprint: list[int] | None = None
+    ) -> str:
+        """A live worker serving ``model`` and not in ``exclude``; "" when there is none. ``fingerprint`` (the
+        prompt's, see ``prefix_routing``) steers ``cache_aware`` dispatch."""
         excluded = {_normalize(address) for address in exclude}
         candidates = [
             (address, rec)
@@ -220,7 +231,25 @@ class Controller:
             return ""
         if self.dispatch_method == "lottery":
             return self._pick_lottery(candidates)
+        if self.dispatch_method == "cache_aware" and fingerprint:
+            address = self._pick_cache_aware(candidates, fingerprint)
+            self.prefixes.record(fingerprint, address)
+            return address
         return self._pick_shortest_queue(candidates)
+
+    def _pick_cache_aware(self, candidates: list[tuple[str, _WorkerRecord]], fingerprint: list[int]) -> str:
+        depth = self.prefixes.matched_chunks(fingerprint)
+        least = min(_load(rec.status) for _, rec in candidates)
+        warm = [
+            (depth[address], -_load(rec.status), address, rec)
+            for address, rec in candidates
+            if depth.get(address, 0) > 0 and _load(rec.status) <= least + CACHE_AWARE_MAX_IMBALANCE
+        ]
+        if not warm:
+            return self._pick_shortest_queue(candidates)
+        _, _, address, record = max(warm, key=lambda item: item[:3])
+        record.status.queue_length += 1
+        return address
 
     def _pick_shortest_queue(self, candidates: list[tuple[str, _WorkerRecord]]) -> str:
         loads = [_load(rec.status) for _, rec in candidates]
@@ -353,7 +382,7 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
 
     @app.post("/get_worker_address")
     async def get_worker_address(body: GetWorkerAddressRequest, request: Request) -> GetWorkerAddressResponse:
-        address = get_state(request).controller.get_worker_address(body.model, body.exclude)
+        address = get_state(request).controller.get_worker_address(body.model, body.exclude, body.fingerprint)
         return GetWorkerAddressResponse(address=address)
 
     @app.post("/report_unresponsive_worker")

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from longserve.serve.errors import APIError, ClientDisconnected, service_unavailable
 from longserve.serve.metrics import RequestRecorder
+from longserve.serve.prefix_routing import prompt_fingerprint
 from longserve.serve.upstream import Upstream, ndjson_lines
 from longserve.serve.worker_protocol import ErrorInfo, WorkerGenerateRequest, WorkerStreamChunk
 
@@ -147,7 +148,8 @@ class Generation:
     async def _read(self, prompt: int, payload: WorkerGenerateRequest) -> None:
         put = self._queue.put_nowait
         try:
-            async with self.upstream.open_stream(self.model, STREAM_PATH, payload) as response:
+            fingerprint = prompt_fingerprint(payload.prompt)  # a few µs; steers cache_aware dispatch
+            async with self.upstream.open_stream(self.model, STREAM_PATH, payload, fingerprint) as response:
                 async for line in ndjson_lines(response.content):
                     chunk = WorkerStreamChunk.model_validate_json(line)
                     put(_Item(prompt, chunk=chunk))

@@ -152,9 +152,9 @@ class Upstream:
     async def list_models(self) -> list[str]:
         return (await self._controller("/list_models", None, ListModelsResponse)).models
 
-    async def pick_worker(self, model: str, exclude: list[str]) -> str:
+    async def pick_worker(self, model: str, exclude: list[str], fingerprint: list[int] | None = None) -> str:
         """A worker address for ``model``: 404 if no worker ever serves it, 503 if none can take it now."""
-        request = GetWorkerAddressRequest(model=model, exclude=exclude)
+        request = GetWorkerAddressRequest(model=model, exclude=exclude, fingerprint=fingerprint or [])
         address = (await self._controller("/get_worker_address", request, GetWorkerAddressResponse)).address
         if address:
             return address.rstrip("/")
@@ -169,14 +169,16 @@ class Upstream:
 
     # ---- workers ------------------------------------------------------------------------------------------
 
-    async def _with_failover(self, model: str, attempt: Callable[[str], Awaitable[R]]) -> R:
+    async def _with_failover(
+        self, model: str, attempt: Callable[[str], Awaitable[R]], fingerprint: list[int] | None = None
+    ) -> R:
         """``attempt(address)`` on a worker the controller picks; one that raises ``_TryAnother`` (it never
         answered, or answered 503) is excluded and another asked."""
         exclude: list[str] = []
         last_error: APIError | None = None
         for _ in range(self.connect_retries + 1):
             try:
-                address = await self.pick_worker(model, exclude)
+                address = await self.pick_worker(model, exclude, fingerprint)
             except APIError:
                 if last_error is not None:  # the controller has no one else: report what the last one said
                     raise last_error from None
@@ -216,10 +218,11 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def open_stream(
-        self, model: str, path: str, body: BaseModel
+        self, model: str, path: str, body: BaseModel, fingerprint: list[int] | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A worker's streamed answer (read it with ``ndjson_lines``); leaving the block closes it, which makes
-        the worker abort the request if it has not finished."""
+        the worker abort the request if it has not finished. ``fingerprint`` is the prompt's, for
+        cache-aware dispatch."""
         content = body.model_dump_json().encode()
 
         async def attempt(address: str) -> aiohttp.ClientResponse:
@@ -236,7 +239,7 @@ class Upstream:
                     response.close()
             return response
 
-        response = await self._with_failover(model, attempt)
+        response = await self._with_failover(model, attempt, fingerprint)
         try:
             if response.status >= 400:
                 raise worker_error(response.status, await response.read())

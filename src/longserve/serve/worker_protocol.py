@@ -75,6 +75,8 @@ class ListWorkersResponse(BaseModel):
 class GetWorkerAddressRequest(BaseModel):
     model: str
     exclude: list[str] = Field(default_factory=list)  # workers the caller just failed to reach
+    # the prompt's prefix fingerprint (serve/prefix_routing.py), for cache_aware dispatch; empty: none
+    fingerprint: list[int] = Field(default_factory=list)
 
 
 class GetWorkerAddressResponse(BaseModel):
