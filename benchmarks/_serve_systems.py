@@ -104,12 +104,14 @@ def missing_requirement(system: str) -> str | None:
     return None
 
 
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads and reaped children) of a live process and of its live
-    descendants (longserve's engine core runs in a child process), from /proc/<pid>/stat."""
+def proc_cpu_s(pid: int, descendants: bool = True) -> float:
+    """CPU seconds (user + system, all threads and reaped children) of a live process and, unless told not
+    to, of its live descendants (longserve's engine core runs in a child process), from /proc/<pid>/stat."""
     stats = _proc_stats()
     if pid not in stats:
         return float("nan")
+    if not descendants:
+        return stats[pid][1] / os.sysconf("SC_CLK_TCK")
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()

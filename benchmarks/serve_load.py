@@ -146,14 +146,20 @@ def measure_phase(system: str, config: BenchConfig, args: argparse.Namespace, se
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle)
         before, server_cpu0 = cpu_snapshot(), proc_cpu_s(server_pid)
+        front_cpu0 = proc_cpu_s(server_pid, descendants=False)
         result = asyncio.run(run_load(config))
         cont = contention(before)
         # contention() counts only this process as "own": the server's CPU is ours too, not interference
         cont = discount(cont, cont["own_cpu_s"] + proc_cpu_s(server_pid) - server_cpu0)
         s = result.summary
+        # The server's own process, its children (longserve's engine core) left out: for longserve that is
+        # the API server, controller and worker event loops; llama-server is one process, so all of it.
+        front_ms = 1000 * (proc_cpu_s(server_pid, descendants=False) - front_cpu0) / max(s.output_tokens, 1)
+        cont["front_cpu_ms_per_token"] = front_ms
         print(
             f"[bench] {LABELS[system]} c={config.concurrency}: {s.completed}/{s.num_requests} ok, "
-            f"{s.output_tokens_per_s:.1f} tok/s, others {cont['others_share']:.0%}",
+            f"{s.output_tokens_per_s:.1f} tok/s, others {cont['others_share']:.0%}, "
+            f"server process (children excluded) {front_ms:.2f} ms CPU per streamed token",
             flush=True,
         )
         attempts.append(
