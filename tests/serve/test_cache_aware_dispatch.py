@@ -87,4 +87,5 @@ def test_turns_of_a_conversation_land_on_one_worker(cache_aware_stack) -> None:
             assert len(grew) == 1
             placements[conversation].add(grew[0])
     assert all(len(workers) == 1 for workers in placements.values()), placements
-    assert {w for workers in placements.values() for w in workers} == {0, 1}  # and both workers were used
+    # (Where a new conversation starts is shortest-queue with random ties, as the unit test above checks; the
+    # chat-template calls count as dispatches too, so both workers are not always used here.)
