@@ -5,6 +5,8 @@ Systems (names used by `--systems`):
     API server in one process) on free loopback ports, default model (whose default is `gguf`), optionally
     `--quantization none|int8|gguf`; ready once its banner is printed and
     `/v1/models` lists the model.
+  * `longserve-2w` / `longserve-2w-cache`: a controller (dispatch `shortest_queue` / `cache_aware`), two
+    workers with half the threads each and an API server, each its own process (`_multi_worker.py`).
   * `llama-server`: llama.cpp's own C++ server (the fair peer: continuous batching over 16 slots), built from the
     llama.cpp in the llama-cpp-python 0.3.36 sdist by `_llama_server.py`; `-t 2 -c 8192 -np 16 -cb`.
   * `llamacpp`: llama-cpp-python's OpenAI server on the same GGUF as installed (`--n_threads 2`).
@@ -56,6 +58,8 @@ SERVER_SYSTEMS = (
     "longserve-int8",
     "longserve-gguf",
     "longserve-nocache",
+    "longserve-2w",
+    "longserve-2w-cache",
     "llama-server",
     "llamacpp",
     "llamacpp-1t",
@@ -65,6 +69,8 @@ ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
 LABELS = {
     "longserve": "longserve (default: GGUF blocks)",
     "longserve-nocache": "longserve --no-enable-prefix-caching",
+    "longserve-2w": "longserve, 2 workers, shortest_queue",
+    "longserve-2w-cache": "longserve, 2 workers, cache_aware",
     "longserve-none": "longserve exact fp32",
     "longserve-int8": "longserve int8",
     "longserve-gguf": "longserve (GGUF blocks)",
@@ -195,6 +201,11 @@ def server_command(
     """(argv, extra environment, model name clients send) for one server system. llama-server splits its
     context evenly over its slots (8192 / 16: 512 tokens per request by default)."""
     port = free_port()
+    if system.startswith("longserve-2w"):
+        cmd = [sys.executable, str(Path(__file__).with_name("_multi_worker.py")), "--port", str(port)]
+        cmd += ["--workers", "2", "--threads", str(max(1, threads // 2))]
+        cmd += ["--dispatch-method", "cache_aware" if system.endswith("-cache") else "shortest_queue"]
+        return cmd, {}, "SmolLM2-135M-Instruct"
     if system.startswith("longserve"):
         cmd = [sys.executable, "-m", "longserve.cli", "serve", "--port", str(port)]
         cmd += ["--controller-port", str(free_port()), "--worker-port", str(free_port())]

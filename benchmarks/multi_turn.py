@@ -8,7 +8,8 @@ later prompt repeats a prefix a cache can serve. llama-server runs `-np <convers
 `--context / conversations` tokens each, so every conversation fits its slot.
 
 Usage:  python benchmarks/multi_turn.py [--systems longserve,longserve-nocache,llama-server]
-            [--conversations 4] [--turns 4] [--max-tokens 32]
+            [--conversations 4] [--turns 4] [--max-tokens 32] [--distinct-system]
+        --systems longserve-2w,longserve-2w-cache compares dispatch over two workers (`_multi_worker.py`).
 Results: benchmarks/results/multi_turn-<timestamp>.json and multi_turn-latest.json.
 """
 
@@ -31,14 +32,16 @@ HERE = Path(__file__).resolve().parent
 TOPICS = ["rivers", "bridges", "volcanoes", "libraries", "bicycles", "glaciers", "markets", "lighthouses"]
 
 
-def system_prompt() -> str:
-    """A fixed ~1,500-token system prompt (varied sentences, so tokenizers cannot compress it)."""
+def system_prompt(reader: int | None = None) -> str:
+    """A fixed ~1,500-token system prompt (varied sentences, so tokenizers cannot compress it); with a reader,
+    one that differs from every other reader's from its first token (a per-user document)."""
     rules = [
         f"Rule {i}: when the user asks about {TOPICS[i % len(TOPICS)]}, answer in plain words, give one concrete "
         f"example from region {i * 7 % 13}, and never mention item number {i * 31 % 97}."
         for i in range(48)
     ]
-    return "You are a careful assistant for a travel guide. " + " ".join(rules)
+    opening = "" if reader is None else f"Reader {reader} of the guide asks the questions below. "
+    return opening + "You are a careful assistant for a travel guide. " + " ".join(rules)
 
 
 def question(conversation: int, turn: int) -> str:
@@ -87,16 +90,17 @@ async def chat_turn(
     return ttft, text, cached, (usage or {}).get("prompt_tokens")
 
 
-async def run_workload(base_url: str, model: str, conversations: int, turns: int, max_tokens: int) -> dict:
+async def run_workload(
+    base_url: str, model: str, conversations: int, turns: int, max_tokens: int, distinct: bool = False
+) -> dict:
     timeout = aiohttp.ClientTimeout(total=900)
     # A fresh connection per turn: llama-server closes idle keep-alive connections, and a reused one that it
     # closed fails the request.
     connector = aiohttp.TCPConnector(limit=conversations, force_close=True)
-    system = system_prompt()
     records: list[dict] = []
 
     async def conversation(index: int) -> None:
-        messages = [{"role": "system", "content": system}]
+        messages = [{"role": "system", "content": system_prompt(index if distinct else None)}]
         for turn in range(1, turns + 1):
             messages.append({"role": "user", "content": question(index, turn)})
             ttft, answer, cached, prompt = await chat_turn(session, base_url, model, messages, max_tokens)
@@ -139,6 +143,11 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--context", type=int, default=16384, help="llama-server's total context")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--distinct-system",
+        action="store_true",
+        help="each conversation its own system prompt (nothing shared across conversations)",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     results = {"machine": machine_info(), "args": vars(args), "systems": {}}
@@ -152,7 +161,12 @@ def main() -> int:
             try:
                 run = asyncio.run(
                     run_workload(
-                        server.base_url, server.model, args.conversations, args.turns, args.max_tokens
+                        server.base_url,
+                        server.model,
+                        args.conversations,
+                        args.turns,
+                        args.max_tokens,
+                        args.distinct_system,
                     )
                 )
             finally:

@@ -33,11 +33,19 @@ class FakeState:
     in_flight: int = 0
     max_in_flight: int = 0
     requests: int = 0
+    unready_polls: int = 0  # /health answers 503 this many times before 200
+    health_polls: int = 0
 
 
 def fake_openai_app(state: FakeState) -> FastAPI:
     """An OpenAI-shaped server; the prompt picks the behaviour: "fail", "error-event", "truncate" or normal."""
     app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state.health_polls += 1
+        ready = state.health_polls > state.unready_polls
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -233,3 +241,18 @@ def test_percentiles_and_result_helpers() -> None:
     assert r.e2e_s == 1.25 and r.tpot_s == pytest.approx(0.375)
     with pytest.raises(ValueError):
         BenchConfig("http://x/v1", concurrency=0)
+
+
+def test_waits_for_health_before_sending() -> None:
+    state = FakeState(unready_polls=3)
+    with serve_app(fake_openai_app(state)) as url:
+        result = asyncio.run(run_load(bench(url, num_requests=2)))
+    assert state.health_polls == 4 and result.summary.errors == 0
+
+
+def test_a_server_that_never_gets_ready_is_a_clear_error() -> None:
+    state = FakeState(unready_polls=10**6)
+    with serve_app(fake_openai_app(state)) as url:
+        with pytest.raises(RuntimeError, match="not ready after 0 s .HTTP 503"):
+            asyncio.run(run_load(bench(url, ready_timeout_s=0.3)))
+    assert state.requests == 0

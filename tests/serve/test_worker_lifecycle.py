@@ -67,20 +67,23 @@ class FakeController:
 def test_worker_registers_heartbeats_and_registers_again(engine):
     controller = FakeController(refuse_first=2)
     with serve_app(controller.app) as controller_url:
+        port = unused_port()
         config = ServeConfig(
             controller_address=controller_url,
-            worker_address="http://127.0.0.1:1234",
+            worker_address=f"http://127.0.0.1:{port}",
             heart_beat_interval_s=0.1,
             heart_beat_expiration_s=1.0,
         )
         app = create_worker_app(engine, config, MODEL)
-        with serve_app(app):
+        with serve_app(app, port=port):
             wait_until(lambda: len(controller.heart_beats) >= 3, what="registration and heartbeats")
             registration = controller.registrations[0]
-            assert registration.worker_address == "http://127.0.0.1:1234"
+            assert registration.worker_address == f"http://127.0.0.1:{port}"
             assert registration.worker_status.model_names == [MODEL]
             assert registration.worker_status.context_length == 512
-            assert controller.heart_beats[0].worker_address == "http://127.0.0.1:1234"
+            assert registration.worker_status.ready
+            assert controller.heart_beats[0].worker_address == f"http://127.0.0.1:{port}"
+            assert controller.heart_beats[0].ready
 
             with controller.lock:
                 controller.known.clear()  # as after a controller restart

@@ -93,6 +93,7 @@ class BenchConfig:
     api_key: str | None = None
     timeout_s: float = 600.0  # per request, connect to last byte
     warmup_requests: int = 0  # sent one at a time before the measurement, not counted
+    ready_timeout_s: float = 60.0  # wait this long for the server's /health to answer 200 before sending
 
     def __post_init__(self) -> None:
         if self.num_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
@@ -213,6 +214,25 @@ class _Client:
         return "stream ended without [DONE]"
 
 
+async def wait_until_ready(session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
+    """Wait for ``GET /health`` (beside ``/v1``) to answer 200, as longserve, vLLM and llama-server do once they
+    can serve; a server without that route (404) counts as ready. RuntimeError after ``timeout_s``."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/health"
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status in (200, 404):
+                    return
+                last = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s ({last})")
+        await asyncio.sleep(0.1)
+
+
 async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:
     async with session.get(f"{base_url.rstrip('/')}/models") as resp:
         resp.raise_for_status()
@@ -229,6 +249,7 @@ async def run_load(config: BenchConfig) -> BenchResult:
     # One connection per concurrent request, so the semaphore, not the connection pool, sets the load.
     connector = aiohttp.TCPConnector(limit=config.concurrency)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        await wait_until_ready(session, config.base_url, config.ready_timeout_s)
         model = config.model or await first_model(session, config.base_url)
         client = _Client(config, session, model)
         for i in range(config.warmup_requests):
@@ -255,6 +276,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
     p.add_argument("--api-key")
     p.add_argument("--warmup", type=int, default=1, help="short requests sent before measuring")
+    p.add_argument(
+        "--ready-timeout", type=float, default=60.0, help="seconds to wait for /health 200 before sending"
+    )
     p.add_argument("--json", dest="json_path", help="write the summary and per-request results here")
     args = p.parse_args(argv)
     try:
@@ -271,6 +295,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             extra_body=json.loads(args.extra_body),
             api_key=args.api_key,
             warmup_requests=args.warmup,
+            ready_timeout_s=args.ready_timeout,
         )
         result = asyncio.run(run_load(config))
     except (ValueError, RuntimeError, aiohttp.ClientError) as exc:

@@ -80,6 +80,11 @@ class AsyncEngine:
     def ready(self) -> bool:
         return not self._stopped.is_set()
 
+    @property
+    def failure(self) -> str | None:
+        """Never set: a failed step fails its requests and the thread goes on (EngineCoreClient's can be)."""
+        return None
+
     def stats(self) -> EngineStats:
         """Running and waiting sequences and KV cache usage. Read from the event loop while the engine thread
         steps: len() and a float are safe, and a value one step stale is fine for dispatch and metrics."""

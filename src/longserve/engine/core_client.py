@@ -135,6 +135,9 @@ class EngineCoreClient:
         self._ready = False
         self._stopping = False
         self._restarts = 0
+        # Why the core is gone for good (it died MAX_RESTARTS times in a row); None while it can serve or
+        # restart. The worker's launcher watches it and stops the worker.
+        self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._generation = itertools.count()
 
@@ -239,7 +242,10 @@ class EngineCoreClient:
             self._fail_everything(RequestFailed(f"the engine core process died (exit code {code})"))
             self._close_sockets()
             if self._restarts >= MAX_RESTARTS:
-                log.error("the engine core died %d times in a row: not restarting it", self._restarts)
+                self.failure = (
+                    f"the engine core died {self._restarts + 1} times in a row (last exit code {code})"
+                )
+                log.error("%s: not restarting it", self.failure)
                 self._stopping = True
                 return
             self._restarts += 1

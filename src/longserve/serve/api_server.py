@@ -3,7 +3,8 @@
 It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with
 shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health`` and
 ``/metrics`` are always open. Errors always leave in OpenAI's shape (see ``errors``). At most
-``max_in_flight_requests`` generation requests are handled at once; more get 429. ``begin_shutdown(app)`` ends
+``max_in_flight_requests`` generation requests are handled at once; more get 429. ``/health`` is readiness (503
+until some worker serves a model), ``/live`` is liveness. ``begin_shutdown(app)`` ends
 every open stream with an error event and [DONE], so stopping never waits on a long generation.
 """
 
@@ -24,7 +25,7 @@ from longserve.serve.api_middleware import (
     BodySizeLimitMiddleware,
     InFlightLimitMiddleware,
 )
-from longserve.serve.errors import install_error_handlers, model_not_found
+from longserve.serve.errors import install_error_handlers, model_not_found, service_unavailable
 from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
 from longserve.serve.openai_completions import completion
@@ -91,9 +92,19 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     def upstream(request: Request) -> Upstream:
         return request.app.state.upstream
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    @app.get("/health", responses=ERROR_RESPONSES)
+    async def health(request: Request) -> dict:
+        # Readiness, as vLLM's: 200 means a request sent now would be dispatched to a worker.
+        models = await upstream(request).list_models()
+        if not models:
+            raise service_unavailable(
+                "no worker serves a model (still loading, or every worker is gone)", code="no_worker"
+            )
+        return {"status": "ok", "models": sorted(set(models))}
+
+    @app.get("/live")
+    async def live() -> dict:
+        return {"status": "alive"}  # liveness: the process answers, whatever the workers do
 
     @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:

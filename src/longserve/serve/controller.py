@@ -122,12 +122,19 @@ class Controller:
             status.queue_length,
         )
 
-    def heart_beat(self, worker_address: str, queue_length: int) -> bool:
+    def heart_beat(self, worker_address: str, queue_length: int, ready: bool = True) -> bool:
         """Record a heartbeat; False when the worker is unknown (it must register again)."""
         record = self._workers.get(_normalize(worker_address))
         if record is None:
             return False
         record.status.queue_length = queue_length
+        if ready != record.status.ready:
+            logger.info(
+                "worker %s is %s",
+                _normalize(worker_address),
+                "ready again" if ready else "not ready: skipped",
+            )
+            record.status.ready = ready
         record.last_heart_beat = self.clock()
         if record.suspended:
             logger.info("worker %s heartbeats again; dispatching to it", _normalize(worker_address))
@@ -180,8 +187,13 @@ class Controller:
     def _live_workers(self) -> dict[str, _WorkerRecord]:
         # Stale workers are hidden even before expire() runs, so nothing is dispatched to a worker past its
         # deadline just because the background sweep has not come round yet.
+        # A worker whose engine is down (restarting) stays registered but is not live for dispatch.
         now = self.clock()
-        return {address: rec for address, rec in self._workers.items() if self._is_live(rec, now)}
+        return {
+            address: rec
+            for address, rec in self._workers.items()
+            if self._is_live(rec, now) and rec.status.ready
+        }
 
     # ---- queries --------------------------------------------------------------------------------------------
 
@@ -369,7 +381,7 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(body: HeartBeatRequest, request: Request) -> HeartBeatResponse:
-        exist = get_state(request).controller.heart_beat(body.worker_address, body.queue_length)
+        exist = get_state(request).controller.heart_beat(body.worker_address, body.queue_length, body.ready)
         return HeartBeatResponse(exist=exist)
 
     @app.post("/list_models")
@@ -402,5 +414,9 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
 
     return app

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -22,6 +24,9 @@ from fastapi import FastAPI
 from longserve.config import EngineConfig, ServeConfig
 
 log = logging.getLogger(__name__)
+
+FATAL_POLL_S = 0.5  # how often a server checks whether its engine is gone for good
+READY_TIMEOUT_S = 60.0  # `serve`: the worker must be registered and listed by then, or the start failed
 
 
 @dataclass
@@ -49,8 +54,16 @@ def model_display_name(model: str | None) -> str:
     return base[: -len(".gguf")] if base.endswith(".gguf") else base
 
 
-async def run_apps(specs: list[AppSpec], on_started=None) -> None:
-    """Serve every app until a signal (or one server failing) stops them all."""
+async def run_apps(
+    specs: list[AppSpec],
+    on_started: Callable[[], Awaitable[None] | None] | None = None,
+    fatal: Callable[[], str | None] | None = None,
+) -> None:
+    """Serve every app until a signal (or one server failing) stops them all.
+
+    ``on_started`` runs once every server listens (it may be a coroutine function: the ready line waits for
+    it). ``fatal`` is polled while serving; a reason from it stops everything and is raised as RuntimeError.
+    """
     # An open stream must not hold a shutdown forever: in-flight requests get this long to finish.
     configs = [
         uvicorn.Config(s.app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=10)
@@ -69,25 +82,34 @@ async def run_apps(specs: list[AppSpec], on_started=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop_all)
-    tasks = [
-        asyncio.create_task(_serve(server, spec), name=spec.name)
-        for server, spec in zip(servers, specs, strict=True)
-    ]
+    tasks: list[asyncio.Task] = []
     try:
-        while not all(server.started for server in servers):
-            done = [t for t in tasks if t.done()]
-            if done:  # a server failed to start (port in use, ...): stop the others and report it
-                stop_all()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                for task in done:
-                    task.result()  # raises the part's error
-                raise RuntimeError(f"the {done[0].get_name()} stopped during startup")
-            await asyncio.sleep(0.05)
+        # One after another, in the order given: the controller listens before a worker registers with it and
+        # the API server before anyone can ask it, so a normal start logs no connection errors.
+        for server, spec in zip(servers, specs, strict=True):
+            tasks.append(asyncio.create_task(_serve(server, spec), name=spec.name))
+            while not server.started:
+                done = [t for t in tasks if t.done()]
+                if done:  # a server failed to start (port in use, ...): stop the others and report it
+                    stop_all()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    for task in done:
+                        task.result()  # raises the part's error
+                    raise RuntimeError(f"the {done[0].get_name()} stopped during startup")
+                await asyncio.sleep(0.01)
         if on_started is not None:
-            on_started()
+            started = on_started()
+            if inspect.isawaitable(started):
+                await started
         # Shielded: cancelling us must not cut Uvicorn off mid-loop (it would skip lifespan exit and leave
         # sockets open); the finally block asks every server to exit and waits for that instead.
-        await asyncio.shield(asyncio.gather(*tasks))
+        serving = asyncio.shield(asyncio.gather(*tasks))
+        while fatal is not None and not serving.done():
+            await asyncio.wait([serving], timeout=FATAL_POLL_S)
+            reason = fatal()
+            if reason is not None:
+                raise RuntimeError(reason)
+        await serving
     finally:
         stop_all()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -136,13 +158,30 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
             AppSpec("api server", api_app, host, serve_config.api_port, lambda: begin_shutdown(api_app)),
         ]
 
-        def announce() -> None:
+        async def announce() -> None:
+            # The ready line means a request sent now is served: the controller lists the worker's model.
+            await wait_until_listed(serve_config.controller_address, name)
             url = f"http://{host}:{serve_config.api_port}"
             print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
 
-        await run_apps(specs, announce)
+        await run_apps(specs, announce, fatal=lambda: engine.failure)
     finally:
         await engine.ashutdown()
+
+
+async def wait_until_listed(controller_address: str, model: str) -> None:
+    """Wait until the controller lists ``model`` (its worker registered); RuntimeError after READY_TIMEOUT_S."""
+    import httpx
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                response = await client.post(f"{controller_address}/list_models")
+                if model in response.json()["models"]:
+                    return
+            await asyncio.sleep(0.02)
+    raise RuntimeError(f"the worker did not register with the controller within {READY_TIMEOUT_S:.0f} s")
 
 
 async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
@@ -155,7 +194,9 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
         app = create_worker_app(engine, serve_config, name)
         spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port, engine.begin_shutdown)
         await run_apps(
-            [spec], lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}")
+            [spec],
+            lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}", flush=True),
+            fatal=lambda: engine.failure,
         )
     finally:
         await engine.ashutdown()

@@ -2,7 +2,7 @@
 
 Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
 ``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, model_details,
-apply_chat_template; GET health. A request rejected before it generates (unknown model, bad sampling value,
+apply_chat_template; GET health (503 while the engine cannot serve), live. A request rejected before it generates (unknown model, bad sampling value,
 prompt too long, a full queue) gets an HTTP error whose body is an ``ErrorInfo``; once a stream has started,
 an error is its final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once
 and at most ``max_queue_len`` more wait for it; beyond that a request gets 429 at once.
@@ -96,6 +96,7 @@ class ModelWorker:
             context_length=self.context_length,
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
+            ready=self.engine.ready,
         )
 
     def check_model(self, model: str) -> None:
@@ -351,9 +352,17 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
             raise rejection(exc, default_param="messages") from exc
         return ChatTemplateResponse(prompt=prompt)
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", response_model=None)
+    async def health() -> dict | JSONResponse:
+        # Ready means a request sent now would be served: the engine core is up (not restarting or stopped).
+        if not engine.ready:
+            body = {"status": "unavailable", "reason": engine.failure or "the engine core is not running"}
+            return JSONResponse(body | {"model_names": worker.model_names}, status_code=503)
         return {"status": "ok", "model_names": worker.model_names}
+
+    @app.get("/live")
+    async def live() -> dict:
+        return {"status": "alive"}
 
     return app
 

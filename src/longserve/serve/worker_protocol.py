@@ -1,9 +1,10 @@
 """Every message between the API server, the controller and the model workers, as typed pydantic models.
 
 Controller endpoints (POST, JSON): register_worker, receive_heart_beat, list_models, list_workers,
-get_worker_address, report_unresponsive_worker, worker_get_status, refresh_all_workers; GET health.
+get_worker_address, report_unresponsive_worker, worker_get_status, refresh_all_workers; GET health, live.
 Worker endpoints (POST, JSON): worker_generate_stream (newline-delimited WorkerStreamChunk), worker_generate,
-worker_get_embeddings, worker_get_status, count_token, model_details, apply_chat_template; GET health.
+worker_get_embeddings, worker_get_status, count_token, model_details, apply_chat_template; GET health (503
+while its engine cannot serve), live (the process answers).
 A worker answers a request it rejects before generating with an HTTP error whose body is an ``ErrorInfo``.
 """
 
@@ -40,6 +41,7 @@ class WorkerStatus(BaseModel):
     context_length: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the worker started
     prefix_cache_hits: int = 0  # of those, found cached
+    ready: bool = True  # False while the engine core is down (restarting): dispatch and list_models skip it
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -51,6 +53,7 @@ class RegisterWorkerRequest(BaseModel):
 class HeartBeatRequest(BaseModel):
     worker_address: str
     queue_length: int = 0
+    ready: bool = True  # as WorkerStatus.ready: a worker whose engine is down stays known but gets no work
 
 
 class HeartBeatResponse(BaseModel):
