@@ -73,7 +73,10 @@ def main() -> int:
             except (httpx.HTTPError, ValueError, KeyError):
                 continue
             if len(workers["workers"]) >= args.workers:
-                print(f"longserve: serving model with {args.workers} workers ({args.dispatch_method})", flush=True)
+                print(
+                    f"longserve: serving model with {args.workers} workers ({args.dispatch_method})",
+                    flush=True,
+                )
                 announced = True
         return 0
     finally:

@@ -1,5 +1,6 @@
 """Smoke test of the API server on the real controller and a real worker serving the tiny llama checkpoint:
-chat (template from the model), streaming, greedy determinism, echo + logprobs scoring, embeddings, metrics."""
+chat (template from the model), streaming, greedy determinism, echo + logprobs scoring, embeddings, metrics,
+/tokenize and /detokenize."""
 
 from __future__ import annotations
 
@@ -86,3 +87,44 @@ def test_embeddings_and_metrics(client: openai.OpenAI, api_url: str) -> None:
 def test_context_length_error_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
+
+
+def test_tokenize_and_detokenize_round_trip(client: openai.OpenAI, api_url: str) -> None:
+    text = "Once upon a time, tokens"
+    plain = httpx.post(f"{api_url}/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert plain["count"] == len(plain["tokens"]) > 0 and plain["max_model_len"] > 0
+    bare = httpx.post(
+        f"{api_url}/tokenize",
+        json={"model": MODEL, "prompt": text, "add_special_tokens": False, "return_token_strs": True},
+    ).json()
+    assert len(bare["token_strs"]) == bare["count"] <= plain["count"]
+    back = httpx.post(f"{api_url}/detokenize", json={"model": MODEL, "tokens": bare["tokens"]}).json()
+    assert back["prompt"] == text
+
+    # Chat messages are rendered by the model's template: the count is what a chat request is charged.
+    messages = [{"role": "user", "content": "How many tokens is this?"}]
+    chat = httpx.post(f"{api_url}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        (
+            "/tokenize",
+            {"model": MODEL, "prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+            400,
+            "prompt",
+        ),
+        ("/tokenize", {"model": MODEL}, 400, "prompt"),
+        ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+        ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
+        ("/detokenize", {"model": MODEL, "tokens": [-1]}, 400, "tokens.0"),
+        ("/detokenize", {"model": MODEL, "tokens": "12"}, 400, "tokens"),
+    ],
+)
+def test_tokenize_errors_are_openai_shaped(api_url: str, path, body, status, param) -> None:
+    response = httpx.post(f"{api_url}{path}", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param, response.text

@@ -30,6 +30,7 @@ from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
 from longserve.serve.openai_completions import completion
 from longserve.serve.openai_embeddings import embeddings
+from longserve.serve.openai_tokenize import DetokenizeBody, TokenizeBody, detokenize, tokenize
 from longserve.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -134,6 +135,14 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/embeddings", response_model=None, responses=GENERATION_ERRORS)
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await embeddings(body, upstream(request))
+
+    @app.post("/tokenize", response_model=None, responses=GENERATION_ERRORS)
+    async def create_tokenize(body: TokenizeBody, request: Request) -> Response:
+        return await tokenize(body, upstream(request))
+
+    @app.post("/detokenize", response_model=None, responses=GENERATION_ERRORS)
+    async def create_detokenize(body: DetokenizeBody, request: Request) -> Response:
+        return await detokenize(body, upstream(request))
 
     return app
 

@@ -188,13 +188,17 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as the chat template expects them: plain dicts with string content."""
-        out = []
-        for i, message in enumerate(self.messages):
-            item = message.model_dump(exclude_none=True)
-            item["content"] = message.flat_content(f"messages.{i}")
-            out.append(item)
-        return out
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: plain dicts with string content."""
+    out = []
+    for i, message in enumerate(messages):
+        item = message.model_dump(exclude_none=True)
+        item["content"] = message.flat_content(f"messages.{i}")
+        out.append(item)
+    return out
 
 
 CompletionPrompt = str | list[TokenId] | list[list[TokenId]] | list[str]

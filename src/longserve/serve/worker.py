@@ -1,10 +1,11 @@
-"""Model worker: one engine (an engine core process's client, or an in-process AsyncEngine) behind the worker HTTP API of ``worker_protocol``, registered with a controller.
+"""Model worker: one engine (an engine core process's client, or an in-process AsyncEngine) behind the worker
+HTTP API of ``worker_protocol``, registered with a controller.
 
 Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
-``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, model_details,
-apply_chat_template; GET health (503 while the engine cannot serve), live. A request rejected before it generates (unknown model, bad sampling value,
-prompt too long, a full queue) gets an HTTP error whose body is an ``ErrorInfo``; once a stream has started,
-an error is its final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once
+``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, tokenize,
+detokenize, model_details, apply_chat_template; GET health (503 while the engine cannot serve), live. A
+request rejected before it generates (unknown model, bad sampling value, prompt too long, a full queue) gets an
+HTTP error whose body is an ``ErrorInfo``; once a stream has started, an error is its final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once
 and at most ``max_queue_len`` more wait for it; beyond that a request gets 429 at once.
 """
 
@@ -40,10 +41,14 @@ from longserve.serve.worker_protocol import (
     ChatTemplateResponse,
     CountTokenRequest,
     CountTokenResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingsRequest,
     EmbeddingsResponse,
     ErrorInfo,
     ModelDetails,
+    TokenizeRequest,
+    TokenizeResponse,
     WorkerGenerateRequest,
     WorkerGenerateResponse,
     WorkerStatus,
@@ -336,6 +341,23 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
         if isinstance(body.prompt, list):
             return CountTokenResponse(count=len(body.prompt))
         return CountTokenResponse(count=len(await asyncio.to_thread(tokenizer.encode, body.prompt)))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        worker.check_model(body.model)
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+        strs = [tokenizer.id_to_token(i) or "" for i in ids] if body.return_token_strs else None
+        return TokenizeResponse(tokens=ids, token_strs=strs, max_model_len=worker.context_length)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        worker.check_model(body.model)
+        unknown = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+        if unknown:
+            message = f"token ids must be in [0, {tokenizer.vocab_size}); got {unknown[:5]}"
+            raise WorkerError(ErrorInfo(message=message, param="tokens"))
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens, False)
+        return DetokenizeResponse(prompt=text)
 
     @app.post("/model_details")
     async def model_details() -> ModelDetails:

@@ -3,8 +3,8 @@
 Controller endpoints (POST, JSON): register_worker, receive_heart_beat, list_models, list_workers,
 get_worker_address, report_unresponsive_worker, worker_get_status, refresh_all_workers; GET health, live.
 Worker endpoints (POST, JSON): worker_generate_stream (newline-delimited WorkerStreamChunk), worker_generate,
-worker_get_embeddings, worker_get_status, count_token, model_details, apply_chat_template; GET health (503
-while its engine cannot serve), live (the process answers).
+worker_get_embeddings, worker_get_status, count_token, tokenize, detokenize, model_details, apply_chat_template;
+GET health (503 while its engine cannot serve), live (the process answers).
 A worker answers a request it rejects before generating with an HTTP error whose body is an ``ErrorInfo``.
 """
 
@@ -205,6 +205,28 @@ class CountTokenRequest(BaseModel):
 
 class CountTokenResponse(BaseModel):
     count: int
+
+
+class TokenizeRequest(BaseModel):
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    token_strs: list[str] | None = None  # each token's own text (its vocabulary entry)
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model: str
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelDetails(BaseModel):
