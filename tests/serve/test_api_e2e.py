@@ -93,6 +93,9 @@ def test_tokenize_and_detokenize_round_trip(client: openai.OpenAI, api_url: str)
     text = "Once upon a time, tokens"
     plain = httpx.post(f"{api_url}/tokenize", json={"model": MODEL, "prompt": text}).json()
     assert plain["count"] == len(plain["tokens"]) > 0 and plain["max_model_len"] > 0
+    # /v1/models carries the same context length (vLLM's max_model_len field)
+    assert client.models.retrieve(MODEL).model_dump()["max_model_len"] == plain["max_model_len"]
+    assert [m.model_dump()["max_model_len"] for m in client.models.list()] == [plain["max_model_len"]]
     bare = httpx.post(
         f"{api_url}/tokenize",
         json={"model": MODEL, "prompt": text, "add_special_tokens": False, "return_token_strs": True},

@@ -115,14 +115,18 @@ def create_api_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(request: Request) -> ModelList:
-        names = await upstream(request).list_models()
-        return ModelList(data=[ModelCard(id=name) for name in sorted(set(names))])
+        details = await upstream(request).model_details()
+        lengths = details.context_lengths
+        return ModelList(
+            data=[ModelCard(id=name, max_model_len=lengths.get(name)) for name in sorted(set(details.models))]
+        )
 
     @app.get("/v1/models/{model:path}", responses=ERROR_RESPONSES)
     async def retrieve_model(model: str, request: Request) -> ModelCard:
-        if model not in await upstream(request).list_models():
+        details = await upstream(request).model_details()
+        if model not in details.models:
             raise model_not_found(model)
-        return ModelCard(id=model)
+        return ModelCard(id=model, max_model_len=details.context_lengths.get(model))
 
     @app.post("/v1/chat/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:

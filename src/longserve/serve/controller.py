@@ -201,6 +201,14 @@ class Controller:
         """Sorted union of the models the live workers serve."""
         return sorted({name for rec in self._live_workers().values() for name in rec.status.model_names})
 
+    def context_lengths(self) -> dict[str, int]:
+        """Each model's longest context (prompt + completion) among the live workers that serve it."""
+        lengths: dict[str, int] = {}
+        for rec in self._live_workers().values():
+            for name in rec.status.model_names:
+                lengths[name] = max(lengths.get(name, 0), rec.status.context_length)
+        return lengths
+
     def list_workers(self) -> list[WorkerInfo]:
         """Every registered worker, stale ones included (they show their last heartbeat), sorted by address."""
         return [
@@ -386,7 +394,10 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
 
     @app.post("/list_models")
     async def list_models(request: Request) -> ListModelsResponse:
-        return ListModelsResponse(models=get_state(request).controller.list_models())
+        controller = get_state(request).controller
+        return ListModelsResponse(
+            models=controller.list_models(), context_lengths=controller.context_lengths()
+        )
 
     @app.post("/list_workers")
     async def list_workers(request: Request) -> ListWorkersResponse:

@@ -293,6 +293,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "longserve"
+    max_model_len: int | None = None  # prompt + completion tokens a request may have (vLLM's field)
 
 
 class ModelList(BaseModel):

@@ -150,7 +150,11 @@ class Upstream:
             log.warning("could not report worker %s to the controller: %s", address, status)
 
     async def list_models(self) -> list[str]:
-        return (await self._controller("/list_models", None, ListModelsResponse)).models
+        return (await self.model_details()).models
+
+    async def model_details(self) -> ListModelsResponse:
+        """The models live workers serve, with each one's context length."""
+        return await self._controller("/list_models", None, ListModelsResponse)
 
     async def pick_worker(self, model: str, exclude: list[str], fingerprint: list[int] | None = None) -> str:
         """A worker address for ``model``: 404 if no worker ever serves it, 503 if none can take it now."""

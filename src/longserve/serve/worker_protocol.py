@@ -62,6 +62,9 @@ class HeartBeatResponse(BaseModel):
 
 class ListModelsResponse(BaseModel):
     models: list[str]
+    context_lengths: dict[str, int] = Field(
+        default_factory=dict
+    )  # model -> longest context a live worker takes
 
 
 class WorkerInfo(BaseModel):
