@@ -104,3 +104,30 @@ def tiny_deepseek_v3_dir(tiny_model_cache: TinyModelCache) -> str:
 def tiny_llama_sharded_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """``tiny_llama_dir`` re-saved as two shards plus ``model.safetensors.index.json``."""
     return tiny_models.write_sharded_copy(tiny_llama_dir, tmp_path_factory.mktemp("tiny_llama_sharded"))
+
+
+# Embedding checkpoints laid out as sentence-transformers ships them (tests/embedding_models.py).
+@pytest.fixture(scope="session")
+def tiny_qwen3_embedding_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ``Qwen3Model`` with last-token pooling + Normalize, its tokenizer appending ``<|endoftext|>``."""
+    import embedding_models
+
+    return embedding_models.write_tiny_qwen3_embedding(tmp_path_factory.mktemp("tiny_qwen3_embedding"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ``BertModel`` with a WordPiece tokenizer, CLS pooling + Normalize."""
+    import embedding_models
+
+    return embedding_models.write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), pooling="cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mean_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ``BertModel`` with mean pooling and no Normalize module (its embeddings are not unit vectors)."""
+    import embedding_models
+
+    return embedding_models.write_tiny_bert(
+        tmp_path_factory.mktemp("tiny_bert_mean"), pooling="mean", normalize=False
+    )

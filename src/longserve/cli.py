@@ -1,4 +1,4 @@
-"""Command-line entry point: serve | controller | worker | api | generate | bench."""
+"""Command-line entry point: serve | controller | worker | api | generate | batch | bench."""
 
 from __future__ import annotations
 
@@ -173,6 +173,11 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
         parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
         parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
         parser.add_argument("--worker-concurrency", type=int, help="requests a worker admits at once")
+        parser.add_argument(
+            "--tool-call-parser",
+            help="the model's tool-call format for tool_choice 'auto': hermes, llama3_json, mistral, "
+            "deepseek_v3 (default: detected from the chat template)",
+        )
         _worker_admission_arguments(parser)
     if controller:
         parser.add_argument("--controller-port", type=int, help="controller port (default 21001)")
@@ -199,7 +204,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
-    keys += ("worker_address", "engine_in_process")
+    keys += ("worker_address", "engine_in_process", "tool_call_parser")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return ServeConfig.from_env(**values, **extra)
 
@@ -226,6 +231,12 @@ def _bench(args: argparse.Namespace) -> int:
     from longserve.clients import bench
 
     return bench.main(args.bench_args, prog="longserve bench")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from longserve.clients import batch
+
+    return batch.main(args.batch_args, prog="longserve batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "TTFT, inter-token latency, tok/s",
     )
     bench.set_defaults(handler=_bench)
+    batch = commands.add_parser(
+        "batch",
+        add_help=False,  # `longserve batch --help` shows the batch client's own options
+        help="OpenAI batch JSONL in, answers out: concurrent, retried, resumable (rerun to finish)",
+    )
+    batch.set_defaults(handler=_batch)
     return parser
 
 
@@ -292,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = rest  # the load generator parses its own options
+    elif args.command == "batch":
+        args.batch_args = rest  # so does the batch client
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)

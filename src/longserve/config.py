@@ -166,6 +166,8 @@ class ServeConfig:
     # The worker runs its engine core in a child process (its forward passes never share the worker's GIL);
     # True keeps it on a thread of the worker process instead (tests, debugging).
     engine_in_process: bool = False
+    # The model's tool-call format (a serve/tool_parsers name); None: detected from its chat template.
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery", "cache_aware"):

@@ -27,8 +27,11 @@ MODEL = "tiny"
 class Stack:
     """A controller, ``num_workers`` workers serving the tiny model, and an API server, each on loopback."""
 
-    def __init__(self, model_dir: str, num_workers: int, **serve_options) -> None:
-        self.model_dir = model_dir
+    def __init__(
+        self, model_dir: str | None, num_workers: int, engine_options: dict | None = None, **serve_options
+    ) -> None:
+        self.model_dir = model_dir  # None: the default model
+        self.engine_options = {"kv_cache_memory_mb": 4, **(engine_options or {})}
         self.num_workers = num_workers
         self.serve_options = serve_options
         self.exit_stack = contextlib.ExitStack()
@@ -52,7 +55,7 @@ class Stack:
         return self
 
     def start_worker(self, index: int) -> None:
-        engine = asyncio.run(AsyncEngine.create(EngineConfig(model=self.model_dir, kv_cache_memory_mb=4)))
+        engine = asyncio.run(AsyncEngine.create(EngineConfig(model=self.model_dir, **self.engine_options)))
         self.engines.append(engine)
         self.added.append(0)
         original_add = engine.engine.add_request

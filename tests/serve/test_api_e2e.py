@@ -79,6 +79,10 @@ def test_echo_logprobs_scores_prompt(client: openai.OpenAI) -> None:
 def test_embeddings_and_metrics(client: openai.OpenAI, api_url: str) -> None:
     out = client.embeddings.create(model=MODEL, input=["a b", "c"])
     assert len(out.data) == 2 and sum(v * v for v in out.data[0].embedding) == pytest.approx(1, abs=1e-3)
+    # A chat model's embedding is the normalised mean of its hidden states, and /v1/models says so.
+    card = client.models.retrieve(MODEL).model_dump()
+    assert (card["pooling"], card["embedding_only"], card["normalized_embeddings"]) == ("mean", False, True)
+    assert card["embedding_dimensions"] == len(out.data[0].embedding)
     text = httpx.get(f"{api_url}/metrics").text
     assert f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"' in text
     assert "vllm:generation_tokens_total" in text

@@ -31,6 +31,25 @@ def dot_product_attention(
     return torch.einsum("hqk,khd->qhd", weights, v)
 
 
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float
+) -> torch.Tensor:
+    """Encoder (non-causal) attention over a flat batch: q/k/v [tokens, heads, d] hold ``seq_lens`` sequences
+    back to back; every query sees every key of its own sequence and none of the others' (the padding mask of
+    a padded batch). The masked softmax above with every key valid; float32 (float64 for float64 inputs)."""
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    start = 0
+    for length in seq_lens:
+        rows = slice(start, start + length)
+        every_key = torch.full((length,), length, device=q.device)  # [queries]: all keys valid
+        out[rows] = dot_product_attention(
+            q[rows].to(compute_dtype), k[rows].to(compute_dtype), v[rows].to(compute_dtype), every_key, scale
+        ).to(q.dtype)
+        start += length
+    return out
+
+
 class ReferenceAttention:
     """Gathers each sequence's whole context from the cache and runs masked-softmax attention in float32
     (float64 when the inputs are float64), one sequence at a time. Slow and obviously right."""

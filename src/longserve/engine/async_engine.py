@@ -146,7 +146,7 @@ class AsyncEngine:
                 self._inbox.put(("abort", request_id))
 
     async def embed(self, prompts: list[str | list[int]]) -> tuple[list[list[float]], int]:
-        """Mean-pooled, L2-normalised embeddings of each prompt, and the prompts' total token count.
+        """Each prompt's embedding (pooled as the engine's ``pooling`` says), and the prompts' total token count.
 
         Tokenizing runs off the event loop; the forward passes run on the engine thread between steps, so they
         never race ``step()`` for the model or the KV cache. A bad input raises ``ValueError``.
@@ -259,7 +259,7 @@ class AsyncEngine:
             token_lists, future = payload
             if future.set_running_or_notify_cancel():  # False: the caller is gone, skip the work
                 try:
-                    future.set_result([self.engine.embed(ids) for ids in token_lists])
+                    future.set_result(self.engine.embed_batch(token_lists))
                 except Exception as exc:
                     future.set_exception(exc)
 

@@ -352,7 +352,7 @@ class EngineCoreClient:
                     self._send(AbortRequest(request_id))
 
     async def embed(self, prompts: list[str | list[int]]) -> tuple[list[list[float]], int]:
-        """Mean-pooled, L2-normalised embeddings of each prompt (computed in the core between steps)."""
+        """Each prompt's embedding (pooled as ``limits.pooling`` says), computed in the core between steps."""
         tokenizer = self.tokenizer
 
         def tokenize() -> list[list[int]]:

@@ -135,7 +135,7 @@ class EngineCoreLoop:
 
     def embed(self, call: EmbedCall) -> EmbedDone:
         try:
-            return EmbedDone(call.call_id, [self.engine.embed(ids) for ids in call.token_lists])
+            return EmbedDone(call.call_id, self.engine.embed_batch(call.token_lists))
         except Exception as exc:  # ValueError and CacheBusyError map to 400/503 in the worker; others to 500
             if not isinstance(exc, ValueError) and type(exc).__name__ != "CacheBusyError":
                 log.exception("embedding failed")

@@ -17,14 +17,16 @@ from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.outputs import CompletionOutput, RequestOutput
+from longserve.engine.pooling import ChunkPooler, pool_sequences
 from longserve.engine.request import Request, RequestLimits, build_request
 from longserve.engine.sampler import Sampler
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler
 from longserve.engine.sequence import FinishReason, Sequence
+from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
-from longserve.models.registry import build_model
+from longserve.models.registry import build_model, resolve_architecture
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,12 @@ class LLMEngine:
                 self.device
             )  # before prepare: kernel choices (oneDNN packing, int8) depend on the device
             model.prepare_for_inference(quantization)
+            family = resolve_architecture(checkpoint.config)
         except ValueError as exc:
             raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
+        self.can_generate = family.can_generate  # False: embedding-only; generating raises ValueError
+        self.is_encoder = family.encoder  # embedded by model.encode(), without the paged KV cache
+        self.pooling = checkpoint.pooling or family.default_pooling  # how embed() pools hidden states
         del checkpoint
         self.model = model.eval()
         # By-device defaults (the per-step token budget) follow where the weights ended up.
@@ -68,18 +74,25 @@ class LLMEngine:
         self.model_name = config.model or "SmolLM2-135M-Instruct"
 
         mc = self.model_config
-        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * config.torch_dtype.itemsize
-        num_blocks = config.num_kv_blocks or max(
-            2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
-        )
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        self.cache_capacity = (num_blocks - 1) * config.block_size
-        caches = allocate_kv_cache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype,
-            device=self.device, gate_keys=config.attention == "moba" and self.device.type == "cuda",
-        )  # fmt: skip
+        if self.is_encoder:
+            # One bidirectional pass per input, nothing cached: the block manager below (two blocks, never
+            # used) only keeps the scheduler and stats() whole.
+            num_blocks, caches = 2, []
+            self.cache_capacity = self.max_model_len
+        else:
+            bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * config.torch_dtype.itemsize
+            num_blocks = config.num_kv_blocks or max(
+                2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
+            )
+            self.cache_capacity = (num_blocks - 1) * config.block_size
+            caches = allocate_kv_cache(
+                mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                config.torch_dtype, device=self.device,
+                gate_keys=config.attention == "moba" and self.device.type == "cuda",
+            )  # fmt: skip
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,
@@ -92,7 +105,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.can_generate:
             if config.attention == "dense" and getattr(self.model, "supports_cuda_graphs", False):
                 graphs = DecodeGraphs(
                     self.model,
@@ -111,6 +124,7 @@ class LLMEngine:
             self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len
         )
         self.sampler = Sampler()
+        self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self.requests: dict[str, Request] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted requests reported at the next step
 
@@ -124,6 +138,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             cache_capacity=self.cache_capacity,
             eos_token_ids=sorted(self.tokenizer.eos_token_ids),
+            can_generate=self.can_generate,
+            embedding_size=self.model_config.hidden_size,
+            pooling=self.pooling,
         )
 
     def build_request(
@@ -149,15 +166,20 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already running")
+        if request.params.structured_output is not None:
+            self.scheduler.check_fits(request.seqs[0])
+            self.grammars.add(request)  # scheduled by step() once its grammar has compiled
+        else:
+            for seq in request.seqs:
+                self.scheduler.add(seq)
         self.requests[request.request_id] = request
-        for seq in request.seqs:
-            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks are free immediately and a final output follows at the next step."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        self.grammars.remove(request_id)
         for seq in request.seqs:
             self.scheduler.finish(seq, FinishReason.ABORT)
         self._finished_outputs.append(self._output(request))
@@ -167,7 +189,7 @@ class LLMEngine:
         blocks = self.block_manager
         return EngineStats(
             len(self.scheduler.running),
-            len(self.scheduler.waiting),
+            len(self.scheduler.waiting) + len(self.grammars),
             blocks.usage,
             blocks.prefix_queries,
             blocks.prefix_hits,
@@ -178,19 +200,34 @@ class LLMEngine:
 
     # ---- embeddings -----------------------------------------------------------------------------------------
 
+    def embed_batch(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """``embed`` of each input; an encoder runs them together, as few forwards as the token budget allows."""
+        if not self.is_encoder:
+            return [self.embed(ids) for ids in token_lists]
+        for ids in token_lists:
+            self._check_embedding_input(ids)
+        embeddings: list[list[float]] = []
+        batch: list[list[int]] = []
+        batch_tokens = 0
+        for ids in token_lists:
+            if batch and batch_tokens + len(ids) > self.config.max_num_batched_tokens:
+                embeddings += self._encode(batch)
+                batch, batch_tokens = [], 0
+            batch.append(ids)
+            batch_tokens += len(ids)
+        return embeddings + self._encode(batch)
+
     @torch.inference_mode()
     def embed(self, token_ids: list[int]) -> list[float]:
-        """Mean over positions of the final-norm hidden states of ``token_ids``, L2-normalised.
+        """The pooled final hidden states of ``token_ids`` (``self.pooling``: the checkpoint's sentence-
+        transformers config, else the family's default; a chat model's is the L2-normalised mean).
 
-        Call it between steps on the engine's thread: it borrows free KV blocks through a throwaway sequence
-        (prefill attention reads keys back from the paged cache) and returns them before it comes back.
+        Call it between steps on the engine's thread: a decoder borrows free KV blocks through a throwaway
+        sequence (prefill attention reads keys back from the paged cache) and returns them before it comes back.
         """
-        self._check_token_ids(token_ids)
-        limit = min(self.max_model_len, self.cache_capacity)
-        if len(token_ids) > limit:
-            raise ValueError(
-                f"this model's maximum context length is {limit} tokens, but the input has {len(token_ids)}"
-            )
+        if self.is_encoder:
+            return self.embed_batch([token_ids])[0]
+        self._check_embedding_input(token_ids)
         seq = Sequence(
             "embed",
             0,
@@ -206,8 +243,8 @@ class LLMEngine:
                 f"{self.block_manager.num_free_blocks * self.config.block_size} are free now"
             )
         self.block_manager.grow(seq, len(token_ids))
+        pooler = ChunkPooler(self.pooling)
         try:
-            total = None
             budget = self.config.max_num_batched_tokens
             for start in range(0, len(token_ids), budget):
                 chunk = token_ids[start : start + budget]
@@ -219,20 +256,31 @@ class LLMEngine:
                     torch.arange(start, start + len(chunk), device=self.device),
                     self.runner.caches,
                     metadata.to(self.device),
-                )
-                chunk_sum = hidden.float().sum(dim=0)
-                total = chunk_sum if total is None else total + chunk_sum
+                )  # [chunk, hidden]
+                pooler.add(hidden)
         finally:
             self.block_manager.free(seq)
-        mean = total / len(token_ids)
-        return torch.nn.functional.normalize(mean, dim=0).tolist()
+        return pooler.result().tolist()
 
-    def _check_token_ids(self, token_ids: list[int]) -> None:
+    @torch.inference_mode()
+    def _encode(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """An encoder's embeddings of checked inputs, in one forward over their tokens laid back to back."""
+        seq_lens = [len(ids) for ids in token_lists]
+        flat = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long, device=self.device)
+        hidden = self.model.encode(flat, seq_lens)  # [tokens, hidden]
+        return [vector.tolist() for vector in pool_sequences(hidden, seq_lens, self.pooling)]
+
+    def _check_embedding_input(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("input must not be empty")
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}")
+        limit = min(self.max_model_len, self.cache_capacity)
+        if len(token_ids) > limit:
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens, but the input has {len(token_ids)}"
+            )
 
     # ---- the step -------------------------------------------------------------------------------------------
 
@@ -244,6 +292,7 @@ class LLMEngine:
         those scheduled in this step (their KV cache is suspect); requests not in the step keep running.
         """
         outputs, self._finished_outputs = self._finished_outputs, []
+        self._schedule_compiled_grammars(outputs)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
@@ -292,6 +341,20 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
+    def _schedule_compiled_grammars(self, outputs: list[RequestOutput]) -> None:
+        """Queue the requests whose grammar compiled (one matcher per sequence); fail those whose did not.
+
+        With nothing else to run it waits a little for a compile instead of letting the caller spin.
+        """
+        idle = not self.scheduler.num_unfinished
+        for request, result in self.grammars.pop_ready(wait_s=0.01 if idle else 0.0):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(request, f"structured output: {result}"))
+                continue
+            for seq in request.seqs:
+                seq.grammar = result if seq.seq_index == 0 else result.deep_copy()
+                self.scheduler.add(seq)
+
     def _guarded(self, seq: Sequence, outputs: list[RequestOutput], work, *args) -> bool:
         """``work(*args)`` for one sequence; if it raises, that request fails (logged) and False comes back."""
         try:
@@ -322,7 +385,14 @@ class LLMEngine:
         params = seq.params
         detokenizer = request.detokenizers[seq.seq_index]
         reason: FinishReason | None = None
-        if token in seq.eos_token_ids and not params.ignore_eos:
+        grammar_done = False
+        if seq.grammar is not None:
+            if not seq.grammar.consume_token(token):
+                raise ValueError(
+                    f"structured output: the grammar rejected token {token}: {seq.grammar.get_error()}"
+                )
+            grammar_done = seq.grammar.is_stopped()  # complete, and nothing (not even EOS) may follow
+        if token in seq.eos_token_ids and (not params.ignore_eos or grammar_done):
             reason = FinishReason.STOP
         elif token in params.stop_token_ids:
             reason, seq.stop_reason = FinishReason.STOP, token
@@ -330,6 +400,8 @@ class LLMEngine:
             stop_string = detokenizer.add_token(token).stop_string
             if stop_string is not None:
                 reason, seq.stop_reason = FinishReason.STOP, stop_string
+            elif grammar_done:
+                reason = FinishReason.STOP
         if reason is None and seq.num_tokens >= seq.max_total_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from longserve.engine.detokenizer import IncrementalDetokenizer
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
+from longserve.loading.pooling_config import MEAN_NORMALIZED, PoolingConfig
 
 
 @dataclass
@@ -19,6 +20,9 @@ class RequestLimits:
     max_model_len: int  # prompt + completion, the model's limit
     cache_capacity: int  # tokens the whole KV cache holds
     eos_token_ids: list[int]
+    can_generate: bool = True  # False: an embedding-only checkpoint; only embeddings may be asked of it
+    embedding_size: int = 0  # components of an embedding (the hidden size): the most ``dimensions`` may ask
+    pooling: PoolingConfig = MEAN_NORMALIZED  # how embeddings are pooled, and whether they are L2-normalised
 
     @property
     def context_length(self) -> int:
@@ -56,7 +60,13 @@ def build_request(
     add_special_tokens: bool = True,  # False for chat-template output, which carries its own BOS
     prompt_token_ids: list[int] | None = None,  # the text's ids, already encoded (the engine core's input)
 ) -> Request:
-    """Tokenize and validate; a bad prompt or a request over the context length raises ``ValueError``."""
+    """Tokenize and validate; a bad prompt, a request over the context length or any generation request to an
+    embedding-only model raises ``ValueError``."""
+    if not limits.can_generate:
+        # Worded to start with the field to blame (the worker's 400 names it).
+        raise ValueError(
+            "model is an embedding model (no output head): it cannot generate text; use /v1/embeddings"
+        )
     params = params or SamplingParams()
     if isinstance(prompt, str):
         text = prompt

@@ -1,7 +1,7 @@
 """Sampler: turns one step's logits into next tokens (penalties, temperature, top-k/p, min-p) and logprobs.
 
-Processing order follows vLLM / the OpenAI API: min_tokens masking, then repetition / presence / frequency
-penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p -> sample. Logprobs are always taken
+Processing order follows vLLM / the OpenAI API: the structured-output grammar's token mask, min_tokens masking
+(unless it would leave the grammar nothing), then repetition / presence / frequency penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p -> sample. Logprobs are always taken
 from the raw model logits, before any of that processing.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence, TokenLogprob
+from longserve.engine.structured_output import GrammarMasker
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Sampler:
         # Distinct prompt ids per live sequence: rebuilding them from a long Python list every decode step
         # would dominate the cost of the repetition penalty.
         self._prompt_ids: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
+        self._grammar_masker: GrammarMasker | None = None  # built with the first constrained row
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Pick one token per row. ``logits`` is ``[num_seqs, vocab]``, row i belongs to ``seqs[i]``."""
@@ -95,11 +97,21 @@ class Sampler:
         n = len(seqs)
         penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
         masked = [i for i, seq in enumerate(seqs) if len(seq.output_token_ids) < seq.params.min_tokens]
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
-        logits = raw.clone() if penalised or masked else raw
+        logits = raw.clone() if penalised or masked or constrained else raw
+        errors: dict[int, str] = {}
 
+        if constrained:
+            errors.update(self._apply_grammars(logits, seqs, constrained))
         if masked:
+            grammar_only = _take_rows(logits, constrained).clone() if constrained else None
             mask_min_tokens(logits, seqs)
+            if grammar_only is not None:  # the grammar can only end here: it wins over min_tokens
+                stuck = _take_rows(logits, constrained).amax(dim=-1) == float("-inf")
+                if stuck.any():
+                    rows = [constrained[j] for j in stuck.nonzero().flatten().tolist()]
+                    _put_rows(logits, rows, grammar_only[stuck])
         if penalised:
             rows = _take_rows(logits, penalised)  # the rows themselves or a copy; written back below
             apply_penalties(
@@ -118,7 +130,6 @@ class Sampler:
         token_ids = torch.empty(n, dtype=torch.long, device=logits.device)  # [num_seqs]
         if greedy:
             _put_rows(token_ids, greedy, greedy_argmax(_take_rows(logits, greedy)))
-        errors: dict[int, str] = {}
         if sampled:
             chosen, invalid = _sample_rows(_take_rows(logits, sampled), [seqs[i] for i in sampled])
             _put_rows(token_ids, sampled, chosen)
@@ -141,6 +152,19 @@ class Sampler:
             for i, lp in zip(wanted, computed, strict=True):
                 logprobs[i] = lp
         return SamplerOutput(tokens, logprobs, errors)
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> dict[int, str]:
+        """Mask ``rows`` of ``logits`` in place to what their grammars allow; rows whose matcher broke -> error."""
+        if self._grammar_masker is None:
+            self._grammar_masker = GrammarMasker()
+        selected = _take_rows(logits, rows)
+        dead = self._grammar_masker.apply(selected, [seqs[i].grammar for i in rows])
+        if selected is not logits:
+            _put_rows(logits, rows, selected)
+        return {
+            rows[j]: f"structured output failed: {seqs[rows[j]].grammar.get_error() or 'grammar error'}"
+            for j in dead
+        }
 
     def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
         """The prompt's distinct token ids, kept per sequence for the repetition penalty."""
@@ -167,7 +191,11 @@ def _has_penalty(p: SamplingParams) -> bool:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.params
     return (
-        not p.greedy or p.logprobs is not None or _has_penalty(p) or len(seq.output_token_ids) < p.min_tokens
+        not p.greedy
+        or p.logprobs is not None
+        or _has_penalty(p)
+        or len(seq.output_token_ids) < p.min_tokens
+        or seq.grammar is not None
     )
 
 

@@ -15,6 +15,38 @@ SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as OpenAI and vLLM take it
 
 
 @dataclass
+class StructuredOutputParams:
+    """What the output must match; exactly one field is set (vLLM's ``guided_*`` options).
+
+    The grammar library (llguidance, see ``engine/structured_output.py``) turns it into a token mask per step.
+    """
+
+    json: str | None = None  # a JSON schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar or a llama.cpp GBNF grammar
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_output must set exactly one of json, json_object, regex, choice, grammar; got {given}"
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                f"structured_output choice must be a non-empty list of non-empty strings, got {self.choice!r}"
+            )
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, n))
+
+
+@dataclass
 class SamplingParams:
     """Per-request generation settings (names and meanings follow vLLM / the OpenAI API).
 
@@ -39,8 +71,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for every prompt token (after the first)
     skip_special_tokens: bool = True  # drop special tokens from the returned text
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutputParams | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_output, dict):  # as it travels from the worker protocol
+            self.structured_output = StructuredOutputParams(**self.structured_output)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -55,12 +55,16 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ``ValueError`` if ``seq``'s prompt could never fit, even in an empty cache."""
         if self.blocks.blocks_needed(seq, seq.num_tokens) > self.blocks.num_usable_blocks:
             raise ValueError(
                 f"prompt needs {seq.num_tokens} tokens of KV cache but the whole cache holds "
                 f"{self.blocks.num_usable_blocks * self.blocks.block_size}"
             )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,8 @@ class Sequence:
     block_keys: list = field(default_factory=list)
     num_cached_tokens: int = 0
     leader: Sequence | None = None
+    # Structured output: this sequence's llguidance matcher, advanced with every token it accepts.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -1,6 +1,9 @@
-"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)) with gate and up fused in one matmul."""
+"""Feed-forward blocks: SwiGLU, down(silu(gate(x)) * up(x)) with gate and up fused in one matmul (decoders), and
+the two-layer GELU MLP, out(act(in(x))) with biases (BERT-family encoders)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,3 +35,27 @@ class SwiGLUMLP(nn.Module):
             return self.down_proj(silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [tokens, inter] each
         return self.down_proj(F.silu(gate) * up)
+
+
+# HF ``hidden_act`` names -> the activation; "gelu_new" is the tanh approximation under another name.
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class GeluMLP(nn.Module):
+    """``output(act(intermediate(x)))``, both projections with bias; ``act`` by HF's ``hidden_act`` name."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        if hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[hidden_act]
+        self.intermediate = Linear(hidden_size, [intermediate_size], True, dtype)
+        self.output = Linear(intermediate_size, [hidden_size], True, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, hidden]
+        return self.output(self.act(self.intermediate(x)))  # via [tokens, intermediate]

@@ -1,4 +1,5 @@
-"""RMSNorm as Llama-family models define it (normalise in float32, then scale), alone or after the residual add."""
+"""RMSNorm as Llama-family models define it (normalise in float32, then scale), alone or after the residual add;
+LayerNorm (mean and variance, weight and bias) as BERT-family encoders use it."""
 
 from __future__ import annotations
 
@@ -52,3 +53,20 @@ class RMSNorm(nn.Module):
         # Lower precisions normalise in float32 like HF does, then cast back before scaling.
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
         return normed * self.weight
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis, computed in float32 for lower
+    precisions (as HF's fp16 BERT does in effect through its float32 LayerNorm parameters)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if x.dtype == torch.float32:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)

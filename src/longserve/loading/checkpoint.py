@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.pooling_config import PoolingConfig
 from longserve.loading.tokenizer import Tokenizer
 
 
@@ -26,6 +27,8 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: str
     format: Literal["gguf", "safetensors"]
+    # The embedding pooling its sentence-transformers files declare; None: none declared (the family's default)
+    pooling: PoolingConfig | None = None
 
 
 def load_checkpoint(model: str | None = None, *, show_progress: bool = False) -> Checkpoint:

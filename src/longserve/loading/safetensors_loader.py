@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from longserve.loading.checkpoint import Checkpoint
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.pooling_config import read_pooling_config
 from longserve.loading.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -30,8 +31,11 @@ def load_safetensors_dir(path: str, *, show_progress: bool = False) -> Checkpoin
     config = _read_json_object(os.path.join(path, CONFIG_FILE))
     plan = _weight_plan(path)
     tokenizer = _load_tokenizer(path)
+    pooling = read_pooling_config(path)
     weights = _load_weights(plan, show_progress=show_progress)
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, path=path, format="safetensors")
+    return Checkpoint(
+        config=config, weights=weights, tokenizer=tokenizer, path=path, format="safetensors", pooling=pooling
+    )
 
 
 def _read_json_object(file: str) -> dict:

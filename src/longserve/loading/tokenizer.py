@@ -77,7 +77,10 @@ class Tokenizer:
         self.unk_token_id = unk_token_id
         self.chat_template = chat_template
         self._compiled_template: ChatTemplate | None = None
-        if add_bos_token is not None:
+        # "add_bos_token": false with no BOS token at all asks nothing of the post-processor: tokenizer.json's
+        # stays (Qwen3-Embedding's appends <|endoftext|>, the token its last-token pooling reads).
+        nothing_to_change = not add_bos_token and not add_eos_token and bos_token_id is None
+        if add_bos_token is not None and not nothing_to_change:
             _set_post_processor(backend, bos_token_id if add_bos_token else None, eos_token_id, add_eos_token)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         eos = {eos_token_id} if eos_token_id is not None else set()

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of GQA self-attention and SwiGLU."""
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of GQA self-attention and SwiGLU; as a
+causal LM, or headless as a decoder embedder (Qwen3-Embedding's ``Qwen3Model``)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ class LlamaForCausalLM(nn.Module):
 
     # The decode forward has static shapes and no host syncs: engine/cuda_graphs.py may capture it.
     supports_cuda_graphs: ClassVar[bool] = True
+    weight_prefix: ClassVar[str] = "model."  # before every tensor name but the output head's
+    has_output_head: ClassVar[bool] = True  # False: hidden states only (an embedder); compute_logits raises
 
     def __init__(
         self, config: DecoderConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype
@@ -126,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_blocks = None  # the embedding's low-bit blocks when it is served from them
         self.lm_head = (
             None
-            if config.tie_word_embeddings
+            if config.tie_word_embeddings or not self.has_output_head
             else nn.Parameter(
                 torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
             )
@@ -153,6 +156,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
+        if not self.has_output_head:
+            raise ValueError(f"{self.config.architecture} has no output head: it embeds and cannot generate")
         if self.lm_head_kernel is not None:
             return self.lm_head_kernel(hidden).float()
         weight = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -173,6 +178,9 @@ class LlamaForCausalLM(nn.Module):
             for module in self.modules():
                 if isinstance(module, (RMSNorm, SwiGLUMLP, SelfAttention)):
                     module.use_cpu_kernels(kernels)
+        if not self.has_output_head:
+            self.lm_head_kernel, self.head_blocks = None, None
+            return
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         head_blocks = self.head_blocks if quantization == "gguf" else None
         # With int8 the head serves decode steps; the rare larger step (prompt logprobs) can use the plain
@@ -195,15 +203,16 @@ class LlamaForCausalLM(nn.Module):
         ``weights.blocks``) are kept as those blocks and never expanded, the output head's included.
         """
         blocks_of = getattr(weights, "blocks", None) if keep_blocks else None
-        head_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        embed_name = self.weight_prefix + "embed_tokens.weight"
         tied = self.config.tie_word_embeddings
-        self.head_blocks = blocks_of(head_name) if blocks_of is not None and head_name in weights else None
+        head_name = embed_name if tied else "lm_head.weight"
+        with_head = self.has_output_head and blocks_of is not None and head_name in weights
+        self.head_blocks = blocks_of(head_name) if with_head else None
         # Embedding rows are looked up from the blocks too: the float table would be the largest tensor.
-        embed_name = "model.embed_tokens.weight"
         if blocks_of is None or embed_name not in weights:
             self.embed_blocks = None
         else:
-            self.embed_blocks = self.head_blocks if tied else blocks_of(embed_name)
+            self.embed_blocks = self.head_blocks if tied and with_head else blocks_of(embed_name)
         targets = self._weight_targets()
         unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
         if unknown:
@@ -227,14 +236,15 @@ class LlamaForCausalLM(nn.Module):
 
     def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
         """HF tensor name -> function copying that tensor into place."""
+        top = self.weight_prefix
         targets = {
-            "model.embed_tokens.weight": _copier(self.embed_tokens),
-            "model.norm.weight": _copier(self.norm.weight),
+            top + "embed_tokens.weight": _copier(self.embed_tokens),
+            top + "norm.weight": _copier(self.norm.weight),
         }
-        if not self.config.tie_word_embeddings:
+        if self.has_output_head and not self.config.tie_word_embeddings:
             targets["lm_head.weight"] = _copier(self.lm_head)
         for i, layer in enumerate(self.layers):
-            prefix = f"model.layers.{i}."
+            prefix = f"{top}layers.{i}."
             attn = layer.self_attn
             targets[prefix + "input_layernorm.weight"] = _copier(layer.input_layernorm.weight)
             targets[prefix + "post_attention_layernorm.weight"] = _copier(
@@ -263,6 +273,14 @@ class LlamaForCausalLM(nn.Module):
             prefix + "up_proj.weight": mlp.gate_up_proj.shard(1),
             prefix + "down_proj.weight": mlp.down_proj.shard(0),
         }
+
+
+class LlamaEmbeddingModel(LlamaForCausalLM):
+    """The decoder as HF's bare ``*Model`` saves it (Qwen3-Embedding is a ``Qwen3Model``): tensor names without
+    ``model.``, no output head. It gives final-norm hidden states for pooling and cannot generate."""
+
+    weight_prefix: ClassVar[str] = ""
+    has_output_head: ClassVar[bool] = False
 
 
 def _copier(param: torch.Tensor) -> Callable[[torch.Tensor], None]:

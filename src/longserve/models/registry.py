@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from longserve.attention.backend import BackendsForLayers, per_layer
+from longserve.loading.pooling_config import MEAN_NORMALIZED, PoolingConfig
+from longserve.models.bert import BertConfig, BertModel
 from longserve.models.config import DecoderConfig
 from longserve.models.deepseek import DeepseekConfig, DeepseekForCausalLM
-from longserve.models.llama import LlamaForCausalLM
+from longserve.models.llama import LlamaEmbeddingModel, LlamaForCausalLM
 from longserve.models.mixtral import MixtralForCausalLM, read_mixtral_config
 from longserve.models.qwen_moe import QwenMoeForCausalLM, read_qwen2_moe_config, read_qwen3_moe_config
 
@@ -23,6 +25,10 @@ class ModelFamily:
         [dict], Any
     ]  # DecoderConfig or a family's own config with the same engine-facing fields
     model_class: type[nn.Module]
+    can_generate: bool = True  # False: an embedding checkpoint without an output head; generating is refused
+    encoder: bool = False  # bidirectional: embedded by ``model.encode`` in one pass, with no paged KV cache
+    # The embedding pooling when the checkpoint has no sentence-transformers files saying otherwise.
+    default_pooling: PoolingConfig = MEAN_NORMALIZED
 
 
 def _families() -> dict[str, ModelFamily]:
@@ -32,6 +38,21 @@ def _families() -> dict[str, ModelFamily]:
         "MistralForCausalLM": llama,
         "Qwen2ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qkv_bias=True), LlamaForCausalLM),
         "Qwen3ForCausalLM": ModelFamily(lambda c: DecoderConfig.from_hf(c, qk_norm=True), LlamaForCausalLM),
+        # Embedding checkpoints: Qwen3-Embedding pools the last token (its appended <|endoftext|>); BERT-family
+        # sentence encoders pool [CLS] or the mean, as their sentence-transformers config says.
+        "Qwen3Model": ModelFamily(
+            lambda c: DecoderConfig.from_hf(c, qk_norm=True),
+            LlamaEmbeddingModel,
+            can_generate=False,
+            default_pooling=PoolingConfig("last", True),
+        ),
+        "BertModel": ModelFamily(
+            BertConfig.from_hf,
+            BertModel,
+            can_generate=False,
+            encoder=True,
+            default_pooling=PoolingConfig("cls", True),
+        ),
         "MixtralForCausalLM": ModelFamily(read_mixtral_config, MixtralForCausalLM),
         "Qwen2MoeForCausalLM": ModelFamily(read_qwen2_moe_config, QwenMoeForCausalLM),
         "Qwen3MoeForCausalLM": ModelFamily(read_qwen3_moe_config, QwenMoeForCausalLM),

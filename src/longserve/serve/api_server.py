@@ -30,6 +30,7 @@ from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
 from longserve.serve.openai_completions import completion
 from longserve.serve.openai_embeddings import embeddings
+from longserve.serve.openai_responses import create_response
 from longserve.serve.openai_tokenize import DetokenizeBody, TokenizeBody, detokenize, tokenize
 from longserve.serve.protocol import (
     ChatCompletionRequest,
@@ -39,7 +40,9 @@ from longserve.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from longserve.serve.protocol_responses import ResponsesRequest
 from longserve.serve.upstream import Upstream, make_client, make_stream_session
+from longserve.serve.worker_protocol import ListModelsResponse
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +119,14 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(request: Request) -> ModelList:
         details = await upstream(request).model_details()
-        lengths = details.context_lengths
-        return ModelList(
-            data=[ModelCard(id=name, max_model_len=lengths.get(name)) for name in sorted(set(details.models))]
-        )
+        return ModelList(data=[_model_card(name, details) for name in sorted(set(details.models))])
 
     @app.get("/v1/models/{model:path}", responses=ERROR_RESPONSES)
     async def retrieve_model(model: str, request: Request) -> ModelCard:
         details = await upstream(request).model_details()
         if model not in details.models:
             raise model_not_found(model)
-        return ModelCard(id=model, max_model_len=details.context_lengths.get(model))
+        return _model_card(model, details)
 
     @app.post("/v1/chat/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
@@ -135,6 +135,10 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await completion(body, request, upstream(request), request.app.state.metrics)
+
+    @app.post("/v1/responses", response_model=None, responses=GENERATION_ERRORS)
+    async def create_responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(body, request, upstream(request), request.app.state.metrics)
 
     @app.post("/v1/embeddings", response_model=None, responses=GENERATION_ERRORS)
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
@@ -156,6 +160,18 @@ def begin_shutdown(app: FastAPI) -> None:
     upstream = getattr(app.state, "upstream", None)
     if upstream is not None:
         upstream.stopping.set()
+
+
+def _model_card(name: str, details: ListModelsResponse) -> ModelCard:
+    """``name``'s card: its context length and what its embeddings are, as its live workers report them."""
+    card = ModelCard(id=name, max_model_len=details.context_lengths.get(name))
+    embedding = details.embeddings.get(name)
+    if embedding is not None:
+        card.pooling = embedding.pooling
+        card.embedding_dimensions = embedding.dimensions
+        card.normalized_embeddings = embedding.normalized
+        card.embedding_only = embedding.embedding_only
+    return card
 
 
 def _openapi(app: FastAPI) -> dict:

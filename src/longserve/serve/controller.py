@@ -31,6 +31,7 @@ from longserve.config import ServeConfig
 from longserve.serve.prefix_routing import PrefixIndex
 from longserve.serve.worker_protocol import (
     ControllerStatus,
+    EmbeddingDetails,
     ErrorInfo,
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
@@ -208,6 +209,16 @@ class Controller:
             for name in rec.status.model_names:
                 lengths[name] = max(lengths.get(name, 0), rec.status.context_length)
         return lengths
+
+    def embedding_details(self) -> dict[str, EmbeddingDetails]:
+        """What each model's embeddings are, as a live worker that serves it reports (the same checkpoint
+        behind one name gives the same answer on every worker)."""
+        details: dict[str, EmbeddingDetails] = {}
+        for rec in self._live_workers().values():
+            for name in rec.status.model_names:
+                if rec.status.embedding is not None:
+                    details.setdefault(name, rec.status.embedding)
+        return details
 
     def list_workers(self) -> list[WorkerInfo]:
         """Every registered worker, stale ones included (they show their last heartbeat), sorted by address."""
@@ -396,7 +407,9 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
     async def list_models(request: Request) -> ListModelsResponse:
         controller = get_state(request).controller
         return ListModelsResponse(
-            models=controller.list_models(), context_lengths=controller.context_lengths()
+            models=controller.list_models(),
+            context_lengths=controller.context_lengths(),
+            embeddings=controller.embedding_details(),
         )
 
     @app.post("/list_workers")

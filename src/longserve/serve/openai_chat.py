@@ -4,11 +4,14 @@ answer as one ``chat.completion`` or as a stream of ``chat.completion.chunk`` ev
 Stream shape (as OpenAI's): a first chunk per choice with ``delta.role = "assistant"``, then content chunks;
 a choice's ``finish_reason`` rides on the chunk with its last text, or on an empty-delta chunk when the last
 token adds no text (EOS). With ``stream_options.include_usage`` a final chunk has the usage and no choices.
+With tools, ``openai_tools.ToolOutput`` turns each choice's text into content and ``tool_calls`` deltas, and a
+choice that called a tool finishes with ``tool_calls``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -17,6 +20,7 @@ from longserve.serve.errors import APIError
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.metrics import ApiMetrics, RequestRecorder
 from longserve.serve.openai_common import add_usage, json_response, sampling_options, sse, streaming_response
+from longserve.serve.openai_tools import ToolOutput, plan_tools, tool_call_delta_infos, tool_call_infos
 from longserve.serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -32,6 +36,7 @@ from longserve.serve.protocol import (
     new_id,
     now,
 )
+from longserve.serve.structured_request import requested_structure
 from longserve.serve.upstream import Upstream
 from longserve.serve.worker_protocol import (
     ChatTemplateRequest,
@@ -57,40 +62,74 @@ def chat_logprobs(infos: list[TokenLogprobInfo], top: int) -> list[ChatTokenLogp
     ]
 
 
+@dataclass
+class ChatRun:
+    """A started chat generation: its worker streams, its id, and each choice's tool-call processing."""
+
+    generation: Generation
+    request_id: str
+    tools: list[ToolOutput] | None  # None: plain text (no tools, or tool_choice "none")
+
+
 async def chat_completion(
     req: ChatCompletionRequest, request: Request, upstream: Upstream, metrics: ApiMetrics
 ) -> Response:
+    run = await start_chat(req, request, upstream, metrics)
+    if req.stream:
+        events = (sse(chunk) async for chunk in chat_chunks(run, req))
+        return streaming_response(run.generation, events)
+    async with run.generation:
+        return json_response(await whole_chat(run, req))
+
+
+async def start_chat(
+    req: ChatCompletionRequest,
+    request: Request,
+    upstream: Upstream,
+    metrics: ApiMetrics,
+    request_id: str | None = None,
+) -> ChatRun:
+    """Check the request, render its template on a worker and start generating (the Responses API too)."""
     req.check()
+    tools = plan_tools(req)
+    structure = tools.structure or requested_structure(req)
     template = await upstream.call_worker(
         req.model,
         "/apply_chat_template",
         ChatTemplateRequest(
-            model=req.model, messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
+            model=req.model,
+            messages=req.template_messages(),
+            add_generation_prompt=req.add_generation_prompt,
+            tools=tools.template_tools,
         ),
         ChatTemplateResponse,
     )
+    outputs = [tools.output(template.tool_parser) for _ in range(req.n)] if tools.mode != "none" else None
+    # The format's markers may be special tokens, which the text would otherwise leave out.
+    keep_special = tools.mode == "auto" and outputs[0].needs_special_tokens
     top = req.top_logprobs or 0
-    request_id = new_id("chatcmpl")
+    request_id = request_id or new_id("chatcmpl")
     payload = WorkerGenerateRequest(
         model=req.model,
         prompt=template.prompt,
         add_special_tokens=False,
         sampling=sampling_options(
-            req, max_tokens=req.effective_max_tokens, logprobs=top if req.logprobs else None
+            req,
+            max_tokens=req.effective_max_tokens,
+            logprobs=top if req.logprobs else None,
+            structured_output=structure,
+            skip_special_tokens=False if keep_special else None,
         ),
         request_id=request_id,
     )
     generation = Generation(upstream, request, req.model, [payload], RequestRecorder(metrics, req.model))
     await generation.start()
-    if req.stream:
-        return streaming_response(generation, _chunks(generation, req, request_id))
-    async with generation:
-        return json_response(await _whole(generation, req, request_id))
+    return ChatRun(generation, request_id, outputs)
 
 
-async def _whole(
-    generation: Generation, req: ChatCompletionRequest, request_id: str
-) -> ChatCompletionResponse:
+async def whole_chat(run: ChatRun, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    """The whole answer (a broken worker stream raises the request's APIError)."""
+    generation, request_id, tools = run.generation, run.request_id, run.tools
     texts: list[list[str]] = [[] for _ in range(req.n)]
     logprobs: list[list[ChatTokenLogprob]] = [[] for _ in range(req.n)]
     finish: list[str | None] = [None] * req.n
@@ -107,27 +146,51 @@ async def _whole(
             add_usage(usage, chunk.usage)
     except StreamBroken as exc:  # nothing was sent yet: the broken stream is this request's error
         raise APIError.from_info(exc.info) from exc
-    choices = [
-        ChatChoice(
-            index=i,
-            message=ChatResponseMessage(content="".join(texts[i])),
-            logprobs=ChatLogprobs(content=logprobs[i]) if req.logprobs else None,
-            finish_reason=finish[i],
-            stop_reason=stop_reason[i],
+    choices = []
+    for i in range(req.n):
+        message = ChatResponseMessage(content="".join(texts[i]))
+        if tools is not None:
+            parsed = tools[i].parse(message.content)
+            message = ChatResponseMessage(
+                content=parsed.content, tool_calls=tool_call_infos(parsed.tool_calls)
+            )
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=ChatLogprobs(content=logprobs[i]) if req.logprobs else None,
+                finish_reason=_finish_reason(finish[i], tools[i] if tools else None),
+                stop_reason=stop_reason[i],
+            )
         )
-        for i in range(req.n)
-    ]
     return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage)
 
 
-async def _chunks(generation: Generation, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[str]:
+def _finish_reason(reason: str | None, tools: ToolOutput | None) -> str | None:
+    return "tool_calls" if reason == "stop" and tools is not None and tools.called else reason
+
+
+def _delta(text: str, tools: ToolOutput | None, finished: bool) -> DeltaMessage:
+    """The delta for a piece of a choice's text (its last piece when ``finished``), tool calls parsed out."""
+    if tools is None:
+        return DeltaMessage(content=text) if text else DeltaMessage()
+    parsed = tools.feed(text)
+    if finished:
+        rest = tools.finish()
+        parsed.content = (parsed.content or "") + (rest.content or "") or None
+        parsed.tool_calls += rest.tool_calls
+    return DeltaMessage(content=parsed.content, tool_calls=tool_call_delta_infos(parsed.tool_calls) or None)
+
+
+async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+    """The answer as OpenAI's stream chunks (a broken worker stream raises ``StreamBroken``)."""
+    generation, request_id, tools = run.generation, run.request_id, run.tools
     created = now()
 
-    def event(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-        chunk = ChatCompletionChunk(
+    def event(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
             id=request_id, created=created, model=req.model, choices=choices, usage=usage
         )
-        return sse(chunk)
 
     for i in range(req.n):
         yield event([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -139,11 +202,20 @@ async def _chunks(generation: Generation, req: ChatCompletionRequest, request_id
                 logprobs = ChatLogprobs(content=chat_logprobs(out.logprobs, req.top_logprobs or 0))
             if not out.text and out.finish_reason is None and logprobs is None:
                 continue  # tokens that add no text yet (half a UTF-8 character): nothing to say
+            choice_tools = tools[out.index] if tools is not None else None
+            delta = _delta(out.text, choice_tools, out.finish_reason is not None)
+            if (
+                delta.content is None
+                and not delta.tool_calls
+                and out.finish_reason is None
+                and logprobs is None
+            ):
+                continue  # text the tool parser holds back until it knows what it is
             choice = ChatChunkChoice(
                 index=out.index,
-                delta=DeltaMessage(content=out.text) if out.text else DeltaMessage(),
+                delta=delta,
                 logprobs=logprobs,
-                finish_reason=out.finish_reason,
+                finish_reason=_finish_reason(out.finish_reason, choice_tools),
                 stop_reason=out.stop_reason,
             )
             yield event([choice])

@@ -4,6 +4,7 @@ and the streaming response that always closes its worker streams.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,12 +14,12 @@ from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from longserve.engine.sampling_params import SamplingParams
+from longserve.engine.sampling_params import SamplingParams, StructuredOutputParams
 from longserve.serve.errors import APIError, ClientDisconnected
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.keepalive import with_keepalive
 from longserve.serve.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
-from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, Usage
+from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, StructuredOutputOptions, Usage
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,13 @@ _API_FIELD = {"logprobs": "logprobs", "prompt_logprobs": "logprobs"}
 
 
 def sampling_options(
-    req: SamplingRequest, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    req: SamplingRequest,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured_output: StructuredOutputParams | None = None,  # already checked (structured_request.py)
+    skip_special_tokens: bool | None = None,  # overrides the request's (tool-call markers may be special)
 ) -> SamplingOptions:
     """The worker's sampling options; unset OpenAI fields keep the worker's defaults (which are OpenAI's)."""
     defaults = SamplingOptions()
@@ -58,8 +65,11 @@ def sampling_options(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=req.skip_special_tokens,
+        skip_special_tokens=pick(skip_special_tokens, req.skip_special_tokens),
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured_output=StructuredOutputOptions.model_validate(dataclasses.asdict(structured_output))
+        if structured_output is not None
+        else None,
     )
     try:  # the worker checks again; checking here lets the error name the API's field, and saves a hop
         SamplingParams(**options.model_dump())

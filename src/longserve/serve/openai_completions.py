@@ -32,6 +32,7 @@ from longserve.serve.protocol import (
     new_id,
     now,
 )
+from longserve.serve.structured_request import requested_structure
 from longserve.serve.upstream import Upstream
 from longserve.serve.worker_protocol import TokenLogprobInfo, WorkerGenerateRequest, WorkerStreamChunk
 
@@ -43,6 +44,7 @@ async def completion(
     prompts = req.prompts()
     request_id = new_id("cmpl")
     max_tokens = 1 if req.max_tokens == 0 else req.max_tokens
+    structure = requested_structure(req)
     payloads = []
     for i, prompt in enumerate(prompts):
         prompt_logprobs = None
@@ -51,7 +53,11 @@ async def completion(
         elif req.echo and isinstance(prompt, list):
             prompt_logprobs = 0  # only for the token texts that spell the prompt
         sampling = sampling_options(
-            req, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs
+            req,
+            max_tokens=max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured_output=structure,
         )
         payloads.append(
             WorkerGenerateRequest(

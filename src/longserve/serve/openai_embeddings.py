@@ -1,4 +1,5 @@
-"""/v1/embeddings: inputs (text or token ids, one or a batch) to a worker, vectors back as floats or base64."""
+"""/v1/embeddings: inputs (text or token ids, one or a batch) and ``dimensions`` to a worker, vectors back as
+floats or base64. The worker pools as its model says (see /v1/models: ``pooling``, ``embedding_only``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ async def embeddings(req: EmbeddingRequest, upstream: Upstream) -> Response:
     result = await upstream.call_worker(
         req.model,
         "/worker_get_embeddings",
-        EmbeddingsRequest(model=req.model, inputs=inputs),
+        EmbeddingsRequest(model=req.model, inputs=inputs, dimensions=req.dimensions),
         EmbeddingsResponse,
     )
     data = [

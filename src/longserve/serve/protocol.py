@@ -6,11 +6,12 @@ keep working. Types are strict, as OpenAI's: ``"stream": "yes"`` or ``"max_token
 are NaN and infinities; text must be valid Unicode (a lone UTF-16 surrogate such as ``"\udfff"`` is rejected
 before it reaches a worker). A value out of range fails validation, which the API server answers with 400
 naming the field. Checks that involve several fields or features we do not serve live in ``check()`` and raise
-``APIError``; fields we only accept to reject them (``tools``, ``best_of``, ...) are left out of the schema.
+``APIError``; fields we only accept to reject them (``best_of``, ``suffix``, ...) are left out of the schema.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -20,6 +21,13 @@ from pydantic.json_schema import SkipJsonSchema
 
 from longserve.engine.sampling_params import REPETITION_PENALTY_RANGE, SEED_RANGE
 from longserve.serve.errors import APIError
+from longserve.serve.protocol_formats import (
+    ChatTool,
+    ResponseFormat,
+    ToolCallDeltaInfo,
+    ToolCallInfo,
+    ToolChoice,
+)
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for (OpenAI's chat limit, vLLM's default)
 MAX_N = 128  # completions per prompt; more is almost surely a mistake and would hold the KV cache hostage
@@ -117,6 +125,12 @@ class SamplingRequest(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; not used
+    # Constrained output (structured_request.py): OpenAI's response_format or one of vLLM's guided_* options.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None  # a JSON schema
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # Lark or llama.cpp GBNF
 
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -168,20 +182,15 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Accepted only to say clearly that they are not served (check()); not advertised in the schema.
-    tools: SkipJsonSchema[list[dict[str, Any]] | None] = None
-    tool_choice: SkipJsonSchema[str | dict[str, Any] | None] = None
-    response_format: SkipJsonSchema[dict[str, Any] | None] = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM extension: end the rendered prompt with the assistant's turn
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.tools:
-            raise APIError("tools (function calling) are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError("only response_format type 'text' is supported", param="response_format")
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -197,8 +206,24 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = message.flat_content(f"messages.{i}")
+        if isinstance(item.get("tool_calls"), list):
+            item["tool_calls"] = [_template_tool_call(call) for call in item["tool_calls"]]
         out.append(item)
     return out
+
+
+def _template_tool_call(call: Any) -> Any:
+    """A tool call the client sends back, with its ``arguments`` JSON text as an object: templates write it
+    with ``tojson`` (Qwen, Llama, Hermes), which would otherwise quote the text a second time (as vLLM does)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            return call
+        if isinstance(arguments, dict):
+            return {**call, "function": {**function, "arguments": arguments}}
+    return call
 
 
 CompletionPrompt = str | list[TokenId] | list[list[TokenId]] | list[str]
@@ -237,7 +262,9 @@ class EmbeddingRequest(OpenAIRequest):
     model: str
     input: str | list[TokenId] | list[list[TokenId]] | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    # Matryoshka-style: the first `dimensions` components, renormalised if the model normalises; the upper
+    # bound (the model's embedding size) is checked by the worker.
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
@@ -254,8 +281,6 @@ class EmbeddingRequest(OpenAIRequest):
                 raise APIError("input must not contain empty strings or token lists", param="input")
         if len(items) > 2048:
             raise APIError("input may hold at most 2048 items", param="input")
-        if self.dimensions is not None:
-            raise APIError("dimensions is not supported", param="dimensions")
         return items
 
 
@@ -294,6 +319,11 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "longserve"
     max_model_len: int | None = None  # prompt + completion tokens a request may have (vLLM's field)
+    # What /v1/embeddings gives for this model (longserve's fields; None when its workers do not say).
+    pooling: Literal["cls", "mean", "last"] | None = None  # pooled: the first token, the mean, the last token
+    embedding_dimensions: int | None = None  # an embedding's length: the most ``dimensions`` may ask for
+    normalized_embeddings: bool | None = None  # L2-normalised
+    embedding_only: bool | None = None  # an embedding checkpoint: it cannot generate (those requests get 400)
 
 
 class ModelList(BaseModel):
@@ -317,7 +347,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallInfo] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -340,6 +371,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_none)
     content: str | None = Field(None, exclude_if=_none)
+    tool_calls: list[ToolCallDeltaInfo] | None = Field(None, exclude_if=_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -27,8 +27,10 @@ from longserve.engine.async_engine import AsyncEngine, EngineShutDown, RequestFa
 from longserve.engine.core_client import EngineCoreClient
 from longserve.engine.engine import CacheBusyError
 from longserve.engine.outputs import RequestOutput
+from longserve.engine.pooling import truncate_embedding
 from longserve.engine.request import Request as EngineRequest
 from longserve.serve.ndjson_stream import NdjsonStream
+from longserve.serve.tool_parsers import detect_tool_parser, get_tool_parser
 from longserve.serve.worker_outputs import (
     OutputConverter,
     WorkerError,
@@ -43,6 +45,7 @@ from longserve.serve.worker_protocol import (
     CountTokenResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingDetails,
     EmbeddingsRequest,
     EmbeddingsResponse,
     ErrorInfo,
@@ -102,6 +105,16 @@ class ModelWorker:
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             ready=self.engine.ready,
+            embedding=self.embedding_details(),
+        )
+
+    def embedding_details(self) -> EmbeddingDetails:
+        limits = self.engine.limits
+        return EmbeddingDetails(
+            pooling=limits.pooling.pooling,
+            normalized=limits.pooling.normalize,
+            dimensions=limits.embedding_size,
+            embedding_only=not limits.can_generate,
         )
 
     def check_model(self, model: str) -> None:
@@ -240,6 +253,11 @@ class ModelWorker:
 
     async def embed(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         self.num_requests += 1
+        size, dimensions = self.engine.limits.embedding_size, request.dimensions
+        if dimensions is not None and dimensions > size:
+            self.num_errors += 1
+            message = f"dimensions must be at most {size} (this model's embedding size), got {dimensions}"
+            raise WorkerError(ErrorInfo(message=message, param="dimensions"))
         self.reserve()
         try:
             async with self.semaphore:
@@ -255,6 +273,9 @@ class ModelWorker:
             raise WorkerError(_shutting_down(str(exc))) from exc
         finally:
             self.release()
+        if dimensions is not None:
+            normalize = self.engine.limits.pooling.normalize
+            embeddings = [truncate_embedding(v, dimensions, normalize) for v in embeddings]
         return EmbeddingsResponse(embeddings=embeddings, prompt_tokens=prompt_tokens)
 
     # ---- controller link ------------------------------------------------------------------------------------
@@ -288,6 +309,9 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
     app = FastAPI(title="longserve worker", lifespan=lifespan)
     app.state.worker = worker
     tokenizer = engine.tokenizer
+    tool_parser = config.tool_call_parser or detect_tool_parser(tokenizer.chat_template, None)
+    if tool_parser is not None:
+        get_tool_parser(tool_parser)  # an unknown --tool-call-parser fails here, at start-up
 
     @app.exception_handler(WorkerError)
     async def on_worker_error(request: Request, exc: WorkerError) -> JSONResponse:
@@ -366,13 +390,14 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
     @app.post("/apply_chat_template")
     async def apply_chat_template(body: ChatTemplateRequest) -> ChatTemplateResponse:
         worker.check_model(body.model)
+        extra = {"tools": body.tools} if body.tools else {}
         try:
             prompt = await asyncio.to_thread(
-                tokenizer.apply_chat_template, body.messages, body.add_generation_prompt
+                tokenizer.apply_chat_template, body.messages, body.add_generation_prompt, **extra
             )
         except ValueError as exc:  # no template, or the template rejected the messages
             raise rejection(exc, default_param="messages") from exc
-        return ChatTemplateResponse(prompt=prompt)
+        return ChatTemplateResponse(prompt=prompt, tool_parser=tool_parser)
 
     @app.get("/health", response_model=None)
     async def health() -> dict | JSONResponse:

@@ -21,7 +21,7 @@ from longserve.serve.worker_protocol import (
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # First words of the engine's request-validation messages that name the request field at fault.
-_REQUEST_FIELDS = frozenset({"prompt", "request_id", "messages"})
+_REQUEST_FIELDS = frozenset({"prompt", "request_id", "messages", "model"})
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})  # pydantic's union member names
 
 

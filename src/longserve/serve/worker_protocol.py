@@ -30,6 +30,15 @@ class ErrorInfo(BaseModel):
 # ---- controller <-> worker ---------------------------------------------------------------------------------
 
 
+class EmbeddingDetails(BaseModel):
+    """What a worker's /worker_get_embeddings returns (shown in /v1/models)."""
+
+    pooling: Literal["cls", "mean", "last"]  # hidden states pooled: the first token, the mean, the last token
+    normalized: bool  # L2-normalised
+    dimensions: int  # components of an embedding (the most a request's ``dimensions`` may ask for)
+    embedding_only: bool  # the model cannot generate (an embedding checkpoint): generation requests get 400
+
+
 class WorkerStatus(BaseModel):
     model_names: list[str]
     speed: float = 1.0  # relative throughput weight used by dispatch
@@ -42,6 +51,7 @@ class WorkerStatus(BaseModel):
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the worker started
     prefix_cache_hits: int = 0  # of those, found cached
     ready: bool = True  # False while the engine core is down (restarting): dispatch and list_models skip it
+    embedding: EmbeddingDetails | None = None  # None from workers that do not say
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -65,6 +75,7 @@ class ListModelsResponse(BaseModel):
     context_lengths: dict[str, int] = Field(
         default_factory=dict
     )  # model -> longest context a live worker takes
+    embeddings: dict[str, EmbeddingDetails] = Field(default_factory=dict)  # model -> what its embeddings are
 
 
 class WorkerInfo(BaseModel):
@@ -106,6 +117,18 @@ class ControllerStatus(BaseModel):
 # ---- api server -> worker ----------------------------------------------------------------------------------
 
 
+class StructuredOutputOptions(BaseModel):
+    """StructuredOutputParams as it travels: exactly one field set."""
+
+    json_: str | None = Field(None, alias="json")  # a JSON schema as text ("json" shadows a BaseModel method)
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
 class SamplingOptions(BaseModel):
     """SamplingParams fields as they travel; the worker validates them by building SamplingParams."""
 
@@ -127,6 +150,7 @@ class SamplingOptions(BaseModel):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutputOptions | None = None
 
 
 class WorkerGenerateRequest(BaseModel):
@@ -194,10 +218,12 @@ class WorkerGenerateResponse(BaseModel):
 class EmbeddingsRequest(BaseModel):
     model: str
     inputs: list[Prompt]
+    # Keep the first this many components (renormalised if the model normalises); None: all of them
+    dimensions: int | None = Field(None, ge=1)
 
 
 class EmbeddingsResponse(BaseModel):
-    embeddings: list[list[float]]  # mean-pooled, L2-normalised last hidden states
+    embeddings: list[list[float]]  # pooled final hidden states, as the worker's EmbeddingDetails say
     prompt_tokens: int
 
 
@@ -241,7 +267,9 @@ class ChatTemplateRequest(BaseModel):
     model: str
     messages: list[dict]
     add_generation_prompt: bool = True
+    tools: list[dict] | None = None  # OpenAI tool definitions, for templates that describe them
 
 
 class ChatTemplateResponse(BaseModel):
     prompt: str
+    tool_parser: str | None = None  # the model's tool-call format (serve/tool_parsers), None if unknown

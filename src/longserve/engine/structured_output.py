@@ -1,0 +1,197 @@
+"""Structured output: grammars compiled off the engine thread into llguidance matchers, and their token masks.
+
+A request's ``StructuredOutputParams`` becomes an llguidance grammar (``grammar_definition``), compiled once per
+distinct grammar by ``GrammarCompiler`` on its own thread (a compile drops the GIL; a cached grammar is a deep
+copy away), so a slow schema never stalls an engine step. Each constrained sequence owns a matcher; every step
+``GrammarMasker`` fills one bitmask row per constrained row (llguidance's parallel executor) and turns
+disallowed tokens' logits to -inf. The engine advances the matcher with each accepted token and ends the
+sequence when the grammar is complete. Preemption recomputes the KV cache but keeps the output tokens, so the
+matcher stays in step and never needs a rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import llguidance
+import llguidance.torch
+import torch
+from llguidance import LLMatcher, LLTokenizer
+
+from longserve.engine.sampling_params import StructuredOutputParams
+
+log = logging.getLogger(__name__)
+
+# Distinct grammars kept compiled; a service sees few schemas many times (tools, one app's response format).
+_CACHE_SIZE = 256
+# llguidance's JSON options: compact separators as `json.dumps(separators=(",", ":"))` writes them. A model
+# free to pick its whitespace can run away with newlines while the grammar stays satisfied.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def grammar_definition(spec: StructuredOutputParams) -> str:
+    """The llguidance grammar for ``spec``; a spec that is not even well-formed raises ``ValueError``."""
+    if spec.json is not None:
+        try:
+            schema = json.loads(spec.json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"json: the schema is not valid JSON ({exc})") from None
+        if not isinstance(schema, dict | bool):
+            raise ValueError("json: a JSON schema must be an object or a boolean")
+        return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    if spec.json_object:
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
+    if spec.regex is not None:
+        return LLMatcher.grammar_from_regex(spec.regex)
+    if spec.choice is not None:
+        return llguidance.grammar_from("choice", json.dumps(spec.choice))
+    assert spec.grammar is not None
+    try:  # Lark passes through; GBNF (llama.cpp's, what vLLM's EBNF users write) is converted to Lark
+        return llguidance.grammar_from("grammar", spec.grammar)
+    except ValueError as exc:
+        raise ValueError(f"grammar: {exc}") from None
+
+
+def check_structured_output(spec: StructuredOutputParams) -> None:
+    """Raise ``ValueError`` starting with the spec's field name if its grammar does not compile.
+
+    Needs no tokenizer, so the API server can answer 400 before a request reaches a worker.
+    """
+    definition = grammar_definition(spec)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(definition)
+    if is_error:
+        raise ValueError(f"{spec.kind}: {messages[0] if messages else 'invalid grammar'}")
+
+
+class GrammarCompiler:
+    """Compiles grammars on one background thread and caches them; ``compile`` returns a matcher's future.
+
+    The llguidance tokenizer (every token's bytes, ~0.4 s to build for a 50k vocabulary) is built on that
+    thread too, the first time a constrained request arrives.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer  # longserve.loading.tokenizer.Tokenizer
+        self._vocab_size = (
+            vocab_size  # logits width: the model's embedding rows, maybe more than the tokenizer's
+        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
+        self._lltokenizer: LLTokenizer | None = None
+        self._cache: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar definition -> a pristine matcher
+        self._lock = threading.Lock()
+        self.compile_seconds: dict[str, float] = {}  # kind -> total compile time, for the benchmark
+
+    def compile(self, spec: StructuredOutputParams) -> Future[LLMatcher]:
+        """A fresh matcher for ``spec``; the future raises ``ValueError`` naming the field if it is invalid."""
+        with self._lock:
+            try:
+                definition = grammar_definition(spec)
+            except ValueError as exc:
+                return _failed(exc)
+            cached = self._cache.get(definition)
+            if cached is not None:
+                self._cache.move_to_end(definition)
+                return _done(cached.deep_copy())
+        return self._executor.submit(self._compile, spec.kind, definition)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, kind: str, definition: str) -> LLMatcher:
+        start = time.perf_counter()
+        if self._lltokenizer is None:
+            self._lltokenizer = LLTokenizer(
+                self._tokenizer.backend.to_str(),
+                n_vocab=self._vocab_size,
+                eos_token=sorted(self._tokenizer.eos_token_ids),
+            )
+        matcher = LLMatcher(self._lltokenizer, definition, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{kind}: {matcher.get_error()}")
+        elapsed = time.perf_counter() - start
+        self.compile_seconds[kind] = self.compile_seconds.get(kind, 0.0) + elapsed
+        log.debug("compiled a %s grammar in %.1f ms", kind, elapsed * 1e3)
+        with self._lock:
+            self._cache[definition] = matcher
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return matcher.deep_copy()
+
+
+class GrammarWaitlist:
+    """Constrained requests whose grammar is still compiling; the engine schedules them once it is ready."""
+
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self._compiler = compiler
+        self._waiting: dict[str, tuple[object, Future[LLMatcher]]] = {}  # request id -> (Request, future)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting
+
+    def add(self, request) -> None:
+        """Start compiling ``request``'s grammar (``request.params.structured_output`` must be set)."""
+        self._waiting[request.request_id] = (
+            request,
+            self._compiler.compile(request.params.structured_output),
+        )
+
+    def remove(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+    def pop_ready(self, wait_s: float = 0.0) -> list[tuple[object, LLMatcher | Exception]]:
+        """Requests whose compile ended, each with its matcher or the error; waits up to ``wait_s`` for one."""
+        if wait_s > 0 and self._waiting:
+            wait([f for _, f in self._waiting.values()], timeout=wait_s, return_when=FIRST_COMPLETED)
+        done = [rid for rid, (_, future) in self._waiting.items() if future.done()]
+        ready = []
+        for rid in done:
+            request, future = self._waiting.pop(rid)
+            error = future.exception()
+            ready.append((request, error if error is not None else future.result()))
+        return ready
+
+
+class GrammarMasker:
+    """Per step: one bitmask row per constrained sequence, applied to that row's logits."""
+
+    def __init__(self) -> None:
+        self._executor = llguidance.LLExecutor()
+        # byte value -> its 8 bits, lowest first: token 8*b + j is allowed iff bit j of mask byte b is set.
+        self._bits = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [256, 8]
+
+    def apply(self, logits: torch.Tensor, matchers: list[LLMatcher]) -> list[int]:
+        """Set disallowed tokens of row i of ``logits`` ``[len(matchers), vocab]`` to -inf, in place.
+
+        Returns the rows whose grammar allows nothing (a matcher in its error state); they are left as is.
+        """
+        rows, vocab = logits.shape
+        bitmask = llguidance.torch.allocate_token_bitmask(rows, vocab)  # [rows, ceil(vocab / 32)] int32
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
+        )
+        allowed = self._bits[bitmask.view(torch.uint8).long()].view(rows, -1)[:, :vocab]  # [rows, vocab]
+        dead = [i for i in range(rows) if matchers[i].is_error()]
+        if dead:
+            allowed[dead] = True
+        logits.masked_fill_(~allowed.to(logits.device, non_blocking=True), float("-inf"))
+        return dead
+
+
+def _done(matcher: LLMatcher) -> Future[LLMatcher]:
+    future: Future[LLMatcher] = Future()
+    future.set_result(matcher)
+    return future
+
+
+def _failed(exc: Exception) -> Future[LLMatcher]:
+    future: Future[LLMatcher] = Future()
+    future.set_exception(exc)
+    return future
