@@ -114,7 +114,12 @@ def test_guided_options_on_chat_and_completions(stack: Stack, extra: dict, check
 
 
 def test_guided_json_on_completions_streaming(stack: Stack) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     stream = stack.client.completions.create(
         model=MODEL, prompt="Answer:", max_tokens=30, stream=True, extra_body={"guided_json": schema}
     )
