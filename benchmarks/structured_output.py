@@ -2,10 +2,11 @@
 
     python benchmarks/structured_output.py [--model PATH] [--repeats 3] [--concurrency 1 16]
 
-Each round generates ``concurrency`` requests at once (offline ``LLM.generate``): unconstrained with
-``ignore_eos`` and the same ``max_tokens``, then under the schema (the grammar ends each answer when its JSON is
-complete). Throughput is output tokens / wall seconds, so the answers' different lengths cancel out. Rounds
-alternate between the two modes; the table shows median and spread over the repeats. Grammar compile time is
+Each round generates ``concurrency`` requests at once (offline ``LLM.generate``): under the schema (the grammar
+ends each answer when its JSON is complete), then unconstrained with ``ignore_eos`` and each request's
+``max_tokens`` set to the length its constrained answer had, so both modes run the same batch sizes step for
+step (a batch that thins out as answers finish would otherwise count as grammar overhead). Throughput is
+output tokens / wall seconds; the table shows median and spread over the repeats. Grammar compile time is
 measured per schema on a fresh compiler (first compile, then a cached one), with the tokenizer's one-off
 conversion reported apart. Results go to benchmarks/results/structured_output-<time>.json.
 """
@@ -57,25 +58,30 @@ SCHEMAS = {
 PROMPT = "Describe a person as JSON with name, age, city, hobbies and whether they are employed."
 
 
-def throughput(llm: LLM, concurrency: int, constrained: bool, max_tokens: int) -> tuple[float, int]:
-    structure = StructuredOutputParams(json=json.dumps(PERSON)) if constrained else None
-    params = SamplingParams(
-        temperature=0.7,
-        seed=1,
-        max_tokens=max_tokens,
-        ignore_eos=not constrained,
-        structured_output=structure,
-    )
+def throughput(
+    llm: LLM, concurrency: int, max_tokens: int, lengths: list[int] | None = None
+) -> tuple[float, list[int]]:
+    """Constrained when ``lengths`` is None; otherwise unconstrained, request i generating exactly lengths[i]
+    tokens, so both modes run the same batch sizes step for step and differ only by the grammar's work."""
+    structure = StructuredOutputParams(json=json.dumps(PERSON))
+    params = [
+        SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens, structured_output=structure)
+        if lengths is None
+        else SamplingParams(temperature=0.7, seed=i, max_tokens=lengths[i], ignore_eos=True)
+        for i in range(concurrency)
+    ]
     messages = [[{"role": "user", "content": f"{PROMPT} Person {i}."}] for i in range(concurrency)]
     start = time.perf_counter()
     outputs = llm.chat(messages, params)
     elapsed = time.perf_counter() - start
-    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    if constrained:
+    produced = [len(o.outputs[0].token_ids) for o in outputs]
+    if lengths is None:
         for o in outputs:
             if o.outputs[0].finish_reason == "stop":
                 json.loads(o.outputs[0].text)  # a benchmark of wrong output would be worthless
-    return tokens / elapsed, tokens
+    else:
+        assert produced == lengths
+    return sum(produced) / elapsed, produced
 
 
 def compile_times(llm: LLM) -> dict:
@@ -103,15 +109,15 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(args.model)
-    throughput(llm, 2, True, 8)  # warm-up: kernels, the llguidance tokenizer, the cached grammar
-    throughput(llm, 2, False, 8)
+    _, warm = throughput(llm, 2, 8)  # warm-up: kernels, the llguidance tokenizer, the cached grammar
+    throughput(llm, 2, 8, warm)
     rows = []
     for concurrency in args.concurrency:
         runs: dict[str, list[float]] = {"free": [], "json": []}
         for _ in range(args.repeats):
-            for mode in ("free", "json"):
-                rate, _ = throughput(llm, concurrency, mode == "json", args.max_tokens)
-                runs[mode].append(rate)
+            rate, lengths = throughput(llm, concurrency, args.max_tokens)
+            runs["json"].append(rate)
+            runs["free"].append(throughput(llm, concurrency, args.max_tokens, lengths)[0])
         free, constrained = statistics.median(runs["free"]), statistics.median(runs["json"])
         rows.append(
             {
