@@ -230,13 +230,28 @@ def _run_server(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from longserve.clients import bench
 
-    return bench.main(args.bench_args, prog="longserve bench")
+    return bench.main(args.tool_args, prog="longserve bench")
 
 
 def _batch(args: argparse.Namespace) -> int:
     from longserve.clients import batch
 
-    return batch.main(args.batch_args, prog="longserve batch")
+    return batch.main(args.tool_args, prog="longserve batch")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from longserve.clients import chat
+
+    return chat.main(args.tool_args, prog="longserve chat")
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from longserve.viz import cli as viz_cli
+
+    return viz_cli.main(args.tool_args, prog="longserve viz")
+
+
+_TOOLS_WITH_OWN_OPTIONS = frozenset({"bench", "batch", "chat", "viz"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,16 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenAI batch JSONL in, answers out: concurrent, retried, resumable (rerun to finish)",
     )
     batch.set_defaults(handler=_batch)
+    chat = commands.add_parser(
+        "chat",
+        add_help=False,  # `longserve chat --help` shows the REPL's own options
+        help="terminal chat against a server or a local model: streaming, /system, /reset, /exit",
+    )
+    chat.set_defaults(handler=_chat)
+    viz = commands.add_parser(
+        "viz",
+        add_help=False,  # `longserve viz --help` shows the pictures it draws
+        help="pictures: attention heatmaps, MoBA block maps, MoE routing charts (PNG or SVG)",
+    )
+    viz.set_defaults(handler=_viz)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = rest  # the load generator parses its own options
-    elif args.command == "batch":
-        args.batch_args = rest  # so does the batch client
+    if args.command in _TOOLS_WITH_OWN_OPTIONS:
+        args.tool_args = rest  # the load generator, batch client, chat REPL and viz parse their own options
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)
