@@ -53,6 +53,15 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-step token budget, decodes + prompt chunks (default 512 on CPU, 2048 on GPU); "
         "smaller keeps streams flowing while long prompts prefill",
     )
+    parallel = parser.add_argument_group("tensor parallelism (torchrun-style placement across nodes)")
+    parallel.add_argument("--tensor-parallel-size", "-tp", type=int, help="ranks the model is split over")
+    parallel.add_argument(
+        "--enable-expert-parallel", action="store_true", default=None, help="MoE: split whole experts"
+    )
+    parallel.add_argument("--nnodes", type=int, help="nodes the ranks span (default 1)")
+    parallel.add_argument("--node-rank", type=int, help="this node's index; node 0 serves (default 0)")
+    parallel.add_argument("--master-addr", help="node 0's address, where the ranks meet")
+    parallel.add_argument("--master-port", type=int, help="rendezvous port (default: free / 29500)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -73,7 +82,13 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
+        **{name: getattr(args, name) for name in _PARALLEL_FIELDS},
     )
+
+
+_PARALLEL_FIELDS = (
+    "tensor_parallel_size", "enable_expert_parallel", "nnodes", "node_rank", "master_addr", "master_port",
+)  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -169,6 +184,13 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
             dest="request_timeout_s",
             help="seconds a whole request may take before it ends with a timeout error (default: none)",
         )
+        parser.add_argument(
+            "--no-web-ui",
+            action="store_false",
+            dest="web_ui",
+            default=None,
+            help="do not serve the web chat page at / (the API is unchanged)",
+        )
     if worker:
         parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
         parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
@@ -204,7 +226,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
-    keys += ("worker_address", "engine_in_process", "tool_call_parser")
+    keys += ("worker_address", "engine_in_process", "tool_call_parser", "web_ui")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return ServeConfig.from_env(**values, **extra)
 
@@ -222,6 +244,10 @@ def _run_server(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from longserve.engine.tensor_parallel import follows_only, run_follower_node
+
+    if follows_only(engine_config):  # a node (or torchrun process) that runs ranks but not the engine
+        return run_follower_node(engine_config)
     if args.command == "worker":
         return launcher.run(launcher.serve_worker(engine_config, serve_config))
     return launcher.run(launcher.serve_all(engine_config, serve_config))

@@ -45,6 +45,14 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying captured CUDA graphs
     show_progress: bool = False  # progress bar while loading
+    # Tensor parallelism: one rank per device (one process each, the engine's own is rank 0); heads, MLP rows
+    # and the vocabulary split across ranks. kv_cache_memory_mb is per rank.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts split across the ranks instead of their rows
+    nnodes: int = 1  # nodes the ranks span (torchrun's --nnodes); each runs tensor_parallel_size / nnodes
+    node_rank: int = 0  # this node's index; node 0 runs rank 0, the engine
+    master_addr: str = "127.0.0.1"  # rank 0's host, where the ranks meet
+    master_port: int | None = None  # None: a free port on one node; 29500 across nodes
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -67,6 +75,16 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs})"
             )
+        for name in ("tensor_parallel_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes ({self.nnodes})"
+            )
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         self._validate_attention()
@@ -168,6 +186,7 @@ class ServeConfig:
     engine_in_process: bool = False
     # The model's tool-call format (a serve/tool_parsers name); None: detected from its chat template.
     tool_call_parser: str | None = None
+    web_ui: bool = True  # the API server's web chat page at / (serve/static/); False: / is a 404
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery", "cache_aware"):

@@ -28,9 +28,15 @@ class Stack:
     """A controller, ``num_workers`` workers serving the tiny model, and an API server, each on loopback."""
 
     def __init__(
-        self, model_dir: str | None, num_workers: int, engine_options: dict | None = None, **serve_options
+        self,
+        model_dir: str | None,
+        num_workers: int,
+        engine_options: dict | None = None,
+        model_name: str = MODEL,
+        **serve_options,
     ) -> None:
         self.model_dir = model_dir  # None: the default model
+        self.model_name = model_name  # what the workers call it
         self.engine_options = {"kv_cache_memory_mb": 4, **(engine_options or {})}
         self.num_workers = num_workers
         self.serve_options = serve_options
@@ -72,7 +78,7 @@ class Stack:
             worker_port=port,
             **self.serve_options,
         )
-        app = create_worker_app(engine, config, MODEL)
+        app = create_worker_app(engine, config, self.model_name)
         self.workers.append(app.state.worker)
         server = serve_app(app, port=port)
         self.worker_urls.append(server.__enter__())

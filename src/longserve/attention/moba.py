@@ -26,6 +26,7 @@ from longserve.attention.moba_gating import (
 from longserve.attention.moba_paged import cuda_decode, cuda_prefill, update_gate_keys
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.attention.paged_decode import cuda_path_available
+from longserve.attention.recording import MobaRecord, RecordHook
 
 MAX_QUERY_ROWS = 1024  # query rows per SDPA call: the mask and scores are [heads, rows, keys] ...
 MASK_ELEMENTS = 1 << 26  # ... and that is kept under this many elements (256 MB of float32) where it can be
@@ -106,13 +107,17 @@ def moba_attention_reference(
 class MobaAttention:
     """The ``moba`` engine backend: keys/values go to the paged cache, then every decode and prompt chunk
     runs MoBA attention over its sequence's cached context (chunked prefill and decode follow exactly the
-    rule a single whole-prompt prefill applies at the same positions)."""
+    rule a single whole-prompt prefill applies at the same positions).
+
+    ``record``: an optional hook (longserve.viz) handed a ``MobaRecord`` of every prompt chunk's gating.
+    """
 
     name = "moba"
 
-    def __init__(self, chunk_size: int, topk: int) -> None:
+    def __init__(self, chunk_size: int, topk: int, record: RecordHook[MobaRecord] | None = None) -> None:
         validate_moba_params(chunk_size, topk)
         self.chunk_size, self.topk = chunk_size, topk
+        self.record = record
 
     def forward(
         self,
@@ -142,11 +147,13 @@ class MobaAttention:
     ) -> torch.Tensor:
         """One sequence's prompt chunk: q [queries, heads, d] are the last positions of its context
         keys/values [context, kv_heads, d]. CUDA tensors go through the Triton block kernel."""
+        if self.record is not None:
+            # Every path gates in float32 by the same rule (moba_gating.py): this is the kernels' selection.
+            record = MobaRecord.capture(q, keys, _positions(q, keys), self.chunk_size, self.topk)
+            self.record(record)
         if cuda_path_available(q):
             return cuda_prefill(q, keys, values, self.chunk_size, self.topk, scale)
-        context = keys.shape[0]
-        positions = torch.arange(context - q.shape[0], context, device=q.device)
-        return moba_attend(q, keys, values, positions, self.chunk_size, self.topk, scale)
+        return moba_attend(q, keys, values, _positions(q, keys), self.chunk_size, self.topk, scale)
 
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
@@ -179,3 +186,8 @@ class MobaAttention:
             enable_gqa=True,
         )  # [batch, heads, 1, d]
         return out.squeeze(2).to(q.dtype)
+
+
+def _positions(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[queries]: the positions of a chunk's queries, the last ones of its context."""
+    return torch.arange(keys.shape[0] - q.shape[0], keys.shape[0], device=q.device)

@@ -6,6 +6,7 @@ import torch
 
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.attention.recording import AttentionRecord, RecordHook
 
 
 def masked_softmax(scores: torch.Tensor, valid_lens: torch.Tensor) -> torch.Tensor:
@@ -19,15 +20,25 @@ def masked_softmax(scores: torch.Tensor, valid_lens: torch.Tensor) -> torch.Tens
     return torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
 
 
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, valid_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [queries, heads, d], k [keys, kv_heads, d] -> masked-softmax weights [heads, queries, keys]."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [keys, heads, d]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, queries, keys]
+    return masked_softmax(scores, valid_lens)
+
+
 def dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q [queries, heads, d], k/v [keys, kv_heads, d] -> [queries, heads, d], computed in q's dtype."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # [keys, heads, d]
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, queries, keys]
-    weights = masked_softmax(scores, valid_lens)
+    return weighted_values(attention_weights(q, k, valid_lens, scale), v)
+
+
+def weighted_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weights [heads, queries, keys] · v [keys, kv_heads, d] -> [queries, heads, d]."""
+    v = v.repeat_interleave(weights.shape[0] // v.shape[1], dim=1)  # [keys, heads, d]
     return torch.einsum("hqk,khd->qhd", weights, v)
 
 
@@ -52,9 +63,15 @@ def bidirectional_attention(
 
 class ReferenceAttention:
     """Gathers each sequence's whole context from the cache and runs masked-softmax attention in float32
-    (float64 when the inputs are float64), one sequence at a time. Slow and obviously right."""
+    (float64 when the inputs are float64), one sequence at a time. Slow and obviously right.
+
+    ``record``: an optional hook (longserve.viz) handed an ``AttentionRecord`` of every attention call.
+    """
 
     name = "reference"
+
+    def __init__(self, record: RecordHook[AttentionRecord] | None = None) -> None:
+        self.record = record
 
     def forward(
         self,
@@ -77,18 +94,15 @@ class ReferenceAttention:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
                 keys, values = k[rows].to(compute_dtype), v[rows].to(compute_dtype)
-                valid = torch.arange(1, span.query_len + 1, device=q.device)
-                out[rows] = dot_product_attention(q[rows].to(compute_dtype), keys, values, valid, scale).to(
-                    q.dtype
-                )
+                out[rows] = self._attend_keys(q[rows].to(compute_dtype), keys, values, 0, scale).to(q.dtype)
             else:
                 out[rows] = self._attend(
                     q[rows], cache, span.context_slots, span.context_len, scale, compute_dtype
                 )
         return out
 
-    @staticmethod
     def _attend(
+        self,
         q: torch.Tensor,
         cache: LayerKVCache,
         slots: torch.Tensor,
@@ -96,9 +110,17 @@ class ReferenceAttention:
         scale: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # The queries are the last len(q) positions of the context; query i sees keys [0, start + i].
-        start = context_len - q.shape[0]
-        valid = torch.arange(start + 1, context_len + 1, device=q.device)
         keys = cache.key[slots].to(dtype)  # [context_len, kv_heads, d]
         values = cache.value[slots].to(dtype)
-        return dot_product_attention(q.to(dtype), keys, values, valid, scale).to(q.dtype)
+        return self._attend_keys(q.to(dtype), keys, values, context_len - q.shape[0], scale).to(q.dtype)
+
+    def _attend_keys(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float
+    ) -> torch.Tensor:
+        """q [queries, heads, d] at positions ``start ..`` over keys/values [context, kv_heads, d] holding
+        positions 0 ..: query i sees keys [0, start + i]."""
+        valid = torch.arange(start + 1, start + q.shape[0] + 1, device=q.device)  # [queries]
+        weights = attention_weights(q, keys, valid, scale)  # [heads, queries, keys]
+        if self.record is not None:
+            self.record(AttentionRecord(q, keys, weights, start, scale))
+        return weighted_values(weights, values)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from longserve.config import EngineConfig
+from longserve.distributed.launch import RankDiedError
 from longserve.engine.core_messages import EngineStats
 from longserve.engine.engine import LLMEngine
 from longserve.engine.outputs import RequestOutput
@@ -203,6 +204,7 @@ class AsyncEngine:
             self._loop()
         finally:
             self._drain_inbox()
+            self.engine.close()
 
     def _drain_inbox(self) -> None:
         """After stopping: whatever was still queued gets an answer, so no caller waits forever."""
@@ -235,6 +237,11 @@ class AsyncEngine:
                 return
             try:
                 outputs = self.engine.step()
+            except RankDiedError as exc:  # no step can run any more
+                log.error("engine stopped: %s", exc)
+                self._fail_all(exc)
+                self.begin_shutdown(str(exc))
+                return
             except (
                 Exception
             ) as exc:  # step() isolates request failures; this is a bug in the scheduler itself

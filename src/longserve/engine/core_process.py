@@ -75,6 +75,7 @@ def run_engine_core(config: EngineConfig, inbox_address: str, outbox_address: st
     try:
         EngineCoreLoop(engine, inbox, outbox, parent).run()
     finally:
+        engine.close()  # the other tensor-parallel ranks, when there are any
         _close(context, inbox, outbox)
 
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 
 import torch
 
-from longserve.attention.backend import layer_backends
-from longserve.attention.metadata import build_attention_metadata
-from longserve.attention.paged_cache import allocate_kv_cache
 from longserve.config import EngineConfig
+from longserve.distributed.launch import RankDiedError
 from longserve.engine.core_messages import EngineStats
-from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.kv_cache import BlockManager
-from longserve.engine.model_runner import ModelRunner
+from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
+from longserve.engine.model_runner import ModelRunner, StepDescription
 from longserve.engine.outputs import CompletionOutput, RequestOutput
 from longserve.engine.pooling import ChunkPooler, pool_sequences
 from longserve.engine.request import Request, RequestLimits, build_request
@@ -24,9 +21,7 @@ from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler
 from longserve.engine.sequence import FinishReason, Sequence
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
-from longserve.loading.checkpoint import load_checkpoint
-from longserve.loading.errors import ModelLoadError
-from longserve.models.registry import build_model, resolve_architecture
+from longserve.engine.tensor_parallel import start_ranks
 
 log = logging.getLogger(__name__)
 
@@ -47,52 +42,34 @@ class LLMEngine:
             )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        checkpoint = load_checkpoint(config.model, show_progress=config.show_progress)
-        quantization = resolve_quantization(config.quantization, checkpoint, self.device)
-        self.quantization = quantization  # what the matmuls run: None (exact fp32), "int8" or "gguf"
-        self.tokenizer = checkpoint.tokenizer
-        self.hf_config = checkpoint.config
+        # With tensor parallelism this process is rank 0: it starts the other ranks, which load their shards
+        # meanwhile, and leads every step (tensor_parallel.py).
+        self.ranks = start_ranks(config)
+        self.device = self.ranks.device
         try:
-            model, self.model_config = build_model(
-                checkpoint.config, partial(layer_backends, config), config.torch_dtype
-            )
-            model.load_weights(checkpoint.weights, keep_blocks=quantization == "gguf")
-            model.to(
-                self.device
-            )  # before prepare: kernel choices (oneDNN packing, int8) depend on the device
-            model.prepare_for_inference(quantization)
-            family = resolve_architecture(checkpoint.config)
-        except ValueError as exc:
-            raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
-        self.can_generate = family.can_generate  # False: embedding-only; generating raises ValueError
-        self.is_encoder = family.encoder  # embedded by model.encode(), without the paged KV cache
-        self.pooling = checkpoint.pooling or family.default_pooling  # how embed() pools hidden states
-        del checkpoint
-        self.model = model.eval()
+            loaded = load_model(config, self.device, self.ranks.tp)
+            num_blocks, caches = allocate_caches(config, loaded, self.device, self.ranks.tp)
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.ranks.report_loaded(f"{type(exc).__name__}: {exc}")
+            raise
+        self.ranks.report_loaded()
+        self.quantization = loaded.quantization  # what the matmuls run: None (exact fp32), "int8" or "gguf"
+        self.tokenizer = loaded.tokenizer
+        self.hf_config = loaded.hf_config
+        self.model_config = loaded.model_config
+        self.can_generate = loaded.family.can_generate  # False: embedding-only; generating raises ValueError
+        self.is_encoder = loaded.family.encoder  # embedded by model.encode(), without the paged KV cache
+        self.pooling = loaded.pooling  # how embed() pools hidden states
+        self.model = loaded.model
         # By-device defaults (the per-step token budget) follow where the weights ended up.
-        config = self.config = config.resolved(next(model.parameters()).device.type)
+        config = self.config = config.resolved(self.device.type)
         self.model_name = config.model or "SmolLM2-135M-Instruct"
 
         mc = self.model_config
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        if self.is_encoder:
-            # One bidirectional pass per input, nothing cached: the block manager below (two blocks, never
-            # used) only keeps the scheduler and stats() whole.
-            num_blocks, caches = 2, []
-            self.cache_capacity = self.max_model_len
-        else:
-            bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * config.torch_dtype.itemsize
-            num_blocks = config.num_kv_blocks or max(
-                2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
-            )
-            self.cache_capacity = (num_blocks - 1) * config.block_size
-            caches = allocate_kv_cache(
-                mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                config.torch_dtype, device=self.device,
-                gate_keys=config.attention == "moba" and self.device.type == "cuda",
-            )  # fmt: skip
+        self.cache_capacity = self.max_model_len if self.is_encoder else (num_blocks - 1) * config.block_size
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,
@@ -104,25 +81,11 @@ class LLMEngine:
             else 1,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.can_generate:
-            if config.attention == "dense" and getattr(self.model, "supports_cuda_graphs", False):
-                graphs = DecodeGraphs(
-                    self.model,
-                    caches,
-                    config.block_size,
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    self.device,
-                )
-                graphs.capture_all()
-            else:
-                log.info(
-                    "CUDA graphs are not used for this model or attention backend: every step runs eagerly"
-                )
+        graphs = build_graphs(config, loaded, caches, self.device, self.ranks.tp, self.max_model_len)
         self.runner = ModelRunner(
-            self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len
-        )
+            self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len,
+            ranks=self.ranks,
+        )  # fmt: skip
         self.sampler = Sampler()
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self.requests: dict[str, Request] = {}
@@ -195,6 +158,10 @@ class LLMEngine:
             blocks.prefix_hits,
         )
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one device)."""
+        self.ranks.close()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)
 
@@ -248,15 +215,16 @@ class LLMEngine:
             budget = self.config.max_num_batched_tokens
             for start in range(0, len(token_ids), budget):
                 chunk = token_ids[start : start + budget]
-                metadata = build_attention_metadata(
-                    [seq.block_table], [start], [len(chunk)], self.config.block_size
+                step = StepDescription(
+                    chunk,
+                    list(range(start, start + len(chunk))),
+                    None,  # the hidden states, not logits
+                    [seq.block_table],
+                    [start],
+                    [len(chunk)],
+                    may_replay=False,
                 )
-                hidden = self.model(
-                    torch.tensor(chunk, dtype=torch.long, device=self.device),
-                    torch.arange(start, start + len(chunk), device=self.device),
-                    self.runner.caches,
-                    metadata.to(self.device),
-                )  # [chunk, hidden]
+                hidden = self.runner.run(step)  # [chunk, hidden]
                 pooler.add(hidden)
         finally:
             self.block_manager.free(seq)
@@ -298,6 +266,8 @@ class LLMEngine:
             return outputs
         try:
             result = self.runner.execute(plan.scheduled)
+        except RankDiedError:
+            raise  # no step can run any more: the engine's owner fails every request and stops it
         except Exception as exc:  # reported to each request and logged with its traceback, never swallowed
             log.exception("forward pass failed; failing the %d sequences of this step", len(plan.scheduled))
             for item in plan.scheduled:
@@ -454,30 +424,3 @@ class LLMEngine:
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )
-
-
-def resolve_quantization(requested: str | None, checkpoint, device: torch.device) -> str | None:
-    """The matmul mode for ``requested`` (None = auto): ``"none"`` -> None (exact fp32); auto -> ``"gguf"`` on
-    the CPU for a GGUF whose projections come in Q4_0/Q4_1/Q8_0 blocks (their exact values at a fifth of the
-    bytes; perplexity within 0.01% of the exact path on the default model), else exact.
-
-    Auto falls back to exact, with a warning that says why, when the low-bit kernels cannot be built here
-    (no C++ compiler); an explicit ``"gguf"`` raises instead.
-    """
-    if requested == "none":
-        return None
-    if requested == "gguf" and device.type != "cpu":
-        raise ValueError("quantization 'gguf' runs on the CPU; on a GPU the weights are expanded to --dtype")
-    if requested is not None:
-        return requested
-    blocks = getattr(checkpoint.weights, "has_blocks", None)
-    if device.type != "cpu" or blocks is None or not blocks():
-        return None
-    from longserve.layers.cpu_kernels import cpu_kernels
-
-    try:
-        cpu_kernels()
-    except RuntimeError as exc:
-        log.warning("running %s in exact fp32 (5x the bytes per token): %s", checkpoint.path, exc)
-        return None
-    return "gguf"

@@ -1,4 +1,8 @@
-"""Model runner: turns a SchedulerOutput into flat model inputs, runs the forward pass, returns the logits needed."""
+"""Model runner: turns a SchedulerOutput into flat model inputs, runs the forward pass, returns the logits needed.
+
+A step is first described in host ints (``StepDescription``); with tensor parallelism rank 0 sends that
+description to the other ranks (``ranks.lead``), and every rank turns it into the same inputs and runs the same
+forward pass on its shard (``follow``)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,19 @@ from longserve.attention.metadata import (
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
+
+
+@dataclass
+class StepDescription:
+    """One forward pass as every rank runs it: host ints only, cheap to send to the other ranks."""
+
+    ids: list[int]  # [tokens]
+    positions: list[int]  # [tokens]
+    logit_rows: list[int] | None  # rows that need logits; None: return the hidden states (embeddings)
+    block_tables: list[list[int]]  # per sequence, decodes first
+    num_computed: list[int]  # per sequence: tokens already in the cache
+    num_new: list[int]  # per sequence: tokens this step adds
+    may_replay: bool  # decode-only without prompt logprobs: a captured CUDA graph may run it
 
 
 @dataclass
@@ -96,6 +113,7 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         graphs: DecodeGraphs | None = None,  # replays decode-only steps; None: every step eager
         max_context: int | None = None,  # the engine's longest context (sizes the decode kernel's splits)
+        ranks=None,  # EngineRanks (tensor_parallel.py): rank 0 sends each step to the others; None: one device
     ) -> None:
         self.max_context = max_context
         self.graphs = graphs
@@ -103,9 +121,13 @@ class ModelRunner:
         self.caches = caches
         self.block_size = block_size
         self.device = torch.device(device)
+        self.ranks = ranks
         self.uploader = StepUploader(self.device) if self.device.type == "cuda" else None
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[ModelInput, list[int], dict[int, range]]:
+    def describe(
+        self, scheduled: list[ScheduledSequence]
+    ) -> tuple[StepDescription, list[int], dict[int, range]]:
+        """The step's description, each sampling row's scheduled index, and the prompt-logprob rows."""
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -124,20 +146,27 @@ class ModelRunner:
                 # Row r predicts token r + 1; the last prompt token predicts the first output token.
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows[index] = range(first_row, first_row + last - start)
-        plan = plan_attention(
+        logit_rows = sample_rows + [row for rows in prompt_rows.values() for row in rows]
+        description = StepDescription(
+            ids,
+            positions,
+            logit_rows,
             [s.seq.block_table for s in scheduled],
             [s.seq.num_computed_tokens for s in scheduled],
             [s.num_new_tokens for s in scheduled],
-            self.block_size,
+            may_replay=not prompt_rows,
         )
-        logit_rows = sample_rows + [row for rows in prompt_rows.values() for row in rows]
-        if self.uploader is None:
-            metadata = host_metadata(plan)
-            tensors = [torch.tensor(x, dtype=torch.long) for x in (ids, positions, logit_rows)]
-            model_input = ModelInput(*tensors[:2], metadata, tensors[2])
-        else:
-            model_input = self._upload(ids, positions, logit_rows, plan)
-        return model_input, sample_index, prompt_rows
+        return description, sample_index, prompt_rows
+
+    def prepare(self, step: StepDescription) -> ModelInput:
+        """The step's tensors on the device (one host-to-device copy on CUDA)."""
+        plan = plan_attention(step.block_tables, step.num_computed, step.num_new, self.block_size)
+        logit_rows = step.logit_rows or []
+        if self.uploader is not None:
+            return self._upload(step.ids, step.positions, logit_rows, plan)
+        metadata = host_metadata(plan)
+        tensors = [torch.tensor(x, dtype=torch.long) for x in (step.ids, step.positions, logit_rows)]
+        return ModelInput(*tensors[:2], metadata, tensors[2])
 
     def _upload(
         self, ids: list[int], positions: list[int], logit_rows: list[int], plan: AttentionPlan
@@ -170,18 +199,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:
-        model_input, sample_index, prompt_rows = self.prepare(scheduled)
-        metadata = model_input.metadata
-        if (
-            self.graphs is not None
-            and not metadata.prefills
-            and not prompt_rows
-            and metadata.num_decodes <= self.graphs.max_batch
-        ):
-            hidden = self.graphs.run(model_input.input_ids, model_input.positions, metadata)
-        else:
-            hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
-        logits = self.model.compute_logits(hidden[model_input.logit_rows])  # [rows, vocab]
+        step, sample_index, prompt_rows = self.describe(scheduled)
+        logits = self.run(step)  # [rows, vocab]
         num_sampling = len(sample_index)
         prompt_logits: dict[int, torch.Tensor] = {}
         offset = num_sampling
@@ -189,6 +208,33 @@ class ModelRunner:
             prompt_logits[index] = logits[offset : offset + len(rows)]
             offset += len(rows)
         return RunnerOutput(logits[:num_sampling], sample_index, prompt_logits)
+
+    @torch.inference_mode()
+    def run(self, step: StepDescription) -> torch.Tensor:
+        """Rank 0: send the step to the other ranks, then run it: logits [rows, vocab], or the hidden states
+        [tokens, hidden] when ``step.logit_rows`` is None."""
+        if self.ranks is not None:
+            self.ranks.lead(step)
+        return self.follow(step)
+
+    @torch.inference_mode()
+    def follow(self, step: StepDescription) -> torch.Tensor:
+        """Run a described step on this rank's shard (every rank runs every step, collectives included)."""
+        model_input = self.prepare(step)
+        metadata = model_input.metadata
+        if (
+            self.graphs is not None
+            and step.may_replay
+            and step.logit_rows is not None
+            and not metadata.prefills
+            and metadata.num_decodes <= self.graphs.max_batch
+        ):
+            hidden = self.graphs.run(model_input.input_ids, model_input.positions, metadata)
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
+        if step.logit_rows is None:
+            return hidden
+        return self.model.compute_logits(hidden[model_input.logit_rows])  # [rows, vocab]
 
 
 def wants_prompt_logprobs(item: ScheduledSequence) -> bool:

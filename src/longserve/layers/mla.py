@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import apply_rotary, rope_inverse_frequencies
@@ -166,10 +168,16 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     def __init__(
-        self, config: MLAConfig, scale: float, backend: AttentionBackend, dtype: torch.dtype
+        self,
+        config: MLAConfig,
+        scale: float,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TensorParallel | None = None,  # a rank holds its heads; the latent projections are replicated
     ) -> None:
         super().__init__()
-        c = self.config = config
+        self.tp = tp = tp or TensorParallel()
+        c = self.config = replace(config, num_heads=tp.local(config.num_heads, "num_attention_heads"))
         self.scale, self.backend = scale, backend
         q_size = c.num_heads * c.qk_head_dim
         self.q_in_size = q_size if c.q_lora_rank is None else c.q_lora_rank
@@ -220,33 +228,42 @@ class MultiHeadLatentAttention(nn.Module):
         """HF tensor name (under ``prefix``, e.g. ``model.layers.3.self_attn.``) -> loader function."""
         c = self.config
 
-        def into(linear: Linear, shard: int, rows_per_head: int | None = None, bias: bool = False) -> Loader:
-            # rows_per_head: rows form heads ending in RoPE dims, reordered when the checkpoint pairs them.
+        tp = self.tp
+        heads = tp.rows  # this rank's heads of a per-head projection (the whole tensor on one device)
+
+        def whole(tensor: torch.Tensor) -> torch.Tensor:  # replicated: the latent projections
+            return tensor
+
+        def into(
+            linear: Linear, shard: int, take, rows_per_head: int | None = None, bias: bool = False
+        ) -> Loader:
+            # rows_per_head: rows form heads ending in RoPE dims, reordered (whole, before slicing) when the
+            # checkpoint pairs them.
             def load(tensor: torch.Tensor) -> None:
                 if rows_per_head is not None and c.rope_interleave:
                     tensor = deinterleave_rope_rows(tensor, c.qk_rope_head_dim, rows_per_head)
-                (linear.load_bias_shard if bias else linear.load_shard)(shard, tensor)
+                (linear.load_bias_shard if bias else linear.load_shard)(shard, take(tensor))
 
             return load
 
         kv_a_rows = c.kv_lora_rank + c.qk_rope_head_dim  # kv_a_proj_with_mqa: one "head", [latent | k_pe]
         loaders = {
-            "kv_a_proj_with_mqa.weight": into(self.fused_a_proj, 1, kv_a_rows),
+            "kv_a_proj_with_mqa.weight": into(self.fused_a_proj, 1, whole, kv_a_rows),
             "kv_a_layernorm.weight": _copier(self.kv_a_layernorm.weight),
-            "kv_b_proj.weight": into(self.kv_b_proj, 0),
-            "o_proj.weight": into(self.o_proj, 0),
+            "kv_b_proj.weight": into(self.kv_b_proj, 0, heads),
+            "o_proj.weight": into(self.o_proj, 0, partial(tp.rows, dim=1)),  # row-parallel: input columns
         }
         if c.q_lora_rank is None:
-            loaders["q_proj.weight"] = into(self.fused_a_proj, 0, c.qk_head_dim)
+            loaders["q_proj.weight"] = into(self.fused_a_proj, 0, heads, c.qk_head_dim)
         else:
-            loaders["q_a_proj.weight"] = into(self.fused_a_proj, 0)
+            loaders["q_a_proj.weight"] = into(self.fused_a_proj, 0, whole)
             loaders["q_a_layernorm.weight"] = _copier(self.q_a_layernorm.weight)
-            loaders["q_b_proj.weight"] = into(self.q_b_proj, 0, c.qk_head_dim)
+            loaders["q_b_proj.weight"] = into(self.q_b_proj, 0, heads, c.qk_head_dim)
         if c.attention_bias:
-            loaders["kv_a_proj_with_mqa.bias"] = into(self.fused_a_proj, 1, kv_a_rows, bias=True)
-            loaders["o_proj.bias"] = into(self.o_proj, 0, bias=True)
+            loaders["kv_a_proj_with_mqa.bias"] = into(self.fused_a_proj, 1, whole, kv_a_rows, bias=True)
+            loaders["o_proj.bias"] = into(self.o_proj, 0, tp.on_first_rank, bias=True)
             if c.q_lora_rank is not None:  # HF gives q_proj no bias even with attention_bias
-                loaders["q_a_proj.bias"] = into(self.fused_a_proj, 0, bias=True)
+                loaders["q_a_proj.bias"] = into(self.fused_a_proj, 0, whole, bias=True)
         return {prefix + name: load for name, load in loaders.items()}
 
 

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longserve.attention.recording import RecordHook
+from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
-from longserve.layers.moe_router import RouterConfig, RouterLinear, route
+from longserve.layers.moe_router import RouterConfig, RouterLinear, RoutingRecord, route
 
 __all__ = ["MoE", "MoEWeightNames", "RouterConfig", "moe_weight_targets", "route"]
 
@@ -55,13 +57,25 @@ class MoE(nn.Module):
         *,
         router_dtype: torch.dtype | None = None,  # the router's matmul dtype (DeepSeek: float32); None: dtype
         expert_impl: str = "auto",  # "auto" | "grouped_mm" | "loop" | "triton"
+        tp: TensorParallel
+        | None = None,  # this rank's share: every expert's rows, or (expert parallel) experts
     ) -> None:
         super().__init__()
         if expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {expert_impl!r}")
         if shared_expert_gate and num_shared_experts < 1:
             raise ValueError("shared_expert_gate needs a shared expert")
+        self.tp = tp = tp or TensorParallel()
         experts, inter = router.num_experts, moe_intermediate_size
+        # Under tensor parallelism a rank holds either a slice of every expert's rows or whole experts
+        # [first_expert, first_expert + local_experts); either way its output is a partial sum the decoder
+        # layer all-reduces. Shared experts are always row-sliced; the router is replicated.
+        self.first_expert, self.local_experts = 0, experts
+        if tp.expert_parallel:
+            self.local_experts = tp.local(experts, "num_experts")
+            self.first_expert = tp.rank * self.local_experts
+        else:
+            inter = tp.local(inter, "moe_intermediate_size")
         self.router, self.expert_impl = router, expert_impl
         self.hidden_size, self.intermediate_size = hidden_size, inter
         self.router_dtype = router_dtype or dtype
@@ -73,9 +87,11 @@ class MoE(nn.Module):
         )
         empty = partial(torch.empty, dtype=dtype)
         # Rows [0, inter) of each expert's w_gate_up are its gate projection, [inter, 2 inter) its up projection.
-        self.w_gate_up = nn.Parameter(empty(experts, 2 * inter, hidden_size), requires_grad=False)
-        self.w_down = nn.Parameter(empty(experts, hidden_size, inter), requires_grad=False)
-        shared = shared_intermediate_size or num_shared_experts * inter
+        self.w_gate_up = nn.Parameter(empty(self.local_experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w_down = nn.Parameter(empty(self.local_experts, hidden_size, inter), requires_grad=False)
+        shared = shared_intermediate_size or num_shared_experts * moe_intermediate_size
+        if num_shared_experts > 0:
+            shared = tp.local(shared, "the shared experts' intermediate size")
         self.shared_experts = SwiGLUMLP(hidden_size, shared, dtype) if num_shared_experts > 0 else None
         self.shared_expert_gate = Linear(hidden_size, [1], False, dtype) if shared_expert_gate else None
         self._kernels: list[tuple[PreparedMatmul, PreparedMatmul]] | None = None  # per expert, once prepared
@@ -84,17 +100,45 @@ class MoE(nn.Module):
         # grouped_mm path: routed experts with the shared experts appended as extra experts (see
         # _fused_shared_weights), keyed by the source tensors' storage and version.
         self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+        self.record: RecordHook[RoutingRecord] | None = None  # a recording hook (longserve.viz); None: off
 
     # ---- forward ------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [tokens, hidden]
         logits = self.gate(x.to(self.router_dtype))  # [tokens, experts]
         weights, ids = route(logits, self.router, self.e_score_correction_bias)  # [tokens, top_k] each
+        if self.record is not None:
+            self.record(RoutingRecord(ids, weights))
+        if self.tp.expert_parallel:
+            return self._expert_parallel_forward(x, weights, ids)
         if x.shape[0] and self._use_triton(x):
             return self._triton_forward(x, weights, ids)
         if x.shape[0] and self._use_grouped_mm(x):
             return self._grouped_forward(x, weights, ids)
         out = self.run_experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self._shared(x)
+        return out
+
+    def _expert_parallel_forward(
+        self,
+        x: torch.Tensor,  # [tokens, hidden], the same on every rank
+        weights: torch.Tensor,  # [tokens, top_k]
+        ids: torch.Tensor,  # [tokens, top_k], global expert ids
+    ) -> torch.Tensor:
+        """This rank's part: its experts on the (token, k) pairs routed to them, plus its slice of the shared
+        experts. Every rank routes every token, so dispatch is picking pairs and combine is the layer's
+        all-reduce."""
+        local = ids - self.first_expert
+        token, choice = ((local >= 0) & (local < self.local_experts)).nonzero(as_tuple=True)  # [pairs] each
+        expert = local[token, choice]
+        order = torch.argsort(expert, stable=True)  # pairs grouped by local expert
+        token, choice, expert = token[order], choice[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.local_experts)  # [local_experts]
+        ys = self._loop(x.index_select(0, token), counts)  # [pairs, hidden]
+        out = torch.zeros(x.shape[0], self.hidden_size, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token, ys.float() * weights[token, choice].float().unsqueeze(-1))
+        out = out.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self._shared(x)
         return out
@@ -347,8 +391,14 @@ class MoE(nn.Module):
         _copy(self.e_score_correction_bias, bias)
 
     def load_expert_weight(self, index: int, part: str, weight: torch.Tensor) -> None:
-        """One expert's ``gate`` or ``up`` ([inter, hidden]) or ``down`` ([hidden, inter]) projection."""
+        """One expert's ``gate`` or ``up`` ([inter, hidden]) or ``down`` ([hidden, inter]) projection, as the
+        checkpoint has it (this rank keeps its slice, or nothing for another rank's expert)."""
         inter = self.intermediate_size
+        index -= self.first_expert
+        if not 0 <= index < self.local_experts:
+            return
+        if not self.tp.expert_parallel:
+            weight = self.tp.rows(weight, dim=1 if part == "down" else 0)
         if part == "down":
             _copy(self.w_down[index], weight)
         else:
@@ -361,18 +411,25 @@ class MoE(nn.Module):
 
     def load_stacked_gate_up(self, weight: torch.Tensor) -> None:
         """All experts' gate|up at once, [experts, 2 inter, hidden] (transformers 5's in-memory layout)."""
+        weight = weight.narrow(0, self.first_expert, self.local_experts)
+        if self.tp.is_parallel and not self.tp.expert_parallel:
+            gate, up = weight.chunk(2, dim=1)
+            weight = torch.cat([self.tp.rows(gate, dim=1), self.tp.rows(up, dim=1)], dim=1)
         _copy(self.w_gate_up, weight)
 
     def load_stacked_down(self, weight: torch.Tensor) -> None:
         """All experts' down projections, [experts, hidden, inter]."""
+        weight = weight.narrow(0, self.first_expert, self.local_experts)
+        if not self.tp.expert_parallel:
+            weight = self.tp.rows(weight, dim=2)
         _copy(self.w_down, weight)
 
     def load_shared(self, part: str, weight: torch.Tensor) -> None:
         """The (concatenated) shared experts' ``gate``, ``up`` or ``down`` projection."""
         if part == "down":
-            self.shared_experts.down_proj.load_shard(0, weight)
+            self.shared_experts.down_proj.load_shard(0, self.tp.rows(weight, dim=1))
         else:
-            self.shared_experts.gate_up_proj.load_shard(EXPERT_PARTS.index(part), weight)
+            self.shared_experts.gate_up_proj.load_shard(EXPERT_PARTS.index(part), self.tp.rows(weight))
 
     def load_shared_gate(self, weight: torch.Tensor) -> None:
         """Qwen2-MoE's shared_expert_gate, [1, hidden]."""

@@ -74,6 +74,14 @@ class RouterConfig:
                 raise ValueError("group scores sum each group's two best experts: n_group too large")
 
 
+@dataclass(frozen=True)
+class RoutingRecord:
+    """What an MoE block's optional recording hook (``MoE.record``, used by longserve.viz) receives per call."""
+
+    ids: torch.Tensor  # int64 [tokens, top_k]: each token's chosen experts
+    weights: torch.Tensor  # float32 [tokens, top_k]: their weights, as ``route`` returned them
+
+
 def route(
     logits: torch.Tensor,  # [tokens, experts]
     config: RouterConfig,

@@ -101,8 +101,10 @@ class BertModel(nn.Module):
     not used: an encoder attends bidirectionally over each whole sequence, which needs no cache.
     """
 
-    def __init__(self, config: BertConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype) -> None:
-        super().__init__()
+    def __init__(
+        self, config: BertConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype, tp=None
+    ) -> None:
+        super().__init__()  # tp: always one device (build_model refuses more for encoders)
         self.config = config
         self.dtype = dtype
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -26,13 +25,14 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mla import MLAConfig, MLARotary, MultiHeadLatentAttention, mla_softmax_scale
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.moe import MoE, MoEWeightNames, RouterConfig, moe_weight_targets
 from longserve.layers.norm import RMSNorm
-from longserve.models.llama import PreNormDecoderLayer, run_decoder
+from longserve.models.llama import PreNormDecoderLayer, run_decoder, sliced, swiglu_weight_targets
 
 Loader = Callable[[torch.Tensor], None]
 
@@ -193,16 +193,23 @@ class DeepseekConfig:
 
 class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(
-        self, config: DeepseekConfig, layer_index: int, backend: AttentionBackend, dtype: torch.dtype
+        self,
+        config: DeepseekConfig,
+        layer_index: int,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TensorParallel,
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         scale = mla_softmax_scale(config.mla.qk_head_dim, config.rope_scaling)
-        self.self_attn = MultiHeadLatentAttention(config.mla, scale, backend, dtype)
+        self.self_attn = MultiHeadLatentAttention(config.mla, scale, backend, dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp: nn.Module
         if layer_index < config.first_k_dense_replace:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
+            inter = tp.local(config.intermediate_size, "intermediate_size")
+            self.mlp = SwiGLUMLP(config.hidden_size, inter, dtype)
         else:
             self.mlp = MoE(
                 config.hidden_size,
@@ -211,6 +218,7 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
                 num_shared_experts=config.n_shared_experts,
                 dtype=dtype,
                 router_dtype=torch.float32,  # HF routes on float32 logits whatever the model's dtype
+                tp=tp,
             )
 
 
@@ -222,18 +230,24 @@ class DeepseekForCausalLM(nn.Module):
     """
 
     def __init__(
-        self, config: DeepseekConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype
+        self,
+        config: DeepseekConfig,
+        backends: Sequence[AttentionBackend],
+        dtype: torch.dtype,
+        tp: TensorParallel | None = None,  # this rank's place (see llama.py); None: one device
     ) -> None:
         super().__init__()
         if len(backends) != config.num_layers:
             raise ValueError(f"got {len(backends)} attention backends for {config.num_layers} layers")
         self.config, self.dtype = config, dtype
+        self.tp = tp = tp or TensorParallel()
+        vocab_rows = tp.local_vocab(config.vocab_size)
         # Bare parameters rather than nn.Embedding/nn.Linear, whose random init would commit their memory.
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(vocab_rows, config.hidden_size, dtype=dtype), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, backends[i], dtype) for i in range(config.num_layers)
+            DeepseekDecoderLayer(config, i, backends[i], dtype, tp) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = MLARotary(
@@ -245,9 +259,7 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Parameter(
-                torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
-            )
+            else nn.Parameter(torch.empty(vocab_rows, config.hidden_size, dtype=dtype), requires_grad=False)
         )
         self.lm_head_kernel: PreparedMatmul | None = None
 
@@ -259,16 +271,17 @@ class DeepseekForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-norm hidden states, [tokens, hidden]."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.tp.embedding(input_ids, self.embed_tokens, self.config.vocab_size)
         rope = self.rotary.lookup(positions, hidden.dtype)  # cos, sin: [tokens, 1, qk_rope_head_dim / 2]
         return run_decoder(self.layers, self.norm, hidden, rope, caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> float32 logits [rows, vocab]."""
         if self.lm_head_kernel is not None:
-            return self.lm_head_kernel(hidden).float()
-        weight = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, weight).float()
+            local = self.lm_head_kernel(hidden)
+        else:
+            local = F.linear(hidden, self.embed_tokens if self.config.tie_word_embeddings else self.lm_head)
+        return self.tp.gather_logits(local.float(), self.config.vocab_size)
 
     def prepare_for_inference(self, quantization: str | None = None) -> None:
         """Once weights are loaded: repack projections, routed experts and the output head (see llama.py)."""
@@ -308,12 +321,13 @@ class DeepseekForCausalLM(nn.Module):
 
     def _weight_targets(self, names: set[str]) -> dict[str, Loader]:
         """HF tensor name -> function copying that tensor into place."""
+        tp = self.tp
         targets: dict[str, Loader] = {
-            "model.embed_tokens.weight": _copier(self.embed_tokens),
+            "model.embed_tokens.weight": sliced(tp, _copier(self.embed_tokens), tp.vocab_rows),
             "model.norm.weight": _copier(self.norm.weight),
         }
         if not self.config.tie_word_embeddings:
-            targets["lm_head.weight"] = _copier(self.lm_head)
+            targets["lm_head.weight"] = sliced(tp, _copier(self.lm_head), tp.vocab_rows)
         moe_names = MoEWeightNames(shared="shared_experts.{part}.weight")
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
@@ -324,9 +338,7 @@ class DeepseekForCausalLM(nn.Module):
             targets.update(layer.self_attn.weight_loaders(prefix + "self_attn."))
             mlp, mlp_prefix = layer.mlp, prefix + "mlp."
             if isinstance(mlp, SwiGLUMLP):
-                targets[mlp_prefix + "gate_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 0)
-                targets[mlp_prefix + "up_proj.weight"] = partial(mlp.gate_up_proj.load_shard, 1)
-                targets[mlp_prefix + "down_proj.weight"] = partial(mlp.down_proj.load_shard, 0)
+                targets.update(swiglu_weight_targets(tp, mlp, mlp_prefix))
                 continue
             moe_targets = moe_weight_targets(mlp, mlp_prefix, moe_names)
             if mlp_prefix + "experts.gate_up_proj" in names:  # stacked experts

@@ -1,5 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks of GQA self-attention and SwiGLU; as a
-causal LM, or headless as a decoder embedder (Qwen3-Embedding's ``Qwen3Model``)."""
+causal LM, or headless as a decoder embedder (Qwen3-Embedding's ``Qwen3Model``).
+
+Under tensor parallelism (``tp``) a model holds one rank's shard: its query and KV heads, its MLP rows and its
+vocabulary rows. Attention and feed-forward blocks then return partial sums, which the shared decoder layer
+all-reduces (one all-reduce each); the checkpoint's full tensors are sliced as they are loaded."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.distributed.parallel import TensorParallel
 from longserve.layers.attention import SelfAttention
 from longserve.layers.linear import Linear, ShardTarget
 from longserve.layers.matmul import PreparedMatmul
@@ -36,6 +41,7 @@ class PreNormDecoderLayer(nn.Module):
     post_attention_layernorm: RMSNorm
     self_attn: nn.Module
     mlp: nn.Module
+    tp: TensorParallel  # a shard's blocks give partial sums: reduced here (identity on one device)
 
     def forward(
         self,
@@ -49,9 +55,9 @@ class PreNormDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_forward(hidden, residual)
-        hidden = self.self_attn(hidden, rope, cache, metadata)
+        hidden = self.tp.all_reduce(self.self_attn(hidden, rope, cache, metadata))
         hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.tp.all_reduce(self.mlp(hidden)), residual
 
 
 def run_decoder(
@@ -78,13 +84,15 @@ class DecoderLayer(PreNormDecoderLayer):
         backend: AttentionBackend,
         dtype: torch.dtype,
         mlp: nn.Module | None = None,  # the feed-forward block (e.g. an MoE block); None: SwiGLU
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp = tp or TensorParallel()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = SelfAttention(
             config.hidden_size,
-            config.num_heads,
-            config.num_kv_heads,
+            tp.local(config.num_heads, "num_attention_heads"),
+            tp.local_kv_heads(config.num_kv_heads),
             config.head_dim,
             qkv_bias=config.qkv_bias,
             qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
@@ -92,7 +100,11 @@ class DecoderLayer(PreNormDecoderLayer):
             dtype=dtype,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = mlp if mlp is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
+        if mlp is None:
+            mlp = SwiGLUMLP(
+                config.hidden_size, tp.local(config.intermediate_size, "intermediate_size"), dtype
+            )
+        self.mlp = mlp
 
 
 class LlamaForCausalLM(nn.Module):
@@ -107,19 +119,25 @@ class LlamaForCausalLM(nn.Module):
     has_output_head: ClassVar[bool] = True  # False: hidden states only (an embedder); compute_logits raises
 
     def __init__(
-        self, config: DecoderConfig, backends: Sequence[AttentionBackend], dtype: torch.dtype
+        self,
+        config: DecoderConfig,
+        backends: Sequence[AttentionBackend],
+        dtype: torch.dtype,
+        tp: TensorParallel | None = None,  # this rank's place; None: the whole model on one device
     ) -> None:
         super().__init__()
         if len(backends) != config.num_layers:
             raise ValueError(f"got {len(backends)} attention backends for {config.num_layers} layers")
         self.config = config
         self.dtype = dtype
+        self.tp = tp = tp or TensorParallel()
+        vocab_rows = tp.local_vocab(config.vocab_size)
         # A bare parameter rather than nn.Embedding, whose random init would touch (and so commit) its memory.
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(vocab_rows, config.hidden_size, dtype=dtype), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backends[i], dtype, self._build_mlp(i)) for i in range(config.num_layers)
+            DecoderLayer(config, backends[i], dtype, self._build_mlp(i), tp) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(
@@ -130,14 +148,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings or not self.has_output_head
-            else nn.Parameter(
-                torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
-            )
+            else nn.Parameter(torch.empty(vocab_rows, config.hidden_size, dtype=dtype), requires_grad=False)
         )
 
     def _build_mlp(self, layer_index: int) -> nn.Module:
-        """Layer ``layer_index``'s feed-forward block; families with other blocks (MoE) override this."""
-        return SwiGLUMLP(self.config.hidden_size, self.config.intermediate_size, self.dtype)
+        """Layer ``layer_index``'s feed-forward block (this rank's rows); families with other blocks (MoE)
+        override this."""
+        inter = self.tp.local(self.config.intermediate_size, "intermediate_size")
+        return SwiGLUMLP(self.config.hidden_size, inter, self.dtype)
 
     def forward(
         self,
@@ -150,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         if self.embed_blocks is not None:
             hidden = select_rows(self.embed_blocks, input_ids).dequantize().to(self.dtype)  # [tokens, hidden]
         else:
-            hidden = F.embedding(input_ids, self.embed_tokens)
+            hidden = self.tp.embedding(input_ids, self.embed_tokens, self.config.vocab_size)
         rope = self.rotary.lookup(positions, hidden.dtype)
         return run_decoder(self.layers, self.norm, hidden, rope, caches, metadata)
 
@@ -159,9 +177,12 @@ class LlamaForCausalLM(nn.Module):
         if not self.has_output_head:
             raise ValueError(f"{self.config.architecture} has no output head: it embeds and cannot generate")
         if self.lm_head_kernel is not None:
-            return self.lm_head_kernel(hidden).float()
-        weight = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, weight).float()
+            local = self.lm_head_kernel(hidden)
+        else:
+            local = F.linear(hidden, self.embed_tokens if self.config.tie_word_embeddings else self.lm_head)
+        return self.tp.gather_logits(
+            local.float(), self.config.vocab_size
+        )  # this rank's vocab rows, then all
 
     def prepare_for_inference(self, quantization: str | None = None) -> None:
         """Once weights are loaded: repack every projection, the output head included, for the fast kernels
@@ -236,13 +257,14 @@ class LlamaForCausalLM(nn.Module):
 
     def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
         """HF tensor name -> function copying that tensor into place."""
-        top = self.weight_prefix
+        top, tp = self.weight_prefix, self.tp
+        kv_rows = partial(tp.kv_head_rows, num_kv_heads=self.config.num_kv_heads)
         targets = {
-            top + "embed_tokens.weight": _copier(self.embed_tokens),
+            top + "embed_tokens.weight": sliced(tp, _copier(self.embed_tokens), tp.vocab_rows),
             top + "norm.weight": _copier(self.norm.weight),
         }
         if self.has_output_head and not self.config.tie_word_embeddings:
-            targets["lm_head.weight"] = _copier(self.lm_head)
+            targets["lm_head.weight"] = sliced(tp, _copier(self.lm_head), tp.vocab_rows)
         for i, layer in enumerate(self.layers):
             prefix = f"{top}layers.{i}."
             attn = layer.self_attn
@@ -250,13 +272,14 @@ class LlamaForCausalLM(nn.Module):
             targets[prefix + "post_attention_layernorm.weight"] = _copier(
                 layer.post_attention_layernorm.weight
             )
-            for shard, part in enumerate(("q", "k", "v")):
-                targets[f"{prefix}self_attn.{part}_proj.weight"] = attn.qkv_proj.shard(shard)
+            for shard, (part, rows) in enumerate((("q", tp.rows), ("k", kv_rows), ("v", kv_rows))):
+                targets[f"{prefix}self_attn.{part}_proj.weight"] = sliced(
+                    tp, attn.qkv_proj.shard(shard), rows
+                )
                 if attn.qkv_proj.bias is not None:
-                    targets[f"{prefix}self_attn.{part}_proj.bias"] = partial(
-                        attn.qkv_proj.load_bias_shard, shard
-                    )
-            targets[prefix + "self_attn.o_proj.weight"] = attn.o_proj.shard(0)
+                    load_bias = partial(attn.qkv_proj.load_bias_shard, shard)
+                    targets[f"{prefix}self_attn.{part}_proj.bias"] = sliced(tp, load_bias, rows)
+            targets[prefix + "self_attn.o_proj.weight"] = sliced(tp, attn.o_proj.shard(0), input_columns(tp))
             if attn.q_norm is not None:
                 targets[prefix + "self_attn.q_norm.weight"] = _copier(attn.q_norm.weight)
                 targets[prefix + "self_attn.k_norm.weight"] = _copier(attn.k_norm.weight)
@@ -267,12 +290,32 @@ class LlamaForCausalLM(nn.Module):
         self, layer_prefix: str, mlp: nn.Module
     ) -> dict[str, Callable[[torch.Tensor], None]]:
         """The feed-forward block's tensors (``layer_prefix`` is ``model.layers.{i}.``); families override."""
-        prefix = layer_prefix + "mlp."
-        return {
-            prefix + "gate_proj.weight": mlp.gate_up_proj.shard(0),
-            prefix + "up_proj.weight": mlp.gate_up_proj.shard(1),
-            prefix + "down_proj.weight": mlp.down_proj.shard(0),
-        }
+        return swiglu_weight_targets(self.tp, mlp, layer_prefix + "mlp.")
+
+
+def swiglu_weight_targets(
+    tp: TensorParallel, mlp: SwiGLUMLP, prefix: str, names: tuple[str, str, str] = ("gate", "up", "down")
+) -> dict[str, Callable[[torch.Tensor], None]]:
+    """A SwiGLU block's three projections under ``prefix``: gate and up column-parallel, down row-parallel."""
+    gate, up, down = (f"{prefix}{name}_proj.weight" for name in names)
+    return {
+        gate: sliced(tp, mlp.gate_up_proj.shard(0), tp.rows),
+        up: sliced(tp, mlp.gate_up_proj.shard(1), tp.rows),
+        down: sliced(tp, mlp.down_proj.shard(0), input_columns(tp)),
+    }
+
+
+def sliced(tp: TensorParallel, load: Callable, take: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``load`` fed this rank's part (``take``) of each full checkpoint tensor; ``load`` itself on one device
+    (so a ``ShardTarget`` keeps taking low-bit blocks)."""
+    if not tp.is_parallel:
+        return load
+    return lambda tensor: load(take(tensor))
+
+
+def input_columns(tp: TensorParallel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A row-parallel projection's slice: this rank's input columns."""
+    return partial(tp.rows, dim=1)
 
 
 class LlamaEmbeddingModel(LlamaForCausalLM):

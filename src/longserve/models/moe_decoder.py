@@ -108,6 +108,7 @@ class MoEForCausalLM(LlamaForCausalLM):
             shared_intermediate_size=shared or None,
             shared_expert_gate=config.shared_expert_gate,
             dtype=self.dtype,
+            tp=self.tp,
         )
 
     def _mlp_weight_targets(

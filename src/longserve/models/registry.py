@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from longserve.attention.backend import BackendsForLayers, per_layer
+from longserve.distributed.parallel import TensorParallel
 from longserve.loading.pooling_config import MEAN_NORMALIZED, PoolingConfig
 from longserve.models.bert import BertConfig, BertModel
 from longserve.models.config import DecoderConfig
@@ -79,10 +80,14 @@ def resolve_architecture(hf_config: dict) -> ModelFamily:
 
 
 def build_model(
-    hf_config: dict, backends: BackendsForLayers, dtype: torch.dtype
+    hf_config: dict, backends: BackendsForLayers, dtype: torch.dtype, tp: TensorParallel | None = None
 ) -> tuple[nn.Module, DecoderConfig]:
-    """An empty (unloaded) model for this config. ``backends``: one attention backend for every layer, or a
-    function from the layer count to one backend per layer (``partial(layer_backends, engine_config)``)."""
+    """An empty (unloaded) model for this config: all of it, or rank ``tp.rank``'s shard. ``backends``: one
+    attention backend for every layer, or a function from the layer count to one backend per layer
+    (``partial(layer_backends, engine_config)``)."""
     family = resolve_architecture(hf_config)
     config = family.read_config(hf_config)
-    return family.model_class(config, per_layer(backends, config.num_layers), dtype), config
+    tp = tp or TensorParallel()
+    if tp.is_parallel and family.encoder:
+        raise ValueError(f"{config.architecture} runs on one device: tensor parallelism is for decoders")
+    return family.model_class(config, per_layer(backends, config.num_layers), dtype, tp=tp), config

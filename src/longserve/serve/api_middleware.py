@@ -18,7 +18,7 @@ from longserve.serve.errors import APIError, too_many_requests
 # A body declared too large is still read (and dropped) up to this much before answering 413: most HTTP/1.1
 # clients write the whole body before they read a response, and would see a reset instead of the 413.
 DRAIN_LIMIT_BYTES = 64 * 2**20
-PROTECTED_PREFIX = "/v1"  # /health, /metrics and the docs stay open
+PROTECTED_PREFIX = "/v1"  # /health, /metrics, the docs and the web chat page (/, /static) stay open
 
 
 async def send_error(send: Send, error: APIError, close: bool = False) -> None:

@@ -1,11 +1,12 @@
 """The OpenAI-compatible API server: routes, the app factory and its runner.
 
 It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with
-shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health`` and
-``/metrics`` are always open. Errors always leave in OpenAI's shape (see ``errors``). At most
-``max_in_flight_requests`` generation requests are handled at once; more get 429. ``/health`` is readiness (503
-until some worker serves a model), ``/live`` is liveness. ``begin_shutdown(app)`` ends
-every open stream with an error event and [DONE], so stopping never waits on a long generation.
+shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health``,
+``/metrics`` and the web chat page at ``/`` (unless ``ServeConfig.web_ui`` is off; see ``web_ui``) are always
+open. Errors always leave in OpenAI's shape (see ``errors``). At most ``max_in_flight_requests`` generation
+requests are handled at once; more get 429. ``/health`` is readiness (503 until some worker serves a model),
+``/live`` is liveness. ``begin_shutdown(app)`` ends every open stream with an error event and [DONE], so
+stopping never waits on a long generation.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from longserve.serve.protocol import (
 )
 from longserve.serve.protocol_responses import ResponsesRequest
 from longserve.serve.upstream import Upstream, make_client, make_stream_session
+from longserve.serve.web_ui import mount_web_ui
 from longserve.serve.worker_protocol import ListModelsResponse
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     async def create_detokenize(body: DetokenizeBody, request: Request) -> Response:
         return await detokenize(body, upstream(request))
 
+    mount_web_ui(app, enabled=config.web_ui)
     return app
 
 

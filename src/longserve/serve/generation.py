@@ -132,7 +132,6 @@ class Generation:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        self.recorder.close()
         self.recorder.metrics.in_flight.dec()
         if self._tasks:
             # Wait until the worker connections are shut. Shielded, so that if our caller is cancelled meanwhile

@@ -163,6 +163,8 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
             await wait_until_listed(serve_config.controller_address, name)
             url = f"http://{host}:{serve_config.api_port}"
             print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
+            if serve_config.web_ui:
+                print(f"longserve: web chat at {url}/", flush=True)
 
         await run_apps(specs, announce, fatal=lambda: engine.failure)
     finally:
@@ -216,7 +218,8 @@ async def serve_api(serve_config: ServeConfig) -> None:
 
     app = create_api_app(serve_config)
     spec = AppSpec("api server", app, serve_config.host, serve_config.api_port, lambda: begin_shutdown(app))
-    await run_apps([spec], lambda: print(f"longserve API at http://{spec.host}:{spec.port}/v1"))
+    chat = f", web chat at http://{spec.host}:{spec.port}/" if serve_config.web_ui else ""
+    await run_apps([spec], lambda: print(f"longserve API at http://{spec.host}:{spec.port}/v1{chat}"))
 
 
 def run(coro) -> int:

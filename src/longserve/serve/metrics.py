@@ -175,6 +175,8 @@ class RequestRecorder:
         for out in chunk.outputs:
             count = len(out.token_ids)
             if count:
+                # Counted as they stream (as vLLM counts per step), so rate() over a long request is live.
+                labels.generation_tokens.labels(self.model).inc(count)
                 self._tokens_seen[prompt] = self._tokens_seen.get(prompt, 0) + count
                 key = (prompt, out.index)
                 if prompt not in self._first_token_seen:
@@ -193,19 +195,11 @@ class RequestRecorder:
             labels.e2e.labels(self.model).observe(t - self.start)
             if chunk.usage is not None:
                 labels.prompt_tokens.labels(self.model).inc(chunk.usage.prompt_tokens)
-                labels.generation_tokens.labels(self.model).inc(chunk.usage.completion_tokens)
+                # The worker's usage is the truth; tokens that came without ids in a delta are added here.
+                unseen = chunk.usage.completion_tokens - self._tokens_seen.get(prompt, 0)
+                if unseen > 0:
+                    labels.generation_tokens.labels(self.model).inc(unseen)
 
     def on_stream_error(self, prompt: int) -> None:
         self.metrics.stream_errors.labels(self.model).inc()
-        self._count_unfinished(prompt)
-
-    def close(self) -> None:
-        """Tokens of streams that never finished (client gone, worker died) still count as generated."""
-        for prompt in list(self._tokens_seen):
-            self._count_unfinished(prompt)
-
-    def _count_unfinished(self, prompt: int) -> None:
-        if prompt in self._done:
-            return
         self._done.add(prompt)
-        self.metrics.generation_tokens.labels(self.model).inc(self._tokens_seen.get(prompt, 0))

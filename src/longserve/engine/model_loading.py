@@ -1,0 +1,144 @@
+"""Building one rank's model and KV cache from an EngineConfig: the checkpoint read, this rank's slices loaded,
+the weights placed and prepared for their kernels. The engine (rank 0) and every follower rank call the same
+functions, so all ranks agree on shapes and on the number of cache blocks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from longserve.attention.backend import layer_backends
+from longserve.attention.paged_cache import LayerKVCache, allocate_kv_cache
+from longserve.config import EngineConfig
+from longserve.distributed.parallel import TensorParallel
+from longserve.engine.cuda_graphs import DecodeGraphs
+from longserve.loading.checkpoint import load_checkpoint
+from longserve.loading.errors import ModelLoadError
+from longserve.loading.pooling_config import PoolingConfig
+from longserve.models.registry import ModelFamily, build_model, resolve_architecture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # eval mode, on its device, prepared for inference
+    model_config: Any  # DecoderConfig or a family's own config (the whole model's shapes, not one rank's)
+    family: ModelFamily
+    tokenizer: Any
+    hf_config: dict
+    quantization: str | None  # what the matmuls run: None (exact), "int8" or "gguf"
+    pooling: PoolingConfig  # how embeddings pool the hidden states
+
+
+def load_model(config: EngineConfig, device: torch.device, tp: TensorParallel) -> LoadedModel:
+    """This rank's shard of the model (all of it when ``tp.size == 1``); a bad checkpoint raises
+    ``ModelLoadError`` naming the file."""
+    checkpoint = load_checkpoint(config.model, show_progress=config.show_progress and tp.rank == 0)
+    quantization = resolve_quantization(config.quantization, checkpoint, device, tp)
+    try:
+        model, model_config = build_model(
+            checkpoint.config, partial(layer_backends, config), config.torch_dtype, tp
+        )
+        model.load_weights(checkpoint.weights, keep_blocks=quantization == "gguf")
+        model.to(device)  # before prepare: kernel choices (oneDNN packing, int8) depend on the device
+        model.prepare_for_inference(quantization)
+        family = resolve_architecture(checkpoint.config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{checkpoint.path}: {exc}") from exc
+    return LoadedModel(
+        model.eval(),
+        model_config,
+        family,
+        checkpoint.tokenizer,
+        checkpoint.config,
+        quantization,
+        checkpoint.pooling or family.default_pooling,
+    )
+
+
+def allocate_caches(
+    config: EngineConfig, loaded: LoadedModel, device: torch.device, tp: TensorParallel
+) -> tuple[int, list[LayerKVCache]]:
+    """(number of blocks, per-layer caches) for this rank's KV heads; ``kv_cache_memory_mb`` is per rank."""
+    mc = loaded.model_config
+    if loaded.family.encoder:
+        # One bidirectional pass per input, nothing cached: two blocks (never used) keep the scheduler whole.
+        return 2, []
+    kv_heads = tp.local_kv_heads(mc.num_kv_heads)
+    bytes_per_token = 2 * mc.num_layers * kv_heads * mc.head_dim * config.torch_dtype.itemsize
+    num_blocks = config.num_kv_blocks or max(
+        2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
+    )
+    caches = allocate_kv_cache(
+        mc.num_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, config.torch_dtype,
+        device=device, gate_keys=config.attention == "moba" and device.type == "cuda",
+    )  # fmt: skip
+    return num_blocks, caches
+
+
+def build_graphs(
+    config: EngineConfig,  # resolved for the device
+    loaded: LoadedModel,
+    caches: list[LayerKVCache],
+    device: torch.device,
+    tp: TensorParallel,
+    max_model_len: int,
+) -> DecodeGraphs | None:
+    """Captured decode graphs on CUDA (every rank captures the same buckets in the same order: the captures
+    run the model's collectives), or None where steps run eagerly."""
+    if device.type != "cuda" or config.enforce_eager or not loaded.family.can_generate:
+        return None
+    if (
+        config.attention != "dense"
+        or not getattr(loaded.model, "supports_cuda_graphs", False)
+        or tp.expert_parallel  # its dispatch picks each rank's rows on the host
+    ):
+        log.info("CUDA graphs are not used for this model or attention backend: every step runs eagerly")
+        return None
+    graphs = DecodeGraphs(loaded.model, caches, config.block_size, config.max_num_seqs, max_model_len, device)
+    graphs.capture_all()
+    return graphs
+
+
+def resolve_quantization(
+    requested: str | None, checkpoint, device: torch.device, tp: TensorParallel | None = None
+) -> str | None:
+    """The matmul mode for ``requested`` (None = auto): ``"none"`` -> None (exact fp32); auto -> ``"gguf"`` on
+    the CPU for a GGUF whose projections come in Q4_0/Q4_1/Q8_0 blocks (their exact values at a fifth of the
+    bytes; perplexity within 0.01% of the exact path on the default model), else exact.
+
+    Auto falls back to exact, with a warning that says why, when the low-bit kernels cannot be built here
+    (no C++ compiler) or the model is split across ranks (each rank slices float rows); an explicit ``"gguf"``
+    raises instead.
+    """
+    parallel = tp is not None and tp.is_parallel
+    if requested == "none":
+        return None
+    if requested == "gguf" and device.type != "cpu":
+        raise ValueError("quantization 'gguf' runs on the CPU; on a GPU the weights are expanded to --dtype")
+    if requested == "gguf" and parallel:
+        raise ValueError(
+            "quantization 'gguf' keeps whole low-bit tensors; with tensor parallelism use none or int8"
+        )
+    if requested is not None:
+        return requested
+    blocks = getattr(checkpoint.weights, "has_blocks", None)
+    if device.type != "cpu" or blocks is None or not blocks():
+        return None
+    if parallel:
+        log.warning("tensor parallel: %s's low-bit blocks are expanded to %s", checkpoint.path, "float")
+        return None
+    from longserve.layers.cpu_kernels import cpu_kernels
+
+    try:
+        cpu_kernels()
+    except RuntimeError as exc:
+        log.warning("running %s in exact fp32 (5x the bytes per token): %s", checkpoint.path, exc)
+        return None
+    return "gguf"
