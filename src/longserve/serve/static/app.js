@@ -25,7 +25,7 @@ function describe(err) {
   if (err instanceof ApiError) return err.message;
   if (err instanceof TypeError) return `Could not reach the server (${err.message}).`;
   if (err instanceof SyntaxError) return `The server sent something that is not JSON (${err.message}).`;
-  return String(err);
+  return err instanceof Error ? err.message : String(err);
 }
 
 /** The data of each server-sent event in a response body, as the events arrive. */
@@ -202,7 +202,7 @@ class ChatPage {
   sampling() {
     const params = {};
     for (const [name, input] of [["temperature", this.temperature], ["max_tokens", this.maxTokens]]) {
-      if (input.validity.badInput) throw new ApiError(`${name} must be a number`);
+      if (input.validity.badInput) throw new Error(`${name} must be a number`);
       if (input.value.trim() !== "") params[name] = Number(input.value);
     }
     return params;
