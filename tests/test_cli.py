@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from longserve.cli import _engine_config, build_parser
+from longserve.cli import build_parser
+from longserve.engine_options import engine_config_from_args
 
 
 def _run(*args, timeout=180):
@@ -65,9 +66,11 @@ def test_generate_reports_bad_input_without_a_traceback(args, message):
 
 def test_engine_flags_reach_the_engine_config():
     args = build_parser().parse_args(["serve", "--max-num-batched-tokens", "96", "--max-num-seqs", "8"])
-    config = _engine_config(args)
+    config = engine_config_from_args(args)
     assert (config.max_num_batched_tokens, config.max_num_seqs) == (96, 8)
-    assert _engine_config(build_parser().parse_args(["serve"])).max_num_batched_tokens is None  # by device
+    assert (
+        engine_config_from_args(build_parser().parse_args(["serve"])).max_num_batched_tokens is None
+    )  # by device
 
 
 def test_unknown_arguments_are_still_errors_outside_bench():

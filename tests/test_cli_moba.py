@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from longserve.cli import _engine_config, build_parser
+from longserve.cli import build_parser
+from longserve.engine_options import engine_config_from_args
 
 MOBA_FLAGS = [
     "--attention",
@@ -22,7 +23,7 @@ MOBA_FLAGS = [
 
 @pytest.mark.parametrize("command", [["serve"], ["worker"], ["generate", "hi"]])
 def test_moba_flags_reach_the_engine_config(command):
-    config = _engine_config(build_parser().parse_args([*command, *MOBA_FLAGS]))
+    config = engine_config_from_args(build_parser().parse_args([*command, *MOBA_FLAGS]))
     assert (config.attention, config.moba_chunk_size, config.moba_topk, config.moba_full_layers) == (
         "moba",
         512,

@@ -1,4 +1,4 @@
-"""Command-line entry point: serve | controller | worker | api | generate | batch | bench."""
+"""Command-line entry point: serve | controller | worker | api | generate | chat | batch | bench | viz."""
 
 from __future__ import annotations
 
@@ -6,89 +6,8 @@ import argparse
 import sys
 import time
 
-from longserve.config import EngineConfig
 from longserve.engine.sampling_params import SamplingParams
-
-
-def _engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--device", help="cpu (default) or cuda: where the model and KV cache live")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
-    parser.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        default=None,
-        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
-    )
-    parser.add_argument(
-        "--quantization",
-        choices=["none", "gguf", "int8"],
-        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0 weights, else none. "
-        "gguf = the file's own low-bit blocks (its exact values, fastest decode); none = exact fp32; "
-        "int8 = dynamic-int8 decode matmuls (approximate)",
-    )
-    parser.add_argument("--attention", choices=["dense", "reference", "moba"], help="attention backend")
-    parser.add_argument("--moba-chunk-size", type=int, help="moba: tokens per key block (default 4096)")
-    parser.add_argument(
-        "--moba-topk", type=int, help="moba: blocks each query attends, its own included (default 12)"
-    )
-    parser.add_argument(
-        "--moba-full-layers", type=int, help="moba: last layers that keep dense attention (default 3)"
-    )
-    parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
-    parser.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching turns it off)",
-    )
-    parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
-    parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
-    parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="per-step token budget, decodes + prompt chunks (default 512 on CPU, 2048 on GPU); "
-        "smaller keeps streams flowing while long prompts prefill",
-    )
-    parallel = parser.add_argument_group("tensor parallelism (torchrun-style placement across nodes)")
-    parallel.add_argument("--tensor-parallel-size", "-tp", type=int, help="ranks the model is split over")
-    parallel.add_argument(
-        "--enable-expert-parallel", action="store_true", default=None, help="MoE: split whole experts"
-    )
-    parallel.add_argument("--nnodes", type=int, help="nodes the ranks span (default 1)")
-    parallel.add_argument("--node-rank", type=int, help="this node's index; node 0 serves (default 0)")
-    parallel.add_argument("--master-addr", help="node 0's address, where the ranks meet")
-    parallel.add_argument("--master-port", type=int, help="rendezvous port (default: free / 29500)")
-
-
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig.from_env(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        attention=args.attention,
-        moba_chunk_size=args.moba_chunk_size,
-        moba_topk=args.moba_topk,
-        moba_full_layers=args.moba_full_layers,
-        max_model_len=args.max_model_len,
-        kv_cache_memory_mb=args.kv_cache_memory_mb,
-        num_threads=args.num_threads,
-        show_progress=True,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
-        **{name: getattr(args, name) for name in _PARALLEL_FIELDS},
-    )
-
-
-_PARALLEL_FIELDS = (
-    "tensor_parallel_size", "enable_expert_parallel", "nnodes", "node_rank", "master_addr", "master_port",
-)  # fmt: skip
+from longserve.engine_options import add_engine_arguments, engine_config_from_args
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -105,7 +24,7 @@ def _generate(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             stop=args.stop or [],
         )
-        engine = LLMEngine(_engine_config(args))
+        engine = LLMEngine(engine_config_from_args(args))
         prompt = args.prompt
         if not args.no_chat:
             if engine.tokenizer.chat_template is None:
@@ -240,7 +159,7 @@ def _run_server(args: argparse.Namespace) -> int:
             return launcher.run(launcher.serve_controller(serve_config))
         if args.command == "api":
             return launcher.run(launcher.serve_api(serve_config))
-        engine_config = _engine_config(args)
+        engine_config = engine_config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -288,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="controller + one worker + OpenAI-compatible API, in one process"
     )
-    _engine_arguments(serve)
+    add_engine_arguments(serve)
     _serve_arguments(serve, api=True, worker=True, controller=True)
     serve.set_defaults(handler=_run_server)
     controller = commands.add_parser("controller", help="the controller alone (workers register with it)")
@@ -300,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     controller.add_argument("--heart-beat-expiration", type=float, dest="heart_beat_expiration_s")
     controller.set_defaults(handler=_run_server)
     worker = commands.add_parser("worker", help="one model worker that registers with a controller")
-    _engine_arguments(worker)
+    add_engine_arguments(worker)
     _serve_arguments(worker, api=False, worker=False, controller=False)
     worker.add_argument("--port", type=int, dest="worker_port", help="worker port (default 21002)")
     worker.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
@@ -317,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate a completion for one prompt, streamed to the terminal"
     )
     gen.add_argument("prompt")
-    _engine_arguments(gen)
+    add_engine_arguments(gen)
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)

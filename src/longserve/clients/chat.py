@@ -184,7 +184,7 @@ class ChatRepl:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from longserve.cli import _engine_arguments  # the engine flags of serve/generate, defined once
+    from longserve.engine_options import add_engine_arguments  # the engine flags of serve/generate
 
     # "resolve": chat's own --model (a server's model name) replaces the engine flags' --model (a path).
     parser = argparse.ArgumentParser(
@@ -221,7 +221,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="MODEL_PATH",
         help="GGUF file or Hugging Face model directory (also given as --model; default SmolLM2-135M-Instruct)",
     )
-    _engine_arguments(local)
+    add_engine_arguments(local)
     server.add_argument(
         "--model", help="the server's model name (default: the first it lists); with --local, the model path"
     )
@@ -231,9 +231,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _backend(args: argparse.Namespace) -> ChatBackend:
     if args.local is None:
         return ServerChat(args.base_url, args.api_key, args.model)
-    from longserve.cli import _engine_config
+    from longserve.engine_options import engine_config_from_args
 
-    return LocalChat(_engine_config(argparse.Namespace(**(vars(args) | {"model": args.local or args.model}))))
+    return LocalChat(
+        engine_config_from_args(argparse.Namespace(**(vars(args) | {"model": args.local or args.model})))
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "longserve chat") -> int:

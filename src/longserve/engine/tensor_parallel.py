@@ -101,6 +101,8 @@ def start_ranks(config: EngineConfig) -> EngineRanks:
     if first.rank != 0:
         raise ValueError(f"the engine runs on rank 0, not rank {first.rank} (node_rank {config.node_rank})")
     device = first.device(config.device)
+    for placement in others:  # every rank's device exists before any process starts
+        placement.device(config.device)
     followers = FollowerRanks(run_follower, (config,), others) if others else None
     try:
         tp = join_group(first, device)

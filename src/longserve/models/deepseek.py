@@ -30,7 +30,8 @@ from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mla import MLAConfig, MLARotary, MultiHeadLatentAttention, mla_softmax_scale
 from longserve.layers.mlp import SwiGLUMLP
-from longserve.layers.moe import MoE, MoEWeightNames, RouterConfig, moe_weight_targets
+from longserve.layers.moe import MoE, RouterConfig
+from longserve.layers.moe_weights import MoEWeightNames, moe_weight_targets
 from longserve.layers.norm import RMSNorm
 from longserve.models.llama import PreNormDecoderLayer, run_decoder, sliced, swiglu_weight_targets
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from longserve.layers.moe import MoEWeightNames
+from longserve.layers.moe_weights import MoEWeightNames
 from longserve.models.config import DecoderConfig
 from longserve.models.moe_decoder import MoEDecoderConfig, MoEForCausalLM, moe_config_from_hf
 

@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from longserve.layers.moe import MoE, MoEWeightNames, RouterConfig, moe_weight_targets
+from longserve.layers.moe import MoE, RouterConfig
+from longserve.layers.moe_weights import MoEWeightNames, moe_weight_targets
 from longserve.models.config import DecoderConfig
 from longserve.models.llama import LlamaForCausalLM
 
