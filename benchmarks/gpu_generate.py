@@ -4,6 +4,12 @@ builds itself. Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/gpu_generate.py                # batch 1, 8, 64, 256; prompt 128 + 128 new tokens
     python benchmarks/gpu_generate.py --tiny         # a small shape, to dry-run the script (CPU too)
+    python benchmarks/gpu_generate.py --shape 8b --tensor-parallel-size 1,2,4 --batches 1,64
+    python benchmarks/gpu_generate.py --shape moe30b --tensor-parallel-size 1,2 --batches 1,64  # + expert parallel
+
+With ``--tensor-parallel-size`` the systems are longserve (graphs) at each size (an MoE shape also with
+``--enable-expert-parallel`` at each size above 1), and the table adds each one's speed-up over size 1 from the
+same run.
 
 Each (system, batch) runs ``--repeats`` times after a warm-up; the table shows the median, the spread and
 every run. Throughput counts generated tokens over the whole ``generate`` call (prefill included), as a user
@@ -31,16 +37,38 @@ LLAMA_1B = dict(
     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
     rope_theta=500000.0,
 )  # fmt: skip
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=False,
+    rope_theta=500000.0,
+)  # fmt: skip
+QWEN3_30B_A3B = dict(
+    architecture="Qwen3MoeConfig", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=4096,
+    tie_word_embeddings=False, rope_theta=1000000.0,
+)  # fmt: skip
 TINY = dict(LLAMA_1B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)  # fmt: skip
+TINY_MOE = dict(QWEN3_30B_A3B, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+                num_experts_per_tok=2, vocab_size=1024)  # fmt: skip
+SHAPES = {"1b": LLAMA_1B, "8b": LLAMA_8B, "moe30b": QWEN3_30B_A3B, "tiny": TINY, "tiny_moe": TINY_MOE}
 
 
 def build_checkpoint(shape: dict, device: str, directory: str) -> str:
     import tiny_models
     import transformers
 
+    shape = dict(shape)
+    config_class = getattr(transformers, shape.pop("architecture", "LlamaConfig"))
+    model_class = (
+        transformers.Qwen3MoeForCausalLM
+        if config_class.__name__ == "Qwen3MoeConfig"
+        else transformers.LlamaForCausalLM
+    )
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).to(torch.bfloat16)
+        model = model_class(config_class(**shape)).to(torch.bfloat16)
     model.save_pretrained(directory, safe_serialization=True)
     tiny_models.write_tokenizer(directory, tiny_models.train_tokenizer())
     return directory
@@ -61,11 +89,20 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * 10 * x.numel() / (time.perf_counter() - start)
 
 
-def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager) -> dict:
-    from longserve import LLM, SamplingParams
+def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager, **parallel) -> dict:
+    from longserve import LLM
 
     llm = LLM(path, device=device, dtype="bfloat16", max_num_seqs=max(batches), enforce_eager=eager,
-              kv_cache_memory_mb=16384 if device == "cuda" else 512)  # fmt: skip
+              kv_cache_memory_mb=16384 if device == "cuda" else 512, **parallel)  # fmt: skip
+    try:
+        return _measure(llm, batches, prompts, new_tokens, repeats, device)
+    finally:
+        llm.close()  # the other tensor-parallel ranks
+
+
+def _measure(llm, batches, prompts, new_tokens, repeats, device) -> dict:
+    from longserve import SamplingParams
+
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     out, steps = {}, {}
     for batch in batches:
@@ -95,7 +132,8 @@ def step_times(llm, prompts, new_tokens, device) -> dict:
     result = {"step_ms": 1e3 * statistics.median(walls[1:-1] or walls)}
     graphs = engine.runner.graphs
     bucket = graphs.bucket_for(len(prompts)) if graphs is not None else None
-    if device == "cuda" and bucket in getattr(graphs, "_graphs", {}):
+    # A replay on rank 0 alone would wait forever in the graph's all-reduce: one device only.
+    if device == "cuda" and bucket in getattr(graphs, "_graphs", {}) and not engine.ranks.tp.is_parallel:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(20):
@@ -150,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument(
+        "--tensor-parallel-size", help="comma-separated sizes, e.g. 1,2,4: scaling from one run"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = TINY if args.tiny else LLAMA_1B
+    shape = SHAPES["tiny_moe" if args.tiny and "moe" in args.shape else "tiny" if args.tiny else args.shape]
+    tp_sizes = [int(t) for t in args.tensor_parallel_size.split(",")] if args.tensor_parallel_size else []
     batches = [int(b) for b in args.batches.split(",")]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, shape["vocab_size"] - 10, (args.prompt_len,), generator=g).tolist()
@@ -160,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         path = build_checkpoint(shape, device, directory)
         systems = {}
-        for name, eager in (("longserve (graphs)", False), ("longserve (eager)", True)):
+        runs = [("longserve (graphs)", False, {}), ("longserve (eager)", True, {})]
+        if tp_sizes:
+            runs = [(f"longserve tp={t}", False, {"tensor_parallel_size": t}) for t in tp_sizes]
+            if "num_experts" in shape:
+                runs += [(f"longserve tp={t} ep", False, {"tensor_parallel_size": t, "enable_expert_parallel": True})
+                         for t in tp_sizes if t > 1]  # fmt: skip
+        for name, eager, parallel in runs:
             systems[name] = run_longserve(
-                path, device, batches, prompts, args.new_tokens, args.repeats, eager
+                path, device, batches, prompts, args.new_tokens, args.repeats, eager, **parallel
             )
             _free(device)
-        if not args.skip_hf:
+        if not args.skip_hf and not tp_sizes:
             systems["transformers generate"] = run_hf(
                 path, device, batches, prompts, args.new_tokens, args.repeats
             )
@@ -176,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     kv = shape["num_key_value_heads"] * hidden // shape["num_attention_heads"]
     weight_bytes = 2 * (layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn) + vocab * hidden)
-    roofline = bandwidth / weight_bytes if bandwidth else None  # HBM bytes/s, reads and writes counted
+    dense = "num_experts" not in shape  # an MoE step reads only the routed experts: no single roofline
+    roofline = bandwidth / weight_bytes if bandwidth and dense else None  # bytes/s, reads and writes counted
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; weights {weight_bytes / 1e9:.2f} GB;"
           f" batch-1 roofline {roofline:.0f} tok/s" if roofline else f"device: {device}")  # fmt: skip
     print(f"{'system':<24}" + "".join(f"{'batch ' + str(b):>28}" for b in batches))
@@ -191,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                               **steps.get(b, {})}  # fmt: skip
             cells.append(f"{med:>10.0f} [{min(rates):.0f}-{max(rates):.0f}]")
         print(f"{name:<24}" + "".join(f"{c:>28}" for c in cells))
+        base = systems.get(f"longserve tp={tp_sizes[0]}") if tp_sizes else None
+        if base is not None and name != f"longserve tp={tp_sizes[0]}":
+            speedups = {
+                b: table[name][b]["median_tok_s"] / statistics.median(base["runs"][b]) for b in batches
+            }
+            for b in batches:
+                table[name][b][f"speedup_vs_tp{tp_sizes[0]}"] = speedups[b]
+            print(
+                f"{'  speed-up vs tp=' + str(tp_sizes[0]):<24}"
+                + "".join(f"{speedups[b]:>27.2f}x" for b in batches)
+            )
         if steps:
             print(f"{'  decode step ms':<24}" + "".join(
                 f"{steps[b]['step_ms']:>18.3f}" + (f" (GPU {steps[b]['graph_gpu_ms']:.3f})"
@@ -198,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches))  # fmt: skip
     results = ROOT / "results"
     results.mkdir(exist_ok=True)
-    out = results / f"gpu_generate{'_tiny' if args.tiny else ''}.json"
+    suffix = ("_tiny" if args.tiny else "") + (f"_{args.shape}" if args.shape != "1b" else "")
+    suffix += f"_tp{args.tensor_parallel_size.replace(',', '-')}" if tp_sizes else ""
+    out = results / f"gpu_generate{suffix}.json"
     out.write_text(json.dumps({"shape": shape, "device": device, "prompt_len": args.prompt_len,
                                "new_tokens": args.new_tokens, "roofline_tok_s": roofline, "systems": table},
                               indent=2))  # fmt: skip

@@ -13,6 +13,7 @@ from longserve.engine_options import add_engine_arguments, engine_config_from_ar
 def _generate(args: argparse.Namespace) -> int:
     from longserve.engine.engine import LLMEngine
 
+    engine = None
     try:
         params = SamplingParams(
             temperature=args.temperature,
@@ -37,18 +38,23 @@ def _generate(args: argparse.Namespace) -> int:
         request = engine.build_request("cli", prompt, params, add_special_tokens=args.no_chat)
     except ValueError as exc:  # ModelLoadError included
         print(f"error: {exc}", file=sys.stderr)
+        if engine is not None:
+            engine.close()
         return 2
     engine.add_request(request)
     start, first, tokens = time.perf_counter(), None, 0
     finish = None
-    while engine.has_unfinished():
-        for output in engine.step():
-            completion = output.outputs[0]
-            first = first or time.perf_counter()
-            tokens += len(completion.delta_token_ids)
-            sys.stdout.write(completion.delta_text)
-            sys.stdout.flush()
-            finish = completion.finish_reason
+    try:
+        while engine.has_unfinished():
+            for output in engine.step():
+                completion = output.outputs[0]
+                first = first or time.perf_counter()
+                tokens += len(completion.delta_token_ids)
+                sys.stdout.write(completion.delta_text)
+                sys.stdout.flush()
+                finish = completion.finish_reason
+    finally:
+        engine.close()  # the other tensor-parallel ranks, if any
     elapsed = time.perf_counter() - (first or start)
     print(flush=True)
     rate = (tokens - 1) / elapsed if tokens > 1 and elapsed > 0 else 0.0

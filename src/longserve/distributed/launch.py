@@ -115,6 +115,11 @@ def join_group(placement: RankPlacement, device: torch.device) -> TensorParallel
     )
 
 
+def in_group() -> bool:
+    """Whether this process has joined a group (and not left it)."""
+    return dist.is_initialized()
+
+
 def leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

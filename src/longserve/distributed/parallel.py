@@ -138,6 +138,12 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order, on every rank (pickled, over the control group)."""
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, obj, group=self.control)
+        return gathered
+
     def broadcast_object(self, obj: Any = None) -> Any:
         """Rank 0's ``obj`` on every rank (pickled, over the host's control group)."""
         box = [obj]

@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from longserve.config import EngineConfig
 from longserve.distributed.launch import (
     FollowerRanks,
     RankPlacement,
     free_port,
+    in_group,
     join_group,
     leave_group,
     node_placements,
@@ -63,7 +63,7 @@ class EngineRanks:
 
     def close(self) -> None:
         """Tell the followers to leave, wait for them and leave the group (idempotent)."""
-        if not self.tp.is_parallel or not dist.is_initialized():
+        if not self.tp.is_parallel or not in_group():
             return
         try:
             if self.followers is not None:
@@ -120,8 +120,7 @@ def confirm_loaded(tp: TensorParallel, error: str | None) -> None:
         if error is not None:
             raise ValueError(error)
         return
-    errors: list[str | None] = [None] * tp.size
-    dist.all_gather_object(errors, error, group=tp.control)
+    errors = tp.all_gather_object(error)
     failed = [f"rank {rank}: {message}" for rank, message in enumerate(errors) if message is not None]
     if failed:
         raise ValueError("; ".join(failed))
