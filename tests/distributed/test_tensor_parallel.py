@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +20,14 @@ from longserve.engine.sampling_params import SamplingParams
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 11, 300, 64, 2, 128, 77, 19, 480, 33, 21]  # 17 tokens: 2 cache blocks
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Rank 0 runs in this process and takes its share of the cores: give the next tests all of them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def prompt_logits(llm: LLM) -> torch.Tensor:
@@ -83,7 +93,7 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(tiny_llama_dir: str) -> N
     with LLM(tiny_llama_dir, tensor_parallel_size=2, kv_cache_memory_mb=4) as llm:
         (follower,) = llm.engine.ranks.followers.processes
         os.kill(follower.pid, signal.SIGKILL)
-        follower.join(timeout=10)
+        follower.wait(timeout=10)
         with pytest.raises(RankDiedError, match="rank-1 exited"):
             llm.generate([PROMPT], GREEDY)
 
@@ -98,3 +108,18 @@ def test_nccl_tensor_parallel_matches_one_gpu(fixture: str, request: pytest.Fixt
     tp_logits, tp_tokens = run(model_dir, tensor_parallel_size=2, **options)
     torch.testing.assert_close(tp_logits, single_logits, atol=5e-2, rtol=5e-2)
     assert tp_tokens[:4] == single_tokens[:4]  # bf16 sums in another order may flip a later near-tie
+
+
+def test_a_script_without_a_main_guard_can_start_ranks(tiny_llama_dir: str, tmp_path) -> None:
+    """Followers are fresh interpreters (python -m ...), so the user's script is never re-run in them."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "from longserve import LLM, SamplingParams\n"
+        f"llm = LLM({tiny_llama_dir!r}, tensor_parallel_size=2, kv_cache_memory_mb=4)\n"
+        "out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))\n"
+        "print('tokens', len(out[0].outputs[0].token_ids))\n"
+        "llm.close()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokens 4" in done.stdout

@@ -19,9 +19,9 @@ MODEL = "tiny"
 
 
 def _followers(serve: subprocess.Popen) -> list[psutil.Process]:
-    """The spawned rank processes under the serve process (engine core -> rank 1)."""
+    """The follower rank processes under the serve process (engine core -> rank 1)."""
     children = psutil.Process(serve.pid).children(recursive=True)
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return [p for p in children if "longserve.engine.rank_process" in p.cmdline()]
 
 
 def test_serve_with_two_ranks_answers_and_survives_a_dead_rank(tiny_llama_dir: str) -> None:

@@ -1,7 +1,7 @@
 """Starting the ranks of one tensor-parallel engine and joining them into process groups.
 
-One node (the usual case): the engine process is rank 0 and starts ranks 1..N-1 as spawned processes on a
-free loopback port. Several nodes: every node runs ``longserve worker`` with ``--nnodes/--node-rank/
+One node (the usual case): the engine process is rank 0 and starts ranks 1..N-1 as child processes, meeting
+them on a free loopback port. Several nodes: every node runs ``longserve worker`` with ``--nnodes/--node-rank/
 --master-addr/--master-port`` as torchrun takes them; node 0's first process is rank 0, every other rank only
 follows it. A process started by torchrun itself is placed from torchrun's RANK/WORLD_SIZE/LOCAL_RANK/
 MASTER_ADDR/MASTER_PORT environment variables.
@@ -9,16 +9,19 @@ MASTER_ADDR/MASTER_PORT environment variables.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from longserve.distributed.parallel import TensorParallel
 
@@ -95,24 +98,47 @@ def torchrun_placement(expert_parallel: bool) -> RankPlacement | None:
     )
 
 
-def join_group(placement: RankPlacement, device: torch.device) -> TensorParallel:
-    """Rendezvous with the other ranks; tensors go over NCCL on CUDA and gloo on the CPU."""
+def join_group(
+    placement: RankPlacement,
+    device: torch.device,
+    watch: Callable[[], None] | None = None,  # rank 0: raises when a follower it started has exited
+) -> TensorParallel:
+    """Rendezvous with the other ranks; tensors go over NCCL on CUDA and gloo on the CPU.
+
+    Rank 0 hosts the rendezvous store and waits for every rank to check in, calling ``watch`` meanwhile, so a
+    follower that dies while starting fails the engine at once instead of after the timeout."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=placement.timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    first = placement.rank == 0
+    store = dist.TCPStore(
+        placement.master_addr, placement.master_port, placement.world_size, is_master=first,
+        timeout=timeout, wait_for_workers=False,
+    )  # fmt: skip
+    if first:
+        _wait_for_ranks(store, placement, watch)
+    else:
+        store.set(f"longserve/joined/{placement.rank}", "1")
     dist.init_process_group(
-        backend,
-        init_method=f"tcp://{placement.master_addr}:{placement.master_port}",
-        rank=placement.rank,
-        world_size=placement.world_size,
-        timeout=timeout,
+        backend, store=store, rank=placement.rank, world_size=placement.world_size, timeout=timeout
     )
     group = dist.group.WORLD
     control = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return TensorParallel(
         placement.rank, placement.world_size, group, control, expert_parallel=placement.expert_parallel
     )
+
+
+def _wait_for_ranks(store, placement: RankPlacement, watch: Callable[[], None] | None) -> None:
+    keys = [f"longserve/joined/{rank}" for rank in range(1, placement.world_size)]
+    deadline = time.monotonic() + placement.timeout_s
+    while not store.check(keys):
+        if watch is not None:
+            watch()
+        if time.monotonic() > deadline:
+            raise RankDiedError(f"not every rank joined within {placement.timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def in_group() -> bool:
@@ -126,30 +152,46 @@ def leave_group() -> None:
 
 
 class FollowerRanks:
-    """The ranks this process started (every rank of the node but rank 0 itself), watched by rank 0."""
+    """The ranks this process started (every rank of the node but rank 0 itself), watched by rank 0.
 
-    def __init__(self, target: Callable[..., None], args: tuple, placements: list[RankPlacement]) -> None:
-        context = mp.get_context("spawn")
-        self.processes = [
-            context.Process(
-                target=target, args=(*args, placement), daemon=True, name=f"rank-{placement.rank}"
-            )
-            for placement in placements
-        ]
-        for process in self.processes:
-            process.start()
+    Each is a fresh interpreter (``python -m MODULE --placement JSON``, the EngineConfig as JSON on stdin), so
+    the parent's ``__main__`` is never re-imported: a script without a ``__main__`` guard can start ranks."""
+
+    def __init__(self, module: str, config_json: bytes, placements: list[RankPlacement]) -> None:
+        self.processes: list[subprocess.Popen] = []
+        self.names: list[str] = []
+        for placement in placements:
+            command = [sys.executable, "-m", module, "--placement", json.dumps(asdict(placement))]
+            process = subprocess.Popen(command, stdin=subprocess.PIPE)
+            process.stdin.write(config_json)
+            process.stdin.close()
+            self.processes.append(process)
+            self.names.append(f"rank-{placement.rank}")
 
     def check(self) -> None:
         """Raise ``RankDiedError`` when a started rank has exited."""
-        for process in self.processes:
-            if not process.is_alive():
-                raise RankDiedError(f"tensor parallel {process.name} exited with code {process.exitcode}")
+        for process, name in zip(self.processes, self.names, strict=True):
+            if process.poll() is not None:
+                raise RankDiedError(f"tensor parallel {name} exited with code {process.returncode}")
+
+    def wait(self) -> int:
+        """Wait for every rank to leave; the worst exit code."""
+        return max(process.wait() for process in self.processes)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Wait for the ranks to leave (after rank 0 told them to), then terminate any that did not."""
-        for process in self.processes:
-            process.join(timeout_s)
-            if process.is_alive():
-                log.warning("tensor parallel %s did not stop; terminating it", process.name)
+        for process, name in zip(self.processes, self.names, strict=True):
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tensor parallel %s did not stop; terminating it", name)
                 process.terminate()
-                process.join(timeout_s)
+                try:
+                    process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def placement_from_json(text: str) -> RankPlacement:
+    return RankPlacement(**json.loads(text))
