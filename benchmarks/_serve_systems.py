@@ -317,12 +317,13 @@ def run_engine_phases(system: str, spec: dict) -> dict:
         async def one(index: int, run_start: float, max_tokens: int) -> RequestResult:
             sent = time.perf_counter()
             arrivals: list[float] = []
-            tokens, finish, error = 0, None, None
+            tokens, finish, error, seen = 0, None, None, 0
             try:
                 async for out in engine.generate(prompts[index % len(prompts)], params(max_tokens)):
                     completion = out.outputs[0]
-                    if completion.delta_text:
+                    if len(completion.text) > seen:
                         arrivals.append(time.perf_counter())
+                        seen = len(completion.text)
                     tokens = len(completion.token_ids)
                     finish = completion.finish_reason
             except Exception as exc:  # counted, as the HTTP client counts a failed request

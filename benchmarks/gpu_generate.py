@@ -117,11 +117,12 @@ def step_times(llm, prompts, new_tokens, device) -> dict:
     """Median wall time of a decode step, and (graphs only) the GPU time of the captured forward's replay:
     their difference is host time the GPU spends idle."""
     from longserve import SamplingParams
+    from longserve.engine.protocol import EngineRequest
 
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add_request(engine.build_request(f"steps-{len(prompts)}-{i}", prompt, params))
+        engine.add_request(EngineRequest(f"steps-{len(prompts)}-{i}", list(prompt), params))
     while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.seqs):
         engine.step()  # prefill
     walls = []

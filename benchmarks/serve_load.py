@@ -11,7 +11,7 @@ it time; longserve ignores the field (its default is no penalty).
 
 Systems (see _serve_systems.py): longserve, longserve-int8, llamacpp (as installed, 2 threads per call),
 llamacpp-1t (one thread per call, no logits_all: the usual fix for its OpenMP oversubscription), engine / engine-int8 (the same
-requests through AsyncEngine in-process at `--engine-concurrency`, no HTTP: the API hop's cost).
+requests through an in-process engine core (`EngineCoreClient(in_process=True)`) at `--engine-concurrency`, no HTTP: the API hop's cost).
 
 Targets at concurrency 8: longserve output tok/s >= 1.5x the better llama.cpp configuration; the API hop costs
 < 5% of the engine's throughput. Each phase records how much CPU other processes took (the server's and the

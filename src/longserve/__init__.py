@@ -6,7 +6,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "longserve.engine.llm",
-    "AsyncEngine": "longserve.engine.async_engine",
+    "EngineCoreClient": "longserve.engine.core_client",
     "EngineConfig": "longserve.config",
     "SamplingParams": "longserve.engine.sampling_params",
     "RequestOutput": "longserve.engine.outputs",

@@ -12,6 +12,8 @@ from longserve.engine_options import add_engine_arguments, engine_config_from_ar
 
 def _generate(args: argparse.Namespace) -> int:
     from longserve.engine.engine import LLMEngine
+    from longserve.engine.output_processor import RequestText
+    from longserve.engine.protocol import EngineRequest
 
     engine = None
     try:
@@ -35,24 +37,30 @@ def _generate(args: argparse.Namespace) -> int:
                 if args.system:
                     messages.insert(0, {"role": "system", "content": args.system})
                 prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        request = engine.build_request("cli", prompt, params, add_special_tokens=args.no_chat)
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=args.no_chat)
+        engine.limits.check_prompt(ids, params)
+        request = EngineRequest("cli", ids, params)
     except ValueError as exc:  # ModelLoadError included
         print(f"error: {exc}", file=sys.stderr)
         if engine is not None:
             engine.close()
         return 2
+    text = RequestText(engine.tokenizer, ids, params)
     engine.add_request(request)
     start, first, tokens = time.perf_counter(), None, 0
     finish = None
     try:
         while engine.has_unfinished():
-            for output in engine.step():
-                completion = output.outputs[0]
+            for delta in engine.step():
                 first = first or time.perf_counter()
-                tokens += len(completion.delta_token_ids)
-                sys.stdout.write(completion.delta_text)
+                pieces, stopped = text.apply(delta)
+                for piece in pieces:
+                    tokens += len(piece.token_ids)
+                    sys.stdout.write(piece.text)
+                    finish = piece.finish_reason or finish
                 sys.stdout.flush()
-                finish = completion.finish_reason
+                if stopped:
+                    engine.abort("cli")  # a stop string ended the reply
     finally:
         engine.close()  # the other tensor-parallel ranks, if any
     elapsed = time.perf_counter() - (first or start)

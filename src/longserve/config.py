@@ -1,20 +1,14 @@
-"""EngineConfig: every engine knob with its default, in one place; the CLI and LONGSERVE_* env map onto it."""
+"""EngineConfig and ServeConfig: every engine and serving knob with its default, in one place; the CLI and LONGSERVE_* env map onto it."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
 
-import torch
+from longserve.attention.moba_params import validate_moba_params
 
-from longserve.attention.moba_gating import validate_moba_params
-
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+# Torch-free on purpose: the API server and the controller read ServeConfig without loading torch.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -57,8 +51,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, "none", "int8", "gguf"):
             raise ValueError(
                 f"quantization must be None (auto), 'none', 'int8' or 'gguf', got {self.quantization!r}"
@@ -102,8 +96,10 @@ class EngineConfig:
             )
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+    def torch_dtype(self):  # -> torch.dtype; torch is imported only by the engine that asks
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def resolved(self, device_type: str) -> EngineConfig:
         """This config with every by-device default filled in for a model on ``device_type``."""

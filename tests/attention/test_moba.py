@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from moba_oracle import masked_attention_oracle, moba_attention_oracle, moba_mask_oracle
 
 from longserve.attention.moba import MobaAttention, moba_attend, moba_attention_reference
-from longserve.attention.moba_gating import moba_gate_keys, select_moba_blocks, validate_moba_params
+from longserve.attention.moba_gating import moba_gate_keys, select_moba_blocks
+from longserve.attention.moba_params import validate_moba_params
 
 
 def _qkv(total, heads, kv_heads, dim=16, seed=0, dtype=torch.float64):

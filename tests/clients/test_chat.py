@@ -104,7 +104,7 @@ def test_ctrl_c_stops_the_reply_and_the_repl_goes_on(
     def slow_step():  # ~500 tokens to the context limit: seconds of streaming to interrupt
         time.sleep(0.02)
         outputs = original_step()
-        finishes.extend(o.outputs[0].finish_reason for o in outputs if o.finished)
+        finishes.extend(o.seqs[0].finish_reason for o in outputs if o.finished and o.seqs)
         return outputs
 
     monkeypatch.setattr(engine.engine, "step", slow_step)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from longserve import LLM, EngineConfig, SamplingParams
-from longserve.engine.async_engine import EngineShutDown, RequestFailed
 from longserve.engine.core_client import EngineCoreClient
+from longserve.engine.protocol import EngineRequest, EngineShutDown, RequestFailed
 from longserve.loading.errors import ModelLoadError
 
 PARAMS = [
@@ -31,10 +31,10 @@ async def _collect(client: EngineCoreClient, prompt, params: SamplingParams, req
     last = None
     async for out in client.generate(prompt, params, request_id):
         for c in out.outputs:
-            text[c.index] += c.delta_text
+            assert c.text.startswith(text[c.index])  # the text only grows
+            text[c.index] = c.text
         last = out
     assert last is not None and last.finished
-    assert [c.text for c in last.outputs] == text  # the deltas add up to the cumulative text
     return last
 
 
@@ -79,9 +79,9 @@ def test_bad_requests_aborts_and_load_errors(tiny_llama_dir) -> None:
         client = await EngineCoreClient.create(_config(tiny_llama_dir))
         try:
             with pytest.raises(ValueError, match="maximum context length"):
-                await client.build_request([5] * 10, SamplingParams(max_tokens=10**7))
+                await anext(client.generate([5] * 10, SamplingParams(max_tokens=10**7)))
             with pytest.raises(ValueError, match="token ids"):
-                await client.build_request([10**9])
+                client.limits.check_prompt([10**9], SamplingParams())
             # A stream closed early aborts its request in the core; the core keeps serving.
             params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
             stream = client.generate([5, 6, 7], params, "gone")
@@ -114,7 +114,7 @@ def test_a_dead_core_fails_its_streams_and_is_replaced(tiny_llama_dir) -> None:
                 async for _ in stream:
                     pass
             failed_after = time.monotonic() - started
-            request = await client.build_request([5, 6])
+            request = EngineRequest("while-restarting", [5, 6], SamplingParams())
             with pytest.raises(EngineShutDown):  # while the new core loads: the worker answers 503
                 await anext(client.stream(request))
             deadline = time.monotonic() + 60

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from engine_steps import engine_request, run_to_end
 
 from longserve import LLM, SamplingParams
 from longserve.engine.sequence import SequenceStatus
@@ -89,16 +90,10 @@ def test_preemption_by_recompute_keeps_greedy_output_and_frees_every_block(tiny_
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     expected = [small.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     engine = small.engine
-    requests = [engine.build_request(f"p{i}", p, params) for i, p in enumerate(prompts)]
-    for request in requests:
-        engine.add_request(request)
-    results = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.outputs[0].token_ids
-    assert [results[f"p{i}"] for i in range(8)] == expected
-    assert sum(seq.num_preemptions for r in requests for seq in r.seqs) > 0
+    requests = [engine_request(engine, f"p{i}", p, params) for i, p in enumerate(prompts)]
+    results, internal = run_to_end(engine, requests)
+    assert [results[f"p{i}"].outputs[0].token_ids for i in range(8)] == expected
+    assert sum(seq.num_preemptions for r in internal for seq in r.seqs) > 0
     assert _all_blocks_free(small)
 
 
@@ -107,7 +102,7 @@ def test_abort_and_mixed_finishes_return_every_block(tiny_llm):
     prompts = _prompts(tiny_llm, 6, seed=9)
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature=0, max_tokens=5 + 10 * (i % 2), ignore_eos=True)
-        engine.add_request(engine.build_request(f"mix-{i}", prompt, params))
+        engine.add_request(engine_request(engine, f"mix-{i}", prompt, params))
     for _ in range(3):
         engine.step()
     engine.abort("mix-1")
@@ -116,7 +111,7 @@ def test_abort_and_mixed_finishes_return_every_block(tiny_llm):
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
-                finished[out.request_id] = out.outputs[0].finish_reason
+                finished[out.request_id] = out.seqs[0].finish_reason
     assert finished["mix-1"] == finished["mix-4"] == "abort"
     assert finished["mix-0"] == "length"
     assert _all_blocks_free(tiny_llm)
@@ -156,8 +151,10 @@ def test_logprobs_and_prompt_logprobs_agree_with_a_full_forward(tiny_llm):
 
 def test_sequences_leave_running_state_when_done(tiny_llm):
     engine = tiny_llm.engine
-    request = engine.build_request("status", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
-    engine.add_request(request)
+    engine.add_request(
+        engine_request(engine, "status", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    )
+    request = engine.requests["status"]
     while engine.has_unfinished():
         engine.step()
     assert all(seq.status is SequenceStatus.FINISHED for seq in request.seqs)

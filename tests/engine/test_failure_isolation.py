@@ -8,10 +8,11 @@ import time
 
 import pytest
 import torch
+from engine_steps import engine_request, run_to_end
 
-from longserve import AsyncEngine, EngineConfig, SamplingParams
-from longserve.engine.async_engine import EngineShutDown, RequestFailed
+from longserve import EngineConfig, EngineCoreClient, SamplingParams
 from longserve.engine.engine import LLMEngine
+from longserve.engine.protocol import EngineShutDown, RequestFailed
 from longserve.engine.sampler import Sampler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -24,12 +25,8 @@ def core(tiny_llama_dir) -> LLMEngine:
 
 
 def _run(core: LLMEngine, prompts: dict[str, list[int]], params: dict[str, SamplingParams]) -> dict:
-    for rid, prompt in prompts.items():
-        core.add_request(core.build_request(rid, prompt, params[rid]))
-    last = {}
-    while core.has_unfinished():
-        for out in core.step():
-            last[out.request_id] = out
+    requests = [engine_request(core, rid, prompt, params[rid]) for rid, prompt in prompts.items()]
+    last, _ = run_to_end(core, requests)
     manager = core.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks, "a KV block was left behind"
     assert not core.requests and not core.scheduler.running and not core.scheduler.waiting
@@ -117,7 +114,9 @@ def test_a_failed_forward_pass_fails_its_step_and_spares_requests_not_in_it(tiny
 
 
 def test_async_streams_see_request_failed_and_neighbours_finish(tiny_llama_dir, monkeypatch):
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     try:
         _poison_row(engine.engine, monkeypatch, "bad", float("nan"))
 
@@ -138,7 +137,9 @@ def test_async_streams_see_request_failed_and_neighbours_finish(tiny_llama_dir, 
 
 
 def test_begin_shutdown_ends_open_streams_at_once(tiny_llama_dir):
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
     async def scenario():

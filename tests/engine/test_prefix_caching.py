@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_steps import engine_request
 
 from longserve import LLM, SamplingParams
 from longserve.engine.engine import LLMEngine
@@ -105,7 +106,7 @@ def test_block_books_balance_under_a_random_mix(tiny_llama_dir) -> None:
             prompt = rng.choice(prefixes)[: rng.randint(1, 33)] + [rng.randint(1, 200)]
             params = SamplingParams(n=rng.choice([1, 2]), temperature=0, max_tokens=rng.randint(1, 20))
             request_id = f"r{step}"
-            engine.add_request(engine.build_request(request_id, prompt, params))
+            engine.add_request(engine_request(engine, request_id, prompt, params))
             live.append(request_id)
         if live and rng.random() < 0.08:
             engine.abort(live.pop(rng.randrange(len(live))))

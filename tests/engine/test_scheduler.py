@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_steps import engine_request
 
 from longserve import LLM, SamplingParams
 from longserve.config import EngineConfig
@@ -135,16 +136,16 @@ def test_engine_streams_every_step_while_a_long_prompt_prefills(tiny_llama_dir: 
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     for i in range(3):
-        engine.add_request(engine.build_request(f"s{i}", [5 + i, 6, 7, 8], params))
+        engine.add_request(engine_request(engine, f"s{i}", [5 + i, 6, 7, 8], params))
     while len(_decoding(engine.scheduler)) < 3:
         engine.step()
-    engine.add_request(engine.build_request("long", list(range(3, 103)), SamplingParams(max_tokens=2)))
+    engine.add_request(engine_request(engine, "long", list(range(3, 103)), SamplingParams(max_tokens=2)))
     prefill_steps = 0
     while True:
         outputs = engine.step()
         # every step hands each running stream exactly one new token
         assert sorted(o.request_id for o in outputs if o.request_id != "long") == ["s0", "s1", "s2"]
-        assert all(len(o.outputs[0].delta_token_ids) == 1 for o in outputs)
+        assert all(len(o.seqs[0].token_ids) == 1 for o in outputs)
         if any(o.request_id == "long" for o in outputs):
             break
         prefill_steps += 1

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from engine_steps import engine_request, run_to_end
 from llguidance import LLMatcher
 
 from longserve import LLM, SamplingParams
+from longserve.engine.grammar_spec import check_structured_output
 from longserve.engine.sampling_params import StructuredOutputParams
-from longserve.engine.structured_output import GrammarCompiler, GrammarMasker, check_structured_output
+from longserve.engine.structured_output import GrammarCompiler, GrammarMasker
 
 SCHEMA = {
     "type": "object",
@@ -37,14 +39,7 @@ def _all_blocks_free(llm):
 
 
 def _run(engine, requests):
-    for request in requests:
-        engine.add_request(request)
-    finished = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
+    return run_to_end(engine, requests)[0]
 
 
 def test_the_mask_allows_exactly_what_the_matcher_allows(tiny_llm):
@@ -69,9 +64,9 @@ def test_constrained_output_survives_preemption_unchanged(tiny_llama_dir):
     prompts = [[5 + i, 40 + i, 90 + i, 7] for i in range(8)]
     expected = [small.generate([p], params)[0].outputs[0].text for p in prompts]
     engine = small.engine
-    requests = [engine.build_request(f"p{i}", p, params) for i, p in enumerate(prompts)]
-    finished = _run(engine, requests)
-    assert sum(seq.num_preemptions for r in requests for seq in r.seqs) > 0
+    requests = [engine_request(engine, f"p{i}", p, params) for i, p in enumerate(prompts)]
+    finished, internal = run_to_end(engine, requests)
+    assert sum(seq.num_preemptions for r in internal for seq in r.seqs) > 0
     assert [finished[f"p{i}"].outputs[0].text for i in range(8)] == expected
     for text in expected:
         assert set(json.loads(text)) == {"word", "n", "ok"}
@@ -95,9 +90,9 @@ def test_a_grammar_that_fails_to_compile_fails_only_its_request(tiny_llm):
         temperature=0, max_tokens=8, structured_output=StructuredOutputParams(choice=["yes"])
     )
     requests = [
-        engine.build_request("bad", "hi", SamplingParams(max_tokens=4, structured_output=bad)),
-        engine.build_request("good", "hi", good),
-        engine.build_request("plain", "hi", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)),
+        engine_request(engine, "bad", "hi", SamplingParams(max_tokens=4, structured_output=bad)),
+        engine_request(engine, "good", "hi", good),
+        engine_request(engine, "plain", "hi", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)),
     ]
     finished = _run(engine, requests)
     assert "regex" in finished["bad"].error
@@ -110,7 +105,7 @@ def test_abort_while_the_grammar_compiles_leaves_nothing_behind(tiny_llm):
     engine = tiny_llm.engine
     spec = StructuredOutputParams(regex="[a-z]{1,5}[0-9]{2}")
     engine.add_request(
-        engine.build_request("gone", "hi", SamplingParams(max_tokens=8, structured_output=spec))
+        engine_request(engine, "gone", "hi", SamplingParams(max_tokens=8, structured_output=spec))
     )
     engine.abort("gone")
     outputs = engine.step()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longserve import LLM, SamplingParams
+from longserve.engine.protocol import EngineRequest
 from longserve.loading.default_model import default_model_path
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in two sentences."}]
@@ -40,8 +41,7 @@ def test_logits_match_transformers_on_the_default_gguf(llm, hf_model_and_tokeniz
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=0, prompt_logprobs=0))[0]
     # Whole-vocabulary logits of the last prompt position, through the engine's model runner.
     engine = llm.engine
-    request = engine.build_request("logits", ids, SamplingParams(max_tokens=1))
-    engine.add_request(request)
+    engine.add_request(EngineRequest("logits", ids, SamplingParams(max_tokens=1)))
     plan = engine.scheduler.schedule()
     ours = engine.runner.execute(plan.scheduled).sample_logits[0]
     engine.abort("logits")

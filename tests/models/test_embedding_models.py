@@ -15,9 +15,11 @@ from embedding_models import ENDOFTEXT, TEXTS, write_sentence_transformers_files
 from longserve.attention.reference import bidirectional_attention, dot_product_attention
 from longserve.config import EngineConfig
 from longserve.engine.engine import LLMEngine
-from longserve.engine.pooling import ChunkPooler, truncate_embedding
+from longserve.engine.pooling import ChunkPooler
+from longserve.engine.protocol import EngineRequest
+from longserve.engine.sampling_params import SamplingParams
 from longserve.loading.errors import ModelLoadError
-from longserve.loading.pooling_config import PoolingConfig, read_pooling_config
+from longserve.loading.pooling_config import PoolingConfig, read_pooling_config, truncate_embedding
 from longserve.loading.tokenizer import Tokenizer
 
 TOL = 1e-4
@@ -144,9 +146,9 @@ def test_embedding_models_cannot_generate(fixture, request):
     assert not engine.limits.can_generate
     assert engine.limits.embedding_size == 64
     with pytest.raises(ValueError, match="cannot generate"):
-        engine.build_request("r", "hello")
+        engine.add_request(EngineRequest("r", [5, 6], SamplingParams()))
     with pytest.raises(ValueError, match="cannot generate"):
-        engine.build_request("r", [5, 6])
+        engine.limits.check_prompt([5, 6], SamplingParams())
 
 
 def test_decoder_embedder_has_no_output_head(tiny_qwen3_embedding_dir):

@@ -16,7 +16,7 @@ import openai
 from servers import serve_app, unused_port, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.api_server import create_api_app
 from longserve.serve.controller import create_controller_app
 from longserve.serve.worker import create_worker_app
@@ -41,7 +41,7 @@ class Stack:
         self.num_workers = num_workers
         self.serve_options = serve_options
         self.exit_stack = contextlib.ExitStack()
-        self.engines: list[AsyncEngine] = []
+        self.engines: list[EngineCoreClient] = []
         self.worker_urls: list[str] = []
         self.worker_servers: list[contextlib.AbstractContextManager] = []
         self.added: list[int] = []  # requests each worker's engine accepted
@@ -61,7 +61,11 @@ class Stack:
         return self
 
     def start_worker(self, index: int) -> None:
-        engine = asyncio.run(AsyncEngine.create(EngineConfig(model=self.model_dir, **self.engine_options)))
+        engine = asyncio.run(
+            EngineCoreClient.create(
+                EngineConfig(model=self.model_dir, **self.engine_options), in_process=True
+            )
+        )
         self.engines.append(engine)
         self.added.append(0)
         original_add = engine.engine.add_request
@@ -100,6 +104,6 @@ class Stack:
             engine.shutdown()
 
 
-def all_blocks_free(engine: AsyncEngine) -> bool:
+def all_blocks_free(engine: EngineCoreClient) -> bool:
     manager = engine.engine.block_manager
     return manager.num_free_blocks == manager.num_usable_blocks and not engine.engine.requests

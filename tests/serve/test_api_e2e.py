@@ -14,7 +14,7 @@ import pytest
 from servers import serve_app, unused_port
 
 from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.api_server import create_api_app
 from longserve.serve.controller import create_controller_app
 from longserve.serve.worker import create_worker_app
@@ -24,7 +24,9 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def api_url(tiny_llama_dir: str) -> Iterator[str]:
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     try:
         with serve_app(create_controller_app(ServeConfig())) as controller_url:
             port = unused_port()

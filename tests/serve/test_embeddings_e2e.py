@@ -25,7 +25,7 @@ from embedding_models import TEXTS
 from servers import serve_app, unused_port, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.api_server import create_api_app
 from longserve.serve.controller import create_controller_app
 from longserve.serve.worker import create_worker_app
@@ -77,8 +77,8 @@ def qwen_served(tiny_qwen3_embedding_dir: str) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def bert_served(tiny_bert_dir: str) -> Iterator[Served]:
-    """Controller, worker (in-process AsyncEngine) and API server apps, each a uvicorn server on loopback."""
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_bert_dir)))
+    """Controller, worker (in-process EngineCoreClient) and API server apps, each a uvicorn server on loopback."""
+    engine = asyncio.run(EngineCoreClient.create(EngineConfig(model=tiny_bert_dir), in_process=True))
     try:
         with serve_app(create_controller_app(ServeConfig())) as controller_url:
             port = unused_port()

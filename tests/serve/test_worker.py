@@ -13,7 +13,7 @@ import pytest
 from servers import serve_app
 
 from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.worker import ModelWorker, create_worker_app
 from longserve.serve.worker_protocol import (
     ErrorInfo,
@@ -27,14 +27,16 @@ PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: str) -> Iterator[AsyncEngine]:
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+def engine(tiny_llama_dir: str) -> Iterator[EngineCoreClient]:
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def worker(engine: AsyncEngine) -> Iterator[tuple[str, ModelWorker]]:
+def worker(engine: EngineCoreClient) -> Iterator[tuple[str, ModelWorker]]:
     """A stand-alone worker (no controller), default concurrency."""
     app = create_worker_app(engine, ServeConfig(controller_address=""), MODEL)
     with serve_app(app) as url:
@@ -42,7 +44,7 @@ def worker(engine: AsyncEngine) -> Iterator[tuple[str, ModelWorker]]:
 
 
 @pytest.fixture(scope="module")
-def narrow_worker(engine: AsyncEngine) -> Iterator[tuple[str, ModelWorker]]:
+def narrow_worker(engine: EngineCoreClient) -> Iterator[tuple[str, ModelWorker]]:
     """A worker that admits two requests at once."""
     app = create_worker_app(engine, ServeConfig(controller_address="", worker_concurrency=2), MODEL)
     with serve_app(app) as url:
@@ -91,7 +93,7 @@ def _error(response: httpx.Response, status: int) -> ErrorInfo:
     return info
 
 
-def _idle(engine: AsyncEngine, worker: ModelWorker) -> bool:
+def _idle(engine: EngineCoreClient, worker: ModelWorker) -> bool:
     manager = engine.engine.block_manager
     return (
         not engine.engine.requests
@@ -266,7 +268,9 @@ def test_embeddings_are_unit_norm_deterministic_and_distinct(worker, engine):
 # ---- admission control and cleanup ---------------------------------------------------------------------------
 
 
-def _run_concurrently(url: str, engine: AsyncEngine, count: int, max_tokens: int) -> tuple[list, int, int]:
+def _run_concurrently(
+    url: str, engine: EngineCoreClient, count: int, max_tokens: int
+) -> tuple[list, int, int]:
     """``count`` streams at once; returns their chunks, the most requests seen inside the engine at once, and
     the largest queue_length the worker reported meanwhile."""
     peak_engine = peak_queue = 0

@@ -13,7 +13,7 @@ import pytest
 from servers import serve_app, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
-from longserve.engine.async_engine import AsyncEngine
+from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.worker import create_worker_app
 from longserve.serve.worker_protocol import ErrorInfo, WorkerStreamChunk
 
@@ -21,8 +21,10 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: str) -> Iterator[AsyncEngine]:
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+def engine(tiny_llama_dir: str) -> Iterator[EngineCoreClient]:
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     yield engine
     engine.shutdown()
 

@@ -21,9 +21,9 @@ from longserve.attention.moba_gating import (
     moba_gate_keys,
     pick_blocks,
     select_moba_blocks,
-    validate_moba_params,
 )
 from longserve.attention.moba_paged import cuda_decode, cuda_prefill, update_gate_keys
+from longserve.attention.moba_params import validate_moba_params
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.attention.paged_decode import cuda_path_available
 from longserve.attention.recording import MobaRecord, RecordHook

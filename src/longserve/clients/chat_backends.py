@@ -187,15 +187,16 @@ class LocalChat:
 
     async def open(self) -> None:
         """Load the model (minutes for a large one); ValueError if it cannot be loaded."""
-        from longserve.engine.async_engine import AsyncEngine  # torch and the model code: local mode only
+        from longserve.engine.core_client import EngineCoreClient  # torch and the model code: local mode only
 
-        self._engine = await AsyncEngine.create(self.config)
-        self.label = f"{self._engine.engine.model_name} (local, {self._engine.engine.config.device})"
+        self._engine = await EngineCoreClient.create(self.config, in_process=True)
+        name = self.config.model or "SmolLM2-135M-Instruct"
+        self.label = f"{name} (local, {self.config.device})"
         if self._engine.tokenizer.chat_template is None:
-            raise ChatError(f"{self._engine.engine.model_name} has no chat template; chat needs one")
+            raise ChatError(f"{name} has no chat template; chat needs one")
 
     async def stream(self, messages: list[Message], settings: Settings, reply: Reply) -> AsyncIterator[str]:
-        from longserve.engine.async_engine import RequestFailed
+        from longserve.engine.protocol import RequestFailed
         from longserve.engine.sampling_params import SamplingParams
 
         engine = self._engine
@@ -203,19 +204,22 @@ class LocalChat:
         try:
             params = SamplingParams(temperature=settings.temperature, max_tokens=settings.max_tokens)
             prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            # The template already wrote the special tokens (BOS included) the model expects.
-            request = await engine.build_request(prompt, params, add_special_tokens=False)
-        except ValueError as exc:  # a bad setting, or a conversation longer than the context
+        except ValueError as exc:  # a bad setting, or a template that rejects the conversation
             raise ChatError(str(exc)) from None
+        sent = 0
         try:
-            async for output in engine.stream(request):
+            # The template already wrote the special tokens (BOS included) the model expects.
+            async for output in engine.generate(prompt, params, add_special_tokens=False):
                 completion = output.outputs[0]
                 reply.finish_reason = completion.finish_reason
                 if output.finished:
                     reply.prompt_tokens = output.num_prompt_tokens
                     reply.completion_tokens = len(completion.token_ids)
-                if completion.delta_text:
-                    yield completion.delta_text
+                if len(completion.text) > sent:
+                    yield completion.text[sent:]
+                    sent = len(completion.text)
+        except ValueError as exc:  # a conversation longer than the context
+            raise ChatError(str(exc)) from None
         except RequestFailed as exc:
             raise ChatError(f"the engine failed this reply: {exc}") from None
 

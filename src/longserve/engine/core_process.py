@@ -1,5 +1,5 @@
-"""The engine core process: builds the LLMEngine, then one busy loop — take requests, step, send the step's
-outputs — talking to its client over two ZMQ sockets. Its forward passes never share a GIL or compute threads
+"""The engine core: builds the LLMEngine, then the one engine loop — take requests, step, send the step's
+token deltas — talking to its client over two ZMQ sockets. Its forward passes never share a GIL or compute threads
 with an HTTP event loop (as vLLM v1's EngineCore).
 
 The main thread does everything, so torch's compute threads belong to the thread that steps. The loop blocks
@@ -17,22 +17,20 @@ import sys
 import msgspec
 
 from longserve.config import EngineConfig
-from longserve.engine.core_messages import (
+from longserve.distributed.launch import RankDiedError
+from longserve.engine.protocol import (
     AbortRequest,
-    AddRequest,
-    CompletionDelta,
     CoreFailed,
     CoreReady,
     EmbedCall,
     EmbedDone,
-    EngineStats,
-    OutputDelta,
+    EngineRequest,
+    RequestDelta,
     Shutdown,
     StepOutputs,
     encoder,
     to_core_decoder,
 )
-from longserve.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent still exists
@@ -50,13 +48,26 @@ def main() -> None:
     run_engine_core(config, args.inbox, args.outbox, args.log_level)
 
 
-def run_engine_core(config: EngineConfig, inbox_address: str, outbox_address: str, log_level: int) -> None:
-    """Build the engine, say so (or why not) to the client, then run the loop until told to stop."""
+def run_engine_core(
+    config: EngineConfig,
+    inbox_address: str,
+    outbox_address: str,
+    log_level: int | None = None,
+    *,
+    context=None,  # zmq.Context: the client's own when the loop runs on its thread (inproc addresses)
+    on_built=None,  # in-process: called with the LLMEngine once built (tests and debugging look inside)
+) -> None:
+    """Build the engine, say so (or why not) to the client, then run the loop until told to stop.
+
+    In its own process (``context`` None) it also leaves when its parent process is gone.
+    """
     import zmq
 
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    parent = os.getppid()
-    context = zmq.Context()
+    in_process = context is not None
+    if not in_process:
+        logging.basicConfig(level=log_level or logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        context = zmq.Context()
+    parent = None if in_process else os.getppid()
     inbox = context.socket(zmq.PULL)
     inbox.connect(inbox_address)
     outbox = context.socket(zmq.PUSH)
@@ -69,39 +80,44 @@ def run_engine_core(config: EngineConfig, inbox_address: str, outbox_address: st
     except Exception as exc:  # handed to the client, which raises it from create()
         log.debug("engine core could not start", exc_info=True)
         outbox.send(send(CoreFailed(type(exc).__name__, str(exc))))
-        _close(context, inbox, outbox)
+        _close(context, inbox, outbox, in_process)
         return
+    if on_built is not None:
+        on_built(engine)
     outbox.send(send(CoreReady(engine.limits, engine.quantization)))
     try:
         EngineCoreLoop(engine, inbox, outbox, parent).run()
     finally:
         engine.close()  # the other tensor-parallel ranks, when there are any
-        _close(context, inbox, outbox)
+        _close(context, inbox, outbox, in_process)
 
 
-def _close(context, inbox, outbox) -> None:
+def _close(context, inbox, outbox, in_process: bool) -> None:
     inbox.close(linger=0)
     outbox.close(linger=2000)  # let the last messages (failures, final outputs) reach the client
-    context.term()
+    if not in_process:
+        context.term()
 
 
 class EngineCoreLoop:
-    """Take every queued command, step once, send that step's outputs; repeat until told to stop."""
+    """Take every queued command, step once, send that step's deltas; repeat until told to stop.
 
-    def __init__(self, engine, inbox, outbox, parent_pid: int) -> None:
+    ``parent_pid`` None: the loop runs on a thread of its client's process (``--engine-in-process``).
+    """
+
+    def __init__(self, engine, inbox, outbox, parent_pid: int | None) -> None:
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
         self.parent_pid = parent_pid
         self.decode = to_core_decoder().decode
         self.encode = encoder().encode
-        self.prompt_logprobs_sent: set[str] = set()
 
     def run(self) -> None:
         while True:
             busy = self.engine.has_unfinished()
             if not self.inbox.poll(0 if busy else IDLE_POLL_MS):
-                if not busy and os.getppid() != self.parent_pid:
+                if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.warning("engine core: the worker process is gone, exiting")
                     return
             while self.inbox.poll(0):
@@ -111,26 +127,26 @@ class EngineCoreLoop:
                 self.handle(message)
             if not self.engine.has_unfinished():
                 continue
-            outputs = self.engine.step()
+            try:
+                outputs = self.engine.step()
+            except RankDiedError:
+                raise  # no step can run any more: the core exits and its client starts another
+            except Exception as exc:  # a bug outside any one request's part of the step: logged, never hidden
+                log.exception("engine step failed: failing every request")
+                outputs = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
             if outputs:
-                self.outbox.send(self.encode(StepOutputs([self.delta(o) for o in outputs], self.stats())))
+                self.outbox.send(self.encode(StepOutputs(outputs, self.engine.stats())))
 
     def handle(self, message) -> None:
         engine = self.engine
-        if isinstance(message, AddRequest):
+        if isinstance(message, EngineRequest):
             try:
-                request = engine.build_request(
-                    message.request_id,
-                    message.prompt if message.prompt is not None else message.prompt_token_ids,
-                    message.params,
-                    prompt_token_ids=message.prompt_token_ids,
-                )
-                engine.add_request(request)
+                engine.add_request(message)
             except ValueError as exc:  # the client validated it already: a duplicate id or a changed limit
-                failed = OutputDelta(message.request_id, [], finished=True, error=str(exc))
-                self.outbox.send(self.encode(StepOutputs([failed], self.stats())))
+                failed = RequestDelta(message.request_id, [], finished=True, error=str(exc))
+                self.outbox.send(self.encode(StepOutputs([failed], engine.stats())))
         elif isinstance(message, AbortRequest):
-            engine.abort(message.request_id)
+            engine.abort(message.request_id, message.seq_index)
         elif isinstance(message, EmbedCall):
             self.outbox.send(self.encode(self.embed(message)))
 
@@ -141,31 +157,6 @@ class EngineCoreLoop:
             if not isinstance(exc, ValueError) and type(exc).__name__ != "CacheBusyError":
                 log.exception("embedding failed")
             return EmbedDone(call.call_id, error_type=type(exc).__name__, message=str(exc))
-
-    def delta(self, output: RequestOutput) -> OutputDelta:
-        prompt_logprobs = None
-        if output.prompt_logprobs is not None and output.request_id not in self.prompt_logprobs_sent:
-            prompt_logprobs = output.prompt_logprobs
-            self.prompt_logprobs_sent.add(output.request_id)
-        if output.finished:
-            self.prompt_logprobs_sent.discard(output.request_id)
-        completions = [
-            CompletionDelta(
-                c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason, c.stop_reason
-            )
-            for c in output.outputs
-        ]
-        return OutputDelta(
-            output.request_id,
-            completions,
-            output.finished,
-            output.error,
-            prompt_logprobs,
-            output.num_cached_tokens,
-        )
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
 
 
 if __name__ == "__main__":

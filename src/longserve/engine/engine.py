@@ -1,4 +1,4 @@
-"""LLMEngine: requests in, one scheduler step -> forward -> sample -> detokenize per ``step()``, outputs out."""
+"""LLMEngine: requests in, one scheduler step -> forward -> sample per ``step()``, token deltas out."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import torch
 
 from longserve.config import EngineConfig
 from longserve.distributed.launch import RankDiedError
-from longserve.engine.core_messages import EngineStats
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
 from longserve.engine.model_runner import ModelRunner, StepDescription
-from longserve.engine.outputs import CompletionOutput, RequestOutput
 from longserve.engine.pooling import ChunkPooler, pool_sequences
-from longserve.engine.request import Request, RequestLimits, build_request
+from longserve.engine.protocol import (
+    CacheBusyError,
+    EngineRequest,
+    EngineStats,
+    RequestDelta,
+    RequestLimits,
+    SequenceDelta,
+)
+from longserve.engine.request import Request, build_request
 from longserve.engine.sampler import Sampler
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler
@@ -26,12 +32,8 @@ from longserve.engine.tensor_parallel import start_ranks
 log = logging.getLogger(__name__)
 
 
-class CacheBusyError(RuntimeError):
-    """The KV cache has too few free blocks right now (running requests hold them); retrying later may work."""
-
-
 class LLMEngine:
-    """Synchronous engine core. Not thread-safe: AsyncEngine drives it from a single thread."""
+    """Synchronous engine. Not thread-safe: the engine core loop (``core_process``) or ``LLM`` drives it."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -89,7 +91,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self.requests: dict[str, Request] = {}
-        self._finished_outputs: list[RequestOutput] = []  # aborted requests reported at the next step
+        self._pending: list[RequestDelta] = []  # aborts, reported at the next step
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -106,29 +108,11 @@ class LLMEngine:
             pooling=self.pooling,
         )
 
-    def build_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        add_special_tokens: bool = True,  # False for chat-template output, which carries its own BOS
-        prompt_token_ids: list[int] | None = None,  # a text prompt's ids, already encoded
-    ) -> Request:
-        """Tokenize and validate without touching engine state (safe to call from another thread)."""
-        return build_request(
-            self.tokenizer,
-            self.limits,
-            request_id,
-            prompt,
-            params,
-            add_special_tokens=add_special_tokens,
-            prompt_token_ids=prompt_token_ids,
-        )
-
-    def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already running")
+    def add_request(self, engine_request: EngineRequest) -> None:
+        """Queue a request; one the engine cannot run (or a duplicate id) raises ``ValueError``."""
+        if engine_request.request_id in self.requests:
+            raise ValueError(f"request_id {engine_request.request_id!r} is already running")
+        request = build_request(self.limits, engine_request)
         if request.params.structured_output is not None:
             self.scheduler.check_fits(request.seqs[0])
             self.grammars.add(request)  # scheduled by step() once its grammar has compiled
@@ -137,15 +121,19 @@ class LLMEngine:
                 self.scheduler.add(seq)
         self.requests[request.request_id] = request
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now; its blocks are free immediately and a final output follows at the next step."""
-        request = self.requests.pop(request_id, None)
+    def abort(self, request_id: str, seq_index: int | None = None) -> None:
+        """Stop a request (or one of its completions) now; its blocks are free at once and its last delta
+        follows at the next step."""
+        request = self.requests.get(request_id)
         if request is None:
             return
-        self.grammars.remove(request_id)
         for seq in request.seqs:
-            self.scheduler.finish(seq, FinishReason.ABORT)
-        self._finished_outputs.append(self._output(request))
+            if (seq_index is None or seq.seq_index == seq_index) and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+        if request.finished:
+            del self.requests[request_id]
+            self.grammars.remove(request_id)
+        self._pending.append(self._delta(request))
 
     def stats(self) -> EngineStats:
         """Running and waiting sequences, KV cache usage and prefix cache counters."""
@@ -163,7 +151,7 @@ class LLMEngine:
         self.ranks.close()
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._finished_outputs)
+        return bool(self.requests) or bool(self._pending)
 
     # ---- embeddings -----------------------------------------------------------------------------------------
 
@@ -252,14 +240,14 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """One scheduler step -> forward -> sample -> detokenize; the outputs of every request it touched.
+    def step(self) -> list[RequestDelta]:
+        """One scheduler step -> forward -> sample; the deltas of every request it advanced.
 
-        Failures stay with the request they belong to: a sampling or detokenizing error ends that request with
+        Failures stay with the request they belong to: a sampling or grammar error ends that request with
         ``error`` set and the rest of the batch goes on. Only a failed forward pass fails several requests,
         those scheduled in this step (their KV cache is suspect); requests not in the step keep running.
         """
-        outputs, self._finished_outputs = self._finished_outputs, []
+        outputs, self._pending = self._pending, []
         self._schedule_compiled_grammars(outputs)
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -306,12 +294,17 @@ class LLMEngine:
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue  # failed after an earlier row touched it
-            outputs.append(self._output(request))
+            outputs.append(self._delta(request))
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
 
-    def _schedule_compiled_grammars(self, outputs: list[RequestOutput]) -> None:
+    def fail_all(self, error: str) -> list[RequestDelta]:
+        """End every request with ``error`` (a step failed outside any one request's part): their last deltas."""
+        pending, self._pending = self._pending, []
+        return pending + [self._fail(request, error) for request in list(self.requests.values())]
+
+    def _schedule_compiled_grammars(self, outputs: list[RequestDelta]) -> None:
         """Queue the requests whose grammar compiled (one matcher per sequence); fail those whose did not.
 
         With nothing else to run it waits a little for a compile instead of letting the caller spin.
@@ -325,7 +318,7 @@ class LLMEngine:
                 seq.grammar = result if seq.seq_index == 0 else result.deep_copy()
                 self.scheduler.add(seq)
 
-    def _guarded(self, seq: Sequence, outputs: list[RequestOutput], work, *args) -> bool:
+    def _guarded(self, seq: Sequence, outputs: list[RequestDelta], work, *args) -> bool:
         """``work(*args)`` for one sequence; if it raises, that request fails (logged) and False comes back."""
         try:
             work(*args)
@@ -337,14 +330,16 @@ class LLMEngine:
                 outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
             return False
 
-    def _fail(self, request: Request, error: str) -> RequestOutput:
-        """End ``request`` now with ``error``: its blocks are freed; the returned output is its last."""
+    def _fail(self, request: Request, error: str) -> RequestDelta:
+        """End ``request`` now with ``error``: its blocks are freed; the returned delta is its last."""
         self.requests.pop(request.request_id, None)
+        self.grammars.remove(request.request_id)
         for seq in request.seqs:
-            self.scheduler.finish(seq, FinishReason.ABORT)
-        output = self._output(request)
-        output.error = error
-        return output
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+        delta = self._delta(request)
+        delta.error = error
+        return delta
 
     def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
         now = time.monotonic()
@@ -353,7 +348,6 @@ class LLMEngine:
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         params = seq.params
-        detokenizer = request.detokenizers[seq.seq_index]
         reason: FinishReason | None = None
         grammar_done = False
         if seq.grammar is not None:
@@ -366,17 +360,11 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif token in params.stop_token_ids:
             reason, seq.stop_reason = FinishReason.STOP, token
-        else:
-            stop_string = detokenizer.add_token(token).stop_string
-            if stop_string is not None:
-                reason, seq.stop_reason = FinishReason.STOP, stop_string
-            elif grammar_done:
-                reason = FinishReason.STOP
+        elif grammar_done:
+            reason = FinishReason.STOP
         if reason is None and seq.num_tokens >= seq.max_total_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                detokenizer.flush()
             self.scheduler.finish(seq, reason)
 
     def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
@@ -390,37 +378,28 @@ class LLMEngine:
             if start + 1 + offset == len(seq.prompt_logprobs):  # a recompute repeats rows already recorded
                 seq.prompt_logprobs.append(entry)
 
-    def _output(self, request: Request) -> RequestOutput:
-        completions = []
-        for seq, detok in zip(request.seqs, request.detokenizers, strict=True):
+    def _delta(self, request: Request) -> RequestDelta:
+        """What the request gained since its last delta: new tokens (and logprobs) and new finishes only."""
+        seqs = []
+        for seq in request.seqs:
             i = seq.seq_index
-            text = detok.output_text
-            logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
-            completions.append(
-                CompletionOutput(
-                    index=i,
-                    text=text,
-                    token_ids=list(seq.output_token_ids),
-                    delta_text=text[request.reported_text[i] :],
-                    delta_token_ids=seq.output_token_ids[request.reported_tokens[i] :],
-                    logprobs=list(logprobs) if logprobs is not None else None,
-                    delta_logprobs=logprobs[request.reported_logprobs[i] :] if logprobs is not None else None,
-                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-            request.reported_text[i] = len(text)
+            start, finished = request.reported_tokens[i], seq.is_finished
+            if start == len(seq.output_token_ids) and (not finished or request.reported_finish[i]):
+                continue
+            logprobs = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
+            reason = seq.finish_reason.value if finished and seq.finish_reason else None
+            seqs.append(SequenceDelta(i, seq.output_token_ids[start:], logprobs, reason, seq.stop_reason))
             request.reported_tokens[i] = len(seq.output_token_ids)
-            request.reported_logprobs[i] = len(seq.output_logprobs)
-        prompt_logprobs = (
-            request.seqs[0].prompt_logprobs if request.params.prompt_logprobs is not None else None
-        )
-        return RequestOutput(
+            request.reported_finish[i] = finished
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            if request.seqs[0].num_computed_tokens >= len(request.prompt_token_ids) or request.finished:
+                prompt_logprobs = request.seqs[0].prompt_logprobs
+                request.prompt_logprobs_sent = True
+        return RequestDelta(
             request.request_id,
-            request.prompt,
-            request.prompt_token_ids,
-            completions,
-            finished=request.finished,
+            seqs,
+            request.finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )

@@ -7,7 +7,8 @@ from collections.abc import Sequence as SequenceOf
 
 from longserve.config import EngineConfig
 from longserve.engine.engine import LLMEngine
-from longserve.engine.outputs import RequestOutput
+from longserve.engine.outputs import OutputBuilder, RequestOutput
+from longserve.engine.protocol import EngineRequest
 from longserve.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -49,21 +50,26 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        engine, tokenizer = self.engine, self.tokenizer
         # Validate everything before queuing anything, so a bad prompt leaves no half-run batch behind.
-        requests = [
-            self.engine.build_request(
-                f"llm-{next(self._ids)}", prompt, params, add_special_tokens=add_special_tokens
-            )
-            for prompt, params in zip(prompts, sampling_params, strict=True)
-        ]
-        for request in requests:
-            self.engine.add_request(request)
-        finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-        return [finished[r.request_id] for r in requests]
+        builders: dict[str, OutputBuilder] = {}
+        for prompt, params in zip(prompts, sampling_params, strict=True):
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            else:
+                ids = list(prompt)
+            engine.limits.check_prompt(ids, params)
+            request = EngineRequest(f"llm-{next(self._ids)}", ids, params)
+            text = prompt if isinstance(prompt, str) else None
+            builders[request.request_id] = OutputBuilder(tokenizer, request, text)
+        for builder in builders.values():
+            engine.add_request(builder.request)
+        while engine.has_unfinished():
+            for delta in engine.step():
+                builder = builders[delta.request_id]
+                for index in builder.add(delta):
+                    engine.abort(delta.request_id, index)  # a stop string ended it
+        return [builder.output() for builder in builders.values()]
 
     def chat(
         self,

@@ -1,5 +1,5 @@
 """Pooling hidden states into embeddings: cls / mean / last token over a sequence (whole, or arriving in chunks),
-L2 normalisation, and Matryoshka truncation for a request's ``dimensions``."""
+and L2 normalisation."""
 
 from __future__ import annotations
 
@@ -44,12 +44,3 @@ def pool_sequences(hidden: torch.Tensor, seq_lens: list[int], config: PoolingCon
         pooler.add(chunk)
         embeddings.append(pooler.result())
     return embeddings
-
-
-def truncate_embedding(vector: list[float], dimensions: int, normalize: bool) -> list[float]:
-    """The first ``dimensions`` components (Matryoshka-style), L2-normalised again if the model normalises:
-    what a model trained with Matryoshka loss means by a shorter embedding."""
-    if not 1 <= dimensions <= len(vector):
-        raise ValueError(f"dimensions must be between 1 and {len(vector)}, got {dimensions}")
-    head = torch.tensor(vector[:dimensions], dtype=torch.float64)
-    return (torch.nn.functional.normalize(head, dim=0) if normalize else head).tolist()

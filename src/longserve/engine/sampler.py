@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from longserve.engine.protocol import TokenLogprob
 from longserve.engine.sampling_params import SamplingParams
-from longserve.engine.sequence import Sequence, TokenLogprob
+from longserve.engine.sequence import Sequence
 from longserve.engine.structured_output import GrammarMasker
 
 log = logging.getLogger(__name__)

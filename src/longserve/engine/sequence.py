@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from longserve.engine.protocol import TokenLogprob
 from longserve.engine.sampling_params import SamplingParams
 
 
@@ -22,16 +23,6 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length reached
     ABORT = "abort"  # cancelled by the caller
-
-
-@dataclass
-class TokenLogprob:
-    """Logprob of one chosen token plus the top alternatives at that position."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 = most likely
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass(eq=False)
@@ -54,7 +45,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    stop_reason: int | None = None  # the stop token id that ended it (stop strings: the reader matches them)
     generator: torch.Generator | None = None  # per-request RNG when a seed is set
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

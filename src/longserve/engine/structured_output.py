@@ -11,61 +11,23 @@ matcher stays in step and never needs a rollback.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-import llguidance
 import llguidance.torch
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
+from longserve.engine.grammar_spec import grammar_definition
 from longserve.engine.sampling_params import StructuredOutputParams
 
 log = logging.getLogger(__name__)
 
 # Distinct grammars kept compiled; a service sees few schemas many times (tools, one app's response format).
 _CACHE_SIZE = 256
-# llguidance's JSON options: compact separators as `json.dumps(separators=(",", ":"))` writes them. A model
-# free to pick its whitespace can run away with newlines while the grammar stays satisfied.
-_JSON_OPTIONS = {"whitespace_flexible": False}
-
-
-def grammar_definition(spec: StructuredOutputParams) -> str:
-    """The llguidance grammar for ``spec``; a spec that is not even well-formed raises ``ValueError``."""
-    if spec.json is not None:
-        try:
-            schema = json.loads(spec.json)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"json: the schema is not valid JSON ({exc})") from None
-        if not isinstance(schema, dict | bool):
-            raise ValueError("json: a JSON schema must be an object or a boolean")
-        return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-    if spec.json_object:
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
-    if spec.regex is not None:
-        return LLMatcher.grammar_from_regex(spec.regex)
-    if spec.choice is not None:
-        return llguidance.grammar_from("choice", json.dumps(spec.choice))
-    assert spec.grammar is not None
-    try:  # Lark passes through; GBNF (llama.cpp's, what vLLM's EBNF users write) is converted to Lark
-        return llguidance.grammar_from("grammar", spec.grammar)
-    except ValueError as exc:
-        raise ValueError(f"grammar: {exc}") from None
-
-
-def check_structured_output(spec: StructuredOutputParams) -> None:
-    """Raise ``ValueError`` starting with the spec's field name if its grammar does not compile.
-
-    Needs no tokenizer, so the API server can answer 400 before a request reaches a worker.
-    """
-    definition = grammar_definition(spec)
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(definition)
-    if is_error:
-        raise ValueError(f"{spec.kind}: {messages[0] if messages else 'invalid grammar'}")
 
 
 class GrammarCompiler:

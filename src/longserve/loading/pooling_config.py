@@ -1,4 +1,5 @@
-"""PoolingConfig: how a checkpoint turns hidden states into one embedding, read from its sentence-transformers files.
+"""PoolingConfig: how a checkpoint turns hidden states into one embedding, read from its sentence-transformers files
+(and the Matryoshka truncation of an embedding for a request's ``dimensions``, torch-free for the worker).
 
 A sentence-transformers checkpoint lists its pipeline in ``modules.json``: a Transformer (the model itself), then
 a Pooling module (its ``config.json`` says cls / mean / last-token), then optionally Normalize (L2). Both the
@@ -11,6 +12,7 @@ vectors that differ from the checkpoint's.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -112,3 +114,15 @@ def _read_json(file: str) -> object:
         raise ModelLoadError(f"{file}: file is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{file}: cannot be read as JSON: {e}") from e
+
+
+def truncate_embedding(vector: list[float], dimensions: int, normalize: bool) -> list[float]:
+    """The first ``dimensions`` components (Matryoshka-style), L2-normalised again if the model normalises:
+    what a model trained with Matryoshka loss means by a shorter embedding."""
+    if not 1 <= dimensions <= len(vector):
+        raise ValueError(f"dimensions must be between 1 and {len(vector)}, got {dimensions}")
+    head = vector[:dimensions]
+    if not normalize:
+        return head
+    norm = math.sqrt(math.fsum(x * x for x in head))
+    return [x / norm for x in head] if norm > 0 else head

@@ -128,15 +128,11 @@ async def _serve(server: _Server, spec: AppSpec) -> None:
 
 
 async def start_engine(engine_config: EngineConfig, serve_config: ServeConfig):
-    """The worker's engine: a core process behind an ``EngineCoreClient`` (the default), or an ``AsyncEngine``
-    thread in this process (``engine_in_process``)."""
-    if serve_config.engine_in_process:
-        from longserve.engine.async_engine import AsyncEngine
-
-        return await AsyncEngine.create(engine_config)
+    """The worker's engine core: a child process (the default) or a thread of this process
+    (``engine_in_process``), behind one ``EngineCoreClient``."""
     from longserve.engine.core_client import EngineCoreClient
 
-    return await EngineCoreClient.create(engine_config)
+    return await EngineCoreClient.create(engine_config, in_process=serve_config.engine_in_process)
 
 
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:

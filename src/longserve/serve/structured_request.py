@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from longserve.engine.grammar_spec import check_structured_output
 from longserve.engine.sampling_params import StructuredOutputParams
-from longserve.engine.structured_output import check_structured_output
 from longserve.serve.errors import APIError
 from longserve.serve.protocol import SamplingRequest
 

@@ -1,12 +1,17 @@
-"""Model worker: one engine (an engine core process's client, or an in-process AsyncEngine) behind the worker
-HTTP API of ``worker_protocol``, registered with a controller.
+"""Model worker: one engine core (``EngineCoreClient``) behind two doors, registered with a controller.
 
-Endpoints (POST, JSON bodies are ``worker_protocol`` models): worker_generate_stream (newline-delimited
-``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status, count_token, tokenize,
-detokenize, model_details, apply_chat_template; GET health (503 while the engine cannot serve), live. A
-request rejected before it generates (unknown model, bad sampling value, prompt too long, a full queue) gets an
-HTTP error whose body is an ``ErrorInfo``; once a stream has started, an error is its final line. A semaphore of ``worker_concurrency`` bounds the requests inside the engine at once
-and at most ``max_queue_len`` more wait for it; beyond that a request gets 429 at once.
+- The front-end stream (``worker_stream``): API servers send tokenized requests and get token deltas back
+  over one ZMQ connection each; this is the serving data path.
+- The HTTP API of ``worker_protocol`` for other clients and for the front ends' one-time set-up
+  (POST, JSON): frontend_info (tokenizer, template, limits and the stream's address), worker_generate_stream
+  (newline-delimited ``WorkerStreamChunk``), worker_generate, worker_get_embeddings, worker_get_status,
+  count_token, tokenize, detokenize, model_details, apply_chat_template; GET health (503 while the engine
+  cannot serve), live.
+
+A request rejected before it generates (unknown model, bad sampling value, prompt too long, a full queue) gets
+an error in ``ErrorInfo``'s shape; once a stream has started, an error is its final message. A semaphore of
+``worker_concurrency`` bounds the requests inside the engine at once and at most ``max_queue_len`` more wait
+for it; beyond that a request gets 429 at once, whichever door it came through.
 """
 
 from __future__ import annotations
@@ -23,24 +28,28 @@ from fastapi.requests import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from longserve.config import ServeConfig
-from longserve.engine.async_engine import AsyncEngine, EngineShutDown, RequestFailed
 from longserve.engine.core_client import EngineCoreClient
-from longserve.engine.engine import CacheBusyError
-from longserve.engine.outputs import RequestOutput
-from longserve.engine.pooling import truncate_embedding
-from longserve.engine.request import Request as EngineRequest
+from longserve.engine.protocol import (
+    CacheBusyError,
+    EngineRequest,
+    EngineShutDown,
+    RequestDelta,
+    RequestFailed,
+)
+from longserve.loading.pooling_config import truncate_embedding
 from longserve.serve.ndjson_stream import NdjsonStream
-from longserve.serve.tool_parsers import detect_tool_parser, get_tool_parser
-from longserve.serve.worker_outputs import (
-    OutputConverter,
-    WorkerError,
+from longserve.serve.stream_chunks import (
+    ChunkBuilder,
+    TokenTexts,
     invalid_body,
-    rejection,
+    rejection_info,
     sampling_params,
 )
+from longserve.serve.tool_parsers import detect_tool_parser, get_tool_parser
 from longserve.serve.worker_protocol import (
     ChatTemplateRequest,
     ChatTemplateResponse,
+    CompletionDelta,
     CountTokenRequest,
     CountTokenResponse,
     DetokenizeRequest,
@@ -49,6 +58,7 @@ from longserve.serve.worker_protocol import (
     EmbeddingsRequest,
     EmbeddingsResponse,
     ErrorInfo,
+    FrontendInfo,
     ModelDetails,
     TokenizeRequest,
     TokenizeResponse,
@@ -58,16 +68,29 @@ from longserve.serve.worker_protocol import (
     WorkerStreamChunk,
 )
 from longserve.serve.worker_registration import ControllerLink
+from longserve.serve.worker_stream import WorkerStreamServer
 
 log = logging.getLogger(__name__)
-# What a worker drives: both expose tokenizer, limits, stats(), build_request, stream, embed and shutdown.
-Engine = AsyncEngine | EngineCoreClient
+
+
+class WorkerError(Exception):
+    """A request the worker rejects; the app answers it with ``info.status`` and ``info`` as the body."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+def rejection(exc: ValueError, default_param: str | None = None) -> WorkerError:
+    return WorkerError(rejection_info(exc, default_param))
 
 
 class ModelWorker:
     """Admission control (semaphore + in-flight count), request handling and the link to the controller."""
 
-    def __init__(self, engine: Engine, config: ServeConfig, model_name: str, *, speed: float = 1.0) -> None:
+    def __init__(
+        self, engine: EngineCoreClient, config: ServeConfig, model_name: str, *, speed: float = 1.0
+    ) -> None:
         self.engine = engine
         self.config = config
         self.model_names = [model_name]
@@ -76,13 +99,22 @@ class ModelWorker:
         # None or "" runs the worker stand-alone (tests, a single process that polls it).
         self.controller_address = (config.controller_address or "").rstrip("/") or None
         self.semaphore = asyncio.Semaphore(config.worker_concurrency)
-        self.converter = OutputConverter(engine.tokenizer)
+        self.tokenizer = engine.tokenizer
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.in_flight = 0  # requests running or queued for the semaphore (the controller's queue length)
         self.num_requests = 0  # generate and embedding requests received
         self.num_errors = 0  # of those, failed with an error (rejections included)
         self.num_aborted = 0  # streams closed before their last output: the client went away
         self.num_rejected = 0  # turned away with 429: the queue was full
         self.controller_link: ControllerLink | None = None  # while started with a controller
+        # The API servers' door: bound now, so frontend_info can say where it is before anything connects.
+        self.stream_server = WorkerStreamServer(
+            self, config.host, config.worker_stream_keepalive_s, config.worker_stream_timeout_s
+        )
+        tool_parser = config.tool_call_parser or detect_tool_parser(engine.tokenizer.chat_template, None)
+        if tool_parser is not None:
+            get_tool_parser(tool_parser)  # an unknown --tool-call-parser fails here, at start-up
+        self.tool_parser = tool_parser
 
     # ---- status ---------------------------------------------------------------------------------------------
 
@@ -153,6 +185,37 @@ class ModelWorker:
     def release(self) -> None:
         self.in_flight -= 1
 
+    def admission_error(self, request: EngineRequest) -> ErrorInfo | None:
+        """Why a front end's request cannot start here now (None: it can): a full queue or a stopped engine."""
+        try:
+            self.reserve()
+        except WorkerError as exc:
+            return exc.info
+        self.release()
+        if not self.engine.ready:
+            return _shutting_down(self.engine.failure or "the engine core is not running (restarting)")
+        return None
+
+    def frontend_info(self) -> FrontendInfo:
+        """What an API server needs to be this model's front end: its tokenizer, template and limits."""
+        tokenizer, limits = self.tokenizer, self.engine.limits
+        return FrontendInfo(
+            model_names=self.model_names,
+            stream_address=self.stream_server.address,
+            tokenizer_json=tokenizer.backend.to_str(),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            unk_token_id=tokenizer.unk_token_id,
+            eos_token_ids=sorted(limits.eos_token_ids),
+            chat_template=tokenizer.chat_template,
+            tool_parser=self.tool_parser,
+            vocab_size=limits.vocab_size,
+            max_model_len=limits.max_model_len,
+            cache_capacity=limits.cache_capacity,
+            can_generate=limits.can_generate,
+        )
+
     # ---- generation -----------------------------------------------------------------------------------------
 
     async def prepare(self, request: WorkerGenerateRequest) -> EngineRequest:
@@ -161,21 +224,19 @@ class ModelWorker:
         self.num_requests += 1
         try:
             params = sampling_params(request.sampling)
-            return await self.engine.build_request(
-                request.prompt,
-                params,
-                request.request_id or f"wrk-{uuid.uuid4().hex}",
-                add_special_tokens=request.add_special_tokens,
-            )
-        except WorkerError:
-            self.num_errors += 1
-            raise
+            prompt = request.prompt
+            if isinstance(prompt, str):
+                ids = await asyncio.to_thread(self.tokenizer.encode, prompt, request.add_special_tokens)
+            else:
+                ids = list(prompt)
+            self.engine.limits.check_prompt(ids, params)
         except ValueError as exc:
             self.num_errors += 1
             raise rejection(exc) from exc
+        return EngineRequest(request.request_id or f"wrk-{uuid.uuid4().hex}", ids, params)
 
-    async def outputs(self, request: EngineRequest) -> AsyncGenerator[RequestOutput]:
-        """The engine's outputs for a prepared request, once it holds one of the ``worker_concurrency`` slots.
+    async def deltas(self, request: EngineRequest) -> AsyncGenerator[RequestDelta]:
+        """The engine's deltas for a prepared request, once it holds one of the ``worker_concurrency`` slots.
 
         Closing this generator early closes the engine's stream, which aborts the request and frees its KV
         blocks at the next step. An engine failure raises ``WorkerError`` (503 when the engine is stopping).
@@ -183,9 +244,9 @@ class ModelWorker:
         started = finished = False
         try:
             async with self.semaphore, aclosing(self.engine.stream(request)) as stream:
-                async for output in stream:
-                    started, finished = True, output.finished
-                    yield output
+                async for delta in stream:
+                    started, finished = True, delta.finished
+                    yield delta
         except EngineShutDown as exc:
             self.num_errors += 1
             raise WorkerError(_shutting_down(str(exc))) from exc
@@ -196,6 +257,24 @@ class ModelWorker:
             if started and not finished:  # closed or cancelled early: the client went away
                 self.num_aborted += 1
 
+    async def chunks(self, request: EngineRequest) -> AsyncGenerator[WorkerStreamChunk]:
+        """The request's stream chunks: the prompt line, then one per delta with news; stop strings matched
+        here abort their completion in the engine."""
+        builder = ChunkBuilder(self.token_texts, request)
+        async with aclosing(self.deltas(request)) as deltas:
+            async for delta in deltas:
+                if builder.first:
+                    builder.first = False
+                    yield builder.prompt_chunk(delta)
+                chunk = builder.chunk(delta)
+                for index in builder.stopped:
+                    self.engine.abort(request.request_id, index)
+                if chunk is not None:
+                    yield chunk
+                if builder.text.done:
+                    return
+        raise RuntimeError("the engine stream ended without a final output")
+
     async def stream(self, request: EngineRequest) -> AsyncGenerator[WorkerStreamChunk]:
         """worker_generate_stream's lines: the prompt line, delta lines, then a final line (usage or error).
 
@@ -203,31 +282,9 @@ class ModelWorker:
         """
         request_id = request.request_id
         try:
-            async with aclosing(self.outputs(request)) as outputs:
-                first = await _first(outputs)
-                yield WorkerStreamChunk(
-                    request_id=request_id,
-                    prompt_token_ids=first.prompt_token_ids,
-                    prompt_logprobs=self.converter.prompt_logprobs(first.prompt_logprobs),
-                    prompt_token_texts=(
-                        [self.converter.token_text(t) for t in first.prompt_token_ids]
-                        if request.params.prompt_logprobs is not None
-                        else None
-                    ),
-                )
-                finished_indices: set[int] = set()
-                output = first
-                while True:
-                    deltas = self.converter.deltas(output, finished_indices)
-                    if output.finished:
-                        usage = self.converter.usage(output)
-                        yield WorkerStreamChunk(
-                            request_id=request_id, outputs=deltas, finished=True, usage=usage
-                        )
-                        return
-                    if deltas:
-                        yield WorkerStreamChunk(request_id=request_id, outputs=deltas)
-                    output = await _next(outputs)
+            async with aclosing(self.chunks(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except WorkerError as exc:
             log.warning("request %s failed: %s", request_id, exc.info.message)
             yield WorkerStreamChunk(request_id=request_id, finished=True, error=exc.info)
@@ -237,18 +294,33 @@ class ModelWorker:
 
     async def generate(self, request: EngineRequest) -> WorkerGenerateResponse:
         """worker_generate: run a prepared request to the end and return the joined result."""
-        last: RequestOutput | None = None
-        async with aclosing(self.outputs(request)) as outputs:
-            async for last in outputs:  # noqa: B007 - only the final, cumulative output matters
-                pass
+        n = request.params.n
+        wants_logprobs = request.params.logprobs is not None
+        whole = [CompletionDelta(index=i, logprobs=[] if wants_logprobs else None) for i in range(n)]
+        texts: list[list[str]] = [[] for _ in range(n)]
+        first = last = None
+        async with aclosing(self.chunks(request)) as chunks:
+            async for chunk in chunks:
+                first = first or chunk
+                last = chunk
+                for out in chunk.outputs:
+                    target = whole[out.index]
+                    texts[out.index].append(out.text)
+                    target.token_ids.extend(out.token_ids)
+                    if target.logprobs is not None and out.logprobs:
+                        target.logprobs.extend(out.logprobs)
+                    if out.finish_reason is not None:
+                        target.finish_reason, target.stop_reason = out.finish_reason, out.stop_reason
         if last is None or not last.finished:
             raise RuntimeError("the engine stream ended without a final output")
+        for target, pieces in zip(whole, texts, strict=True):
+            target.text = "".join(pieces)
         return WorkerGenerateResponse(
             request_id=request.request_id,
-            outputs=self.converter.completions(last),
-            prompt_token_ids=last.prompt_token_ids,
-            prompt_logprobs=self.converter.prompt_logprobs(last.prompt_logprobs),
-            usage=self.converter.usage(last),
+            outputs=whole,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs,
+            usage=last.usage,
         )
 
     async def embed(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
@@ -281,7 +353,9 @@ class ModelWorker:
     # ---- controller link ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Register with the controller and heartbeat, in the background; no-op without a controller."""
+        """Open the front-end stream; register with the controller and heartbeat, in the background (without a
+        controller the worker runs stand-alone)."""
+        await self.stream_server.start()
         if self.controller_address is not None and self.controller_link is None:
             self.controller_link = ControllerLink(
                 self.controller_address, self.address, self.config.heart_beat_interval_s, self.status
@@ -292,9 +366,10 @@ class ModelWorker:
         link, self.controller_link = self.controller_link, None
         if link is not None:
             await link.stop()
+        await self.stream_server.stop()
 
 
-def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> FastAPI:
+def create_worker_app(engine: EngineCoreClient, config: ServeConfig, model_name: str) -> FastAPI:
     """The worker's FastAPI app; its lifespan registers with ``config.controller_address`` (if set)."""
     worker = ModelWorker(engine, config, model_name)
 
@@ -309,9 +384,6 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
     app = FastAPI(title="longserve worker", lifespan=lifespan)
     app.state.worker = worker
     tokenizer = engine.tokenizer
-    tool_parser = config.tool_call_parser or detect_tool_parser(tokenizer.chat_template, None)
-    if tool_parser is not None:
-        get_tool_parser(tool_parser)  # an unknown --tool-call-parser fails here, at start-up
 
     @app.exception_handler(WorkerError)
     async def on_worker_error(request: Request, exc: WorkerError) -> JSONResponse:
@@ -397,7 +469,11 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
             )
         except ValueError as exc:  # no template, or the template rejected the messages
             raise rejection(exc, default_param="messages") from exc
-        return ChatTemplateResponse(prompt=prompt, tool_parser=tool_parser)
+        return ChatTemplateResponse(prompt=prompt, tool_parser=worker.tool_parser)
+
+    @app.post("/frontend_info")
+    async def frontend_info() -> FrontendInfo:
+        return worker.frontend_info()
 
     @app.get("/health", response_model=None)
     async def health() -> dict | JSONResponse:
@@ -412,21 +488,6 @@ def create_worker_app(engine: Engine, config: ServeConfig, model_name: str) -> F
         return {"status": "alive"}
 
     return app
-
-
-async def _first(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
-    try:
-        return await anext(outputs)
-    except StopAsyncIteration:
-        raise RuntimeError("the engine stream ended before its first output") from None
-
-
-async def _next(outputs: AsyncGenerator[RequestOutput]) -> RequestOutput:
-    # StopAsyncIteration must not escape inside an async generator (it would turn into a RuntimeError).
-    try:
-        return await anext(outputs)
-    except StopAsyncIteration:
-        raise RuntimeError("the engine stream ended without a final output") from None
 
 
 def _server_error(exc: BaseException, code: str | None = None) -> ErrorInfo:

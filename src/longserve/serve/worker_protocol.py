@@ -3,7 +3,8 @@
 Controller endpoints (POST, JSON): register_worker, receive_heart_beat, list_models, list_workers,
 get_worker_address, report_unresponsive_worker, worker_get_status, refresh_all_workers; GET health, live.
 Worker endpoints (POST, JSON): worker_generate_stream (newline-delimited WorkerStreamChunk), worker_generate,
-worker_get_embeddings, worker_get_status, count_token, tokenize, detokenize, model_details, apply_chat_template;
+worker_get_embeddings, worker_get_status, count_token, tokenize, detokenize, model_details, apply_chat_template,
+frontend_info;
 GET health (503 while its engine cannot serve), live (the process answers).
 A worker answers a request it rejects before generating with an HTTP error whose body is an ``ErrorInfo``.
 """
@@ -273,3 +274,23 @@ class ChatTemplateRequest(BaseModel):
 class ChatTemplateResponse(BaseModel):
     prompt: str
     tool_parser: str | None = None  # the model's tool-call format (serve/tool_parsers), None if unknown
+
+
+class FrontendInfo(BaseModel):
+    """worker's frontend_info: what an API server needs to be a model's front end (fetched once per model),
+    and where this worker's front-end stream listens."""
+
+    model_names: list[str]
+    stream_address: str  # tcp://host:port of the worker's ZMQ stream (serve/stream_protocol.py)
+    tokenizer_json: str  # the ``tokenizers`` JSON, GGUF tokenizers included (built into one at load)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    unk_token_id: int | None = None
+    eos_token_ids: list[int] = Field(default_factory=list)
+    chat_template: str | None = None
+    tool_parser: str | None = None  # the model's tool-call format (serve/tool_parsers), None if unknown
+    vocab_size: int  # the engine's (the model's embedding rows): prompt token ids must be below it
+    max_model_len: int
+    cache_capacity: int
+    can_generate: bool = True

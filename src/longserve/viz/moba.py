@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 from longserve.attention.moba import MobaAttention
-from longserve.attention.moba_gating import validate_moba_params
+from longserve.attention.moba_params import validate_moba_params
 from longserve.attention.recording import MobaRecord
 from longserve.viz.checks import VizError, check_indices
 from longserve.viz.figures import grid_figure, save_figure

@@ -1,16 +1,18 @@
-"""AsyncEngine: streams interleave on the engine thread, the event loop stays free, abort frees KV blocks."""
+"""EngineCoreClient: streams interleave on the engine thread, the event loop stays free, abort frees KV blocks."""
 
 import asyncio
 import time
 
 import pytest
 
-from longserve import AsyncEngine, EngineConfig, SamplingParams
+from longserve import EngineConfig, EngineCoreClient, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    engine = asyncio.run(AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)))
+    engine = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
     yield engine
     engine.shutdown()
 
@@ -33,8 +35,8 @@ def test_concurrent_streams_interleave_and_deltas_add_up(engine):
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         async for out in engine.generate([5 + i, 6, 7, 8], params, request_id=f"s{i}"):
             order.append(i)
-            text += out.outputs[0].delta_text
-            tokens += out.outputs[0].delta_token_ids
+            assert out.outputs[0].text.startswith(text)
+            text, tokens = out.outputs[0].text, list(out.outputs[0].token_ids)
             last = out
         assert last.finished and last.outputs[0].finish_reason == "length"
         assert tokens == last.outputs[0].token_ids and text == last.outputs[0].text
@@ -94,7 +96,7 @@ def test_abort_ends_the_stream_with_finish_reason_abort(engine):
         async for out in engine.generate([5, 6, 7], params, request_id="stop-me"):
             outs.append(out)
             if len(outs) == 2:
-                await engine.abort("stop-me")
+                engine.abort("stop-me")
         return outs
 
     outs = asyncio.run(main())
@@ -139,7 +141,9 @@ def test_engine_is_built_on_the_thread_that_steps_it(monkeypatch, tiny_llama_dir
     monkeypatch.setattr(LLMEngine, "step", recording_step)
 
     async def main() -> None:
-        engine = await AsyncEngine.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4))
+        engine = await EngineCoreClient.create(
+            EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True
+        )
         try:
             async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=3, temperature=0)):
                 pass
