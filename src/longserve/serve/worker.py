@@ -21,6 +21,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -109,7 +110,11 @@ class ModelWorker:
         self.controller_link: ControllerLink | None = None  # while started with a controller
         # The API servers' door: bound now, so frontend_info can say where it is before anything connects.
         self.stream_server = WorkerStreamServer(
-            self, config.host, config.worker_stream_keepalive_s, config.worker_stream_timeout_s
+            self,
+            config.host,
+            urlsplit(self.address).hostname or config.host,
+            config.worker_stream_keepalive_s,
+            config.worker_stream_timeout_s,
         )
         tool_parser = config.tool_call_parser or detect_tool_parser(engine.tokenizer.chat_template, None)
         if tool_parser is not None:

@@ -51,9 +51,13 @@ class _Peer:
 
 
 class WorkerStreamServer:
-    """Binds ``tcp://host:random port`` (``address``); ``start()`` serves, ``stop()`` closes."""
+    """Binds ``tcp://host:random port``; ``address`` is where API servers reach it (``advertised_host``, the
+    host of the worker's own URL: a worker bound to 0.0.0.0 is reached by its name). ``start()`` serves,
+    ``stop()`` closes."""
 
-    def __init__(self, worker, host: str, keepalive_s: float, peer_timeout_s: float) -> None:
+    def __init__(
+        self, worker, host: str, advertised_host: str, keepalive_s: float, peer_timeout_s: float
+    ) -> None:
         self.worker = worker  # serve.worker.ModelWorker: admission, counters and the engine
         self.keepalive_s = keepalive_s
         self.peer_timeout_s = peer_timeout_s
@@ -62,7 +66,7 @@ class WorkerStreamServer:
         self._socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = f"tcp://{advertised_host}:{port}"
         self._peers: dict[bytes, _Peer] = {}
         self._flush_scheduled = False
         self._encode = encoder().encode
