@@ -18,7 +18,7 @@ def _prompts(llm, count, seed=0):
     vocab = llm.engine.model_config.vocab_size
     return [
         torch.randint(3, vocab, (int(n),), generator=generator).tolist()
-        for n in torch.randint(3, 60, (count,))
+        for n in torch.randint(3, 60, (count,), generator=generator)
     ]
 
 
@@ -172,5 +172,10 @@ def test_int8_quantization_serves_decode_steps_and_keeps_prompts_exact(tiny_llam
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     exact_out = exact.generate([prompt], greedy)[0].outputs[0]
     quant_out = quantized.generate([prompt], greedy)[0].outputs[0]
-    first_exact, first_quant = exact_out.logprobs[1].logprob, quant_out.logprobs[1].logprob
-    assert first_exact != first_quant and abs(first_exact - first_quant) < 0.5
+    # Compare while both saw the same context: up to and including the first step that picked another
+    # token (near-tied tokens may swap under int8; their logprobs are still close).
+    same = next(
+        (i for i, (a, b) in enumerate(zip(exact_out.token_ids, quant_out.token_ids)) if a != b), 7
+    )
+    gaps = [abs(exact_out.logprobs[i].logprob - quant_out.logprobs[i].logprob) for i in range(same + 1)]
+    assert max(gaps) < 0.5 and any(gap > 0 for gap in gaps), gaps
