@@ -175,7 +175,8 @@ def test_int8_quantization_serves_decode_steps_and_keeps_prompts_exact(tiny_llam
     # Compare while both saw the same context: up to and including the first step that picked another
     # token (near-tied tokens may swap under int8; their logprobs are still close).
     same = next(
-        (i for i, (a, b) in enumerate(zip(exact_out.token_ids, quant_out.token_ids)) if a != b), 7
+        (i for i, (a, b) in enumerate(zip(exact_out.token_ids, quant_out.token_ids, strict=True)) if a != b),
+        7,
     )
     gaps = [abs(exact_out.logprobs[i].logprob - quant_out.logprobs[i].logprob) for i in range(same + 1)]
     assert max(gaps) < 0.5 and any(gap > 0 for gap in gaps), gaps
