@@ -1,7 +1,8 @@
 """The OpenAI-compatible API server: routes, the app factory and its runner.
 
-It holds no model: every request goes to a model worker the controller picks (see ``upstream``), with
-shared HTTP clients per app. ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health``,
+It is each served model's front end (``frontend``): it renders, tokenizes and detokenizes here, and streams
+token ids to and from the model worker the controller picks over one channel per worker (``upstream``,
+``engine_channel``). ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health``,
 ``/metrics`` and the web chat page at ``/`` (unless ``ServeConfig.web_ui`` is off; see ``web_ui``) are always
 open. Errors always leave in OpenAI's shape (see ``errors``). At most ``max_in_flight_requests`` generation
 requests are handled at once; more get 429. ``/health`` is readiness (503 until some worker serves a model),
@@ -27,6 +28,7 @@ from longserve.serve.api_middleware import (
     InFlightLimitMiddleware,
 )
 from longserve.serve.errors import install_error_handlers, model_not_found, service_unavailable
+from longserve.serve.frontend import FrontendDirectory
 from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
 from longserve.serve.openai_completions import completion
@@ -42,7 +44,7 @@ from longserve.serve.protocol import (
     ModelList,
 )
 from longserve.serve.protocol_responses import ResponsesRequest
-from longserve.serve.upstream import Upstream, make_client, make_stream_session
+from longserve.serve.upstream import Upstream, make_client, make_session
 from longserve.serve.web_ui import mount_web_ui
 from longserve.serve.worker_protocol import ListModelsResponse
 
@@ -65,11 +67,13 @@ def create_api_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client, streams = make_client(), make_stream_session(config.worker_stream_timeout_s)
+        client, session = make_client(), make_session()
+        frontends = FrontendDirectory(config.worker_stream_timeout_s, config.worker_stream_keepalive_s)
         app.state.http = client
         app.state.upstream = Upstream(
             client,
-            streams,
+            session,
+            frontends,
             config.controller_address,
             config.worker_connect_retries,
             request_timeout_s=config.request_timeout_s,
@@ -78,8 +82,9 @@ def create_api_app(config: ServeConfig) -> FastAPI:
         try:
             yield
         finally:
+            frontends.close()
             await client.aclose()
-            await streams.close()
+            await session.close()
 
     app = FastAPI(title="longserve OpenAI-compatible API", lifespan=lifespan, **_LENIENT_JSON)
     app.state.config = config

@@ -1,38 +1,40 @@
-"""One client request's worker streams: one per prompt, opened concurrently (with failover), merged into one
-sequence of ``(prompt index, WorkerStreamChunk)``, and closed together.
+"""One client request's generations: one engine request per prompt, tokenized here (``frontend``), started on
+workers' channels concurrently (with failover), their deltas turned into ``WorkerStreamChunk``s (text,
+stop strings, logprob token texts) and merged into one sequence of ``(prompt index, chunk)``; closed together.
 
-The request's lifetime is watched too: when the client disconnects, the merged sequence ends and every worker
-stream is closed, which makes the workers abort the requests and free their KV cache. The same happens, with
-an error the client sees, when the request runs past ``request_timeout_s`` or the API server is stopping.
+The request's lifetime is watched too: when the client disconnects, the merged sequence ends and every engine
+request is aborted, which frees its KV cache. The same happens, with an error the client sees, when the
+request runs past ``request_timeout_s`` or the API server is stopping.
 
-``start()`` waits for each stream's first line (the prompt line, sent once the worker has accepted the request)
-so that a rejection still becomes an HTTP error status; after that, an error can only travel inside the stream.
+``start()`` returns once every worker has accepted its request, so that a rejection still becomes an HTTP
+error status; after that, an error can only travel inside the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 from fastapi import Request
-from pydantic import ValidationError
 
+from longserve.engine.protocol import EngineRequest, RequestDelta
+from longserve.serve.engine_channel import EngineChannel
 from longserve.serve.errors import APIError, ClientDisconnected, service_unavailable
+from longserve.serve.frontend import ModelFrontend
 from longserve.serve.metrics import RequestRecorder
 from longserve.serve.prefix_routing import prompt_fingerprint
-from longserve.serve.upstream import Upstream, ndjson_lines
+from longserve.serve.stream_chunks import ChunkBuilder
+from longserve.serve.upstream import Upstream
 from longserve.serve.worker_protocol import ErrorInfo, WorkerGenerateRequest, WorkerStreamChunk
 
 log = logging.getLogger(__name__)
 
-STREAM_PATH = "/worker_generate_stream"
-
 
 class StreamBroken(Exception):
-    """A worker stream failed after it started (worker died, or sent an error line)."""
+    """A generation failed after it started (its worker died or froze, or its engine failed it)."""
 
     def __init__(self, info: ErrorInfo) -> None:
         super().__init__(info.message)
@@ -42,13 +44,23 @@ class StreamBroken(Exception):
 @dataclass
 class _Item:
     prompt: int  # -1 for the watchers: the client disconnected, or (with ``error``) timeout or shutdown
-    chunk: WorkerStreamChunk | None = None
-    error: APIError | None = None  # the stream failed; before its first line this is the request's answer
-    ended: bool = False  # the stream closed (after a finished line, or too early)
+    delta: RequestDelta | None = None
+    error: APIError | None = None  # the request failed; before it was accepted this is the request's answer
+    accepted: bool = False  # a worker accepted this prompt's request
+
+
+@dataclass
+class _Stream:
+    """One prompt's engine request, where it runs, and its text so far."""
+
+    request: EngineRequest
+    builder: ChunkBuilder
+    channel: EngineChannel | None = None
+    finished: bool = False  # the engine sent its final delta (or it failed): nothing to abort
 
 
 class Generation:
-    """Merged worker streams of one request. Use as ``async with`` (or call ``aclose()``) after ``start()``."""
+    """Merged generations of one request. Use as ``async with`` (or call ``aclose()``) after ``start()``."""
 
     def __init__(
         self,
@@ -57,85 +69,98 @@ class Generation:
         model: str,
         payloads: list[WorkerGenerateRequest],
         recorder: RequestRecorder,
+        frontend: ModelFrontend | None = None,
     ) -> None:
         self.upstream = upstream
         self.request = request
         self.model = model
         self.payloads = payloads
         self.recorder = recorder
+        self.frontend = frontend  # the model's, if the caller already has it (chat rendered its template)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: list[_Item] = []  # read by start() past some stream's first line; replayed by events()
-        self._finished: set[int] = set()
+        self._streams: list[_Stream] = []
+        self._early: deque[_Item] = deque()
+        self._done: set[int] = set()  # prompts whose last chunk was yielded
         self._closed = False
 
     async def start(self) -> None:
-        """Open every stream; return once each has sent its prompt line. Raises the first rejection as
-        ``APIError`` (or ``ClientDisconnected``) and closes everything then."""
+        """Tokenize every prompt and start it on a worker; return once each was accepted. Raises the first
+        rejection as ``APIError`` (or ``ClientDisconnected``) and closes everything then."""
         self.recorder.metrics.in_flight.inc()
-        self._tasks = [
-            asyncio.create_task(self._read(i, payload), name=f"worker-stream-{i}")
-            for i, payload in enumerate(self.payloads)
-        ]
         self._tasks.append(asyncio.create_task(self._watch_disconnect(), name="disconnect-watch"))
         self._tasks.append(asyncio.create_task(self._watch_stop(), name="stop-watch"))
         if self.upstream.request_timeout_s is not None:
             self._tasks.append(asyncio.create_task(self._watch_deadline(), name="deadline-watch"))
-        started: set[int] = set()  # prompts whose stream sent its first line
         try:
-            while len(started) < len(self.payloads):
+            frontend = self.frontend or await self.upstream.frontend(self.model)
+            for payload in self.payloads:
+                request = await frontend.prepare(payload)
+                self._streams.append(_Stream(request, ChunkBuilder(frontend.token_texts, request)))
+            for i in range(len(self._streams)):
+                self._tasks.append(asyncio.create_task(self._open(i), name=f"open-{i}"))
+            accepted = 0
+            while accepted < len(self._streams):
                 item = await self._queue.get()
                 if item.prompt < 0 and item.error is None:
                     raise ClientDisconnected()
                 if item.error is not None:
                     raise item.error
-                if item.chunk is None or item.chunk.error is not None:
-                    info = item.chunk.error if item.chunk is not None else None
-                    if info is not None:
-                        raise APIError.from_info(info)
-                    raise service_unavailable(
-                        "the worker closed the stream before answering", code="worker_failed"
-                    )
-                started.add(item.prompt)
-                self._pending.append(item)
+                if item.accepted:
+                    accepted += 1
+                else:
+                    self._early.append(item)  # a delta before every prompt was accepted: events() replays it
         except BaseException:
             await self.aclose()
             raise
 
     async def events(self) -> AsyncIterator[tuple[int, WorkerStreamChunk]]:
-        """Every chunk (first lines included) until all streams finished.
+        """Every chunk (each prompt's first one with its prompt fields) until all generations finished.
 
-        Raises ``StreamBroken`` when a stream fails and ``ClientDisconnected`` when the client is gone.
+        Raises ``StreamBroken`` when one fails and ``ClientDisconnected`` when the client is gone.
         """
-        while len(self._finished) < len(self.payloads):
-            item = self._pending.pop(0) if self._pending else await self._queue.get()
+        while len(self._done) < len(self._streams):
+            item = self._early.popleft() if self._early else await self._queue.get()
             if item.prompt < 0 and item.error is None:
                 raise ClientDisconnected()
-            if item.error is not None or (item.chunk is not None and item.chunk.error is not None):
+            if item.error is not None:
                 if item.prompt >= 0:
+                    self._streams[item.prompt].finished = True
                     self.recorder.on_stream_error(item.prompt)
-                raise StreamBroken(item.error.info() if item.error is not None else item.chunk.error)
-            if item.chunk is None:  # closed without a finished line: the worker died mid-stream
-                if item.prompt in self._finished:
-                    continue
-                self.recorder.on_stream_error(item.prompt)
-                raise StreamBroken(_worker_failed("the worker closed the stream before it finished"))
-            self.recorder.on_chunk(item.prompt, item.chunk)
-            if item.chunk.finished:
-                self._finished.add(item.prompt)
-            yield item.prompt, item.chunk
+                raise StreamBroken(item.error.info())
+            stream = self._streams[item.prompt]
+            builder, delta = stream.builder, item.delta
+            stream.finished = delta.finished
+            if builder.first:
+                builder.first = False
+                yield item.prompt, builder.prompt_chunk(delta)
+            chunk = builder.chunk(delta)
+            for index in builder.stopped:  # a stop string ended this completion: stop generating it
+                stream.channel.abort(stream.request.request_id, index)
+            if chunk is None:
+                continue
+            self.recorder.on_chunk(item.prompt, chunk)
+            if chunk.finished:
+                self._done.add(item.prompt)
+                if not stream.finished:  # stop strings ended every completion before the engine did
+                    stream.channel.abort(stream.request.request_id)
+                    stream.finished = True
+            yield item.prompt, chunk
 
     async def aclose(self) -> None:
-        """Cancel the readers (closing their worker streams) and the watcher; safe to call twice."""
+        """Abort what still runs and cancel the watchers; safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        for stream in self._streams:
+            if stream.channel is not None and not stream.finished:
+                stream.channel.abort(stream.request.request_id)
         for task in self._tasks:
             task.cancel()
         self.recorder.metrics.in_flight.dec()
         if self._tasks:
-            # Wait until the worker connections are shut. Shielded, so that if our caller is cancelled meanwhile
-            # the readers still finish closing; the caller's cancellation propagates all the same.
+            # Shielded, so that if our caller is cancelled meanwhile the openers still finish (and their
+            # requests are aborted); the caller's cancellation propagates all the same.
             await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
 
     async def __aenter__(self) -> Generation:
@@ -144,27 +169,27 @@ class Generation:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def _read(self, prompt: int, payload: WorkerGenerateRequest) -> None:
-        put = self._queue.put_nowait
+    async def _open(self, prompt: int) -> None:
+        stream, put = self._streams[prompt], self._queue.put_nowait
+
+        def sink(item: RequestDelta | ErrorInfo) -> None:
+            if isinstance(item, RequestDelta):
+                put(_Item(prompt, delta=item))
+            else:
+                put(_Item(prompt, error=APIError.from_info(item)))
+
+        request = stream.request
         try:
-            fingerprint = prompt_fingerprint(payload.prompt)  # a few µs; steers cache_aware dispatch
-            async with self.upstream.open_stream(self.model, STREAM_PATH, payload, fingerprint) as response:
-                async for line in ndjson_lines(response.content):
-                    chunk = WorkerStreamChunk.model_validate_json(line)
-                    put(_Item(prompt, chunk=chunk))
-                    if chunk.finished or chunk.error is not None:
-                        return  # leaving the block closes the response; nothing useful can follow
-            put(_Item(prompt, ended=True))
+            fingerprint = prompt_fingerprint(request.prompt_token_ids)  # steers cache_aware dispatch
+            stream.channel = await self.upstream.open_stream(self.model, request, sink, fingerprint)
+            if self._closed:  # accepted as the request was being closed
+                stream.channel.abort(request.request_id)
+                return
+            put(_Item(prompt, accepted=True))
         except APIError as exc:
             put(_Item(prompt, error=exc))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("worker stream for %s broke: %r", payload.request_id, exc)
-            why = "went silent past the read timeout" if isinstance(exc, TimeoutError) else f"broke: {exc!r}"
-            put(_Item(prompt, error=APIError.from_info(_worker_failed(f"the worker stream {why}"))))
-        except ValidationError as exc:
-            put(_Item(prompt, error=APIError(f"the worker sent a malformed stream line: {exc}", status=500)))
         except Exception as exc:  # a bug on this path: logged with its traceback, and the client is told
-            log.exception("worker stream reader for %s failed", payload.request_id)
+            log.exception("starting request %s failed", request.request_id)
             put(_Item(prompt, error=APIError(f"internal error: {type(exc).__name__}", status=500)))
 
     async def _watch_stop(self) -> None:
@@ -185,7 +210,3 @@ class Generation:
             if message["type"] == "http.disconnect":
                 self._queue.put_nowait(_Item(-1))
                 return
-
-
-def _worker_failed(message: str) -> ErrorInfo:
-    return ErrorInfo(message=message, type="server_error", code="worker_failed", status=503)

@@ -4,7 +4,7 @@ else has been sent for ``keepalive_s``.
 The keep-alive is what lets a reader tell a frozen worker from a busy one: a request may wait minutes in the
 worker's queue or in a long prefill, but a live worker's event loop writes a blank line every few seconds, so
 a reader's per-read timeout fires only when the worker itself stops (``kill -STOP``, a hung host). Readers
-skip blank lines (``upstream.ndjson_lines``).
+skip blank lines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""/v1/chat/completions: render the messages with the model's own chat template (on a worker), generate, and
+"""/v1/chat/completions: render the messages with the model's own chat template (``frontend``), generate, and
 answer as one ``chat.completion`` or as a stream of ``chat.completion.chunk`` events.
 
 Stream shape (as OpenAI's): a first chunk per choice with ``delta.role = "assistant"``, then content chunks;
@@ -38,12 +38,7 @@ from longserve.serve.protocol import (
 )
 from longserve.serve.structured_request import requested_structure
 from longserve.serve.upstream import Upstream
-from longserve.serve.worker_protocol import (
-    ChatTemplateRequest,
-    ChatTemplateResponse,
-    TokenLogprobInfo,
-    WorkerGenerateRequest,
-)
+from longserve.serve.worker_protocol import TokenLogprobInfo, WorkerGenerateRequest
 
 
 def chat_logprobs(infos: list[TokenLogprobInfo], top: int) -> list[ChatTokenLogprob]:
@@ -89,29 +84,22 @@ async def start_chat(
     metrics: ApiMetrics,
     request_id: str | None = None,
 ) -> ChatRun:
-    """Check the request, render its template on a worker and start generating (the Responses API too)."""
+    """Check the request, render its template and start generating (the Responses API too)."""
     req.check()
     tools = plan_tools(req)
     structure = tools.structure or requested_structure(req)
-    template = await upstream.call_worker(
-        req.model,
-        "/apply_chat_template",
-        ChatTemplateRequest(
-            model=req.model,
-            messages=req.template_messages(),
-            add_generation_prompt=req.add_generation_prompt,
-            tools=tools.template_tools,
-        ),
-        ChatTemplateResponse,
+    frontend = await upstream.frontend(req.model)
+    prompt = await frontend.render_chat(
+        req.template_messages(), req.add_generation_prompt, tools.template_tools
     )
-    outputs = [tools.output(template.tool_parser) for _ in range(req.n)] if tools.mode != "none" else None
+    outputs = [tools.output(frontend.tool_parser) for _ in range(req.n)] if tools.mode != "none" else None
     # The format's markers may be special tokens, which the text would otherwise leave out.
     keep_special = tools.mode == "auto" and outputs[0].needs_special_tokens
     top = req.top_logprobs or 0
     request_id = request_id or new_id("chatcmpl")
     payload = WorkerGenerateRequest(
         model=req.model,
-        prompt=template.prompt,
+        prompt=prompt,
         add_special_tokens=False,
         sampling=sampling_options(
             req,
@@ -122,7 +110,8 @@ async def start_chat(
         ),
         request_id=request_id,
     )
-    generation = Generation(upstream, request, req.model, [payload], RequestRecorder(metrics, req.model))
+    recorder = RequestRecorder(metrics, req.model)
+    generation = Generation(upstream, request, req.model, [payload], recorder, frontend)
     await generation.start()
     return ChatRun(generation, request_id, outputs)
 

@@ -1,5 +1,6 @@
 """POST /tokenize and /detokenize in vLLM's shapes: a prompt or chat messages to token ids (with the context
-length, for clients such as lm-eval's remote tokenizer), and token ids back to text."""
+length, for clients such as lm-eval's remote tokenizer), and token ids back to text; with the model's own
+tokenizer, here in the front end."""
 
 from __future__ import annotations
 
@@ -10,14 +11,6 @@ from longserve.serve.errors import APIError
 from longserve.serve.openai_common import json_response
 from longserve.serve.protocol import ChatMessage, OpenAIRequest, TokenId, template_messages
 from longserve.serve.upstream import Upstream
-from longserve.serve.worker_protocol import (
-    ChatTemplateRequest,
-    ChatTemplateResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-)
 
 
 class TokenizeBody(OpenAIRequest):
@@ -51,37 +44,25 @@ class DetokenizeResult(BaseModel):
 async def tokenize(req: TokenizeBody, upstream: Upstream) -> Response:
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give exactly one of prompt or messages", param="prompt")
+    frontend = await upstream.frontend(req.model)
     text, special = req.prompt, req.add_special_tokens
     if req.messages is not None:
-        template = await upstream.call_worker(
-            req.model,
-            "/apply_chat_template",
-            ChatTemplateRequest(
-                model=req.model,
-                messages=template_messages(req.messages),
-                add_generation_prompt=req.add_generation_prompt,
-            ),
-            ChatTemplateResponse,
-        )
-        text, special = template.prompt, bool(special)
-    body = TokenizeRequest(
-        model=req.model,
-        prompt=text,
-        add_special_tokens=True if special is None else special,
-        return_token_strs=req.return_token_strs,
+        messages = template_messages(req.messages)
+        text, special = await frontend.render_chat(messages, req.add_generation_prompt), bool(special)
+    ids = await frontend.encode(text, True if special is None else special)
+    strs = None
+    if req.return_token_strs:
+        strs = [frontend.tokenizer.id_to_token(i) or "" for i in ids]
+    result = TokenizeResult(
+        count=len(ids), max_model_len=frontend.context_length, tokens=ids, token_strs=strs
     )
-    result = await upstream.call_worker(req.model, "/tokenize", body, TokenizeResponse)
-    return json_response(
-        TokenizeResult(
-            count=len(result.tokens),
-            max_model_len=result.max_model_len,
-            tokens=result.tokens,
-            token_strs=result.token_strs,
-        )
-    )
+    return json_response(result)
 
 
 async def detokenize(req: DetokenizeBody, upstream: Upstream) -> Response:
-    body = DetokenizeRequest(model=req.model, tokens=list(req.tokens))
-    result = await upstream.call_worker(req.model, "/detokenize", body, DetokenizeResponse)
-    return json_response(DetokenizeResult(prompt=result.prompt))
+    frontend = await upstream.frontend(req.model)
+    vocab = frontend.tokenizer.vocab_size
+    unknown = [t for t in req.tokens if not 0 <= t < vocab]
+    if unknown:
+        raise APIError(f"token ids must be in [0, {vocab}); got {unknown[:5]}", param="tokens")
+    return json_response(DetokenizeResult(prompt=frontend.tokenizer.decode(list(req.tokens), False)))

@@ -1,34 +1,33 @@
-"""The API server's side of the controller and worker protocol: which worker serves a model, calling it, and
-failing over to another worker when the chosen one cannot be reached.
+"""The API server's side of the controller and worker protocol: which worker serves a model, its front-end
+information, opening a request's stream on a worker's channel (``frontend``, ``engine_channel``), calling it,
+and failing over to another worker when the chosen one cannot take the request.
 
-Failover happens only before a worker has answered: a refused or timed-out connection, a connection dropped
+Failover happens only before a worker has accepted: a refused or timed-out connection, a connection dropped
 before any response, a 503 from a worker that is shutting down, or a 429 from one whose queue is full.
-Generation has no side effects, so sending the request again elsewhere is safe; once a worker has answered,
+Generation has no side effects, so sending the request again elsewhere is safe; once a worker has accepted,
 its answer (or its error) is final. A worker that times out is reported to the controller, which skips it until
-its next heartbeat.
-
-Every call goes through one aiohttp session. Every generated token is one streamed line, and aiohttp (C parser)
-reads one for about a third of httpx's CPU time on the event loop that also serves the clients
-(benchmarks/NOTES.md); and httpcore's pool rescans every connection each time a response closes, which under a
-burst of 300 requests took over half of the API server's event loop (the controller calls).
+its next heartbeat. Every call to a worker has a timeout: nothing waits forever on a frozen one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from longserve.engine.protocol import EngineRequest
+from longserve.serve.engine_channel import EngineChannel, NotAccepted, Sink
 from longserve.serve.errors import APIError, model_not_found, service_unavailable
+from longserve.serve.frontend import FrontendDirectory, ModelFrontend
 from longserve.serve.worker_protocol import (
     ErrorInfo,
+    FrontendInfo,
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
     ListModelsResponse,
@@ -44,8 +43,9 @@ R = TypeVar("R")
 # answer; they are generous because in `longserve serve` the three servers share one busy event loop, where
 # 3 s connects were seen firing under a burst although nothing was down.
 CONNECT_TIMEOUT_S = 10.0
-# chat template, embeddings: bounded as a whole
-WORKER_CALL_TIMEOUT = aiohttp.ClientTimeout(total=600.0, sock_connect=CONNECT_TIMEOUT_S)
+WORKER_CALL_TOTAL_S = (
+    600.0  # embeddings of a large batch: bounded as a whole, and by silence (worker timeout)
+)
 CONTROLLER_TIMEOUT = aiohttp.ClientTimeout(total=30.0, sock_connect=CONNECT_TIMEOUT_S)
 REPORT_TIMEOUT = aiohttp.ClientTimeout(total=2.0)  # telling the controller about a stuck worker: best effort
 # Idle pooled connections are dropped before Uvicorn's 5 s keep-alive closes them on the other side: reusing
@@ -68,17 +68,12 @@ def make_client() -> httpx.AsyncClient:
     )
 
 
-def make_stream_session(read_timeout_s: float) -> aiohttp.ClientSession:
-    """The app's client for the controller and the workers; create it on the app's event loop.
-
-    ``read_timeout_s`` bounds the silence between two reads of a worker stream (headers included), not the
-    whole stream: a live worker sends a keep-alive line every few seconds however long the request takes.
-    Request/response calls carry their own overall timeouts.
-    """
+def make_session() -> aiohttp.ClientSession:
+    """The app's client for the controller and the workers' HTTP calls; create it on the app's event loop.
+    Every call carries its own timeout."""
     return aiohttp.ClientSession(
-        # Every open stream holds a connection, so the pool must not be what limits concurrency (0: no limit).
+        # A burst of requests each asks the controller at once: the pool must not be what limits them.
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s),
         trust_env=False,
     )
 
@@ -104,6 +99,7 @@ class Upstream:
         self,
         client: httpx.AsyncClient,
         streams: aiohttp.ClientSession,
+        frontends: FrontendDirectory,
         controller_address: str,
         connect_retries: int,
         request_timeout_s: float | None = None,
@@ -111,6 +107,10 @@ class Upstream:
     ) -> None:
         self.client = client
         self.streams = streams
+        self.frontends = frontends
+        self.call_timeout = aiohttp.ClientTimeout(
+            total=WORKER_CALL_TOTAL_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=frontends.timeout_s
+        )
         self.controller_address = controller_address.rstrip("/")
         self.connect_retries = max(0, connect_retries)
         self.request_timeout_s = request_timeout_s  # a whole generation request; None: no limit
@@ -198,21 +198,23 @@ class Upstream:
         raise last_error
 
     async def call_worker(self, model: str, path: str, body: BaseModel, response_type: type[T]) -> T:
-        """A JSON request/response call to a worker of ``model`` (chat template, embeddings, ...)."""
-        content = body.model_dump_json().encode()
+        """A JSON request/response call to a worker of ``model`` (embeddings, ...)."""
+        return await self._with_failover(
+            model, lambda address: self._call_address(address, path, body, response_type)
+        )
 
-        async def attempt(address: str) -> tuple[int, bytes]:
-            try:
-                status, data = await self._post(f"{address}{path}", content, WORKER_CALL_TIMEOUT)
-            except _NO_ANSWER as exc:
-                raise _TryAnother.unreachable(address, path, exc) from exc
-            except aiohttp.ClientError as exc:
-                raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if status in _TRY_ANOTHER_STATUS:
-                raise _TryAnother(worker_error(status, data))
-            return status, data
-
-        status, data = await self._with_failover(model, attempt)
+    async def _call_address(
+        self, address: str, path: str, body: BaseModel | None, response_type: type[T]
+    ) -> T:
+        content = b"{}" if body is None else body.model_dump_json().encode()
+        try:
+            status, data = await self._post(f"{address}{path}", content, self.call_timeout)
+        except _NO_ANSWER as exc:
+            raise _TryAnother.unreachable(address, path, exc) from exc
+        except aiohttp.ClientError as exc:
+            raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
+        if status in _TRY_ANOTHER_STATUS:
+            raise _TryAnother(worker_error(status, data))
         if status >= 400:
             raise worker_error(status, data)
         try:
@@ -220,59 +222,37 @@ class Upstream:
         except ValidationError as exc:
             raise APIError(f"worker sent a malformed {path} answer", status=500) from exc
 
-    @contextlib.asynccontextmanager
+    async def frontend(self, model: str) -> ModelFrontend:
+        """``model``'s tokenizer, template and limits (fetched from one of its workers the first time)."""
+
+        async def fetch() -> FrontendInfo:
+            return await self._with_failover(model, self._frontend_info)
+
+        return await self.frontends.model(model, fetch)
+
+    async def _frontend_info(self, address: str) -> FrontendInfo:
+        return await self._call_address(address, "/frontend_info", None, FrontendInfo)
+
     async def open_stream(
-        self, model: str, path: str, body: BaseModel, fingerprint: list[int] | None = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A worker's streamed answer (read it with ``ndjson_lines``); leaving the block closes it, which makes
-        the worker abort the request if it has not finished. ``fingerprint`` is the prompt's, for
-        cache-aware dispatch."""
-        content = body.model_dump_json().encode()
+        self, model: str, request: EngineRequest, sink: Sink, fingerprint: list[int] | None = None
+    ) -> EngineChannel:
+        """Start ``request`` on a worker of ``model`` (``fingerprint``: its prompt's, for cache-aware
+        dispatch); its deltas go to ``sink``. Returns the channel it runs on (to abort it)."""
 
-        async def attempt(address: str) -> aiohttp.ClientResponse:
+        async def attempt(address: str) -> EngineChannel:
+            channel = await self.frontends.channel(address, lambda: self._frontend_info(address))
             try:
-                response = await self.streams.post(f"{address}{path}", data=content, headers=_JSON)
-            except _NO_ANSWER as exc:
-                raise _TryAnother.unreachable(address, path, exc) from exc
-            except aiohttp.ClientError as exc:
-                raise service_unavailable(f"worker {address} failed: {exc!r}", code="worker_failed") from exc
-            if response.status in _TRY_ANOTHER_STATUS:
-                try:
-                    raise _TryAnother(worker_error(response.status, await response.read()))
-                finally:
-                    response.close()
-            return response
+                await channel.submit(request, sink)
+            except NotAccepted as exc:
+                error = APIError.from_info(exc.info)
+                if exc.timed_out:
+                    channel.close(str(exc))  # frozen: its other requests will not hear back either
+                if exc.timed_out or exc.info.status in _TRY_ANOTHER_STATUS:
+                    raise _TryAnother(error, exc.timed_out) from exc
+                raise error from exc
+            return channel
 
-        response = await self._with_failover(model, attempt, fingerprint)
-        try:
-            if response.status >= 400:
-                raise worker_error(response.status, await response.read())
-            yield response
-        except TimeoutError:  # silent past the read timeout mid-stream (aiohttp's ServerTimeoutError)
-            address = f"{response.url.scheme}://{response.url.host}:{response.url.port}"
-            await self.report_unresponsive(address, "stream read timed out")
-            raise
-        finally:
-            response.close()
-
-
-async def ndjson_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The non-empty lines of a newline-delimited JSON stream, however long: aiohttp's own line reader caps a
-    line at its buffer size, and a line with prompt logprobs can run to megabytes."""
-    partial: list[bytes] = []
-    async for data in stream.iter_any():
-        *complete, rest = data.split(b"\n")
-        if complete:
-            complete[0] = b"".join([*partial, complete[0]])
-            partial = []
-            for line in complete:
-                if line.strip():
-                    yield line
-        if rest:
-            partial.append(rest)
-    last = b"".join(partial)
-    if last.strip():
-        yield last
+        return await self._with_failover(model, attempt, fingerprint)
 
 
 # 503: shutting down or out of KV cache; 429: its queue is full. Another worker may take the request.
