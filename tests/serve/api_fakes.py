@@ -1,10 +1,12 @@
-"""Fake worker and fake controller for the API server tests: small FastAPI apps speaking ``worker_protocol``.
+"""A fake engine behind the real worker app, and a fake controller, for the API server tests.
 
-The fake worker tokenizes one character per token (token id = code point) and "generates" the alphabet:
-token j of completion i is ``chr(ord("a") + (j + i + seed) % 26)``. Prompts steer it: one containing ``DIE``
-makes the worker drop the connection after two deltas; ``SLOW`` makes it emit a token every 50 ms for a long
-time. Every generate request is recorded (``app.state.requests``) and every stream closed early is counted
-(``app.state.aborted``), so tests can check what the API server sent and that it hung up.
+The fake engine's tokenizer has one token per ASCII character (token id = code point), its chat template
+writes ``<role>content`` per message, and it "generates" the alphabet: token j of completion i is
+``chr(ord("a") + (j + i + seed) % 26)``. Prompts steer it: one containing ``DIE`` makes the engine fail the
+request after two deltas; ``SLOW`` makes it emit a token every 50 ms for a long time. Every request is
+recorded (``engine.requests``) and every one aborted before its end is counted (``engine.aborted``), so tests
+can check what the API server sent and that it hung up. The worker app, its front-end stream and the API
+server's whole path are the real ones.
 """
 
 from __future__ import annotations
@@ -14,199 +16,174 @@ import json
 import math
 import time
 
+import tokenizers
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from tokenizers import Regex, decoders, models, pre_tokenizers
 
-from longserve.engine.sampling_params import SamplingParams
+from longserve.config import ServeConfig
+from longserve.engine.protocol import (
+    EngineRequest,
+    EngineStats,
+    RequestDelta,
+    RequestFailed,
+    RequestLimits,
+    SequenceDelta,
+    TokenLogprob,
+)
+from longserve.loading.pooling_config import MEAN_NORMALIZED
+from longserve.loading.tokenizer import Tokenizer
+from longserve.serve.worker import create_worker_app
 from longserve.serve.worker_protocol import (
-    ChatTemplateRequest,
-    ChatTemplateResponse,
-    CompletionDelta,
-    EmbeddingsRequest,
-    EmbeddingsResponse,
-    ErrorInfo,
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
     ListModelsResponse,
     ListWorkersResponse,
-    TokenLogprobInfo,
-    TopLogprob,
-    Usage,
-    WorkerGenerateRequest,
     WorkerInfo,
     WorkerStatus,
-    WorkerStreamChunk,
 )
 
 MODEL = "fake-model"
 CONTEXT_LENGTH = 64
 EOS_AFTER = 40  # a completion with no max_tokens ends with "stop" here
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
-def token_text(token_id: int) -> str:
-    return chr(token_id)
+def char_tokenizer() -> Tokenizer:
+    """One token per ASCII character, id = code point (anything else is id 0)."""
+    backend = tokenizers.Tokenizer(models.WordLevel({chr(i): i for i in range(128)}, unk_token="\x00"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend, eos_token_id=0, chat_template=TEMPLATE)
 
 
-def logprob_info(token_id: int, position: int, top: int) -> TokenLogprobInfo:
+def logprob_entry(token_id: int, position: int, top: int) -> TokenLogprob:
     logprob = -0.5 - 0.01 * position
     alternatives = [token_id] + [ord("A") + (position + k) % 26 for k in range(max(0, top - 1))]
-    return TokenLogprobInfo(
-        token_id=token_id,
-        token=token_text(token_id),
-        logprob=logprob,
-        top=[
-            TopLogprob(token_id=t, token=token_text(t), logprob=logprob - k)
-            for k, t in enumerate(alternatives[:top])
-        ],
-    )
+    return TokenLogprob(token_id, logprob, 1, [(t, logprob - k) for k, t in enumerate(alternatives[:top])])
 
 
-def _error(
-    message: str, param: str | None = None, status: int = 400, code: str | None = None
-) -> JSONResponse:
-    info = ErrorInfo(message=message, param=param, status=status, code=code)
-    return JSONResponse(info.model_dump(), status_code=status)
+class AlphabetEngine:
+    """What ``ModelWorker`` asks of an engine core client, generating the alphabet one token per 'step'."""
 
+    def __init__(self) -> None:
+        self.tokenizer = char_tokenizer()
+        self.limits = RequestLimits(
+            vocab_size=128,
+            max_model_len=CONTEXT_LENGTH,
+            cache_capacity=CONTEXT_LENGTH,
+            eos_token_ids=[0],
+            embedding_size=3,
+            pooling=MEAN_NORMALIZED,
+        )
+        self.ready = True
+        self.failure: str | None = None
+        self.requests: list[EngineRequest] = []  # in arrival order
+        self.aborted = 0  # ended early by an abort of the whole request
+        self.finished = 0
+        self._running: dict[str, tuple[asyncio.Task, set[int]]] = {}  # request -> (task, aborted seqs)
 
-def create_fake_worker(model: str = MODEL) -> FastAPI:
-    app = FastAPI()
-    app.state.requests = []  # WorkerGenerateRequest, in arrival order
-    app.state.aborted = 0
-    app.state.finished = 0
+    def stats(self) -> EngineStats:
+        return EngineStats(running=2, waiting=1, kv_cache_usage=0.25)
 
-    @app.post("/worker_generate_stream")
-    async def generate_stream(body: WorkerGenerateRequest):
-        app.state.requests.append(body)
-        if body.model != model:
-            return _error(f"unknown model {body.model}", "model", 404, "model_not_found")
-        try:
-            params = SamplingParams(**body.sampling.model_dump())
-        except ValueError as exc:
-            return _error(str(exc), str(exc).split(" ", 1)[0])
-        prompt_ids = [ord(c) for c in body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > CONTEXT_LENGTH:
-            message = (
-                f"This model's maximum context length is {CONTEXT_LENGTH} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}"
-            )
-            return _error(message, "max_tokens", code="context_length_exceeded")
-        text = body.prompt if isinstance(body.prompt, str) else ""
-        return _ClosingStream(_lines(app, body.request_id or "r", prompt_ids, text, params))
+    def submit(self, request: EngineRequest, sink) -> None:
+        self.requests.append(request)
+        task = asyncio.get_running_loop().create_task(self._generate(request, sink))
+        self._running[request.request_id] = (task, set())
 
-    @app.post("/apply_chat_template")
-    async def apply_chat_template(body: ChatTemplateRequest):
-        if body.model != model:
-            return _error(f"unknown model {body.model}", "model", 404, "model_not_found")
-        rendered = "".join(f"<{m['role']}>{m['content']}" for m in body.messages)
-        return ChatTemplateResponse(prompt=rendered + ("<assistant>" if body.add_generation_prompt else ""))
+    def abort(self, request_id: str, seq_index: int | None = None) -> None:
+        entry = self._running.get(request_id)
+        if entry is None:
+            return
+        if seq_index is not None:
+            entry[1].add(seq_index)
+        else:
+            entry[0].cancel()
 
-    @app.post("/worker_get_embeddings")
-    async def get_embeddings(body: EmbeddingsRequest):
+    async def embed(self, prompts: list[str | list[int]]) -> tuple[list[list[float]], int]:
         vectors, tokens = [], 0
-        for item in body.inputs:
+        for item in prompts:
             n = len(item)
             tokens += n
             norm = math.sqrt(n * n + 1)
             vectors.append([n / norm, 1 / norm, 0.0])
-        return EmbeddingsResponse(embeddings=vectors, prompt_tokens=tokens)
+        return vectors, tokens
 
-    @app.post("/worker_get_status")
-    async def status():
-        return WorkerStatus(model_names=[model], running=2, waiting=1, kv_cache_usage=0.25)
-
-    return app
-
-
-class _ClosingStream(StreamingResponse):
-    """Closes the line generator when the response ends however it ends (as the real worker does), so a
-    client hanging up is seen at once and not at garbage collection."""
-
-    def __init__(self, lines) -> None:
-        super().__init__(lines, media_type="application/x-ndjson")
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-async def _lines(app: FastAPI, request_id: str, prompt_ids: list[int], text: str, params: SamplingParams):
-    def line(chunk: WorkerStreamChunk) -> bytes:
-        return (chunk.model_dump_json() + "\n").encode()
-
-    prompt_logprobs = None
-    if params.prompt_logprobs is not None:
-        prompt_logprobs = [None] + [
-            logprob_info(t, j, params.prompt_logprobs) for j, t in enumerate(prompt_ids[1:])
-        ]
-    slow, die = "SLOW" in text, "DIE" in text
-    limit = (
-        params.max_tokens
-        if params.max_tokens is not None
-        else min(EOS_AFTER, CONTEXT_LENGTH - len(prompt_ids))
-    )
-    if slow:
-        limit = params.max_tokens or 1000
-    finished_cleanly = False
-    try:
-        yield line(
-            WorkerStreamChunk(
-                request_id=request_id, prompt_token_ids=prompt_ids, prompt_logprobs=prompt_logprobs
-            )
-        )
-        texts = [""] * params.n
+    async def _generate(self, request: EngineRequest, sink) -> None:
+        params, request_id = request.params, request.request_id
+        prompt, text = request.prompt_token_ids, "".join(map(chr, request.prompt_token_ids))
+        slow, die = "SLOW" in text, "DIE" in text
+        limit = params.max_tokens or min(EOS_AFTER, CONTEXT_LENGTH - len(prompt))
+        if slow:
+            limit = params.max_tokens or 1000
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [
+                logprob_entry(t, j, params.prompt_logprobs) for j, t in enumerate(prompt[1:])
+            ]
+        stopped = self._running[request_id][1]
         done = [False] * params.n
-        generated = 0
-        for j in range(limit):
-            if slow:
-                await asyncio.sleep(0.05)
-            if die and j == 2:
-                raise RuntimeError("worker died")  # uvicorn drops the connection mid-body
-            deltas = []
-            for i in range(params.n):
-                if done[i]:
-                    continue
-                token = ord("a") + (j + i + (params.seed or 0)) % 26
-                generated += 1
-                piece = token_text(token)
-                texts[i] += piece
-                finish, stop_reason = None, None
-                stop = next((s for s in params.stop if s in texts[i]), None)
-                if stop is not None:
-                    piece = piece[: len(piece) - len(stop)] if texts[i].endswith(stop) else ""
-                    finish, stop_reason = "stop", stop
-                elif j == limit - 1:
-                    finish = "length" if params.max_tokens is not None or slow else "stop"
-                done[i] = finish is not None
-                logprobs = [logprob_info(token, j, params.logprobs)] if params.logprobs is not None else None
-                deltas.append(
-                    CompletionDelta(
-                        index=i,
-                        text=piece,
-                        token_ids=[token],
-                        logprobs=logprobs,
-                        finish_reason=finish,
-                        stop_reason=stop_reason,
+        try:
+            for j in range(limit):
+                await asyncio.sleep(0.05 if slow else 0)
+                if die and j == 2:
+                    sink(RequestFailed("the engine failed this request"))
+                    return
+                seqs = []
+                for i in range(params.n):
+                    if done[i]:
+                        continue
+                    if i in stopped:
+                        done[i] = True
+                        seqs.append(SequenceDelta(i, [], None, "abort", None))
+                        continue
+                    token = ord("a") + (j + i + (params.seed or 0)) % 26
+                    finish = None
+                    if j == limit - 1:
+                        finish = "length" if params.max_tokens is not None or slow else "stop"
+                    done[i] = finish is not None
+                    logprobs = (
+                        [logprob_entry(token, j, params.logprobs)] if params.logprobs is not None else None
+                    )
+                    seqs.append(SequenceDelta(i, [token], logprobs, finish, None))
+                sink(
+                    RequestDelta(
+                        request_id,
+                        seqs,
+                        all(done),
+                        None,
+                        prompt_logprobs if j == 0 else None,
+                        0,
                     )
                 )
-            if all(done):
-                usage = Usage(
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=generated,
-                    total_tokens=len(prompt_ids) + generated,
+                if all(done):
+                    self.finished += 1
+                    return
+        except asyncio.CancelledError:
+            self.aborted += 1
+            sink(
+                RequestDelta(
+                    request_id,
+                    [SequenceDelta(i, [], None, "abort", None) for i in range(params.n) if not done[i]],
+                    True,
+                    None,
+                    None,
+                    0,
                 )
-                yield line(
-                    WorkerStreamChunk(request_id=request_id, outputs=deltas, finished=True, usage=usage)
-                )
-                finished_cleanly = True
-                return
-            yield line(WorkerStreamChunk(request_id=request_id, outputs=deltas))
-    finally:
-        if finished_cleanly:
-            app.state.finished += 1
-        else:
-            app.state.aborted += 1
+            )
+        finally:
+            self._running.pop(request_id, None)
+
+
+def create_fake_worker(model: str = MODEL) -> FastAPI:
+    """The real worker app over an ``AlphabetEngine`` (``app.state.engine``), its stream on loopback."""
+    engine = AlphabetEngine()
+    config = ServeConfig(host="127.0.0.1", worker_stream_keepalive_s=1.0)
+    app = create_worker_app(engine, config, model)
+    app.state.engine = engine
+    return app
 
 
 def create_fake_controller(workers: list[str], models: tuple[str, ...] = (MODEL,)) -> FastAPI:

@@ -1,5 +1,5 @@
 """API server error paths with raw HTTP: statuses and OpenAI error bodies (400/401/404/413/503), worker
-failover, a worker dying mid-stream, and a client hanging up. After every error the server keeps serving."""
+failover, an engine failing a request mid-stream, and a client hanging up. After every error the server keeps serving."""
 
 from __future__ import annotations
 
@@ -131,7 +131,6 @@ def test_invalid_chat_parameters_are_400_naming_the_field(stack: Stack, body: di
         ({"model": MODEL, "prompt": []}, "prompt"),
         ({"model": MODEL, "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop"),
-        # Only the worker knows min_tokens must not exceed max_tokens: its 400 passes through.
         ({"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
     ],
 )
@@ -140,7 +139,7 @@ def test_invalid_completion_parameters_are_400(stack: Stack, body: dict, param: 
     assert error["param"] == param
 
 
-def test_context_length_error_from_worker_passes_through(stack: Stack) -> None:
+def test_context_length_error_names_the_limit(stack: Stack) -> None:
     r = stack.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 60, "max_tokens": 10})
     error = error_of(r, 400)
     assert (
@@ -226,7 +225,7 @@ def test_failover_when_first_worker_refuses(stack: Stack, workers: list[str]) ->
     assert [a.exclude for a in asked] == [[], [dead], [], [dead]]
 
 
-def test_worker_dies_mid_stream_error_event_then_done(stack: Stack) -> None:
+def test_engine_failure_mid_stream_is_an_error_event_then_done(stack: Stack) -> None:
     r = stack.post(
         "/v1/chat/completions",
         json={
@@ -240,7 +239,7 @@ def test_worker_dies_mid_stream_error_event_then_done(stack: Stack) -> None:
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]
-    assert error["code"] == "worker_failed" and error["type"] == "server_error"
+    assert error["code"] == "request_failed" and error["type"] == "server_error"
     assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-2])
     stack.assert_still_serving()
 
@@ -252,14 +251,14 @@ def test_openai_client_raises_on_stream_error_event(stack: Stack) -> None:
         list(stream)
 
 
-def test_worker_dies_without_streaming_is_503(stack: Stack) -> None:
+def test_engine_failure_without_streaming_is_500(stack: Stack) -> None:
     r = stack.post("/v1/completions", json={"model": MODEL, "prompt": "DIE", "max_tokens": 10})
-    error_of(r, 503)
+    assert error_of(r, 500)["code"] == "request_failed"
     stack.assert_still_serving()
 
 
 def test_client_disconnect_closes_worker_stream(stack: Stack) -> None:
-    aborted = stack.worker_app.state.aborted
+    aborted = stack.worker_app.state.engine.aborted
     body = {"model": MODEL, "prompt": "SLOW", "max_tokens": None, "stream": True}
     with httpx.Client(timeout=20) as client:
         with client.stream("POST", f"{stack.api}/v1/completions", json=body, headers=AUTH) as r:
@@ -268,22 +267,22 @@ def test_client_disconnect_closes_worker_stream(stack: Stack) -> None:
                 if line.startswith("data: "):
                     break  # one token seen; now hang up
     deadline = time.monotonic() + 5
-    while stack.worker_app.state.aborted == aborted and time.monotonic() < deadline:
+    while stack.worker_app.state.engine.aborted == aborted and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert stack.worker_app.state.aborted == aborted + 1
+    assert stack.worker_app.state.engine.aborted == aborted + 1
     stack.assert_still_serving()
 
 
 def test_client_disconnect_without_streaming_closes_worker_stream(stack: Stack) -> None:
-    aborted = stack.worker_app.state.aborted
+    aborted = stack.worker_app.state.engine.aborted
     with pytest.raises(httpx.ReadTimeout):
         stack.post(
             "/v1/completions", json={"model": MODEL, "prompt": "SLOW", "max_tokens": None}, timeout=0.5
         )
     deadline = time.monotonic() + 5
-    while stack.worker_app.state.aborted == aborted and time.monotonic() < deadline:
+    while stack.worker_app.state.engine.aborted == aborted and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert stack.worker_app.state.aborted == aborted + 1
+    assert stack.worker_app.state.engine.aborted == aborted + 1
 
 
 def test_unknown_route_and_method_keep_openai_shape(stack: Stack) -> None:

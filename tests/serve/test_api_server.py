@@ -30,7 +30,11 @@ class Stack:
         return openai.OpenAI(base_url=f"{self.api}/v1", api_key=KEY, max_retries=0, timeout=20)
 
     def last_request(self):
-        return self.worker_app.state.requests[-1]
+        """The last ``EngineRequest`` the worker's engine got: token ids and validated params."""
+        return self.worker_app.state.engine.requests[-1]
+
+    def last_prompt(self) -> str:
+        return "".join(map(chr, self.last_request().prompt_token_ids))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_models_list_and_retrieve(stack: Stack) -> None:
     assert client.models.retrieve(MODEL).id == MODEL
 
 
-def test_chat_uses_worker_template_and_returns_openai_shape(stack: Stack) -> None:
+def test_chat_renders_the_models_template_and_returns_openai_shape(stack: Stack) -> None:
     out = stack.client().chat.completions.create(
         model=MODEL,
         messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
@@ -62,7 +66,7 @@ def test_chat_uses_worker_template_and_returns_openai_shape(stack: Stack) -> Non
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == len("<system>S<user>hi<assistant>")
     assert out.usage.completion_tokens == 5
-    assert stack.last_request().prompt == "<system>S<user>hi<assistant>"
+    assert stack.last_prompt() == "<system>S<user>hi<assistant>"
 
 
 def test_chat_max_completion_tokens_wins_and_default_is_unbounded(stack: Stack) -> None:
@@ -70,9 +74,9 @@ def test_chat_max_completion_tokens_wins_and_default_is_unbounded(stack: Stack) 
     client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=9, max_completion_tokens=3
     )
-    assert stack.last_request().sampling.max_tokens == 3
+    assert stack.last_request().params.max_tokens == 3
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    assert stack.last_request().sampling.max_tokens is None
+    assert stack.last_request().params.max_tokens is None
     assert out.choices[0].finish_reason == "stop"
 
 
@@ -119,7 +123,7 @@ def test_sampling_parameters_pass_through(stack: Stack) -> None:
         },
         user="someone",
     )
-    s = stack.last_request().sampling
+    s = stack.last_request().params
     assert (s.temperature, s.top_p, s.top_k, s.min_p) == (0.7, 0.9, 5, 0.1)
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.5, 1.2)
     assert (s.seed, s.stop, s.stop_token_ids, s.min_tokens) == (1234, ["zz"], [7], 1)
@@ -131,7 +135,7 @@ def test_seed_changes_fake_output_and_stop_ends_it(stack: Stack) -> None:
     seeded = client.completions.create(model=MODEL, prompt="p", max_tokens=3, seed=2)
     assert seeded.choices[0].text == "cde"
     stopped = client.completions.create(model=MODEL, prompt="p", max_tokens=10, stop=["e", "q"])
-    assert stack.last_request().sampling.stop == ["e", "q"]
+    assert stack.last_request().params.stop == ["e", "q"]
     assert stopped.choices[0].text == "abcd"
     assert stopped.choices[0].finish_reason == "stop"
 
@@ -140,7 +144,7 @@ def test_chat_logprobs(stack: Stack) -> None:
     out = stack.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, logprobs=True, top_logprobs=2
     )
-    assert stack.last_request().sampling.logprobs == 2
+    assert stack.last_request().params.logprobs == 2
     content = out.choices[0].logprobs.content
     assert [t.token for t in content] == ["a", "b", "c"]
     assert content[0].bytes == [ord("a")] and content[0].logprob == pytest.approx(-0.5)
@@ -158,14 +162,14 @@ def test_completions_batch_and_n(stack: Stack) -> None:
 def test_completions_token_id_prompts(stack: Stack) -> None:
     client = stack.client()
     client.completions.create(model=MODEL, prompt=[104, 105], max_tokens=1)
-    assert stack.last_request().prompt == [104, 105]
+    assert stack.last_request().prompt_token_ids == [104, 105]
     out = client.completions.create(model=MODEL, prompt=[[104, 105], [106]], max_tokens=1)
     assert len(out.choices) == 2 and out.usage.prompt_tokens == 3
 
 
 def test_completions_default_max_tokens_is_16(stack: Stack) -> None:
     stack.client().completions.create(model=MODEL, prompt="x")
-    assert stack.last_request().sampling.max_tokens == 16
+    assert stack.last_request().params.max_tokens == 16
 
 
 def test_null_fields_mean_defaults_but_null_max_tokens_means_unbounded(stack: Stack) -> None:
@@ -174,7 +178,7 @@ def test_null_fields_mean_defaults_but_null_max_tokens_means_unbounded(stack: St
     r = httpx.post(f"{stack.api}/v1/completions", json={**body, "max_tokens": None}, headers=headers)
     assert r.status_code == 200, r.text
     assert (
-        stack.last_request().sampling.max_tokens is None and r.json()["choices"][0]["finish_reason"] == "stop"
+        stack.last_request().params.max_tokens is None and r.json()["choices"][0]["finish_reason"] == "stop"
     )
     chat = {
         "model": MODEL,
@@ -213,7 +217,7 @@ def test_completions_logprobs_shape(stack: Stack) -> None:
 def test_echo_with_logprobs_scores_the_prompt(stack: Stack) -> None:
     """lm-eval-harness loglikelihood: echo, max_tokens=0, logprobs=0."""
     out = stack.client().completions.create(model=MODEL, prompt="xyz", max_tokens=0, echo=True, logprobs=0)
-    sent = stack.last_request().sampling
+    sent = stack.last_request().params
     assert (sent.max_tokens, sent.prompt_logprobs) == (1, 0)
     choice = out.choices[0]
     assert choice.text == "xyz" and choice.finish_reason == "length"
@@ -230,9 +234,9 @@ def test_echo_max_tokens_1_and_token_id_prompt(stack: Stack) -> None:
         model=MODEL, prompt=[[120, 121]], max_tokens=1, echo=True, logprobs=1
     )
     lp = out.choices[0].logprobs
-    assert out.choices[0].text == "ya"  # the first prompt token's text is unknown without a text prompt
+    assert out.choices[0].text == "xya"  # token id prompts echo as their tokens' texts
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == 3
-    assert lp.tokens[1:] == ["y", "a"]
+    assert lp.tokens == ["x", "y", "a"]
 
 
 def test_echo_stream(stack: Stack) -> None:

@@ -28,7 +28,6 @@ from longserve.serve.api_middleware import (
     InFlightLimitMiddleware,
 )
 from longserve.serve.errors import install_error_handlers, model_not_found, service_unavailable
-from longserve.serve.frontend import FrontendDirectory
 from longserve.serve.metrics import ApiMetrics
 from longserve.serve.openai_chat import chat_completion
 from longserve.serve.openai_completions import completion
@@ -68,21 +67,21 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client, session = make_client(), make_session()
-        frontends = FrontendDirectory(config.worker_stream_timeout_s, config.worker_stream_keepalive_s)
         app.state.http = client
-        app.state.upstream = Upstream(
+        upstream = app.state.upstream = Upstream(
             client,
             session,
-            frontends,
             config.controller_address,
             config.worker_connect_retries,
+            config.worker_stream_timeout_s,
+            config.worker_stream_keepalive_s,
             request_timeout_s=config.request_timeout_s,
             sse_keepalive_s=config.sse_keepalive_s,
         )
         try:
             yield
         finally:
-            frontends.close()
+            await upstream.aclose()
             await client.aclose()
             await session.close()
 

@@ -46,7 +46,7 @@ class NotAccepted(Exception):
 
 
 class EngineChannel:
-    """One worker's stream for this process. ``on_close`` runs once when the channel gives up on the worker."""
+    """One worker's stream for this process. ``on_close(channel, reason, frozen)`` runs once when it closes."""
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class EngineChannel:
         stream_address: str,
         timeout_s: float,
         keepalive_s: float,
-        on_close: Callable[[EngineChannel, str], None],
+        on_close: Callable[[EngineChannel, str, bool], None],
     ) -> None:
         self.worker_address = worker_address
         self.stream_address = stream_address
@@ -120,8 +120,9 @@ class EngineChannel:
         if not self.closed:
             self._send(AbortRequest(request_id, seq_index))
 
-    def close(self, reason: str | None = None) -> None:
-        """Fail every open request with ``reason`` (if given) and shut the socket; safe to call twice."""
+    def close(self, reason: str | None = None, frozen: bool = False) -> None:
+        """Fail every open request with ``reason`` (if given) and shut the socket; safe to call twice.
+        ``frozen``: the worker stopped answering (``on_close`` may report it)."""
         if self.closed:
             return
         self.closed = True
@@ -137,7 +138,7 @@ class EngineChannel:
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
-        self._on_close(self, reason or "closed")
+        self._on_close(self, reason or "closed", frozen)
 
     def _send(self, message: EngineRequest | AbortRequest | Ping) -> None:
         # The DEALER queues while (re)connecting; a worker that never reads is caught by the watchdog.
@@ -195,7 +196,10 @@ class EngineChannel:
             silent = time.monotonic() - self._last_heard
             if silent > self.timeout_s:
                 log.warning("worker %s silent for %.1f s: failing its streams", self.worker_address, silent)
-                self.close(f"worker {self.worker_address} went silent past the stream timeout")
+                self.close(
+                    f"worker {self.worker_address} went silent past the read timeout ({self.timeout_s:g} s)",
+                    frozen=True,
+                )
                 return
             self._send(Ping())
 

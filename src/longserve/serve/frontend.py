@@ -93,9 +93,10 @@ class ModelFrontend:
 class FrontendDirectory:
     """The models this API server fronts and its channel to each worker (``close()`` closes them all)."""
 
-    def __init__(self, timeout_s: float, keepalive_s: float) -> None:
+    def __init__(self, timeout_s: float, keepalive_s: float, on_frozen: Callable[[str, str], None]) -> None:
         self.timeout_s = timeout_s
         self.keepalive_s = keepalive_s
+        self._on_frozen = on_frozen  # (worker address, why): a worker stopped answering its stream
         self._context = zmq.asyncio.Context()
         self._models: dict[str, asyncio.Future[ModelFrontend]] = {}
         self._channels: dict[str, asyncio.Future[EngineChannel]] = {}
@@ -128,10 +129,12 @@ class FrontendDirectory:
 
         return await _once(self._channels, worker_address, connect)
 
-    def _forget(self, channel: EngineChannel, reason: str) -> None:
+    def _forget(self, channel: EngineChannel, reason: str, frozen: bool) -> None:
         future = self._channels.get(channel.worker_address)
         if future is not None and future.done() and future.exception() is None and future.result() is channel:
             del self._channels[channel.worker_address]
+        if frozen:
+            self._on_frozen(channel.worker_address, reason)
 
     def close(self) -> None:
         for future in list(self._channels.values()):

@@ -47,6 +47,7 @@ class _Item:
     delta: RequestDelta | None = None
     error: APIError | None = None  # the request failed; before it was accepted this is the request's answer
     accepted: bool = False  # a worker accepted this prompt's request
+    in_stream: bool = False  # a delta or error from the accepted request (may overtake ``accepted``)
 
 
 @dataclass
@@ -104,12 +105,12 @@ class Generation:
                 item = await self._queue.get()
                 if item.prompt < 0 and item.error is None:
                     raise ClientDisconnected()
-                if item.error is not None:
+                if item.in_stream:
+                    self._early.append(item)  # before every prompt was accepted: events() replays it
+                elif item.error is not None:
                     raise item.error
-                if item.accepted:
-                    accepted += 1
                 else:
-                    self._early.append(item)  # a delta before every prompt was accepted: events() replays it
+                    accepted += 1
         except BaseException:
             await self.aclose()
             raise
@@ -174,9 +175,9 @@ class Generation:
 
         def sink(item: RequestDelta | ErrorInfo) -> None:
             if isinstance(item, RequestDelta):
-                put(_Item(prompt, delta=item))
+                put(_Item(prompt, delta=item, in_stream=True))
             else:
-                put(_Item(prompt, error=APIError.from_info(item)))
+                put(_Item(prompt, error=APIError.from_info(item), in_stream=True))
 
         request = stream.request
         try:

@@ -98,19 +98,22 @@ class Upstream:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        streams: aiohttp.ClientSession,
-        frontends: FrontendDirectory,
+        session: aiohttp.ClientSession,
         controller_address: str,
         connect_retries: int,
+        worker_timeout_s: float,
+        worker_keepalive_s: float,
         request_timeout_s: float | None = None,
         sse_keepalive_s: float = 15.0,
     ) -> None:
         self.client = client
-        self.streams = streams
-        self.frontends = frontends
+        self.session = session
+        # worker_timeout_s: the most a worker may stay silent, on its stream or answering a call.
+        self.frontends = FrontendDirectory(worker_timeout_s, worker_keepalive_s, self._report_soon)
         self.call_timeout = aiohttp.ClientTimeout(
-            total=WORKER_CALL_TOTAL_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=frontends.timeout_s
+            total=WORKER_CALL_TOTAL_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=worker_timeout_s
         )
+        self._reports: set[asyncio.Task] = set()
         self.controller_address = controller_address.rstrip("/")
         self.connect_retries = max(0, connect_retries)
         self.request_timeout_s = request_timeout_s  # a whole generation request; None: no limit
@@ -121,7 +124,7 @@ class Upstream:
     # ---- controller ---------------------------------------------------------------------------------------
 
     async def _post(self, url: str, content: bytes, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
-        async with self.streams.post(url, data=content, headers=_JSON, timeout=timeout) as response:
+        async with self.session.post(url, data=content, headers=_JSON, timeout=timeout) as response:
             return response.status, await response.read()
 
     async def _controller(self, path: str, body: BaseModel | None, response_type: type[T]) -> T:
@@ -148,6 +151,15 @@ class Upstream:
             status = repr(exc)
         if status != 200:
             log.warning("could not report worker %s to the controller: %s", address, status)
+
+    def _report_soon(self, address: str, reason: str) -> None:
+        task = asyncio.create_task(self.report_unresponsive(address, reason))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def aclose(self) -> None:
+        self.frontends.close()
+        await asyncio.gather(*self._reports, return_exceptions=True)
 
     async def list_models(self) -> list[str]:
         return (await self.model_details()).models
