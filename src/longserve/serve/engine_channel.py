@@ -207,7 +207,9 @@ class EngineChannel:
         while True:
             frames = await self._monitor.recv_multipart()
             if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
-                log.warning("worker %s dropped its stream connection", self.worker_address)
+                # Alarming only with requests open: a worker stopping cleanly drops idle connections too.
+                level = logging.WARNING if self._sinks else logging.INFO
+                log.log(level, "worker %s dropped its stream connection", self.worker_address)
                 self.close(f"the connection to worker {self.worker_address} was lost")
                 return
 
