@@ -100,6 +100,11 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
         parser.add_argument("--port", type=int, dest="api_port", help="API server port (default 8000)")
         parser.add_argument("--api-keys", help="comma-separated keys clients must send as Bearer tokens")
         parser.add_argument(
+            "--api-server-count",
+            type=int,
+            help="API server processes sharing the port, each with its own streams to the workers (default 1)",
+        )
+        parser.add_argument(
             "--max-in-flight-requests",
             type=int,
             help="generation requests the API server handles at once; more get 429 (default 4096)",
@@ -153,6 +158,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "worker_concurrency",
         "max_queue_len",
         "max_in_flight_requests",
+        "api_server_count",
         "worker_stream_timeout_s",
         "worker_stream_keepalive_s",
         "request_timeout_s",
@@ -177,10 +183,11 @@ def _run_server(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from longserve.engine.tensor_parallel import follows_only, run_follower_node
+    if engine_config.tensor_parallel_size > 1:  # (a worker without it never imports torch: its core does)
+        from longserve.engine.tensor_parallel import follows_only, run_follower_node
 
-    if follows_only(engine_config):  # a node (or torchrun process) that runs ranks but not the engine
-        return run_follower_node(engine_config)
+        if follows_only(engine_config):  # a node (or torchrun process) that runs ranks but not the engine
+            return run_follower_node(engine_config)
     if args.command == "worker":
         return launcher.run(launcher.serve_worker(engine_config, serve_config))
     return launcher.run(launcher.serve_all(engine_config, serve_config))

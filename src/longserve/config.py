@@ -169,6 +169,7 @@ class ServeConfig:
     worker_concurrency: int = 64  # requests a worker admits at once (its semaphore)
     max_queue_len: int = 256  # requests that may wait for a worker's semaphore; beyond that, 429 at once
     max_in_flight_requests: int = 4096  # generation requests one API server handles at once; beyond, 429
+    api_server_count: int = 1  # API server processes sharing api_port (SO_REUSEPORT); `serve` runs them apart
     max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413
     worker_connect_retries: int = 3  # other workers tried when one is unreachable before streaming
     # A worker stream silent this long fails its request; live workers send a keep-alive line every
@@ -192,7 +193,7 @@ class ServeConfig:
             )
         if self.heart_beat_expiration_s <= self.heart_beat_interval_s:
             raise ValueError("heart_beat_expiration_s must be larger than heart_beat_interval_s")
-        for name in ("worker_concurrency", "max_in_flight_requests"):
+        for name in ("worker_concurrency", "max_in_flight_requests", "api_server_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_len < 0:

@@ -49,6 +49,7 @@ from longserve.engine.protocol import (
 )
 from longserve.engine.sampling_params import SamplingParams
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.2  # how often the reader thread checks that the core is alive
@@ -66,7 +67,7 @@ class EngineCoreClient:
     def __init__(self, config: EngineConfig, *, in_process: bool = False) -> None:
         self.config = config
         self.in_process = in_process
-        self.tokenizer = None  # longserve.loading.tokenizer.Tokenizer, loaded beside the core by create()
+        self.tokenizer: Tokenizer | None = None  # the model's, as the core sent it when ready
         # In-process only: the LLMEngine the loop's thread drives, for tests and debugging to look inside
         # (racy to read while it steps); None for a core process.
         self.engine = None
@@ -97,21 +98,12 @@ class EngineCoreClient:
     @classmethod
     async def create(cls, config: EngineConfig, *, in_process: bool = False) -> EngineCoreClient:
         """Start the core and wait until its engine is built; raises what building it raised."""
-        from longserve.loading.checkpoint import load_checkpoint
-
-        # The tokenizer loads here while the core loads the model: the worker's own endpoints and the front
-        # ends (which fetch it from the worker) need it.
         client = cls(config, in_process=in_process)
-        started, checkpoint = await asyncio.gather(
-            asyncio.to_thread(client._start_core),
-            asyncio.to_thread(load_checkpoint, config.model),
-            return_exceptions=True,
-        )
-        failure = next((r for r in (started, checkpoint) if isinstance(r, BaseException)), None)
-        if failure is not None:  # the core's own report first: it says why the engine could not be built
+        try:
+            await asyncio.to_thread(client._start_core)
+        except BaseException:
             await client.ashutdown()
-            raise failure
-        client.tokenizer = checkpoint.tokenizer
+            raise
         client._reader = threading.Thread(target=client._read, name="engine-core-reader", daemon=True)
         client._reader.start()
         return client
@@ -168,6 +160,7 @@ class EngineCoreClient:
             raise (error or RuntimeError)(message.message)
         assert isinstance(message, CoreReady)
         self.limits, self.quantization = message.limits, message.quantization
+        self.tokenizer = Tokenizer.from_spec(message.tokenizer)
         self._ready = True
 
     def _exit_code(self) -> int | None:

@@ -84,7 +84,7 @@ def run_engine_core(
         return
     if on_built is not None:
         on_built(engine)
-    outbox.send(send(CoreReady(engine.limits, engine.quantization)))
+    outbox.send(send(CoreReady(engine.limits, engine.quantization, engine.tokenizer.spec())))
     try:
         EngineCoreLoop(engine, inbox, outbox, parent).run()
     finally:

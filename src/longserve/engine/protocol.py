@@ -14,6 +14,7 @@ import msgspec
 
 from longserve.engine.sampling_params import SamplingParams
 from longserve.loading.pooling_config import MEAN_NORMALIZED, PoolingConfig
+from longserve.loading.tokenizer import TokenizerSpec
 
 # ---- errors -----------------------------------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ ToCore = EngineRequest | AbortRequest | EmbedCall | Shutdown
 class CoreReady(msgspec.Struct, tag=True, array_like=True):
     limits: RequestLimits
     quantization: str | None  # what the matmuls run, as LLMEngine.quantization
+    tokenizer: TokenizerSpec  # the model's: the client needs no checkpoint (nor torch) of its own
 
 
 class CoreFailed(msgspec.Struct, tag=True, array_like=True):

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
@@ -49,6 +50,18 @@ _LLAMA3_PRES = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", 
 _QWEN2_PRES = frozenset({"qwen2", "deepseek-r1-qwen", "megrez"})
 
 
+class TokenizerSpec(msgspec.Struct, array_like=True):
+    """A ``Tokenizer`` as data: what the engine core hands its client, and a worker its front ends."""
+
+    tokenizer_json: str  # the ``tokenizers`` JSON, post-processor included (GGUF tokenizers too)
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    eos_token_ids: list[int]
+    chat_template: str | None
+
+
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the model's special tokens and chat template.
 
@@ -88,6 +101,29 @@ class Tokenizer:
         listed = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
         named = {bos_token_id, eos_token_id, pad_token_id, unk_token_id} - {None}
         self.all_special_ids: frozenset[int] = frozenset(listed | named)
+
+    def spec(self) -> TokenizerSpec:
+        return TokenizerSpec(
+            self.backend.to_str(),
+            self.bos_token_id,
+            self.eos_token_id,
+            self.pad_token_id,
+            self.unk_token_id,
+            sorted(self.eos_token_ids),
+            self.chat_template,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> Tokenizer:
+        return cls(
+            tokenizers.Tokenizer.from_str(spec.tokenizer_json),  # its post-processor already adds BOS/EOS
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
+            pad_token_id=spec.pad_token_id,
+            unk_token_id=spec.unk_token_id,
+            extra_eos_token_ids=spec.eos_token_ids,
+            chat_template=spec.chat_template,
+        )
 
     # -- text <-> ids ---------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -13,11 +13,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import tokenizers
 import zmq.asyncio
 
 from longserve.engine.protocol import EngineRequest, RequestLimits
-from longserve.loading.tokenizer import Tokenizer
+from longserve.loading.tokenizer import Tokenizer, TokenizerSpec
 from longserve.serve.engine_channel import EngineChannel
 from longserve.serve.errors import APIError
 from longserve.serve.stream_chunks import TokenTexts, rejection_info, sampling_params
@@ -33,15 +32,16 @@ class ModelFrontend:
 
     def __init__(self, name: str, info: FrontendInfo) -> None:
         self.name = name
-        self.tokenizer = Tokenizer(
-            tokenizers.Tokenizer.from_str(info.tokenizer_json),  # its post-processor already adds BOS/EOS
-            bos_token_id=info.bos_token_id,
-            eos_token_id=info.eos_token_id,
-            pad_token_id=info.pad_token_id,
-            unk_token_id=info.unk_token_id,
-            extra_eos_token_ids=info.eos_token_ids,
-            chat_template=info.chat_template,
+        spec = TokenizerSpec(
+            info.tokenizer_json,
+            info.bos_token_id,
+            info.eos_token_id,
+            info.pad_token_id,
+            info.unk_token_id,
+            info.eos_token_ids,
+            info.chat_template,
         )
+        self.tokenizer = Tokenizer.from_spec(spec)
         self.token_texts = TokenTexts(self.tokenizer)
         self.tool_parser = info.tool_parser
         self.limits = RequestLimits(

@@ -13,8 +13,9 @@ error status; after that, an error can only travel inside the stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections import deque
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -42,15 +43,6 @@ class StreamBroken(Exception):
 
 
 @dataclass
-class _Item:
-    prompt: int  # -1 for the watchers: the client disconnected, or (with ``error``) timeout or shutdown
-    delta: RequestDelta | None = None
-    error: APIError | None = None  # the request failed; before it was accepted this is the request's answer
-    accepted: bool = False  # a worker accepted this prompt's request
-    in_stream: bool = False  # a delta or error from the accepted request (may overtake ``accepted``)
-
-
-@dataclass
 class _Stream:
     """One prompt's engine request, where it runs, and its text so far."""
 
@@ -61,7 +53,11 @@ class _Stream:
 
 
 class Generation:
-    """Merged generations of one request. Use as ``async with`` (or call ``aclose()``) after ``start()``."""
+    """Merged generations of one request. Use as ``async with`` (or call ``aclose()``) after ``start()``.
+
+    Deltas wait in a mailbox, one merged delta per prompt: a reader slower than the engine gets everything
+    that came meanwhile in one chunk, and the mailbox never holds more than one delta per prompt.
+    """
 
     def __init__(
         self,
@@ -78,10 +74,16 @@ class Generation:
         self.payloads = payloads
         self.recorder = recorder
         self.frontend = frontend  # the model's, if the caller already has it (chat rendered its template)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: list[_Stream] = []
-        self._early: deque[_Item] = deque()
+        self._news: dict[int, RequestDelta] = {}  # prompt -> what arrived since the reader last looked
+        self._broken: tuple[int, APIError] | None = None  # a started request failed (prompt, error)
+        self._fatal: APIError | None = None  # a rejection, the deadline, or shutdown: the whole request ends
+        self._disconnected = False
+        self._accepted = 0
+        self._last_news = time.monotonic()
+        self._keepalive_due = False
+        self._waiter: asyncio.Future[None] | None = None
         self._done: set[int] = set()  # prompts whose last chunk was yielded
         self._closed = False
 
@@ -89,64 +91,74 @@ class Generation:
         """Tokenize every prompt and start it on a worker; return once each was accepted. Raises the first
         rejection as ``APIError`` (or ``ClientDisconnected``) and closes everything then."""
         self.recorder.metrics.in_flight.inc()
-        self._tasks.append(asyncio.create_task(self._watch_disconnect(), name="disconnect-watch"))
-        self._tasks.append(asyncio.create_task(self._watch_stop(), name="stop-watch"))
+        self._watch(self._watch_disconnect(), self._watch_stop(), self._watch_silence())
         if self.upstream.request_timeout_s is not None:
-            self._tasks.append(asyncio.create_task(self._watch_deadline(), name="deadline-watch"))
+            self._watch(self._watch_deadline())
         try:
             frontend = self.frontend or await self.upstream.frontend(self.model)
             for payload in self.payloads:
                 request = await frontend.prepare(payload)
                 self._streams.append(_Stream(request, ChunkBuilder(frontend.token_texts, request)))
-            for i in range(len(self._streams)):
-                self._tasks.append(asyncio.create_task(self._open(i), name=f"open-{i}"))
-            accepted = 0
-            while accepted < len(self._streams):
-                item = await self._queue.get()
-                if item.prompt < 0 and item.error is None:
+            self._watch(*(self._open(i) for i in range(len(self._streams))))
+            while self._accepted < len(self._streams):
+                if self._disconnected:
                     raise ClientDisconnected()
-                if item.in_stream:
-                    self._early.append(item)  # before every prompt was accepted: events() replays it
-                elif item.error is not None:
-                    raise item.error
-                else:
-                    accepted += 1
+                if self._fatal is not None:
+                    raise self._fatal
+                await self._wait()
         except BaseException:
             await self.aclose()
             raise
 
-    async def events(self) -> AsyncIterator[tuple[int, WorkerStreamChunk]]:
-        """Every chunk (each prompt's first one with its prompt fields) until all generations finished.
+    async def events(self, keepalive: bool = False) -> AsyncIterator[tuple[int, WorkerStreamChunk] | None]:
+        """Every chunk (each prompt's first one with its prompt fields) until all generations finished;
+        with ``keepalive``, ``None`` too whenever nothing came for ``sse_keepalive_s``.
 
         Raises ``StreamBroken`` when one fails and ``ClientDisconnected`` when the client is gone.
         """
         while len(self._done) < len(self._streams):
-            item = self._early.popleft() if self._early else await self._queue.get()
-            if item.prompt < 0 and item.error is None:
+            if self._disconnected:
                 raise ClientDisconnected()
-            if item.error is not None:
-                if item.prompt >= 0:
-                    self._streams[item.prompt].finished = True
-                    self.recorder.on_stream_error(item.prompt)
-                raise StreamBroken(item.error.info())
-            stream = self._streams[item.prompt]
-            builder, delta = stream.builder, item.delta
-            stream.finished = delta.finished
-            if builder.first:
-                builder.first = False
-                yield item.prompt, builder.prompt_chunk(delta)
-            chunk = builder.chunk(delta)
-            for index in builder.stopped:  # a stop string ended this completion: stop generating it
-                stream.channel.abort(stream.request.request_id, index)
-            if chunk is None:
+            if self._news:
+                news, self._news = self._news, {}
+                for prompt, delta in news.items():
+                    for chunk in self._chunks(prompt, delta):
+                        yield prompt, chunk
                 continue
-            self.recorder.on_chunk(item.prompt, chunk)
+            failure = self._broken or ((-1, self._fatal) if self._fatal is not None else None)
+            if failure is not None:
+                prompt, error = failure
+                if prompt >= 0:
+                    self._streams[prompt].finished = True
+                    self.recorder.on_stream_error(prompt)
+                raise StreamBroken(error.info())
+            if self._keepalive_due:
+                self._keepalive_due = False
+                if keepalive:
+                    yield None
+                continue
+            await self._wait()
+
+    def _chunks(self, prompt: int, delta: RequestDelta) -> list[WorkerStreamChunk]:
+        stream = self._streams[prompt]
+        builder = stream.builder
+        stream.finished = delta.finished
+        chunks = []
+        if builder.first:
+            builder.first = False
+            chunks.append(builder.prompt_chunk(delta))
+        chunk = builder.chunk(delta)
+        for index in builder.stopped:  # a stop string ended this completion: stop generating it
+            stream.channel.abort(stream.request.request_id, index)
+        if chunk is not None:
+            self.recorder.on_chunk(prompt, chunk)
             if chunk.finished:
-                self._done.add(item.prompt)
+                self._done.add(prompt)
                 if not stream.finished:  # stop strings ended every completion before the engine did
                     stream.channel.abort(stream.request.request_id)
                     stream.finished = True
-            yield item.prompt, chunk
+            chunks.append(chunk)
+        return chunks
 
     async def aclose(self) -> None:
         """Abort what still runs and cancel the watchers; safe to call twice."""
@@ -170,44 +182,100 @@ class Generation:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def _open(self, prompt: int) -> None:
-        stream, put = self._streams[prompt], self._queue.put_nowait
+    def _watch(self, *coros) -> None:
+        self._tasks.extend(asyncio.create_task(coro) for coro in coros)
 
-        def sink(item: RequestDelta | ErrorInfo) -> None:
-            if isinstance(item, RequestDelta):
-                put(_Item(prompt, delta=item, in_stream=True))
+    def _notify(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _deliver(self, prompt: int, item: RequestDelta | ErrorInfo) -> None:
+        """A sink: the channel's reader calls it with each delta of ``prompt``'s request, or its failure."""
+        self._last_news = time.monotonic()
+        if isinstance(item, ErrorInfo):
+            if self._broken is None:
+                self._broken = (prompt, APIError.from_info(item))
+        else:
+            pending = self._news.get(prompt)
+            if pending is None:
+                self._news[prompt] = item
             else:
-                put(_Item(prompt, error=APIError.from_info(item), in_stream=True))
+                _merge(pending, item)
+        self._notify()
 
+    def _end(self, error: APIError | None) -> None:
+        if error is None:
+            self._disconnected = True
+        elif self._fatal is None:
+            self._fatal = error
+        self._notify()
+
+    async def _open(self, prompt: int) -> None:
+        stream = self._streams[prompt]
         request = stream.request
         try:
             fingerprint = prompt_fingerprint(request.prompt_token_ids)  # steers cache_aware dispatch
-            stream.channel = await self.upstream.open_stream(self.model, request, sink, fingerprint)
+            stream.channel = await self.upstream.open_stream(
+                self.model, request, functools.partial(self._deliver, prompt), fingerprint
+            )
             if self._closed:  # accepted as the request was being closed
                 stream.channel.abort(request.request_id)
                 return
-            put(_Item(prompt, accepted=True))
+            self._accepted += 1
+            self._notify()
         except APIError as exc:
-            put(_Item(prompt, error=exc))
+            self._end(exc)
         except Exception as exc:  # a bug on this path: logged with its traceback, and the client is told
             log.exception("starting request %s failed", request.request_id)
-            put(_Item(prompt, error=APIError(f"internal error: {type(exc).__name__}", status=500)))
+            self._end(APIError(f"internal error: {type(exc).__name__}", status=500))
 
     async def _watch_stop(self) -> None:
         await self.upstream.stopping.wait()
-        error = service_unavailable("the server is shutting down", code="server_shutting_down")
-        self._queue.put_nowait(_Item(-1, error=error))
+        self._end(service_unavailable("the server is shutting down", code="server_shutting_down"))
 
     async def _watch_deadline(self) -> None:
         timeout = self.upstream.request_timeout_s
         await asyncio.sleep(timeout)
         message = f"the request did not finish within the server's request timeout ({timeout:g} s)"
-        self._queue.put_nowait(_Item(-1, error=APIError(message, status=504, code="request_timeout")))
+        self._end(APIError(message, status=504, code="request_timeout"))
+
+    async def _watch_silence(self) -> None:
+        interval = self.upstream.sse_keepalive_s
+        while True:
+            await asyncio.sleep(max(0.0, self._last_news + interval - time.monotonic()))
+            if time.monotonic() - self._last_news >= interval:
+                self._last_news = time.monotonic()
+                self._keepalive_due = True
+                self._notify()
 
     async def _watch_disconnect(self) -> None:
         # The body has been read, so the next ASGI message is the disconnect (or the response completing).
         while True:
             message = await self.request.receive()
             if message["type"] == "http.disconnect":
-                self._queue.put_nowait(_Item(-1))
+                self._end(None)
                 return
+
+
+def _merge(pending: RequestDelta, later: RequestDelta) -> None:
+    """Fold ``later`` into ``pending`` (both of one request, in order): one delta with everything new."""
+    seqs = {seq.index: seq for seq in pending.seqs}
+    for seq in later.seqs:
+        into = seqs.get(seq.index)
+        if into is None:
+            pending.seqs.append(seq)
+            continue
+        into.token_ids.extend(seq.token_ids)
+        if into.logprobs is not None and seq.logprobs is not None:
+            into.logprobs.extend(seq.logprobs)
+        into.finish_reason, into.stop_reason = seq.finish_reason, seq.stop_reason
+    pending.finished = later.finished
+    pending.error = pending.error or later.error
+    if pending.prompt_logprobs is None:
+        pending.prompt_logprobs = later.prompt_logprobs
+    pending.num_cached_tokens = later.num_cached_tokens

@@ -1,4 +1,5 @@
-"""Launcher: runs controller, worker and API server apps under Uvicorn, alone or all three in one process.
+"""Launcher: runs controller, worker and API server apps under Uvicorn, alone or (``serve``) the controller and
+a worker in one process and the API server in processes of its own (``api_processes``).
 
 Signals are handled here once for every server in the process: Ctrl-C (or SIGTERM) first ends every open
 stream with an error (the engine stops taking work, the API server closes its streams with an error event and
@@ -13,12 +14,14 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 
 from longserve.config import EngineConfig, ServeConfig
@@ -36,6 +39,7 @@ class AppSpec:
     host: str
     port: int
     on_stop: Callable[[], None] | None = None  # called on the loop when stopping begins; must not block
+    reuse_port: bool = False  # bind with SO_REUSEPORT: several processes serve this port (api_processes)
 
 
 class _Server(uvicorn.Server):
@@ -120,7 +124,18 @@ async def run_apps(
 
 async def _serve(server: _Server, spec: AppSpec) -> None:
     try:
-        await server.serve()
+        if spec.reuse_port:
+            sock = socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((spec.host, spec.port))
+            except OSError as exc:
+                sock.close()
+                raise SystemExit(1) from exc
+            await server.serve(sockets=[sock])
+        else:
+            await server.serve()
     except SystemExit as exc:  # Uvicorn exits the process when it cannot bind; here that is one failed part
         raise RuntimeError(
             f"could not start the {spec.name} on {spec.host}:{spec.port} (is the port in use?)"
@@ -136,34 +151,42 @@ async def start_engine(engine_config: EngineConfig, serve_config: ServeConfig):
 
 
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
-    """``longserve serve``: controller, one worker with the model and the API server, in this process."""
-    from longserve.serve.api_server import begin_shutdown, create_api_app
+    """``longserve serve``: the controller and one worker with the model in this process, the API server in
+    ``api_server_count`` processes of its own (``api_processes``)."""
+    from longserve.serve.api_processes import ApiServerProcesses
     from longserve.serve.controller import create_controller_app
     from longserve.serve.worker import create_worker_app
 
     host = serve_config.host
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
     name = serve_config.model_name or model_display_name(engine_config.model)
+    api = ApiServerProcesses(serve_config, serve_config.api_server_count)
     engine = await start_engine(engine_config, serve_config)
     try:
         worker_app = create_worker_app(engine, serve_config, name)
-        api_app = create_api_app(serve_config)
+
+        def begin_shutdown() -> None:
+            api.begin_shutdown()  # the API servers end their streams with an error event
+            engine.begin_shutdown()
+
         specs = [
             AppSpec("controller", create_controller_app(serve_config), host, serve_config.controller_port),
-            AppSpec("worker", worker_app, host, serve_config.worker_port, engine.begin_shutdown),
-            AppSpec("api server", api_app, host, serve_config.api_port, lambda: begin_shutdown(api_app)),
+            AppSpec("worker", worker_app, host, serve_config.worker_port, begin_shutdown),
         ]
 
         async def announce() -> None:
-            # The ready line means a request sent now is served: the controller lists the worker's model.
+            # The ready line means a request sent now is served: the controller lists the worker's model,
+            # and every API server process listens.
             await wait_until_listed(serve_config.controller_address, name)
+            await api.start()
             url = f"http://{host}:{serve_config.api_port}"
             print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
             if serve_config.web_ui:
                 print(f"longserve: web chat at {url}/", flush=True)
 
-        await run_apps(specs, announce, fatal=lambda: engine.failure)
+        await run_apps(specs, announce, fatal=lambda: engine.failure or api.failure())
     finally:
+        await api.stop()
         await engine.ashutdown()
 
 
@@ -210,12 +233,49 @@ async def serve_controller(serve_config: ServeConfig) -> None:
 
 
 async def serve_api(serve_config: ServeConfig) -> None:
+    """``longserve api``: one API server in this process, or ``api_server_count`` processes on one port."""
+    host, port = serve_config.host, serve_config.api_port
+    chat = f", web chat at http://{host}:{port}/" if serve_config.web_ui else ""
+    ready_line = f"longserve API at http://{host}:{port}/v1{chat}"
+    if serve_config.api_server_count == 1:
+        await serve_api_process(serve_config, lambda: print(ready_line, flush=True), reuse_port=False)
+        return
+    from longserve.serve.api_processes import ApiServerProcesses
+
+    api = ApiServerProcesses(serve_config, serve_config.api_server_count)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await api.start()
+        print(f"{ready_line} ({api.count} processes)", flush=True)
+        while not stop.is_set():
+            reason = api.failure()
+            if reason is not None:
+                raise RuntimeError(reason)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FATAL_POLL_S)
+    finally:
+        await api.stop()
+
+
+async def serve_api_process(
+    serve_config: ServeConfig, on_started: Callable[[], None], reuse_port: bool = True
+) -> None:
+    """One API server: the app on ``api_port`` until a signal stops it."""
     from longserve.serve.api_server import begin_shutdown, create_api_app
 
     app = create_api_app(serve_config)
-    spec = AppSpec("api server", app, serve_config.host, serve_config.api_port, lambda: begin_shutdown(app))
-    chat = f", web chat at http://{spec.host}:{spec.port}/" if serve_config.web_ui else ""
-    await run_apps([spec], lambda: print(f"longserve API at http://{spec.host}:{spec.port}/v1{chat}"))
+    spec = AppSpec(
+        "api server",
+        app,
+        serve_config.host,
+        serve_config.api_port,
+        lambda: begin_shutdown(app),
+        reuse_port=reuse_port,
+    )
+    await run_apps([spec], on_started)
 
 
 def run(coro) -> int:
@@ -223,7 +283,9 @@ def run(coro) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per internal request is noise
     try:
-        asyncio.run(coro)
+        # uvloop: the event loop's own per-token costs (epoll, socket writes, wakeups) in C.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coro)
     except KeyboardInterrupt:
         pass
     except (RuntimeError, ValueError, OSError) as exc:

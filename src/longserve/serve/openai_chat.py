@@ -19,7 +19,14 @@ from fastapi.responses import Response
 from longserve.serve.errors import APIError
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.metrics import ApiMetrics, RequestRecorder
-from longserve.serve.openai_common import add_usage, json_response, sampling_options, sse, streaming_response
+from longserve.serve.openai_common import (
+    TextFrames,
+    add_usage,
+    json_response,
+    sampling_options,
+    sse,
+    streaming_response,
+)
 from longserve.serve.openai_tools import ToolOutput, plan_tools, tool_call_delta_infos, tool_call_infos
 from longserve.serve.protocol import (
     ChatChoice,
@@ -71,8 +78,7 @@ async def chat_completion(
 ) -> Response:
     run = await start_chat(req, request, upstream, metrics)
     if req.stream:
-        events = (sse(chunk) async for chunk in chat_chunks(run, req))
-        return streaming_response(run.generation, events)
+        return streaming_response(run.generation, chat_events(run, req))
     async with run.generation:
         return json_response(await whole_chat(run, req))
 
@@ -171,8 +177,9 @@ def _delta(text: str, tools: ToolOutput | None, finished: bool) -> DeltaMessage:
     return DeltaMessage(content=parsed.content, tool_calls=tool_call_delta_infos(parsed.tool_calls) or None)
 
 
-async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-    """The answer as OpenAI's stream chunks (a broken worker stream raises ``StreamBroken``)."""
+async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk | None]:
+    """The answer as OpenAI's stream chunks, ``None`` when a keep-alive is due (a broken generation raises
+    ``StreamBroken``)."""
     generation, request_id, tools = run.generation, run.request_id, run.tools
     created = now()
 
@@ -184,8 +191,11 @@ async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator
     for i in range(req.n):
         yield event([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     usage = UsageInfo()
-    async for _, chunk in generation.events():
-        for out in chunk.outputs:
+    async for item in generation.events(keepalive=True):
+        if item is None:
+            yield None  # nothing for a while: the writer sends a keep-alive
+            continue
+        for out in item[1].outputs:
             logprobs = None
             if req.logprobs and out.logprobs:
                 logprobs = ChatLogprobs(content=chat_logprobs(out.logprobs, req.top_logprobs or 0))
@@ -208,6 +218,38 @@ async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator
                 stop_reason=out.stop_reason,
             )
             yield event([choice])
-        add_usage(usage, chunk.usage)
+        add_usage(usage, item[1].usage)
     if req.include_usage:
         yield event([], usage)
+
+
+async def chat_events(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator[str | None]:
+    """The stream's SSE frames; a chunk with only some text (most of them) is spliced into a pre-encoded one."""
+    frames: TextFrames | None = None
+    async for chunk in chat_chunks(run, req):
+        if chunk is None:
+            yield None
+            continue
+        choice = chunk.choices[0] if len(chunk.choices) == 1 and chunk.usage is None else None
+        if choice is not None and _text_only(choice):
+            if frames is None:
+                frames = TextFrames(
+                    lambda index, text, like=chunk: like.model_copy(
+                        update={"choices": [ChatChunkChoice(index=index, delta=DeltaMessage(content=text))]}
+                    )
+                )
+            yield frames.frame(choice.index, choice.delta.content)
+        else:
+            yield sse(chunk)
+
+
+def _text_only(choice: ChatChunkChoice) -> bool:
+    delta = choice.delta
+    return (
+        bool(delta.content)
+        and delta.role is None
+        and not delta.tool_calls
+        and choice.logprobs is None
+        and choice.finish_reason is None
+        and choice.stop_reason is None
+    )

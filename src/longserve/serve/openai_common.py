@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+import msgspec
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -17,7 +18,6 @@ from starlette.types import Receive, Scope, Send
 from longserve.engine.sampling_params import SamplingParams, StructuredOutputParams
 from longserve.serve.errors import APIError, ClientDisconnected
 from longserve.serve.generation import Generation, StreamBroken
-from longserve.serve.keepalive import with_keepalive
 from longserve.serve.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
 from longserve.serve.worker_protocol import ErrorInfo, SamplingOptions, StructuredOutputOptions, Usage
 
@@ -88,6 +88,27 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
+class TextFrames:
+    """SSE frames of the chunk nearly every token makes: one choice whose only news is some text. The chunk is
+    encoded once per choice index with a marker for the text; each frame then splices the text in, encoded
+    as pydantic encodes a string, so the bytes are those of ``sse(build(index, text))``."""
+
+    _MARK = "\x00"
+    _MARK_JSON = '"\\u0000"'
+
+    def __init__(self, build: Callable[[int, str], BaseModel]) -> None:
+        self._build = build
+        self._parts: dict[int, tuple[str, str]] = {}
+        self._encode = msgspec.json.Encoder().encode
+
+    def frame(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            head, tail = self._build(index, self._MARK).model_dump_json().split(self._MARK_JSON)
+            parts = self._parts[index] = (f"data: {head}", f"{tail}\n\n")
+        return parts[0] + self._encode(text).decode() + parts[1]
+
+
 def sse_error(info: ErrorInfo) -> str:
     """The event a stream ends with when it breaks (followed by [DONE]); OpenAI clients raise on it."""
     error = {"message": info.message, "type": info.type, "param": info.param, "code": info.code}
@@ -105,14 +126,14 @@ def add_usage(total: UsageInfo, usage: Usage | None) -> None:
             total.prompt_tokens_details = details
 
 
-async def sse_events(body: AsyncIterator[str], keepalive_s: float) -> AsyncIterator[str]:
-    """``body``'s events, then [DONE]; a broken worker stream becomes an error event before [DONE].
+async def sse_events(body: AsyncIterator[str | None]) -> AsyncIterator[str]:
+    """``body``'s events, then [DONE]; a broken generation becomes an error event before [DONE].
 
-    While nothing comes for ``keepalive_s`` (a long queue or prefill), an SSE comment line goes out, which
-    clients ignore, so proxies and client read timeouts see a live stream.
+    ``body`` yields ``None`` when nothing came for a while (a long queue or prefill): an SSE comment line goes
+    out, which clients ignore, so proxies and client read timeouts see a live stream.
     """
     try:
-        async with aclosing(with_keepalive(body, keepalive_s)) as events:  # closed (step cancelled) on exit
+        async with aclosing(body) as events:
             async for event in events:
                 yield SSE_KEEPALIVE if event is None else event
     except StreamBroken as exc:
@@ -148,5 +169,5 @@ class EventStreamResponse(StreamingResponse):
                 await self._on_close()
 
 
-def streaming_response(generation: Generation, body: AsyncIterator[str]) -> EventStreamResponse:
-    return EventStreamResponse(sse_events(body, generation.upstream.sse_keepalive_s), generation.aclose)
+def streaming_response(generation: Generation, body: AsyncIterator[str | None]) -> EventStreamResponse:
+    return EventStreamResponse(sse_events(body), generation.aclose)

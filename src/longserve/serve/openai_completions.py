@@ -22,7 +22,14 @@ from fastapi.responses import Response
 from longserve.serve.errors import APIError
 from longserve.serve.generation import Generation, StreamBroken
 from longserve.serve.metrics import ApiMetrics, RequestRecorder
-from longserve.serve.openai_common import add_usage, json_response, sampling_options, sse, streaming_response
+from longserve.serve.openai_common import (
+    TextFrames,
+    add_usage,
+    json_response,
+    sampling_options,
+    sse,
+    streaming_response,
+)
 from longserve.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -83,11 +90,23 @@ async def completion(
 
 async def _chunks(
     generation: Generation, builder: _Builder, req: CompletionRequest, request_id: str
-) -> AsyncIterator[str]:
+) -> AsyncIterator[str | None]:
     created = now()
-    async for prompt_index, chunk in generation.events():
-        for choice in builder.update(prompt_index, chunk):
-            yield sse(CompletionResponse(id=request_id, created=created, model=req.model, choices=[choice]))
+
+    def response(choices: list[CompletionChoice]) -> CompletionResponse:
+        return CompletionResponse(id=request_id, created=created, model=req.model, choices=choices)
+
+    # A choice with only some text (most of them) is spliced into a pre-encoded frame.
+    frames = TextFrames(lambda index, text: response([CompletionChoice(index=index, text=text)]))
+    async for item in generation.events(keepalive=True):
+        if item is None:
+            yield None  # nothing for a while: the writer sends a keep-alive
+            continue
+        for choice in builder.update(*item):
+            if choice.logprobs is None and choice.finish_reason is None and choice.stop_reason is None:
+                yield frames.frame(choice.index, choice.text)
+            else:
+                yield sse(response([choice]))
     if req.include_usage:
         yield sse(
             CompletionResponse(

@@ -151,6 +151,9 @@ async def _events(run, chat, req: ResponsesRequest, response_id: str) -> AsyncIt
     yield event("response.in_progress", response=start)
     try:
         async for chunk in chat_chunks(run, chat):
+            if chunk is None:
+                yield None  # nothing for a while: the writer sends a keep-alive
+                continue
             usage = chunk.usage or usage
             for choice in chunk.choices:
                 finish_reason = choice.finish_reason or finish_reason

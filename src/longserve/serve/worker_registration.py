@@ -150,7 +150,9 @@ class ControllerLink:
             response.raise_for_status()
             exist = HeartBeatResponse.model_validate(response.json()).exist
         except Exception as exc:  # unreachable for now: keep beating; once back, it answers exist=False
-            log.warning("heartbeat to controller %s failed: %r", self.controller_address, exc)
+            # A worker going down tells the controller if it can; in `serve` the controller stops meanwhile.
+            level = logging.WARNING if ready else logging.INFO
+            log.log(level, "heartbeat to controller %s failed: %r", self.controller_address, exc)
             return True
         self.num_heart_beats += 1
         return exist
