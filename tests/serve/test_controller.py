@@ -56,6 +56,14 @@ def test_equal_queues_spread_over_both_workers() -> None:
     assert sorted(w.status.queue_length for w in controller.list_workers()) == [5, 5]
 
 
+def test_a_look_up_is_not_counted_as_load() -> None:
+    controller, _ = make_controller()
+    controller.register(A, status("m"))
+    controller.register(B, status("m"))
+    assert [controller.get_worker_address("m", dispatch=False) for _ in range(3)] == [A, A, A]
+    assert [w.status.queue_length for w in controller.list_workers()] == [0, 0]
+
+
 def test_ties_are_broken_randomly() -> None:
     firsts = set()
     for seed in range(20):

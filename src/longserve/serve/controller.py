@@ -248,10 +248,15 @@ class Controller:
     # ---- dispatch -------------------------------------------------------------------------------------------
 
     def get_worker_address(
-        self, model: str, exclude: Iterable[str] = (), fingerprint: list[int] | None = None
+        self,
+        model: str,
+        exclude: Iterable[str] = (),
+        fingerprint: list[int] | None = None,
+        dispatch: bool = True,
     ) -> str:
         """A live worker serving ``model`` and not in ``exclude``; "" when there is none. ``fingerprint`` (the
-        prompt's, see ``prefix_routing``) steers ``cache_aware`` dispatch."""
+        prompt's, see ``prefix_routing``) steers ``cache_aware`` dispatch. ``dispatch=False`` only asks who
+        serves the model (a front end fetching its tokenizer): the first such worker, nothing counted."""
         excluded = {_normalize(address) for address in exclude}
         candidates = [
             (address, rec)
@@ -260,6 +265,8 @@ class Controller:
         ]
         if not candidates:
             return ""
+        if not dispatch:
+            return candidates[0][0]
         if self.dispatch_method == "lottery":
             return self._pick_lottery(candidates)
         if self.dispatch_method == "cache_aware" and fingerprint:
@@ -418,7 +425,8 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
 
     @app.post("/get_worker_address")
     async def get_worker_address(body: GetWorkerAddressRequest, request: Request) -> GetWorkerAddressResponse:
-        address = get_state(request).controller.get_worker_address(body.model, body.exclude, body.fingerprint)
+        controller = get_state(request).controller
+        address = controller.get_worker_address(body.model, body.exclude, body.fingerprint, body.dispatch)
         return GetWorkerAddressResponse(address=address)
 
     @app.post("/report_unresponsive_worker")

@@ -168,9 +168,18 @@ class Upstream:
         """The models live workers serve, with each one's context length."""
         return await self._controller("/list_models", None, ListModelsResponse)
 
-    async def pick_worker(self, model: str, exclude: list[str], fingerprint: list[int] | None = None) -> str:
-        """A worker address for ``model``: 404 if no worker ever serves it, 503 if none can take it now."""
-        request = GetWorkerAddressRequest(model=model, exclude=exclude, fingerprint=fingerprint or [])
+    async def pick_worker(
+        self,
+        model: str,
+        exclude: list[str],
+        fingerprint: list[int] | None = None,
+        dispatch: bool = True,
+    ) -> str:
+        """A worker address for ``model``: 404 if no worker ever serves it, 503 if none can take it now.
+        ``dispatch=False``: a look-up that the controller does not count as load."""
+        request = GetWorkerAddressRequest(
+            model=model, exclude=exclude, fingerprint=fingerprint or [], dispatch=dispatch
+        )
         address = (await self._controller("/get_worker_address", request, GetWorkerAddressResponse)).address
         if address:
             return address.rstrip("/")
@@ -186,7 +195,11 @@ class Upstream:
     # ---- workers ------------------------------------------------------------------------------------------
 
     async def _with_failover(
-        self, model: str, attempt: Callable[[str], Awaitable[R]], fingerprint: list[int] | None = None
+        self,
+        model: str,
+        attempt: Callable[[str], Awaitable[R]],
+        fingerprint: list[int] | None = None,
+        dispatch: bool = True,
     ) -> R:
         """``attempt(address)`` on a worker the controller picks; one that raises ``_TryAnother`` (it never
         answered, or answered 503) is excluded and another asked."""
@@ -194,7 +207,7 @@ class Upstream:
         last_error: APIError | None = None
         for _ in range(self.connect_retries + 1):
             try:
-                address = await self.pick_worker(model, exclude, fingerprint)
+                address = await self.pick_worker(model, exclude, fingerprint, dispatch)
             except APIError:
                 if last_error is not None:  # the controller has no one else: report what the last one said
                     raise last_error from None
@@ -238,7 +251,7 @@ class Upstream:
         """``model``'s tokenizer, template and limits (fetched from one of its workers the first time)."""
 
         async def fetch() -> FrontendInfo:
-            return await self._with_failover(model, self._frontend_info)
+            return await self._with_failover(model, self._frontend_info, dispatch=False)
 
         return await self.frontends.model(model, fetch)
 

@@ -95,6 +95,7 @@ class GetWorkerAddressRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list)  # workers the caller just failed to reach
     # the prompt's prefix fingerprint (serve/prefix_routing.py), for cache_aware dispatch; empty: none
     fingerprint: list[int] = Field(default_factory=list)
+    dispatch: bool = True  # False: a look-up, not a generation (the worker's load count is left alone)
 
 
 class GetWorkerAddressResponse(BaseModel):
