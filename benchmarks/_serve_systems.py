@@ -128,6 +128,26 @@ def proc_cpu_s(pid: int, descendants: bool = True) -> float:
     return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def role_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a server and its live children by role: "server" (the process itself; for longserve the
+    controller and the worker), "api" (longserve's API server processes), "core" (its engine core) and
+    "other" children (multiprocessing's resource tracker, ...)."""
+    stats = _proc_stats()
+    tick = os.sysconf("SC_CLK_TCK")
+    roles = {"server": stats.get(pid, (0, 0))[1] / tick, "api": 0.0, "core": 0.0, "other": 0.0}
+    for child, (ppid, jiffies) in stats.items():
+        if ppid != pid:
+            continue
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        role = "core" if "core_process" in command else "api" if "spawn_main" in command else "other"
+        roles[role] += proc_cpu_s(child) if role == "core" else jiffies / tick
+    return roles
+
+
 def discount(cont: dict, cpu_s: float) -> dict:
     """``contention()`` counts only this process as its own: take the system under test's CPU out of
     "others" too (a server process and its children, or this process's engine core child)."""
@@ -351,7 +371,7 @@ def run_engine_phases(system: str, spec: dict) -> dict:
                     if spec.get("wait_idle", 0) > 0:
                         wait_for_idle(spec["wait_idle"])
                     before, tree0 = cpu_snapshot(), proc_cpu_s(os.getpid())
-                    results, duration, peak = await run_requests(request, n, conc)
+                    results, duration, peak = await run_requests(request, range(n), conc)
                     # the engine core is our child process: its CPU is our own too, not interference
                     cont = discount(contention(before), proc_cpu_s(os.getpid()) - tree0)
                     summary = summarize(results, conc, duration, peak)

@@ -45,6 +45,7 @@ from _serve_systems import (
     least_contended,
     missing_requirement,
     proc_cpu_s,
+    role_cpu_s,
     run_engine_phases,
     spawn_engine,
     start_server,
@@ -146,20 +147,24 @@ def measure_phase(system: str, config: BenchConfig, args: argparse.Namespace, se
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle)
         before, server_cpu0 = cpu_snapshot(), proc_cpu_s(server_pid)
-        front_cpu0 = proc_cpu_s(server_pid, descendants=False)
+        roles0 = role_cpu_s(server_pid)
         result = asyncio.run(run_load(config))
+        roles1 = role_cpu_s(server_pid)
         cont = contention(before)
         # contention() counts only this process as "own": the server's CPU is ours too, not interference
         cont = discount(cont, cont["own_cpu_s"] + proc_cpu_s(server_pid) - server_cpu0)
         s = result.summary
-        # The server's own process, its children (longserve's engine core) left out: for longserve that is
-        # the API server, controller and worker event loops; llama-server is one process, so all of it.
-        front_ms = 1000 * (proc_cpu_s(server_pid, descendants=False) - front_cpu0) / max(s.output_tokens, 1)
-        cont["front_cpu_ms_per_token"] = front_ms
+        # CPU per streamed token by process: for longserve "api" is its API server processes and "server"
+        # the controller and worker; llama-server is one process ("server"), so all of it.
+        tokens = max(s.output_tokens, 1)
+        per_token = {role: 1e6 * (roles1[role] - roles0[role]) / tokens for role in roles0}
+        cont["cpu_us_per_token"] = per_token
+        cont["front_cpu_ms_per_token"] = (per_token["server"] + per_token["api"] + per_token["other"]) / 1000
         print(
             f"[bench] {LABELS[system]} c={config.concurrency}: {s.completed}/{s.num_requests} ok, "
-            f"{s.output_tokens_per_s:.1f} tok/s, others {cont['others_share']:.0%}, "
-            f"server process (children excluded) {front_ms:.2f} ms CPU per streamed token",
+            f"{s.output_tokens_per_s:.1f} tok/s, others {cont['others_share']:.0%}, CPU per streamed token: "
+            f"API server {per_token['api']:.0f} µs, controller+worker (llama-server: all) "
+            f"{per_token['server']:.0f} µs, engine core {per_token['core']:.0f} µs",
             flush=True,
         )
         attempts.append(

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
@@ -89,15 +91,19 @@ class BenchConfig:
     ignore_eos: bool = False  # vLLM/longserve extension; servers that ignore unknown fields are unaffected
     include_usage: bool = True  # ask for stream_options.include_usage (token counts from the server)
     extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
-    prompts: tuple[str, ...] = field(default_factory=default_prompts)  # request i uses prompts[i % len]
+    # Request i uses prompts[i % len]; a prompt may be token ids (completions only).
+    prompts: tuple[str | list[int], ...] = field(default_factory=default_prompts)
     api_key: str | None = None
     timeout_s: float = 600.0  # per request, connect to last byte
     warmup_requests: int = 0  # sent one at a time before the measurement, not counted
     ready_timeout_s: float = 60.0  # wait this long for the server's /health to answer 200 before sending
+    # Client processes sharing the load (requests and concurrency split evenly): one Python process parses
+    # some tens of thousands of SSE events a second, less than a GPU server can stream.
+    processes: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
-            raise ValueError("num_requests, concurrency and max_tokens must be >= 1")
+        if self.num_requests < 1 or self.concurrency < 1 or self.max_tokens < 1 or self.processes < 1:
+            raise ValueError("num_requests, concurrency, max_tokens and processes must be >= 1")
         if not self.prompts:
             raise ValueError("prompts must not be empty")
 
@@ -244,11 +250,7 @@ async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:
 
 async def run_load(config: BenchConfig) -> BenchResult:
     """Send ``config.num_requests`` streaming requests, ``config.concurrency`` at a time; time every one."""
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-    # One connection per concurrent request, so the semaphore, not the connection pool, sets the load.
-    connector = aiohttp.TCPConnector(limit=config.concurrency)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+    async with _session(config) as session:
         await wait_until_ready(session, config.base_url, config.ready_timeout_s)
         model = config.model or await first_model(session, config.base_url)
         client = _Client(config, session, model)
@@ -256,10 +258,63 @@ async def run_load(config: BenchConfig) -> BenchResult:
             warm = await client.request(i, time.perf_counter(), max_tokens=min(8, config.max_tokens))
             if not warm.ok:
                 raise RuntimeError(f"warm-up request failed: {warm.error}")
-        results, duration, peak = await run_requests(client.request, config.num_requests, config.concurrency)
+        if config.processes == 1:
+            results, duration, peak = await run_requests(
+                client.request, range(config.num_requests), config.concurrency
+            )
+        else:
+            results, duration, peak = await _run_in_processes(config, model)
     conf = asdict(config) | {"model": model, "prompts": len(config.prompts)}
     conf.pop("api_key")
     return BenchResult(summarize(results, config.concurrency, duration, peak), results, conf)
+
+
+def _session(config: BenchConfig) -> aiohttp.ClientSession:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    # One connection per concurrent request, so the semaphore, not the connection pool, sets the load.
+    connector = aiohttp.TCPConnector(limit=config.concurrency)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
+
+
+async def _run_in_processes(config: BenchConfig, model: str) -> tuple[list[RequestResult], float, int]:
+    """The run split over ``config.processes`` processes that start together; results merged in order."""
+    count = min(config.processes, config.concurrency, config.num_requests)
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(count, mp_context=context) as pool:
+        # Every process up and its imports done before the clock starts.
+        await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 0.3) for _ in range(count)))
+        start_at = time.perf_counter() + 0.2  # CLOCK_MONOTONIC: one clock for every process of this host
+        shares = [
+            loop.run_in_executor(
+                pool,
+                _run_share,
+                config,
+                model,
+                list(range(i, config.num_requests, count)),
+                config.concurrency // count + (i < config.concurrency % count),
+                start_at,
+            )
+            for i in range(count)
+        ]
+        done = await asyncio.gather(*shares)
+    results = sorted((r for share, _, _ in done for r in share), key=lambda r: r.index)
+    return results, max(end for _, end, _ in done) - start_at, sum(peak for _, _, peak in done)
+
+
+def _run_share(
+    config: BenchConfig, model: str, indices: list[int], concurrency: int, start_at: float
+) -> tuple[list[RequestResult], float, int]:
+    """One client process's part of the run (the target of ``_run_in_processes``)."""
+
+    async def share() -> tuple[list[RequestResult], float, int]:
+        async with _session(replace(config, concurrency=concurrency)) as session:
+            client = _Client(config, session, model)
+            results, _, peak = await run_requests(client.request, indices, concurrency, start_at)
+            return results, time.perf_counter(), peak
+
+    return asyncio.run(share())
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -279,6 +334,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument(
         "--ready-timeout", type=float, default=60.0, help="seconds to wait for /health 200 before sending"
     )
+    p.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     p.add_argument("--json", dest="json_path", help="write the summary and per-request results here")
     args = p.parse_args(argv)
     try:
@@ -296,6 +352,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             api_key=args.api_key,
             warmup_requests=args.warmup,
             ready_timeout_s=args.ready_timeout,
+            processes=args.processes,
         )
         result = asyncio.run(run_load(config))
     except (ValueError, RuntimeError, aiohttp.ClientError) as exc:

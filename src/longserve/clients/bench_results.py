@@ -161,15 +161,21 @@ def summarize(
 
 
 async def run_requests(
-    one_request: Callable[[int, float], Awaitable[RequestResult]], num_requests: int, concurrency: int
+    one_request: Callable[[int, float], Awaitable[RequestResult]],
+    indices: range | list[int],
+    concurrency: int,
+    run_start: float | None = None,
 ) -> tuple[list[RequestResult], float, int]:
-    """Run ``one_request(index, run_start)`` for every index, at most ``concurrency`` at once.
+    """Run ``one_request(index, run_start)`` for every index, at most ``concurrency`` at once, from
+    ``run_start`` (a ``time.perf_counter()`` value; default now).
 
     Returns the results in index order, the run's duration and the most requests seen in flight at once.
     """
     gate = asyncio.Semaphore(concurrency)
     in_flight = peak = 0
-    run_start = time.perf_counter()
+    if run_start is None:
+        run_start = time.perf_counter()
+    await asyncio.sleep(max(0.0, run_start - time.perf_counter()))
 
     async def guarded(index: int) -> RequestResult:
         nonlocal in_flight, peak
@@ -181,7 +187,7 @@ async def run_requests(
             finally:
                 in_flight -= 1
 
-    results = await asyncio.gather(*(guarded(i) for i in range(num_requests)))
+    results = await asyncio.gather(*(guarded(i) for i in indices))
     return list(results), time.perf_counter() - run_start, peak
 
 
