@@ -32,7 +32,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from _bench_util import CONTENTION_WARN, contention, cpu_snapshot, default_model, machine_info, wait_for_idle
@@ -146,6 +146,10 @@ def measure_phase(system: str, config: BenchConfig, args: argparse.Namespace, se
     for _ in range(args.retries + 1):
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle)
+        if config.warmup_requests:  # first-call costs (the front end's tokenizer fetch) stay out of the CPU
+            warm = replace(config, num_requests=config.warmup_requests, concurrency=1, warmup_requests=0)
+            asyncio.run(run_load(replace(warm, max_tokens=min(8, config.max_tokens))))
+            config = replace(config, warmup_requests=0)
         before, server_cpu0 = cpu_snapshot(), proc_cpu_s(server_pid)
         roles0 = role_cpu_s(server_pid)
         result = asyncio.run(run_load(config))

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-import llguidance.torch
+import llguidance
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
@@ -134,6 +134,9 @@ class GrammarMasker:
 
         Returns the rows whose grammar allows nothing (a matcher in its error state); they are left as is.
         """
+        # Imported at first use: it pulls in torch._dynamo, a second or more of every engine's start-up.
+        import llguidance.torch
+
         rows, vocab = logits.shape
         bitmask = llguidance.torch.allocate_token_bitmask(rows, vocab)  # [rows, ceil(vocab / 32)] int32
         llguidance.torch.fill_next_token_bitmask_par(
