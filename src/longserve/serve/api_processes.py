@@ -11,6 +11,7 @@ parent is gone stops by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -37,27 +38,35 @@ class ApiServerProcesses:
         self.config = config
         self.count = count
         self.processes: list[BaseProcess] = []
+        self._pipes: list[Connection] = []  # to each process: "go" there, "ready" back
 
-    async def start(self) -> None:
-        """Start every process; return once each listens. RuntimeError if one fails to start."""
+    def spawn(self) -> None:
+        """Start the processes: they import everything, then wait for ``start()`` to let them listen (so
+        `serve` overlaps their start-up with the engine's, yet they answer only once the controller is up)."""
         context = multiprocessing.get_context("spawn")
-        waiting: list[Connection] = []
         for index in range(self.count):
-            receiver, sender = context.Pipe(duplex=False)
+            parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=_child_main,
-                args=(self.config, sender, os.getpid()),
+                args=(self.config, child_end, os.getpid()),
                 name=f"longserve-api-{index}",
                 daemon=False,  # its own event loop and shutdown; reaped in stop()
             )
             process.start()
-            sender.close()
+            child_end.close()
             self.processes.append(process)
-            waiting.append(receiver)
+            self._pipes.append(parent_end)
+
+    async def start(self) -> None:
+        """Let every process listen (spawning them first if ``spawn()`` was not called); return once each
+        does. RuntimeError if one fails to start."""
+        if not self.processes:
+            self.spawn()
+        for pipe in self._pipes:
+            pipe.send("go")
         deadline = time.monotonic() + START_TIMEOUT_S
-        for index, receiver in enumerate(waiting):
-            message = await asyncio.to_thread(_receive, receiver, deadline - time.monotonic())
-            receiver.close()
+        for index, pipe in enumerate(self._pipes):
+            message = await asyncio.to_thread(_receive, pipe, deadline - time.monotonic())
             if message != "ready":
                 await self.stop()
                 raise RuntimeError(f"API server process {index} did not start: {message}")
@@ -95,24 +104,29 @@ def _receive(receiver: Connection, timeout_s: float) -> str:
         return "it exited during start-up (see its log above)"
 
 
-def _child_main(config: ServeConfig, ready: Connection, parent_pid: int) -> None:
-    """One API server process (the target of ``spawn``)."""
-    from longserve.serve import launcher
+def _child_main(config: ServeConfig, pipe: Connection, parent_pid: int) -> None:
+    """One API server process (the target of ``spawn``): import, wait for "go", serve."""
+    from longserve.serve import api_server, launcher  # noqa: F401 - the slow part, done while waiting
+
+    # Ctrl-C in a terminal reaches the whole process group: until it serves, the parent decides (SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while not pipe.poll(PARENT_POLL_S):
+        if os.getppid() != parent_pid:
+            return  # the parent is gone before we served anything
+    if pipe.recv() != "go":
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     async def main() -> None:
-        def started() -> None:
-            ready.send("ready")
-            ready.close()
-
         watch = asyncio.create_task(_exit_with_parent(parent_pid))
         try:
-            await launcher.serve_api_process(config, started)
+            await launcher.serve_api_process(config, lambda: pipe.send("ready"))
         finally:
             watch.cancel()
 
     code = launcher.run(main())
-    if not ready.closed:
-        ready.send(f"exit code {code}")
+    with contextlib.suppress(OSError):
+        pipe.send(f"exit code {code}")  # read only if it never got to "ready"
     raise SystemExit(code)
 
 

@@ -161,13 +161,10 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
     name = serve_config.model_name or model_display_name(engine_config.model)
     api = ApiServerProcesses(serve_config, serve_config.api_server_count)
-    # The API server processes start while the engine loads: they need nothing from it until a request.
-    api_started = asyncio.create_task(api.start())
+    api.spawn()  # their start-up overlaps the engine's; they listen once the controller is up
     try:
         engine = await start_engine(engine_config, serve_config)
     except BaseException:
-        api_started.cancel()
-        await asyncio.gather(api_started, return_exceptions=True)
         await api.stop()
         raise
     try:
@@ -186,7 +183,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
             # The ready line means a request sent now is served: the controller lists the worker's model,
             # and every API server process listens.
             await wait_until_listed(serve_config.controller_address, name)
-            await api_started
+            await api.start()
             url = f"http://{host}:{serve_config.api_port}"
             print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
             if serve_config.web_ui:
@@ -194,8 +191,6 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
         await run_apps(specs, announce, fatal=lambda: engine.failure or api.failure())
     finally:
-        api_started.cancel()
-        await asyncio.gather(api_started, return_exceptions=True)
         await api.stop()
         await engine.ashutdown()
 

@@ -168,6 +168,9 @@ class RequestRecorder:
         self._last_token_at: dict[tuple[int, int], float] = {}  # (prompt, completion) -> time
         self._tokens_seen: dict[int, int] = {}  # prompt index -> generated tokens so far
         self._done: set[int] = set()
+        # This model's series, looked up once: labels() costs a few µs, and these are touched every token.
+        self._generated = metrics.generation_tokens.labels(model)
+        self._itl = metrics.itl.labels(model)
 
     def on_chunk(self, prompt: int, chunk: WorkerStreamChunk) -> None:
         t = time.perf_counter()
@@ -176,7 +179,7 @@ class RequestRecorder:
             count = len(out.token_ids)
             if count:
                 # Counted as they stream (as vLLM counts per step), so rate() over a long request is live.
-                labels.generation_tokens.labels(self.model).inc(count)
+                self._generated.inc(count)
                 self._tokens_seen[prompt] = self._tokens_seen.get(prompt, 0) + count
                 key = (prompt, out.index)
                 if prompt not in self._first_token_seen:
@@ -186,7 +189,7 @@ class RequestRecorder:
                 if last is not None:
                     # Several tokens in one delta arrived together; spread the wait over them.
                     for _ in range(count):
-                        labels.itl.labels(self.model).observe((t - last) / count)
+                        self._itl.observe((t - last) / count)
                 self._last_token_at[key] = t
             if out.finish_reason is not None:
                 labels.request_success.labels(self.model, out.finish_reason).inc()
