@@ -108,3 +108,22 @@ def test_paged_decode_kernels_match_the_oracle():
         full = moba_attention_reference(qs.double(), keys.double(), values.double(), [n], chunk, 10**6)[-1:]
         assert _rel(moba[row : row + 1], ref) < BF16_TOL
         assert _rel(dense[row : row + 1], full) < BF16_TOL
+
+
+def test_dense_decode_sized_for_a_much_longer_context_reads_only_what_is_there():
+    """The engine sizes splits for its longest possible context (CUDA graphs); the merge reads only the
+    splits each context reached, also when one merge block holds rows of short and long contexts."""
+    lens, heads, kv_heads, dim, page = [3, 700, 129, 1, 2049], 8, 2, 64, 16
+    k_cache, v_cache, tables = _paged(lens, kv_heads, dim, page, seed=5)
+    q = torch.randn(len(lens), heads, dim, device="cuda", dtype=torch.bfloat16)
+    context_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    for max_context, split in ((max(lens), 128), (139_264, 1024), (139_264, 64)):
+        out = paged_decode.paged_decode(
+            q, k_cache, v_cache, tables, context_lens, max_context, page, split, dim**-0.5
+        )
+        for row, n in enumerate(lens):
+            keys = _context(k_cache, tables[row], n, page)
+            values = _context(v_cache, tables[row], n, page)
+            qs = torch.cat([torch.zeros(n - 1, heads, dim, device="cuda", dtype=q.dtype), q[row : row + 1]])
+            full = moba_attention_reference(qs.double(), keys.double(), values.double(), [n], 64, 10**6)[-1:]
+            assert _rel(out[row : row + 1], full) < BF16_TOL, (max_context, split, n)

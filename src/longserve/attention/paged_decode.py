@@ -82,18 +82,29 @@ def paged_decode(
         num_warps=4, num_stages=3,
     )  # fmt: skip
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [batch, heads, d] contiguous: merged rows
-    merge_partials(o_part, lse, out, batch * heads, splits)
+    merge_partials(o_part, lse, out, batch * heads, splits, (context_lens, heads, split_size))
     return out
 
 
-def merge_partials(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, rows: int, slots: int) -> None:
-    """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials."""
+def merge_partials(
+    o_part: torch.Tensor,
+    lse: torch.Tensor,
+    out: torch.Tensor,
+    rows: int,
+    slots: int,
+    splits_of: tuple[torch.Tensor, int, int] | None = None,
+) -> None:
+    """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials. ``splits_of``
+    (context lengths [batch] int32, rows per sequence, split size): the slots are context splits, and only
+    those a row's context reached are read."""
     from longserve.attention.paged_triton import lse_merge_kernel
 
     block_r = 32
+    context_lens, rows_per_seq, split_size = splits_of if splits_of is not None else (lse, 1, 1)
     lse_merge_kernel[(-(-rows // block_r),)](
-        o_part, lse, out, rows, slots, HEAD_DIM=out.shape[-1], BLOCK_R=block_r, num_warps=4
-    )
+        o_part, lse, out, context_lens, rows, slots, rows_per_seq, split_size,
+        HEAD_DIM=out.shape[-1], BLOCK_R=block_r, BY_CONTEXT=splits_of is not None, num_warps=4,
+    )  # fmt: skip
 
 
 def dot_precision(t: torch.Tensor) -> str:

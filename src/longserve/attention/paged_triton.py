@@ -35,23 +35,36 @@ def lse_merge_kernel(
     O_part,  # [rows * num_slots, HEAD_DIM]
     LSE_part,  # [rows * num_slots] base 2; -inf where the slot is unused
     Out,  # [rows, HEAD_DIM] (a view of the [tokens, heads, HEAD_DIM] output)
+    context_lens,  # [rows / rows_per_seq] int32 when BY_CONTEXT: slot j covers keys j*split_size onwards
     num_rows,
     num_slots,
+    rows_per_seq,
+    split_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BY_CONTEXT: tl.constexpr,  # read only the slots the block's longest context reached
 ):
-    """Out[r] = sum_j w_j O_part[r, j] with w = softmax over j of LSE_part[r, j] (a log-sum-exp merge)."""
+    """Out[r] = sum_j w_j O_part[r, j] with w = softmax over j of LSE_part[r, j] (a log-sum-exp merge).
+
+    With ``BY_CONTEXT`` the slots are splits of each sequence's context, sized for the longest context the
+    engine allows (so CUDA graphs stay valid): only those a context reached are read, a data-dependent
+    bound. A 256-token context among 136 splits reads one."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < num_rows
     dims = tl.arange(0, HEAD_DIM)
     rows64 = rows.to(tl.int64)
+    if BY_CONTEXT:
+        context = tl.load(context_lens + rows // rows_per_seq, mask=ok, other=0)
+        used_slots = tl.minimum(tl.max((context + split_size - 1) // split_size, 0), num_slots)
+    else:
+        used_slots = num_slots
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j in range(num_slots):
+    for j in range(used_slots):
         m = tl.maximum(m, tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf")))
     m = tl.where(m > float("-inf"), m, 0.0)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     den = tl.zeros([BLOCK_R], tl.float32)
-    for j in range(num_slots):
+    for j in range(used_slots):
         lse = tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf"))
         used = lse > float("-inf")
         w = tl.where(used, tl.exp2(lse - m), 0.0)
