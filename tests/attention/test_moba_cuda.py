@@ -122,8 +122,8 @@ def test_dense_decode_sized_for_a_much_longer_context_reads_only_what_is_there()
             q, k_cache, v_cache, tables, context_lens, max_context, page, split, dim**-0.5
         )
         for row, n in enumerate(lens):
-            keys = _context(k_cache, tables[row], n, page)
-            values = _context(v_cache, tables[row], n, page)
-            qs = torch.cat([torch.zeros(n - 1, heads, dim, device="cuda", dtype=q.dtype), q[row : row + 1]])
-            full = moba_attention_reference(qs.double(), keys.double(), values.double(), [n], 64, 10**6)[-1:]
-            assert _rel(out[row : row + 1], full) < BF16_TOL, (max_context, split, n)
+            keys = _context(k_cache, tables[row], n, page).double().repeat_interleave(heads // kv_heads, 1)
+            values = _context(v_cache, tables[row], n, page).double().repeat_interleave(heads // kv_heads, 1)
+            weights = torch.einsum("hd,nhd->hn", q[row].double(), keys).mul(dim**-0.5).softmax(-1)
+            full = torch.einsum("hn,nhd->hd", weights, values)  # [heads, d]
+            assert _rel(out[row], full) < BF16_TOL, (max_context, split, n)
