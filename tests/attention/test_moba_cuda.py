@@ -117,13 +117,16 @@ def test_dense_decode_sized_for_a_much_longer_context_reads_only_what_is_there()
     k_cache, v_cache, tables = _paged(lens, kv_heads, dim, page, seed=5)
     q = torch.randn(len(lens), heads, dim, device="cuda", dtype=torch.bfloat16)
     context_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    for max_context, split in ((max(lens), 128), (139_264, 1024), (139_264, 64)):
+    # (max_context, split size, splits): fixed splits, then each context spread over a fixed number of splits.
+    cases = [(max(lens), 128, None), (139_264, 1024, None), (139_264, 64, None)]
+    cases += [(139_264, 0, 1), (139_264, 0, 7), (139_264, 0, 66)]
+    for max_context, split, splits in cases:
         out = paged_decode.paged_decode(
-            q, k_cache, v_cache, tables, context_lens, max_context, page, split, dim**-0.5
+            q, k_cache, v_cache, tables, context_lens, max_context, page, split, dim**-0.5, num_splits=splits
         )
         for row, n in enumerate(lens):
             keys = _context(k_cache, tables[row], n, page).double().repeat_interleave(heads // kv_heads, 1)
             values = _context(v_cache, tables[row], n, page).double().repeat_interleave(heads // kv_heads, 1)
             weights = torch.einsum("hd,nhd->hn", q[row].double(), keys).mul(dim**-0.5).softmax(-1)
             full = torch.einsum("hn,nhd->hd", weights, values)  # [heads, d]
-            assert _rel(out[row], full) < BF16_TOL, (max_context, split, n)
+            assert _rel(out[row], full) < BF16_TOL, (max_context, split, splits, n)

@@ -11,6 +11,8 @@ from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 
 _LOG2E = 1.4426950408889634
+MIN_SPLIT = 64  # keys: a split shorter than this costs more to launch and merge than it saves
+_PROGRAMS_PER_SM = 4  # dense decode splits until (sequences x KV heads x splits) fills the GPU this often
 
 
 def cuda_path_available(q: torch.Tensor) -> bool:
@@ -32,11 +34,14 @@ def paged_layout(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tenso
 def cuda_dense_decode(
     q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Full attention of every decode over its paged context, split into pieces of at most 1024 keys so
-    long contexts spread over the whole GPU."""
+    """Full attention of every decode over its paged context. Each (sequence, KV head) gets the same number of
+    splits, enough programs to fill the GPU at this batch size, and every context is spread over them in the
+    kernel: the grid depends on the batch only, so one CUDA graph per batch bucket serves any context."""
     tables, context_lens, longest = paged_layout(metadata)
+    batch, kv_heads = q.shape[0], cache.key.shape[1]
     sized_for = metadata.split_context or longest
-    split = min(1024, max(metadata.block_size, 16 * -(-sized_for // (16 * 8))))  # >= 8 splits when short
+    programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = max(1, min(-(-programs // (batch * kv_heads)), -(-sized_for // MIN_SPLIT)))
     return paged_decode(
         q if q.stride(-1) == 1 else q.contiguous(),
         cache.key,
@@ -45,8 +50,9 @@ def cuda_dense_decode(
         context_lens,
         longest,
         metadata.block_size,
-        split,
+        0,
         scale,
+        num_splits=splits,
     )
 
 
@@ -58,9 +64,10 @@ def paged_decode(
     context_lens: torch.Tensor,  # [batch] int32, the new token included
     max_context: int,
     page_size: int,
-    split_size: int,
+    split_size: int,  # keys per split; 0: each context spread over ``num_splits`` (``split_length``)
     scale: float,
     chosen: torch.Tensor | None = None,  # [batch, kv_heads, splits] int32 head bitmask; None = dense
+    num_splits: int | None = None,  # with split_size 0
 ) -> torch.Tensor:
     """Split-K attention of each new token over its paged context; only the chosen splits are read."""
     from longserve.attention.paged_triton import paged_split_decode_kernel
@@ -68,7 +75,7 @@ def paged_decode(
     batch, heads, dim = q.shape
     kv_heads = key_cache.shape[1]
     group = heads // kv_heads
-    splits = -(-max_context // split_size)
+    splits = num_splits if split_size == 0 else -(-max_context // split_size)
     o_part = torch.empty(batch * heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * heads * splits, dtype=torch.float32, device=q.device)
     paged_split_decode_kernel[(splits, batch * kv_heads)](
@@ -78,7 +85,7 @@ def paged_decode(
         value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
         kv_heads, splits, split_size, scale * _LOG2E,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
-        DOT_PRECISION=dot_precision(key_cache), DENSE=chosen is None,
+        DOT_PRECISION=dot_precision(key_cache), DENSE=chosen is None, MIN_SPLIT=MIN_SPLIT,
         num_warps=4, num_stages=3,
     )  # fmt: skip
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [batch, heads, d] contiguous: merged rows
@@ -95,15 +102,16 @@ def merge_partials(
     splits_of: tuple[torch.Tensor, int, int] | None = None,
 ) -> None:
     """out (viewed as [rows, d]) = log-sum-exp merge of each row's ``slots`` partials. ``splits_of``
-    (context lengths [batch] int32, rows per sequence, split size): the slots are context splits, and only
-    those a row's context reached are read."""
+    (context lengths [batch] int32, rows per sequence, split size as ``paged_decode`` takes it): the slots
+    are context splits, and only those a row's context reached are read."""
     from longserve.attention.paged_triton import lse_merge_kernel
 
     block_r = 32
     context_lens, rows_per_seq, split_size = splits_of if splits_of is not None else (lse, 1, 1)
     lse_merge_kernel[(-(-rows // block_r),)](
         o_part, lse, out, context_lens, rows, slots, rows_per_seq, split_size,
-        HEAD_DIM=out.shape[-1], BLOCK_R=block_r, BY_CONTEXT=splits_of is not None, num_warps=4,
+        HEAD_DIM=out.shape[-1], BLOCK_R=block_r, BY_CONTEXT=splits_of is not None, MIN_SPLIT=MIN_SPLIT,
+        num_warps=4,
     )  # fmt: skip
 
 

@@ -31,11 +31,21 @@ def store_kv_kernel(
 
 
 @triton.jit
+def split_length(context, split_size, num_splits, MIN_SPLIT: tl.constexpr):
+    """Keys per split of a ``context``-key sequence: ``split_size`` when positive (MoBA's chunks), else the
+    context spread over ``num_splits`` splits of at least MIN_SPLIT keys (a multiple of it), so a graph's
+    fixed grid serves every context length."""
+    spread = tl.maximum((context + num_splits - 1) // num_splits, MIN_SPLIT)
+    spread = (spread + MIN_SPLIT - 1) // MIN_SPLIT * MIN_SPLIT
+    return tl.where(split_size > 0, split_size, spread)
+
+
+@triton.jit
 def lse_merge_kernel(
     O_part,  # [rows * num_slots, HEAD_DIM]
     LSE_part,  # [rows * num_slots] base 2; -inf where the slot is unused
     Out,  # [rows, HEAD_DIM] (a view of the [tokens, heads, HEAD_DIM] output)
-    context_lens,  # [rows / rows_per_seq] int32 when BY_CONTEXT: slot j covers keys j*split_size onwards
+    context_lens,  # [rows / rows_per_seq] int32 when BY_CONTEXT: slots are splits (``split_length``)
     num_rows,
     num_slots,
     rows_per_seq,
@@ -43,6 +53,7 @@ def lse_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BY_CONTEXT: tl.constexpr,  # read only the slots the block's longest context reached
+    MIN_SPLIT: tl.constexpr,
 ):
     """Out[r] = sum_j w_j O_part[r, j] with w = softmax over j of LSE_part[r, j] (a log-sum-exp merge).
 
@@ -55,7 +66,8 @@ def lse_merge_kernel(
     rows64 = rows.to(tl.int64)
     if BY_CONTEXT:
         context = tl.load(context_lens + rows // rows_per_seq, mask=ok, other=0)
-        used_slots = tl.minimum(tl.max((context + split_size - 1) // split_size, 0), num_slots)
+        length = split_length(context, split_size, num_slots, MIN_SPLIT)
+        used_slots = tl.minimum(tl.max((context + length - 1) // length, 0), num_slots)
     else:
         used_slots = num_slots
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -107,9 +119,10 @@ def paged_split_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DENSE: tl.constexpr,  # every head uses every split: ``chosen`` is not read
+    MIN_SPLIT: tl.constexpr,
 ):
-    """One (sequence, KV head, split of split_size keys): the group's query heads that use the split attend
-    to it, reading its keys once from the paged cache."""
+    """One (sequence, KV head, split of ``split_length`` keys): the group's query heads that use the split
+    attend to it, reading its keys once from the paged cache."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -124,7 +137,8 @@ def paged_split_decode_kernel(
     else:
         bits = tl.load(chosen + part)
     context = tl.load(context_lens + b)
-    kv_start = split * split_size
+    length = split_length(context, split_size, num_splits, MIN_SPLIT)
+    kv_start = split * length
     used = ((bits >> heads) & 1) == 1
     if (bits == 0) | (kv_start >= context):
         tl.store(LSE_part + slot, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=head_ok)
@@ -134,7 +148,7 @@ def paged_split_decode_kernel(
         mask=head_ok[:, None],
         other=0.0,
     )  # [GROUP_PAD, D]
-    kv_stop = tl.minimum(kv_start + split_size, context)
+    kv_stop = tl.minimum(kv_start + length, context)
     table = block_tables + b.to(tl.int64) * stride_bt
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
