@@ -3,8 +3,8 @@ with the step's inputs copied into static buffers. A step of hundreds of kernel 
 
 A decode batch of n sequences runs in the smallest bucket >= n; the padding rows write their K/V to slot 0 (the
 cache's reserved padding block) and attend one key there, so they touch no real sequence. The paged decode
-kernel is captured for the longest context the engine allows: its grid has a fixed number of splits, and
-splits past a sequence's length return at once, so short contexts cost what they cost eagerly.
+kernel's grid depends on the batch only: each sequence's context is spread over a fixed number of splits
+inside the kernel (``paged_decode``), so one capture serves every context length.
 
 Only steps that are all decodes, need no prompt logprobs and fit the largest bucket are replayed; prefill and
 mixed steps run eagerly. Models whose decode path is not capture-safe (data-dependent shapes or host syncs:
@@ -96,7 +96,7 @@ class DecodeGraphs:
         self._graphs[bucket] = graph
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
-        # decode_context_lens only sizes the kernel grid here: captured for the longest context allowed.
+        # The longest context allowed: the block tables' width and the split count's upper bound.
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bucket],
             num_decodes=bucket,
