@@ -29,6 +29,11 @@ def main() -> None:
     p.add_argument("--contexts", default="256,4096,32768")
     p.add_argument("--split-context", type=int, default=139_264)
     p.add_argument("--bandwidth", type=float, default=4.0e12, help="bytes/s")
+    p.add_argument(
+        "--programs-per-sm",
+        default=str(pd.PROGRAMS_PER_SM),
+        help="comma-separated settings of paged_decode.PROGRAMS_PER_SM to compare (a tuning sweep)",
+    )
     args = p.parse_args()
     heads, kv_heads, dim, page = 32, 8, 64, 16
     rows = []
@@ -54,16 +59,20 @@ def main() -> None:
             def fixed(q=q, k=k, v=v, tables=tables, lens=lens):  # the previous sizing: 1,024-key splits
                 return pd.paged_decode(q, k, v, tables, lens, args.split_context, page, 1024, 0.125)
 
-            spread_us = 1e3 * triton.testing.do_bench(spread, return_mode="median")
+            spread_us = {}
+            for variant in args.programs_per_sm.split(","):
+                pd.PROGRAMS_PER_SM = int(variant)
+                spread_us[variant] = 1e3 * triton.testing.do_bench(spread, return_mode="median")
             fixed_us = 1e3 * triton.testing.do_bench(fixed, return_mode="median")
             floor_us = batch * context * kv_heads * dim * 2 * 2 / args.bandwidth * 1e6
             rows.append(
                 {"batch": batch, "context": context, "spread_us": spread_us, "fixed_1024_us": fixed_us,
                  "floor_us": floor_us}
             )  # fmt: skip
+            spreads = ", ".join(f"{v} {us:7.1f}" for v, us in spread_us.items())
             print(
-                f"batch {batch:4d} context {context:6d}: spread {spread_us:8.1f} µs, fixed 1024-key splits "
-                f"{fixed_us:8.1f} µs; K/V floor {floor_us:7.1f} µs ({spread_us / max(floor_us, 1e-9):5.1f}x)",
+                f"batch {batch:4d} context {context:6d}: spread [{spreads}] µs, fixed 1024-key splits "
+                f"{fixed_us:7.1f} µs; K/V floor {floor_us:7.1f} µs",
                 flush=True,
             )
     RESULTS.mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ from longserve.attention.paged_cache import LayerKVCache
 
 _LOG2E = 1.4426950408889634
 MIN_SPLIT = 64  # keys: a split shorter than this costs more to launch and merge than it saves
-_PROGRAMS_PER_SM = 4  # dense decode splits until (sequences x KV heads x splits) fills the GPU this often
+PROGRAMS_PER_SM = 4  # dense decode splits until (sequences x KV heads x splits) fills the GPU this often
 
 
 def cuda_path_available(q: torch.Tensor) -> bool:
@@ -40,8 +40,7 @@ def cuda_dense_decode(
     tables, context_lens, longest = paged_layout(metadata)
     batch, kv_heads = q.shape[0], cache.key.shape[1]
     sized_for = metadata.split_context or longest
-    programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = max(1, min(-(-programs // (batch * kv_heads)), -(-sized_for // MIN_SPLIT)))
+    splits = dense_splits(batch * kv_heads, sized_for, q.device)
     return paged_decode(
         q if q.stride(-1) == 1 else q.contiguous(),
         cache.key,
@@ -54,6 +53,13 @@ def cuda_dense_decode(
         scale,
         num_splits=splits,
     )
+
+
+def dense_splits(programs_per_split: int, sized_for: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): enough for the grid to fill the GPU PROGRAMS_PER_SM times over, but
+    never more than one per MIN_SPLIT keys of the longest context allowed."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-PROGRAMS_PER_SM * sms // programs_per_split), -(-sized_for // MIN_SPLIT)))
 
 
 def paged_decode(
