@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,6 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Appended to the final message when continuing it, then cut off with everything the template put after it.
@@ -100,7 +100,8 @@ def _plain(value: Any) -> Any:
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, np.generic):  # np.bool_(False) must not become a truthy placeholder string
+    numpy = sys.modules.get("numpy")  # a numpy scalar exists only where numpy is loaded: never imported here
+    if numpy is not None and isinstance(value, numpy.generic):  # np.bool_(False) must not become truthy
         return _plain(value.item())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -43,7 +43,7 @@ from longserve.serve.protocol import (
     ModelList,
 )
 from longserve.serve.protocol_responses import ResponsesRequest
-from longserve.serve.upstream import Upstream, make_client, make_session
+from longserve.serve.upstream import Upstream, make_session
 from longserve.serve.web_ui import mount_web_ui
 from longserve.serve.worker_protocol import ListModelsResponse
 
@@ -66,10 +66,8 @@ def create_api_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client, session = make_client(), make_session()
-        app.state.http = client
+        session = make_session()
         upstream = app.state.upstream = Upstream(
-            client,
             session,
             config.controller_address,
             config.worker_connect_retries,
@@ -82,7 +80,6 @@ def create_api_app(config: ServeConfig) -> FastAPI:
             yield
         finally:
             await upstream.aclose()
-            await client.aclose()
             await session.close()
 
     app = FastAPI(title="longserve OpenAI-compatible API", lifespan=lifespan, **_LENIENT_JSON)
@@ -119,7 +116,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
         state = request.app.state
-        await state.metrics.refresh_workers(state.http, config.controller_address.rstrip("/"))
+        await state.metrics.refresh_workers(state.upstream.session, config.controller_address.rstrip("/"))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from longserve.serve.worker_protocol import ListWorkersResponse, WorkerInfo, WorkerStatus, WorkerStreamChunk
 
-SCRAPE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)  # a scrape must not hang on one dead worker
+SCRAPE_TIMEOUT = aiohttp.ClientTimeout(
+    total=2.0, sock_connect=1.0
+)  # a scrape must not hang on one dead worker
 
 # Buckets as vLLM's (seconds).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -118,15 +120,14 @@ class ApiMetrics:
             registry=r,
         )
 
-    async def refresh_workers(self, client: httpx.AsyncClient, controller_address: str) -> None:
+    async def refresh_workers(self, session: aiohttp.ClientSession, controller_address: str) -> None:
         """Engine gauges from the workers, best effort: an unreachable controller leaves them empty."""
         try:
-            response = await client.post(f"{controller_address}/list_workers", timeout=SCRAPE_TIMEOUT)
-            response.raise_for_status()
-            workers = ListWorkersResponse.model_validate_json(response.content).workers
-        except (httpx.HTTPError, ValueError):
+            content = await _post(session, f"{controller_address}/list_workers")
+            workers = ListWorkersResponse.model_validate_json(content).workers
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             workers = []
-        statuses = await asyncio.gather(*(_live_status(client, w) for w in workers))
+        statuses = await asyncio.gather(*(_live_status(session, w) for w in workers))
         per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected)
         for gauge in (self.running, self.waiting, self.workers, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
@@ -148,12 +149,18 @@ class ApiMetrics:
         return generate_latest(self.registry)
 
 
-async def _live_status(client: httpx.AsyncClient, info: WorkerInfo) -> WorkerStatus:
-    try:
-        response = await client.post(f"{info.worker_address}/worker_get_status", timeout=SCRAPE_TIMEOUT)
+async def _post(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.post(url, data=b"{}", timeout=SCRAPE_TIMEOUT) as response:
         response.raise_for_status()
-        return WorkerStatus.model_validate_json(response.content)
-    except (httpx.HTTPError, ValueError):
+        return await response.read()
+
+
+async def _live_status(session: aiohttp.ClientSession, info: WorkerInfo) -> WorkerStatus:
+    try:
+        return WorkerStatus.model_validate_json(
+            await _post(session, f"{info.worker_address}/worker_get_status")
+        )
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return info.status
 
 

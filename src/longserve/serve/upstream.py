@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from longserve.engine.protocol import EngineRequest
@@ -57,17 +56,6 @@ _JSON = {"content-type": "application/json"}
 _NO_ANSWER = (aiohttp.ClientConnectionError, TimeoutError)
 
 
-def make_client() -> httpx.AsyncClient:
-    """The app's client for metrics scrapes (a few calls each, off the request path)."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=4096, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_EXPIRY_S
-        ),
-        timeout=CONTROLLER_TIMEOUT,
-        trust_env=False,  # cluster-internal addresses: never through an HTTP(S)_PROXY from the environment
-    )
-
-
 def make_session() -> aiohttp.ClientSession:
     """The app's client for the controller and the workers' HTTP calls; create it on the app's event loop.
     Every call carries its own timeout."""
@@ -97,7 +85,6 @@ class Upstream:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
         session: aiohttp.ClientSession,
         controller_address: str,
         connect_retries: int,
@@ -106,7 +93,6 @@ class Upstream:
         request_timeout_s: float | None = None,
         sse_keepalive_s: float = 15.0,
     ) -> None:
-        self.client = client
         self.session = session
         # worker_timeout_s: the most a worker may stay silent, on its stream or answering a call.
         self.frontends = FrontendDirectory(worker_timeout_s, worker_keepalive_s, self._report_soon)
