@@ -131,7 +131,7 @@ def proc_cpu_s(pid: int, descendants: bool = True) -> float:
 def role_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of a server and its live children by role: "server" (the process itself; for longserve the
     controller and the worker), "api" (longserve's API server processes), "core" (its engine core) and
-    "other" children (multiprocessing's resource tracker, ...)."""
+    "other" children."""
     stats = _proc_stats()
     tick = os.sysconf("SC_CLK_TCK")
     roles = {"server": stats.get(pid, (0, 0))[1] / tick, "api": 0.0, "core": 0.0, "other": 0.0}
@@ -143,7 +143,7 @@ def role_cpu_s(pid: int) -> dict[str, float]:
                 command = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        role = "core" if "core_process" in command else "api" if "spawn_main" in command else "other"
+        role = "core" if "core_process" in command else "api" if "api_processes" in command else "other"
         roles[role] += proc_cpu_s(child) if role == "core" else jiffies / tick
     return roles
 

@@ -17,14 +17,10 @@ from servers import serve_app, unused_port, wait_until
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 3}
 
 
-def _children(pid: int) -> list[int]:
+def _api_servers(pid: int) -> list[int]:
+    """The API server processes: the children of the `api` process."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _api_servers(pid: int) -> list[int]:
-    """The API server processes (multiprocessing's resource tracker is a child too, without a socket)."""
-    return [c for c in _children(pid) if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
 
 
 def _peers(worker_app) -> int:

@@ -3,22 +3,25 @@ its own event loop and its own stream to every worker.
 
 Each process binds its own socket with ``SO_REUSEPORT``, so the kernel spreads new connections over them and
 a process that dies takes only its own connections with it; the others keep serving. The parent starts them
-(``spawn``: no torch or engine state is inherited), waits until each listens, asks them to stop (SIGTERM: each
+(fresh interpreters: no torch or engine state is inherited), waits until each listens, asks them to stop (SIGTERM: each
 ends its open streams with an error event, as one API server does on Ctrl-C) and reaps them. A child whose
 parent is gone stops by itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
+import select
 import signal
+import subprocess
+import sys
 import time
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+
+import msgspec
 
 from longserve.config import ServeConfig
 
@@ -37,97 +40,108 @@ class ApiServerProcesses:
             raise ValueError(f"api_server_count must be >= 1, got {count}")
         self.config = config
         self.count = count
-        self.processes: list[BaseProcess] = []
-        self._pipes: list[Connection] = []  # to each process: "go" there, "ready" back
+        self.processes: list[subprocess.Popen] = []
+        self._ready: list[int] = []  # read end of each process's pipe: "ready" comes back on it
 
     def spawn(self) -> None:
         """Start the processes: they import everything, then wait for ``start()`` to let them listen (so
         `serve` overlaps their start-up with the engine's, yet they answer only once the controller is up)."""
-        context = multiprocessing.get_context("spawn")
-        for index in range(self.count):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_child_main,
-                args=(self.config, child_end, os.getpid()),
-                name=f"longserve-api-{index}",
-                daemon=False,  # its own event loop and shutdown; reaped in stop()
-            )
-            process.start()
-            child_end.close()
+        config = msgspec.json.encode(self.config)
+        for _ in range(self.count):
+            read_end, write_end = os.pipe()
+            command = [sys.executable, "-m", "longserve.serve.api_processes", "--ready-fd", str(write_end)]
+            command += ["--parent", str(os.getpid())]
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(write_end,))
+            os.close(write_end)
+            with contextlib.suppress(BrokenPipeError):  # it died at once: start() reports it
+                process.stdin.write(config + b"\n")
+                process.stdin.flush()
             self.processes.append(process)
-            self._pipes.append(parent_end)
+            self._ready.append(read_end)
 
     async def start(self) -> None:
         """Let every process listen (spawning them first if ``spawn()`` was not called); return once each
         does. RuntimeError if one fails to start."""
         if not self.processes:
             self.spawn()
-        for pipe in self._pipes:
-            pipe.send("go")
+        for process in self.processes:
+            with contextlib.suppress(BrokenPipeError):  # it died: its ready pipe says so
+                process.stdin.write(b"go\n")
+                process.stdin.close()
         deadline = time.monotonic() + START_TIMEOUT_S
-        for index, pipe in enumerate(self._pipes):
-            message = await asyncio.to_thread(_receive, pipe, deadline - time.monotonic())
+        ready, self._ready = self._ready, []
+        for index, read_end in enumerate(ready):
+            message = await asyncio.to_thread(_read_message, read_end, deadline - time.monotonic())
             if message != "ready":
+                for rest in ready[index:]:
+                    os.close(rest)
                 await self.stop()
                 raise RuntimeError(f"API server process {index} did not start: {message}")
+            os.close(read_end)
 
     def failure(self) -> str | None:
         """Why serving is over: every process has exited (one that dies leaves the others serving)."""
-        if self.processes and all(p.exitcode is not None for p in self.processes):
-            codes = ", ".join(str(p.exitcode) for p in self.processes)
+        if self.processes and all(p.poll() is not None for p in self.processes):
+            codes = ", ".join(str(p.returncode) for p in self.processes)
             return f"every API server process exited (exit codes {codes})"
         return None
 
     def begin_shutdown(self) -> None:
         """Ask each live process to stop: it ends its open streams with an error event, then exits."""
         for process in self.processes:
-            if process.exitcode is None and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
     async def stop(self) -> None:
         self.begin_shutdown()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self.processes:
-            await asyncio.to_thread(process.join, max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
+            try:
+                await asyncio.to_thread(process.wait, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 log.warning("API server process %s did not stop in time: killing it", process.pid)
                 process.kill()
-                await asyncio.to_thread(process.join, 5.0)
+                await asyncio.to_thread(process.wait)
+        for read_end in self._ready:
+            os.close(read_end)
+        self._ready = []
 
 
-def _receive(receiver: Connection, timeout_s: float) -> str:
-    if not receiver.poll(max(0.0, timeout_s)):
+def _read_message(read_end: int, timeout_s: float) -> str:
+    readable, _, _ = select.select([read_end], [], [], max(0.0, timeout_s))
+    if not readable:
         return f"no answer within {START_TIMEOUT_S:.0f} s"
-    try:
-        return receiver.recv()
-    except EOFError:
-        return "it exited during start-up (see its log above)"
+    return os.read(read_end, 64).decode().strip() or "it exited during start-up (see its log above)"
 
 
-def _child_main(config: ServeConfig, pipe: Connection, parent_pid: int) -> None:
-    """One API server process (the target of ``spawn``): import, wait for "go", serve."""
-    from longserve.serve import api_server, launcher  # noqa: F401 - the slow part, done while waiting
-
+def main() -> None:
+    """One API server process: its config on stdin, then "go" there once it may listen; "ready" goes back on
+    ``--ready-fd`` when it does."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args()
     # Ctrl-C in a terminal reaches the whole process group: until it serves, the parent decides (SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while not pipe.poll(PARENT_POLL_S):
-        if os.getppid() != parent_pid:
-            return  # the parent is gone before we served anything
-    if pipe.recv() != "go":
+    config = msgspec.json.decode(sys.stdin.buffer.readline(), type=ServeConfig)
+    from longserve.serve import api_server, launcher  # noqa: F401 - the slow part, done while waiting
+
+    if sys.stdin.buffer.readline().strip() != b"go":  # EOF: the parent is gone before we served anything
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    async def main() -> None:
-        watch = asyncio.create_task(_exit_with_parent(parent_pid))
+    def started() -> None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+
+    async def serve() -> None:
+        watch = asyncio.create_task(_exit_with_parent(args.parent))
         try:
-            await launcher.serve_api_process(config, lambda: pipe.send("ready"))
+            await launcher.serve_api_process(config, started)
         finally:
             watch.cancel()
 
-    code = launcher.run(main())
-    with contextlib.suppress(OSError):
-        pipe.send(f"exit code {code}")  # read only if it never got to "ready"
-    raise SystemExit(code)
+    raise SystemExit(launcher.run(serve()))
 
 
 async def _exit_with_parent(parent_pid: int) -> None:
@@ -135,3 +149,7 @@ async def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         await asyncio.sleep(PARENT_POLL_S)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main()
