@@ -45,14 +45,17 @@ def test_a_stalled_reader_slows_no_other_stream_and_is_aborted_when_it_leaves() 
             def stall() -> None:  # opens a long stream, reads its first bytes, then reads nothing
                 body = {"model": MODEL, "prompt": "SLOW", "max_tokens": None, "stream": True}
                 with httpx.stream("POST", f"{api_url}/v1/completions", json=body, timeout=60) as response:
-                    next(response.iter_raw())
+                    chunks = response.iter_raw()  # kept: a dropped iterator closes the response at once
+                    next(chunks)
                     stalled_open.set()
                     release.wait(30)
+                    still_generating.append(engine.aborted == aborted_before)
 
+            aborted_before = engine.aborted
+            still_generating: list[bool] = []  # the stalled stream, checked just before its client leaves
             thread = threading.Thread(target=stall, daemon=True)
             thread.start()
             assert stalled_open.wait(20)
-            aborted = engine.aborted
             start = time.monotonic()
             for _ in range(5):
                 body = {"model": MODEL, "prompt": "ok", "max_tokens": 20, "stream": True}
@@ -61,4 +64,7 @@ def test_a_stalled_reader_slows_no_other_stream_and_is_aborted_when_it_leaves() 
             assert time.monotonic() - start < 5
             release.set()
             thread.join(10)
-            wait_until(lambda: engine.aborted == aborted + 1, timeout=10, what="the stalled stream's abort")
+            assert still_generating == [True]
+            wait_until(
+                lambda: engine.aborted == aborted_before + 1, timeout=10, what="the stalled stream's abort"
+            )
