@@ -38,6 +38,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying captured CUDA graphs
+    # Overlap each step's host work with the previous step on the device; None: on for CUDA, off on the CPU
+    # (where the same cores do both, so there is nothing to overlap).
+    async_scheduling: bool | None = None
     show_progress: bool = False  # progress bar while loading
     # Tensor parallelism: one rank per device (one process each, the engine's own is rank 0); heads, MLP rows
     # and the vocabulary split across ranks. kv_cache_memory_mb is per rank.
@@ -100,6 +103,10 @@ class EngineConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+    def overlaps_steps(self, device_type: str) -> bool:
+        """Whether steps overlap (``async_scheduling``) for a model on ``device_type``."""
+        return self.async_scheduling if self.async_scheduling is not None else device_type == "cuda"
 
     def resolved(self, device_type: str) -> EngineConfig:
         """This config with every by-device default filled in for a model on ``device_type``."""

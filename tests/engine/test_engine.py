@@ -8,9 +8,9 @@ from longserve import LLM, SamplingParams
 from longserve.engine.sequence import SequenceStatus
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_llama_dir):
-    return LLM(tiny_llama_dir, kv_cache_memory_mb=4)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlapped"])
+def tiny_llm(tiny_llama_dir, request):
+    return LLM(tiny_llama_dir, kv_cache_memory_mb=4, async_scheduling=request.param)
 
 
 def _prompts(llm, count, seed=0):
@@ -83,9 +83,10 @@ def test_stop_string_truncates_text_and_ends_generation(tiny_llm):
     assert completion.text == text[: text.index(stop)]
 
 
-def test_preemption_by_recompute_keeps_greedy_output_and_frees_every_block(tiny_llama_dir):
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_preemption_by_recompute_keeps_greedy_output_and_frees_every_block(tiny_llama_dir, overlapped):
     # 20 usable blocks of 4 slots for 8 sequences that each grow to ~12 blocks: preemption is unavoidable.
-    small = LLM(tiny_llama_dir, num_kv_blocks=21, block_size=4)
+    small = LLM(tiny_llama_dir, num_kv_blocks=21, block_size=4, async_scheduling=overlapped)
     prompts = _prompts(small, 8, seed=8)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     expected = [small.generate([p], params)[0].outputs[0].token_ids for p in prompts]

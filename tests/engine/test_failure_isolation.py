@@ -19,9 +19,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=3)
 
 
-@pytest.fixture(scope="module")
-def core(tiny_llama_dir) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlapped"])
+def core(tiny_llama_dir, request) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4, async_scheduling=request.param))
 
 
 def _run(core: LLMEngine, prompts: dict[str, list[int]], params: dict[str, SamplingParams]) -> dict:
@@ -41,8 +41,8 @@ def _poison_row(core: LLMEngine, monkeypatch, request_id: str, value: float) -> 
     """Make the sampled logits of ``request_id`` all ``value`` (NaN, inf) in every step."""
     execute = core.runner.execute
 
-    def poisoned(scheduled):
-        result = execute(scheduled)
+    def poisoned(scheduled, fed=None):
+        result = execute(scheduled, fed)
         for row, index in enumerate(result.sample_index):
             if scheduled[index].seq.request_id == request_id:
                 with torch.inference_mode():
@@ -95,17 +95,23 @@ def test_a_detokenizer_error_fails_only_its_request(core, monkeypatch):
     assert last["good"].error is None and last["good"].outputs[0].token_ids == expected
 
 
-def test_a_failed_forward_pass_fails_its_step_and_spares_requests_not_in_it(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_a_failed_forward_pass_fails_its_step_and_spares_requests_not_in_it(
+    tiny_llama_dir, monkeypatch, overlapped
+):
     # One sequence per step: the failing step holds only the first request; the second runs after it.
-    core = LLMEngine(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4, max_num_seqs=1))
+    config = EngineConfig(
+        model=tiny_llama_dir, kv_cache_memory_mb=4, max_num_seqs=1, async_scheduling=overlapped
+    )
+    core = LLMEngine(config)
     expected = _alone(core, [5, 6, 7], GREEDY)
     execute, calls = core.runner.execute, []
 
-    def fails_once(scheduled):
+    def fails_once(scheduled, fed=None):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected kernel failure")
-        return execute(scheduled)
+        return execute(scheduled, fed)
 
     monkeypatch.setattr(core.runner, "execute", fails_once)
     last = _run(core, {"first": [4, 4], "second": [5, 6, 7]}, {"first": GREEDY, "second": GREEDY})

@@ -1,5 +1,6 @@
-"""CUDA graphs for decode steps: the whole forward (every layer) captured once per batch-size bucket, replayed
-with the step's inputs copied into static buffers. A step of hundreds of kernel launches becomes one replay.
+"""CUDA graphs for decode steps: the whole forward (every layer, then the logits) captured once per batch-size
+bucket, replayed with the step's inputs copied into static buffers. A step of hundreds of kernel launches
+becomes one replay.
 
 A decode batch of n sequences runs in the smallest bucket >= n; the padding rows write their K/V to slot 0 (the
 cache's reserved padding block) and attend one key there, so they touch no real sequence. The paged decode
@@ -56,7 +57,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden] final hidden states
+        self._outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] logits
         self._pool = None
 
     @property
@@ -87,11 +88,11 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.model(*args)
+            self.model.compute_logits(self.model(*args))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._outputs[bucket] = self.model(*args)
+            self._outputs[bucket] = self.model.compute_logits(self.model(*args))
         self._pool = graph.pool()
         self._graphs[bucket] = graph
 
@@ -111,7 +112,8 @@ class DecodeGraphs:
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
-        """The final hidden states [batch, hidden] of a decode-only step (inputs already on the device)."""
+        """The logits [batch, vocab] of a decode-only step (inputs already on the device). The next replay
+        overwrites them: read them (on the same stream) before it."""
         batch = input_ids.shape[0]
         bucket = self.bucket_for(batch)
         if bucket not in self._graphs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,14 +23,26 @@ from longserve.engine.protocol import (
     SequenceDelta,
 )
 from longserve.engine.request import Request, build_request
-from longserve.engine.sampler import Sampler
+from longserve.engine.sampler import SampledRows, Sampler, needs_host_state
 from longserve.engine.sampling_params import SamplingParams
-from longserve.engine.scheduler import ScheduledSequence, Scheduler
+from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: read back at once, or one step later when it overlaps the next."""
+
+    scheduled: list[ScheduledSequence]
+    starts: list[int]  # each scheduled sequence's computed tokens before the step
+    prompt_logits: dict[int, torch.Tensor]  # scheduled index -> [chunk_tokens, vocab]
+    sampled_seqs: list[Sequence]  # row-aligned with ``sampled``
+    sampled: SampledRows | None
+    overlap: bool
 
 
 class LLMEngine:
@@ -92,6 +105,10 @@ class LLMEngine:
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestDelta] = []  # aborts, reported at the next step
+        # Overlapped steps (vLLM's async scheduling): on a GPU the host prepares step N+1 while step N runs.
+        # With tensor parallelism the other ranks would need the tokens sampled on rank 0 (not built).
+        self.overlap_steps = config.overlaps_steps(self.device.type) and not self.ranks.tp.is_parallel
+        self._in_flight: LaunchedStep | None = None  # launched, not yet read back
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -151,7 +168,7 @@ class LLMEngine:
         self.ranks.close()
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or self._in_flight is not None
 
     # ---- embeddings -----------------------------------------------------------------------------------------
 
@@ -243,6 +260,12 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         """One scheduler step -> forward -> sample; the deltas of every request it advanced.
 
+        Overlapped (``async_scheduling``): the step is queued on the device and this call returns the deltas
+        of the step before it, which the device finished meanwhile; the host schedules and prepares while the
+        device computes. Sequences still waiting for their last token take it on the device. A step that
+        needs its tokens on the host before the next one can be sampled (a grammar's mask, penalties or
+        min_tokens over the output, prompt logprobs) is read back at once.
+
         Failures stay with the request they belong to: a sampling or grammar error ends that request with
         ``error`` set and the rest of the batch goes on. Only a failed forward pass fails several requests,
         those scheduled in this step (their KV cache is suspect); requests not in the step keep running.
@@ -250,47 +273,72 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         self._schedule_compiled_grammars(outputs)
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return outputs
+        launched = None if plan.is_empty else self._launch(plan, outputs)
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            outputs += self._collect(previous)
+        if launched is not None:
+            if launched.overlap:
+                self._in_flight = launched
+            else:
+                outputs += self._collect(launched)
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, outputs: list[RequestDelta]) -> LaunchedStep | None:
+        """Queue the step's forward and sampling; the scheduled sequences count their tokens as computed and
+        each sampled one gets a token pending on the device. None if the forward failed (its requests fail)."""
+        scheduled = plan.scheduled
+        previous = self._in_flight
+        fed = previous.sampled.token_ids if previous is not None and previous.sampled is not None else None
+        starts = [item.seq.num_computed_tokens for item in scheduled]
         try:
-            result = self.runner.execute(plan.scheduled)
+            result = self.runner.execute(scheduled, fed)
+            seqs = [scheduled[i].seq for i in result.sample_index]
+            sampled = self.sampler.sample(result.sample_logits, seqs) if seqs else None
         except RankDiedError:
             raise  # no step can run any more: the engine's owner fails every request and stops it
         except Exception as exc:  # reported to each request and logged with its traceback, never swallowed
-            log.exception("forward pass failed; failing the %d sequences of this step", len(plan.scheduled))
-            for item in plan.scheduled:
+            log.exception("forward pass failed; failing the %d sequences of this step", len(scheduled))
+            for item in scheduled:
                 request = self.requests.get(item.seq.request_id)
                 if request is not None:
                     outputs.append(self._fail(request, f"forward pass failed: {exc!r}"))
-            return outputs
-        for index, logits in result.prompt_logits.items():
-            item = plan.scheduled[index]
-            self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits)
-        for item in plan.scheduled:
+            return None
+        for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed(item.seq)
+        for row, seq in enumerate(seqs):
+            seq.num_pending_tokens += 1
+            seq.pending_row = row
+        overlap = (
+            self.overlap_steps and not result.prompt_logits and not any(needs_host_state(seq) for seq in seqs)
+        )
+        if sampled is not None and overlap:
+            sampled.start_copy()
+        return LaunchedStep(scheduled, starts, result.prompt_logits, seqs, sampled, overlap)
 
-        rows = [(i, plan.scheduled[i].seq) for i in result.sample_index]
-        rows = [(i, seq) for i, seq in rows if seq.request_id in self.requests]  # not failed meanwhile
+    def _collect(self, step: LaunchedStep) -> list[RequestDelta]:
+        """Read a launched step's tokens back (waiting for the device) and hand them to their requests."""
+        outputs: list[RequestDelta] = []
+        for index, logits in step.prompt_logits.items():
+            item = step.scheduled[index]
+            self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits, step.starts[index])
+        for item in step.scheduled:
+            if not item.seq.is_finished:
+                self.block_manager.cache_computed(item.seq)
         touched: dict[str, Request] = {}
-        if rows:
-            sampled_seqs = [seq for _, seq in rows]
-            logits = result.sample_logits
-            if len(rows) < len(result.sample_index):
-                keep = [result.sample_index.index(i) for i, _ in rows]
-                logits = logits[torch.tensor(keep, device=logits.device)]
-            sampled = self.sampler(logits, sampled_seqs)
-            for row, seq in enumerate(sampled_seqs):
-                request = self.requests.get(seq.request_id)
-                if request is None:  # an earlier row of the same request failed
-                    continue
-                error = sampled.errors.get(row)
-                if error is not None:
-                    outputs.append(self._fail(request, error))
-                    continue
-                token, logprob = sampled.token_ids[row], sampled.logprobs[row]
-                if self._guarded(seq, outputs, self._append_token, request, seq, token, logprob):
-                    touched[request.request_id] = request
+        sampled = step.sampled.to_host() if step.sampled is not None else None
+        for row, seq in enumerate(step.sampled_seqs):
+            seq.num_pending_tokens -= 1
+            request = self.requests.get(seq.request_id)
+            if request is None or seq.is_finished:  # failed, aborted or ended meanwhile: the token is moot
+                continue
+            error = sampled.errors.get(row)
+            if error is not None:
+                outputs.append(self._fail(request, error))
+                continue
+            token, logprob = sampled.token_ids[row], sampled.logprobs[row]
+            if self._guarded(seq, outputs, self._append_token, request, seq, token, logprob):
+                touched[request.request_id] = request
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue  # failed after an earlier row touched it
@@ -302,6 +350,7 @@ class LLMEngine:
     def fail_all(self, error: str) -> list[RequestDelta]:
         """End every request with ``error`` (a step failed outside any one request's part): their last deltas."""
         pending, self._pending = self._pending, []
+        self._in_flight = None
         return pending + [self._fail(request, error) for request in list(self.requests.values())]
 
     def _schedule_compiled_grammars(self, outputs: list[RequestDelta]) -> None:
@@ -362,14 +411,14 @@ class LLMEngine:
             reason, seq.stop_reason = FinishReason.STOP, token
         elif grammar_done:
             reason = FinishReason.STOP
-        if reason is None and seq.num_tokens >= seq.max_total_tokens:
+        if reason is None and seq.num_known_tokens >= seq.max_total_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
-    def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
+    def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor, start: int) -> None:
+        """Prompt logprobs of the chunk that ran from position ``start``."""
         seq = item.seq
-        start = seq.num_computed_tokens
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
         targets = seq.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]

@@ -146,10 +146,11 @@ class BlockManager:
                 seq.num_cached_tokens = seq.num_computed_tokens
 
     def cache_computed(self, seq: Sequence) -> None:
-        """Register the blocks of ``seq`` that are now full of computed tokens (after a step)."""
+        """Register the blocks of ``seq`` that are now full of computed tokens the host knows (a token still on
+        the device, computed by an overlapped step, waits for the next call)."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if len(seq.block_keys) >= full:
             return
         tokens = seq.token_ids()

@@ -6,7 +6,7 @@ forward pass on its shard (``follow``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from longserve.attention.metadata import (
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
+from longserve.engine.uploads import StepUploader
 
 
 @dataclass
@@ -33,6 +34,10 @@ class StepDescription:
     num_computed: list[int]  # per sequence: tokens already in the cache
     num_new: list[int]  # per sequence: tokens this step adds
     may_replay: bool  # decode-only without prompt logprobs: a captured CUDA graph may run it
+    # Overlapped steps: rows whose input token the previous step sampled and the host has not read yet; row
+    # fed_rows[i] takes that step's sampled token fed_from[i], on the device.
+    fed_rows: list[int] = field(default_factory=list)
+    fed_from: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,56 +55,6 @@ class RunnerOutput:
     prompt_logits: dict[
         int, torch.Tensor
     ]  # scheduled index -> [chunk_tokens, vocab] logits for prompt logprobs
-
-
-Segment = list[int] | torch.Tensor  # a run of int64 values: host ints or a 1-D CPU tensor
-
-
-class StepUploader:
-    """Copies a step's host indices to the device in one transfer, through a persistent pinned buffer.
-
-    Each part (a concatenation of segments) becomes one int64 view into one device buffer, so a step costs one
-    host-to-device copy however many index lists it has. Host ints are written straight into the pinned
-    buffer through its numpy view (no intermediate tensors: on a slow host each small torch op costs ~10 µs).
-    The host buffer is refilled only after the previous copy out of it has completed (an event, not a device
-    sync); the device buffer is refilled by a copy queued behind the previous step's kernels on the same
-    stream.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._host = torch.empty(0, dtype=torch.long)
-        self._device = torch.empty(0, dtype=torch.long, device=device)
-        self._copied: torch.cuda.Event | None = None
-
-    def upload(self, parts: list[list[Segment]]) -> list[torch.Tensor]:
-        total = sum(_length(segment) for part in parts for segment in part)
-        if self._copied is not None:
-            self._copied.synchronize()
-        if total > self._host.numel():
-            capacity = max(total, 2 * self._host.numel(), 4096)
-            self._host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
-            self._device = torch.empty(capacity, dtype=torch.long, device=self.device)
-        host = self._host.numpy()
-        bounds, offset = [], 0
-        for part in parts:
-            start = offset
-            for segment in part:
-                n = _length(segment)
-                if isinstance(segment, torch.Tensor):
-                    self._host[offset : offset + n].copy_(segment.reshape(-1))
-                else:
-                    host[offset : offset + n] = segment
-                offset += n
-            bounds.append((start, offset))
-        self._device[:total].copy_(self._host[:total], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        return [self._device[start:stop] for start, stop in bounds]
-
-
-def _length(segment: Segment) -> int:
-    return segment.numel() if isinstance(segment, torch.Tensor) else len(segment)
 
 
 class ModelRunner:
@@ -130,6 +85,8 @@ class ModelRunner:
         """The step's description, each sampling row's scheduled index, and the prompt-logprob rows."""
         ids: list[int] = []
         positions: list[int] = []
+        fed_rows: list[int] = []
+        fed_from: list[int] = []
         sample_rows: list[int] = []
         sample_index: list[int] = []
         prompt_rows: dict[int, range] = {}
@@ -137,7 +94,14 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             first_row = len(ids)
-            ids.extend(seq.token_ids()[start:end] if item.num_new_tokens > 1 else [seq.token_at(start)])
+            if item.num_new_tokens > 1:
+                ids.extend(seq.token_ids()[start:end])
+            elif start < seq.num_known_tokens:
+                ids.append(seq.token_at(start))
+            else:  # sampled by the step still in flight: fed to this one on the device
+                fed_rows.append(first_row)
+                fed_from.append(seq.pending_row)
+                ids.append(0)
             positions.extend(range(start, end))
             if item.completes_sequence:
                 sample_rows.append(len(ids) - 1)
@@ -155,35 +119,51 @@ class ModelRunner:
             [s.seq.num_computed_tokens for s in scheduled],
             [s.num_new_tokens for s in scheduled],
             may_replay=not prompt_rows,
+            fed_rows=fed_rows,
+            fed_from=fed_from,
         )
         return description, sample_index, prompt_rows
 
-    def prepare(self, step: StepDescription) -> ModelInput:
-        """The step's tensors on the device (one host-to-device copy on CUDA)."""
+    def prepare(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> ModelInput:
+        """The step's tensors on the device (one host-to-device copy on CUDA). ``fed_tokens`` [rows] are the
+        previous step's sampled tokens, still on the device, that ``step.fed_rows`` take as their input."""
+        if step.fed_rows and fed_tokens is None:
+            raise ValueError("the step feeds tokens from the previous step, but none were given")
         plan = plan_attention(step.block_tables, step.num_computed, step.num_new, self.block_size)
         logit_rows = step.logit_rows or []
         if self.uploader is not None:
-            return self._upload(step.ids, step.positions, logit_rows, plan)
+            return self._upload(step, logit_rows, plan, fed_tokens)
         metadata = host_metadata(plan)
         tensors = [torch.tensor(x, dtype=torch.long) for x in (step.ids, step.positions, logit_rows)]
+        if step.fed_rows:
+            rows, sources = torch.tensor(step.fed_rows), torch.tensor(step.fed_from)
+            tensors[0][rows] = fed_tokens[sources]
         return ModelInput(*tensors[:2], metadata, tensors[2])
 
     def _upload(
-        self, ids: list[int], positions: list[int], logit_rows: list[int], plan: AttentionPlan
+        self,
+        step: StepDescription,
+        logit_rows: list[int],
+        plan: AttentionPlan,
+        fed_tokens: torch.Tensor | None,
     ) -> ModelInput:
         """The step's inputs on the device from one host-to-device copy."""
         flat_tables = [block for table in plan.decode_tables for block in table]
         uploaded = self.uploader.upload(
             [
-                [ids],
-                [positions],
+                [step.ids],
+                [step.positions],
+                [step.fed_rows, step.fed_from],
                 [logit_rows],
                 [plan.decode_new_slots, *plan.prefill_new_slots],
                 [flat_tables, plan.decode_lens],
                 *([span.context_slots] for span in plan.prefills if span.context_slots is not None),
             ]
         )
-        input_ids, positions_t, rows, slots, tables_and_lens, *context = uploaded
+        input_ids, positions_t, fed, rows, slots, tables_and_lens, *context = uploaded
+        if step.fed_rows:
+            count = len(step.fed_rows)
+            input_ids.index_copy_(0, fed[:count], fed_tokens.index_select(0, fed[count:]))
         tables = lens = None
         if plan.num_decodes:  # one cast for both int32 tensors
             small = tables_and_lens.to(torch.int32)
@@ -198,9 +178,13 @@ class ModelRunner:
         return ModelInput(input_ids, positions_t, metadata, rows)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:
+    def execute(
+        self, scheduled: list[ScheduledSequence], fed_tokens: torch.Tensor | None = None
+    ) -> RunnerOutput:
+        """Run the scheduled sequences; ``fed_tokens`` is the previous step's sampled tokens when some of
+        their inputs are still on the device (``Sequence.pending_row`` indexes it)."""
         step, sample_index, prompt_rows = self.describe(scheduled)
-        logits = self.run(step)  # [rows, vocab]
+        logits = self.run(step, fed_tokens)  # [rows, vocab]
         num_sampling = len(sample_index)
         prompt_logits: dict[int, torch.Tensor] = {}
         offset = num_sampling
@@ -210,17 +194,19 @@ class ModelRunner:
         return RunnerOutput(logits[:num_sampling], sample_index, prompt_logits)
 
     @torch.inference_mode()
-    def run(self, step: StepDescription) -> torch.Tensor:
+    def run(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Rank 0: send the step to the other ranks, then run it: logits [rows, vocab], or the hidden states
         [tokens, hidden] when ``step.logit_rows`` is None."""
         if self.ranks is not None:
+            if step.fed_rows and self.ranks.tp.is_parallel:
+                raise ValueError("the other ranks cannot see tokens fed on rank 0's device")
             self.ranks.lead(step)
-        return self.follow(step)
+        return self.follow(step, fed_tokens)
 
     @torch.inference_mode()
-    def follow(self, step: StepDescription) -> torch.Tensor:
+    def follow(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run a described step on this rank's shard (every rank runs every step, collectives included)."""
-        model_input = self.prepare(step)
+        model_input = self.prepare(step, fed_tokens)
         metadata = model_input.metadata
         if (
             self.graphs is not None
@@ -229,9 +215,10 @@ class ModelRunner:
             and not metadata.prefills
             and metadata.num_decodes <= self.graphs.max_batch
         ):
-            hidden = self.graphs.run(model_input.input_ids, model_input.positions, metadata)
-        else:
-            hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
+            # Every row of a replayable step is a decode that samples: the graph computes their logits.
+            assert len(step.logit_rows) == metadata.num_decodes
+            return self.graphs.run(model_input.input_ids, model_input.positions, metadata)
+        hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
         if step.logit_rows is None:
             return hidden
         return self.model.compute_logits(hidden[model_input.logit_rows])  # [rows, vocab]

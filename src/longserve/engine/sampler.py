@@ -8,6 +8,7 @@ from the raw model logits, before any of that processing.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from longserve.engine.protocol import TokenLogprob
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
 from longserve.engine.structured_output import GrammarMasker
+from longserve.engine.uploads import StepUploader, as_floats, float_bits
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,102 @@ class SamplerOutput:
     errors: dict[int, str] = field(default_factory=dict)  # row -> why it produced no token
 
 
+@dataclass
+class LogprobRows:
+    """Logprobs of the chosen tokens of ``rows``, still on the device (``logprob_tensors``)."""
+
+    rows: list[int]  # the sampler rows these tensors cover, in order
+    wanted: dict[int, int]  # sampler row -> how many alternatives its request asked for
+    tensors: tuple[torch.Tensor, ...]  # chosen [m], ranks [m], top values [m, k], top ids [m, k]
+
+
+class SampledRows:
+    """One step's sampled tokens (and logprobs) on the device; ``to_host`` reads them back, the one wait.
+
+    ``token_ids`` ``[rows]`` may feed the next step's inputs before the host has seen them: every entry is a
+    valid token id, even in a row that failed (the host drops that row's token).
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        *,
+        invalid: torch.Tensor | None = None,  # [rows] bool: no distribution to draw from (NaN logits)
+        logprobs: LogprobRows | None = None,
+        errors: dict[int, str] | None = None,  # rows that failed on the host already (a grammar broke)
+        resolved: SamplerOutput | None = None,  # sampled row by row on the host: nothing left to read
+    ) -> None:
+        self.token_ids = token_ids
+        self._invalid = invalid
+        self._logprobs = logprobs
+        self._errors = errors or {}
+        self._resolved = resolved
+        self._host: list[torch.Tensor] | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Queue the copies to host memory (pinned, non-blocking on CUDA), so ``to_host`` only waits."""
+        tensors = [self.token_ids]
+        if self._invalid is not None:
+            tensors.append(self._invalid)
+        if self._logprobs is not None:
+            tensors.extend(self._logprobs.tensors)
+        if self.token_ids.device.type != "cuda":
+            self._host = tensors
+            return
+        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def to_host(self) -> SamplerOutput:
+        if self._resolved is not None:
+            return self._resolved
+        if self._host is None:
+            self.start_copy()
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = iter(self._host)
+        tokens = next(host).tolist()
+        errors = dict(self._errors)
+        if self._invalid is not None:
+            for row in next(host).nonzero().flatten().tolist():
+                errors.setdefault(
+                    row,
+                    "sampling failed: the next-token probabilities are not finite (NaN or infinite logits)",
+                )
+        for row in errors:
+            tokens[row] = -1
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        if self._logprobs is not None:
+            entries = logprob_entries(
+                [tokens[row] for row in self._logprobs.rows],
+                *(t.tolist() for t in host),
+                [self._logprobs.wanted.get(row, 0) for row in self._logprobs.rows],
+            )
+            for row, entry in zip(self._logprobs.rows, entries, strict=True):
+                if row in self._logprobs.wanted and row not in errors:
+                    logprobs[row] = entry
+        self._resolved = SamplerOutput(tokens, logprobs, errors)
+        return self._resolved
+
+
+@dataclass
+class RowParams:
+    """Each row's sampling parameters on the logits' device (one upload), with the host facts that steer
+    the control flow, so choosing a path never waits for the device. Greedy rows carry neutral values."""
+
+    temperature: torch.Tensor  # [n] float32
+    top_k: torch.Tensor  # [n] int64, vocab = off
+    top_p: torch.Tensor  # [n] float32, 1.0 = off
+    min_p: torch.Tensor  # [n] float32, 0.0 = off
+    uniform: torch.Tensor  # [n] float64: a seeded row's draw from its own generator; NaN: draw on the device
+    greedy: torch.Tensor  # [n] bool
+    host_top_k: list[int]
+    host_top_p: list[float]
+    any_min_p: bool
+    any_seeded: bool
+
+
 class Sampler:
     """Batched sampler the engine calls once per step on the rows that produce a token."""
 
@@ -51,25 +149,31 @@ class Sampler:
         # would dominate the cost of the repetition penalty.
         self._prompt_ids: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
         self._grammar_masker: GrammarMasker | None = None  # built with the first constrained row
+        self._uploaders: dict[torch.device, StepUploader] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """Pick one token per row. ``logits`` is ``[num_seqs, vocab]``, row i belongs to ``seqs[i]``."""
+        return self.sample(logits, seqs).to_host()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
+        """Queue the sampling of one token per row on the logits' device; nothing waits for the device
+        unless a row needs host state (a grammar's mask, penalties or min_tokens over its output)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
         if not any(_needs_processing(seq) for seq in seqs):
             # The common decode step: plain greedy, nothing to mask or report.
-            return SamplerOutput(greedy_argmax(logits).tolist(), [None] * len(seqs))
+            return SampledRows(greedy_argmax(logits))
         try:
             return self._sample(logits, seqs)
         except Exception:  # logged loudly; then each row alone, so only the row that fails loses its token
             log.exception("batched sampling of %d rows failed; sampling the rows one by one", len(seqs))
         return self._sample_each(logits, seqs)
 
-    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
         out = SamplerOutput([-1] * len(seqs), [None] * len(seqs))
         for i, seq in enumerate(seqs):
             try:
-                row = self._sample(logits[i : i + 1], [seq])
+                row = self._sample(logits[i : i + 1], [seq]).to_host()
             except Exception as exc:
                 log.exception("sampling failed for request %s", seq.request_id)
                 out.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
@@ -77,7 +181,8 @@ class Sampler:
             out.token_ids[i], out.logprobs[i] = row.token_ids[0], row.logprobs[0]
             if row.errors:
                 out.errors[i] = row.errors[0]
-        return out
+        fed = torch.tensor([max(t, 0) for t in out.token_ids], device=logits.device)
+        return SampledRows(fed, resolved=out)
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_ids: list[int], num_top: int
@@ -92,7 +197,7 @@ class Sampler:
             out.extend(compute_logprobs(logits[start:end], rows, [num_top] * len(rows)))
         return out
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
         raw = logits.float()  # [num_seqs, vocab]
         params = [seq.params for seq in seqs]
         n = len(seqs)
@@ -126,33 +231,65 @@ class Sampler:
             if rows is not logits:
                 _put_rows(logits, penalised, rows)
 
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        token_ids = torch.empty(n, dtype=torch.long, device=logits.device)  # [num_seqs]
-        if greedy:
-            _put_rows(token_ids, greedy, greedy_argmax(_take_rows(logits, greedy)))
-        if sampled:
-            chosen, invalid = _sample_rows(_take_rows(logits, sampled), [seqs[i] for i in sampled])
-            _put_rows(token_ids, sampled, chosen)
-            for j in invalid:
-                errors[sampled[j]] = (
-                    "sampling failed: the next-token probabilities are not finite (NaN or infinite logits)"
-                )
-        tokens = token_ids.tolist()
-        for i in errors:
-            tokens[i] = -1
+        # Every row is sampled and greedy rows pick their argmax instead: no row gather, so no host wait.
+        invalid = None
+        if all(p.greedy for p in params):
+            token_ids = greedy_argmax(logits)  # [num_seqs]
+        else:
+            row_params = self._row_params(seqs, logits.shape[1], logits.device)
+            token_ids, invalid = _sample_rows(logits, row_params)
+            if any(p.greedy for p in params):
+                token_ids = torch.where(row_params.greedy, greedy_argmax(logits), token_ids)
+                invalid &= ~row_params.greedy
 
-        logprobs: list[TokenLogprob | None] = [None] * n
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None and i not in errors]
+        wanted = {
+            i: p.logprobs or 0 for i, p in enumerate(params) if p.logprobs is not None and i not in errors
+        }
+        logprobs = None
         if wanted:
-            computed = compute_logprobs(
-                _take_rows(raw, wanted),
-                [tokens[i] for i in wanted],
-                [params[i].logprobs or 0 for i in wanted],
-            )
-            for i, lp in zip(wanted, computed, strict=True):
-                logprobs[i] = lp
-        return SamplerOutput(tokens, logprobs, errors)
+            # On the CPU only the wanted rows; on a GPU every row, as picking rows would wait for the device.
+            rows = list(wanted) if logits.device.type == "cpu" else list(range(n))
+            chosen = token_ids if len(rows) == n else token_ids[torch.tensor(rows)]
+            tensors = logprob_tensors(_take_rows(raw, rows), chosen, max(wanted.values()))
+            logprobs = LogprobRows(rows, wanted, tensors)
+        return SampledRows(token_ids, invalid=invalid, logprobs=logprobs, errors=errors)
+
+    def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:
+        params = [seq.params for seq in seqs]
+        greedy = [p.greedy for p in params]
+        top_k = [
+            vocab if g or not 0 < p.top_k < vocab else p.top_k for p, g in zip(params, greedy, strict=True)
+        ]
+        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
+        min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
+        temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+        # A seeded row draws its uniform from its own generator, so it reproduces whatever else is in the
+        # batch; drawn on the host (a CPU generator) and uploaded with the rest.
+        uniform = [
+            math.nan
+            if g or seq.generator is None
+            else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
+            for seq, g in zip(seqs, greedy, strict=True)
+        ]
+        uploader = self._uploaders.get(device)
+        if uploader is None:
+            uploader = self._uploaders[device] = StepUploader(device)
+        parts = uploader.upload(
+            [[float_bits(temperature)], [top_k], [float_bits(top_p)], [float_bits(min_p)],
+             [float_bits(uniform)], [greedy]]
+        )  # fmt: skip
+        return RowParams(
+            temperature=as_floats(parts[0]),
+            top_k=parts[1],
+            top_p=as_floats(parts[2]),
+            min_p=as_floats(parts[3]),
+            uniform=parts[4].view(torch.float64),
+            greedy=parts[5].bool(),
+            host_top_k=top_k,
+            host_top_p=top_p,
+            any_min_p=any(m > 0.0 for m in min_p),
+            any_seeded=any(not math.isnan(u) for u in uniform),
+        )
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> dict[int, str]:
         """Mask ``rows`` of ``logits`` in place to what their grammars allow; rows whose matcher broke -> error."""
@@ -187,6 +324,13 @@ def _put_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def needs_host_state(seq: Sequence) -> bool:
+    """Sampling this sequence reads its output so far on the host (grammar, penalties, min_tokens), so its
+    step must be read back before the next one samples it."""
+    p = seq.params
+    return seq.grammar is not None or _has_penalty(p) or len(seq.output_token_ids) < p.min_tokens
 
 
 def _needs_processing(seq: Sequence) -> bool:
@@ -262,29 +406,42 @@ def _flat_token_ids(
     return (row_of[keep] * vocab + ids[keep]).to(device)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    *,
+    host_top_k: list[int] | None = None,
+    host_top_p: list[float] | None = None,
+) -> torch.Tensor:
     """Mask (-inf) everything outside each row's top-k, then outside the top-p nucleus of what is left.
 
     ``logits`` ``[n, vocab]``; ``top_k`` ``[n]`` (vocab = off); ``top_p`` ``[n]`` (1.0 = off). The nucleus is the
     smallest set of most likely tokens whose probability (renormalised after top-k) reaches top_p; the most
-    likely token always survives.
+    likely token always survives. ``host_top_k`` / ``host_top_p``: the same values as host lists, so that
+    choosing the path does not read them back from the device.
     """
     n, vocab = logits.shape
-    ks, ps = top_k.tolist(), top_p.tolist()
+    ks = host_top_k if host_top_k is not None else top_k.tolist()
+    ps = host_top_p if host_top_p is not None else top_p.tolist()
     if all(k >= vocab and p >= 1.0 for k, p in zip(ks, ps, strict=True)):
         return logits
     p_only = any(k >= vocab and p < 1.0 for k, p in zip(ks, ps, strict=True))
     # Top-p-only rows measure mass against the whole vocabulary; softmax works row by row, so these values
     # do not depend on the rest of the batch.
     probs = logits.softmax(dim=-1) if p_only else None  # [n, vocab]
-    # Sorting the whole vocabulary is slow, so rank only the best `width` tokens when that provably holds
-    # every survivor: k of them for top-k rows, enough mass for top-p-only rows.
+    # Sorting the whole vocabulary is slow on a CPU, so rank only the best `width` tokens when that provably
+    # holds every survivor: k of them for top-k rows, enough mass for top-p-only rows. Whether the mass
+    # sufficed is a read of the device, so a GPU sorts the whole vocabulary for top-p-only rows instead.
     max_k = max((k for k in ks if k < vocab), default=0)
-    widths = [max(max_k, w) for w in _TOP_P_CANDIDATES] if p_only else [max_k]
+    if p_only:
+        widths = [max(max_k, w) for w in _TOP_P_CANDIDATES] if logits.device.type == "cpu" else []
+    else:
+        widths = [max_k]
     remove = None
     for width in (w for w in widths if w < vocab):
         ranked, order = _topk(logits, width)  # [n, width] each, best first
-        remove = _ranked_removal(ranked, order, probs, top_k, top_p, vocab, complete=False)
+        remove = _ranked_removal(ranked, order, probs, top_k, top_p, vocab, complete=not p_only)
         if remove is not None:
             break
     if remove is None:
@@ -308,6 +465,7 @@ def _ranked_removal(
     complete: bool,
 ) -> torch.Tensor | None:
     """Which of the best-first ``ranked`` logits ``[n, width]`` to drop; None if the nucleus may lie beyond.
+    ``complete``: the ranking holds every survivor (all of the vocabulary, or top-k rows only), so no check.
 
     ``probs`` ``[n, vocab]`` is the full softmax, needed only when some row has top-p without top-k. Every
     quantity is a prefix computation (cumsum) over the ranking, so a row's result depends neither on
@@ -336,51 +494,35 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-    """Sample one token per row of penalised ``logits`` ``[m, vocab]`` (no row is greedy).
-
-    Also returns the rows whose probabilities are no distribution (NaN, or nothing left): their token is
-    meaningless and the caller fails them.
-    """
-    m, vocab = logits.shape
-    device = logits.device
-    params = [seq.params for seq in seqs]
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-    logits = logits / temperature.unsqueeze(1)  # [m, vocab]
-
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+def _sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of penalised ``logits`` ``[m, vocab]``: ``[m]`` tokens, and ``[m]`` bool rows
+    whose probabilities are no distribution (NaN, or nothing left). Those draw from uniform instead, so the
+    batch's other rows still get theirs and every token is a valid id; the caller fails them."""
+    logits = logits / params.temperature.unsqueeze(1)  # [m, vocab]
+    vocab = logits.shape[1]
+    if any(k < vocab for k in params.host_top_k) or any(p < 1.0 for p in params.host_top_p):
         logits = apply_top_k_top_p(
-            logits,
-            torch.tensor(top_k, device=device),
-            torch.tensor(top_p, dtype=logits.dtype, device=device),
+            logits, params.top_k, params.top_p, host_top_k=params.host_top_k, host_top_p=params.host_top_p
         )
     probs = logits.softmax(dim=-1)  # [m, vocab]
-    if any(p.min_p > 0.0 for p in params):
-        probs = apply_min_p(probs, torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device))
-    total = probs.sum(dim=-1)  # [m]; NaN if any entry is
-    invalid = (~(total > 0)).nonzero().flatten().tolist()
-    if invalid:  # drawn from uniform instead, so the batch's other rows still get theirs
-        probs[torch.tensor(invalid, device=device)] = 1.0
-    return _draw(probs, [seq.generator for seq in seqs]), invalid
+    if params.any_min_p:
+        probs = apply_min_p(probs, params.min_p)
+    invalid = ~(probs.sum(dim=-1) > 0)  # [m]; a NaN anywhere makes the sum NaN
+    probs = probs.masked_fill(invalid.unsqueeze(1), 1.0)
+    return _draw(probs, params.uniform, params.any_seeded), invalid
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of (unnormalised) ``probs`` ``[m, vocab]``, by inverting the row's CDF at a uniform.
+def _draw(probs: torch.Tensor, uniform: torch.Tensor, any_seeded: bool) -> torch.Tensor:
+    """One token per row of (unnormalised) ``probs`` ``[m, vocab]``, by inverting the row's CDF at a uniform:
+    ``uniform`` ``[m]`` float64 where a row brings its own (seeded), NaN where one is drawn here.
 
     One uniform per row (the exponential race needs one per vocabulary entry, ~30x a softmax on CPU). The
     CDF is inverted block-wise: pick the block by block masses, then the token inside it, reusing the rest
-    of the uniform. A seeded row draws from its own generator, so it reproduces whatever else is in the batch.
+    of the uniform.
     """
-    m = probs.shape[0]
-    uniform = torch.empty(m, 1, dtype=torch.float64, device=probs.device)  # [m, 1]
-    if any(g is None for g in generators):
-        uniform.uniform_()
-    for i, g in enumerate(generators):
-        if g is not None:
-            # Drawn on the generator's device and moved: a CPU generator cannot fill a CUDA tensor.
-            uniform[i] = torch.rand(1, dtype=torch.float64, generator=g, device=g.device).to(probs.device)
+    fresh = torch.rand(uniform.shape[0], 1, dtype=torch.float64, device=probs.device)  # [m, 1]
+    given = uniform.unsqueeze(1)
+    uniform = torch.where(given.isnan(), fresh, given) if any_seeded else fresh
     # float32 block sums: a float64 upcast of the whole row would cost more than the softmax.
     block_mass = _block_reduce(probs, torch.sum).double()  # [m, blocks]
     block, fraction = _invert_cdf(block_mass, uniform)  # [m, 1] each
@@ -457,19 +599,33 @@ def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[i
     """
     if not token_ids:
         return []
+    chosen = torch.tensor(token_ids, device=logits.device)
+    tensors = logprob_tensors(logits, chosen, max(num_top))
+    return logprob_entries(token_ids, *(t.tolist() for t in tensors), num_top)
+
+
+def logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """On the logits' device: the chosen tokens' logprobs ``[n]`` and ranks ``[n]``, and the ``k`` best
+    alternatives' logprobs and ids ``[n, k]`` each, most likely first."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
-    chosen_ids = torch.tensor(token_ids, device=logits.device).unsqueeze(1)  # [n, 1]
-    chosen = logprobs.gather(1, chosen_ids)  # [n, 1]
-    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-    k = min(max(num_top), logprobs.shape[1])
-    if k > 0:
-        top_values, top_ids = _topk(logprobs, k)  # [n, k] each, most likely first
-        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    else:
-        top_values_list = top_ids_list = [[] for _ in token_ids]
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [n, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # [n]
+    top_values, top_ids = _topk(logprobs, min(k, logprobs.shape[1]))  # [n, k] each
+    return chosen.squeeze(1), ranks, top_values, top_ids
+
+
+def logprob_entries(
+    token_ids: list[int],
+    chosen: list[float],
+    ranks: list[int],
+    top_values: list[list[float]],
+    top_ids: list[list[int]],
+    num_top: list[int],
+) -> list[TokenLogprob]:
+    """``logprob_tensors``' results, read back to host lists, as one ``TokenLogprob`` per row."""
     return [
         TokenLogprob(token, value, rank, list(zip(ids[:num], values[:num], strict=True)))
         for token, value, rank, ids, values, num in zip(
-            token_ids, chosen.squeeze(1).tolist(), ranks, top_ids_list, top_values_list, num_top, strict=True
+            token_ids, chosen, ranks, top_ids, top_values, num_top, strict=True
         )
     ]

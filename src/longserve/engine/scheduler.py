@@ -75,6 +75,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_pending_tokens and seq.num_tokens >= seq.max_total_tokens:
+                index += 1  # its last token is still on the device: it ends when the host reads it
+                continue
             count = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + count
             while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
@@ -97,7 +100,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[index]
-            if self._waits_for_leader(seq):
+            # (a sequence preempted with a token still on the device waits until the host has it)
+            if self._waits_for_leader(seq) or seq.num_pending_tokens:
                 index += 1
                 continue
             hits = self.blocks.match_prefix(seq) if seq.params.prompt_logprobs is None else []

@@ -59,6 +59,11 @@ class Sequence:
     leader: Sequence | None = None
     # Structured output: this sequence's llguidance matcher, advanced with every token it accepts.
     grammar: Any = None
+    # Overlapped steps: tokens sampled on the device that the host has not read back yet (they count in
+    # num_tokens, so the scheduler can run the next step meanwhile), and the row of the newest one in its
+    # step's sampled tokens (the next step feeds it from there).
+    num_pending_tokens: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -67,6 +72,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Every token so far, those still on the device included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """The tokens the host holds: ``token_ids()``."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
