@@ -1,6 +1,6 @@
-"""GPU decode throughput, side by side in one process: longserve (CUDA graphs), longserve --enforce-eager and
-HF transformers ``generate`` (bf16, sdpa), on a Llama-3.2-1B-shaped model with random weights that this script
-builds itself. Prints a table and writes JSON to benchmarks/results/.
+"""GPU decode throughput, side by side in one process: longserve (CUDA graphs, overlapped steps), the same with
+synchronous steps, longserve --enforce-eager and HF transformers ``generate`` (bf16, sdpa), on a
+Llama-3.2-1B-shaped model with random weights that this script builds itself. Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/gpu_generate.py                # batch 1, 8, 64, 256; prompt 128 + 128 new tokens
     python benchmarks/gpu_generate.py --tiny         # a small shape, to dry-run the script (CPU too)
@@ -89,11 +89,12 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * 10 * x.numel() / (time.perf_counter() - start)
 
 
-def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager, **parallel) -> dict:
+def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager, **options) -> dict:
     from longserve import LLM
 
+    # On a GPU the KV cache takes what --gpu-memory-utilization (0.9) leaves.
     llm = LLM(path, device=device, dtype="bfloat16", max_num_seqs=max(batches), enforce_eager=eager,
-              kv_cache_memory_mb=16384 if device == "cuda" else 512, **parallel)  # fmt: skip
+              kv_cache_memory_mb=None if device == "cuda" else 512, **options)  # fmt: skip
     try:
         return _measure(llm, batches, prompts, new_tokens, repeats, device)
     finally:
@@ -123,14 +124,16 @@ def step_times(llm, prompts, new_tokens, device) -> dict:
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(EngineRequest(f"steps-{len(prompts)}-{i}", list(prompt), params))
+    start = time.perf_counter()
     while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.seqs):
         engine.step()  # prefill
+    prefill_s = time.perf_counter() - start
     walls = []
     while engine.has_unfinished():
         start = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - start)
-    result = {"step_ms": 1e3 * statistics.median(walls[1:-1] or walls)}
+    result = {"step_ms": 1e3 * statistics.median(walls[1:-1] or walls), "prefill_ms": 1e3 * prefill_s}
     graphs = engine.runner.graphs
     bucket = graphs.bucket_for(len(prompts)) if graphs is not None else None
     # A replay on rank 0 alone would wait forever in the graph's all-reduce: one device only.
@@ -204,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         path = build_checkpoint(shape, device, directory)
         systems = {}
-        runs = [("longserve (graphs)", False, {}), ("longserve (eager)", True, {})]
+        runs = [
+            ("longserve (graphs)", False, {}),
+            ("longserve (graphs, sync)", False, {"async_scheduling": False}),
+            ("longserve (eager)", True, {}),
+        ]
         if tp_sizes:
             runs = [(f"longserve tp={t}", False, {"tensor_parallel_size": t}) for t in tp_sizes]
             if "num_experts" in shape:
@@ -254,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 + "".join(f"{speedups[b]:>27.2f}x" for b in batches)
             )
         if steps:
+            print(
+                f"{'  prefill phase ms':<24}" + "".join(f"{steps[b]['prefill_ms']:>28.1f}" for b in batches)
+            )
             print(f"{'  decode step ms':<24}" + "".join(
                 f"{steps[b]['step_ms']:>18.3f}" + (f" (GPU {steps[b]['graph_gpu_ms']:.3f})"
                                                    if "graph_gpu_ms" in steps[b] else " " * 12)

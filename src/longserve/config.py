@@ -28,9 +28,13 @@ class EngineConfig:
     enable_prefix_caching: bool = (
         True  # full KV blocks stay cached by content and are reused by later prompts
     )
-    # KV cache size; the number of blocks follows from it. Memory is committed only as blocks are first used;
-    # 1 GiB holds 64 streams of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt.
-    kv_cache_memory_mb: int = 1024
+    # KV cache size per rank; the number of blocks follows from it. None: on a GPU, what gpu_memory_utilization
+    # leaves (kv_sizing.py); on the CPU 1 GiB, committed only as blocks are first used (it holds 64 streams
+    # of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt).
+    kv_cache_memory_mb: int | None = None
+    gpu_memory_utilization: float = (
+        0.9  # share of the GPU's memory the engine may hold, its KV cache included
+    )
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb (block 0 is reserved as padding)
     max_model_len: int | None = None  # None = the model's context length
     # Per-step token budget (decodes + prompt chunks); None = by device (default_max_num_batched_tokens).
@@ -62,10 +66,12 @@ class EngineConfig:
             )
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
-            if value is None and name == "max_num_batched_tokens":
-                continue  # chosen by device once the engine has placed the model (resolved())
+            if value is None and name in ("max_num_batched_tokens", "kv_cache_memory_mb"):
+                continue  # chosen by device once the engine has placed the model
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             # Every running sequence's decode must fit in one step, or the last ones would stall.
             raise ValueError(

@@ -42,7 +42,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching turns it off)",
     )
-    parser.add_argument("--kv-cache-memory-mb", type=int, help="KV cache size in MiB")
+    parser.add_argument(
+        "--kv-cache-memory-mb",
+        type=int,
+        help="KV cache size in MiB per rank (default: 1024 on CPU; on a GPU what --gpu-memory-utilization leaves)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of each GPU's memory the engine may hold, the KV cache included (default 0.9)",
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepare each step while the previous one runs on the GPU (default: on for CUDA, off on CPU)",
+    )
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
     parser.add_argument(
@@ -74,6 +89,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         moba_full_layers=args.moba_full_layers,
         max_model_len=args.max_model_len,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        async_scheduling=args.async_scheduling,
         num_threads=args.num_threads,
         show_progress=True,
         max_num_seqs=args.max_num_seqs,

@@ -67,3 +67,60 @@ def test_moe_and_moba_models_run_eagerly(tiny_model_cache):
     assert moe.engine.runner.graphs is None and moba.engine.runner.graphs is None
     out = moe.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["llama", "qwen3"])
+def test_overlapped_steps_give_what_synchronous_steps_give(tiny_model_cache, model):
+    path = tiny_model_cache.path(model)
+    options = dict(kv_cache_memory_mb=64, device="cuda", dtype="bfloat16", max_num_seqs=24)
+    overlapped, sync = LLM(path, **options), LLM(path, async_scheduling=False, **options)
+    assert overlapped.engine.overlap_steps and not sync.engine.overlap_steps
+    vocab = sync.engine.model_config.vocab_size
+    prompts = _prompts(vocab, 17)  # padded in the 24 bucket
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    for got, want in zip(overlapped.generate(prompts, greedy), sync.generate(prompts, greedy), strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        got_lp = torch.tensor([e.logprob for e in got.outputs[0].logprobs])
+        want_lp = torch.tensor([e.logprob for e in want.outputs[0].logprobs])
+        torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-3)
+    # Seeded sampling reproduces with overlapped steps on, alone or in a batch, and as without them.
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=11, max_tokens=20, ignore_eos=True)
+    alone = overlapped.generate(prompts[:1], seeded)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    batched = overlapped.generate(prompts[:6], [seeded] + [others] * 5)[0].outputs[0].token_ids
+    assert alone == batched == sync.generate(prompts[:1], seeded)[0].outputs[0].token_ids
+    # Mixed finishes and a step in flight: EOS-free stop tokens and max_tokens end rows one step early.
+    stop = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[alone[3]], ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in overlapped.generate(prompts, stop)]
+    assert got == [o.outputs[0].token_ids for o in sync.generate(prompts, stop)]
+    blocks = overlapped.engine.block_manager
+    assert blocks.num_free_blocks == blocks.num_usable_blocks
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_kv_cache_takes_what_gpu_memory_utilization_leaves(tiny_llama_dir):
+    import gc
+
+    free, total = torch.cuda.mem_get_info()
+    share = (total - free) / total + 0.1  # what is in use now, and a tenth of the GPU more
+    llm = LLM(tiny_llama_dir, device="cuda", gpu_memory_utilization=share)
+    engine = llm.engine
+    per_token = (
+        2
+        * engine.model_config.num_layers
+        * engine.model_config.num_kv_heads
+        * engine.model_config.head_dim
+        * 4
+    )
+    cached = engine.cache_capacity * per_token
+    assert 0.05 * total < cached < 0.1 * total
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="leaves no room for the KV cache"):
+        LLM(tiny_llama_dir, device="cuda", gpu_memory_utilization=share)
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()

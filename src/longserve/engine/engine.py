@@ -85,6 +85,12 @@ class LLMEngine:
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
         self.cache_capacity = self.max_model_len if self.is_encoder else (num_blocks - 1) * config.block_size
+        if not self.is_encoder:
+            log.info(
+                "KV cache: %d tokens (%d blocks of %d), %.1f sequences of the full %d-token context",
+                self.cache_capacity, num_blocks - 1, config.block_size,
+                self.cache_capacity / self.max_model_len, self.max_model_len,
+            )  # fmt: skip
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,

@@ -17,6 +17,7 @@ from longserve.attention.paged_cache import LayerKVCache, allocate_kv_cache
 from longserve.config import EngineConfig
 from longserve.distributed.parallel import TensorParallel
 from longserve.engine.cuda_graphs import DecodeGraphs
+from longserve.engine.kv_sizing import kv_cache_bytes
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.loading.pooling_config import PoolingConfig
@@ -65,7 +66,7 @@ def load_model(config: EngineConfig, device: torch.device, tp: TensorParallel) -
 def allocate_caches(
     config: EngineConfig, loaded: LoadedModel, device: torch.device, tp: TensorParallel
 ) -> tuple[int, list[LayerKVCache]]:
-    """(number of blocks, per-layer caches) for this rank's KV heads; ``kv_cache_memory_mb`` is per rank."""
+    """(number of blocks, per-layer caches) for this rank's KV heads, sized by ``kv_sizing``."""
     mc = loaded.model_config
     if loaded.family.encoder:
         # One bidirectional pass per input, nothing cached: two blocks (never used) keep the scheduler whole.
@@ -73,7 +74,7 @@ def allocate_caches(
     kv_heads = tp.local_kv_heads(mc.num_kv_heads)
     bytes_per_token = 2 * mc.num_layers * kv_heads * mc.head_dim * config.torch_dtype.itemsize
     num_blocks = config.num_kv_blocks or max(
-        2, config.kv_cache_memory_mb * 2**20 // (bytes_per_token * config.block_size)
+        2, kv_cache_bytes(config, loaded, device, tp) // (bytes_per_token * config.block_size)
     )
     caches = allocate_kv_cache(
         mc.num_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, config.torch_dtype,
