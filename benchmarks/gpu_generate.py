@@ -193,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (fits the disk)")
     parser.add_argument(
         "--tensor-parallel-size", help="comma-separated sizes, e.g. 1,2,4: scaling from one run"
     )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SHAPES["tiny_moe" if args.tiny and "moe" in args.shape else "tiny" if args.tiny else args.shape]
+    if args.layers:
+        shape = dict(shape, num_hidden_layers=args.layers)
     tp_sizes = [int(t) for t in args.tensor_parallel_size.split(",")] if args.tensor_parallel_size else []
     batches = [int(b) for b in args.batches.split(",")]
     g = torch.Generator().manual_seed(0)
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(exist_ok=True)
     suffix = ("_tiny" if args.tiny else "") + (f"_{args.shape}" if args.shape != "1b" else "")
     suffix += f"_tp{args.tensor_parallel_size.replace(',', '-')}" if tp_sizes else ""
+    suffix += f"_{args.layers}layers" if args.layers else ""
     out = results / f"gpu_generate{suffix}.json"
     out.write_text(json.dumps({"shape": shape, "device": device, "prompt_len": args.prompt_len,
                                "new_tokens": args.new_tokens, "roofline_tok_s": roofline, "systems": table},

@@ -13,11 +13,12 @@ from longserve.attention.paged_cache import LayerKVCache
 _LOG2E = 1.4426950408889634
 MIN_SPLIT = 64  # keys: a split shorter than this costs more to launch and merge than it saves
 PROGRAMS_PER_SM = 4  # dense decode splits until (sequences x KV heads x splits) fills the GPU this often
+KERNEL_HEAD_SIZES = (16, 32, 64, 128, 256)  # head sizes the kernels take (powers of two)
 
 
 def cuda_path_available(q: torch.Tensor) -> bool:
     """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256."""
-    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128, 256):
+    if not q.is_cuda or q.shape[-1] not in KERNEL_HEAD_SIZES:
         return False
     try:
         import triton  # noqa: F401

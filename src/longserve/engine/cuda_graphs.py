@@ -8,8 +8,9 @@ kernel's grid depends on the batch only: each sequence's context is spread over 
 inside the kernel (``paged_decode``), so one capture serves every context length.
 
 Only steps that are all decodes, need no prompt logprobs and fit the largest bucket are replayed; prefill and
-mixed steps run eagerly. Models whose decode path is not capture-safe (data-dependent shapes or host syncs:
-MoBA's block-mean bookkeeping, MoE routing, MLA) declare ``supports_cuda_graphs = False`` and run eagerly.
+mixed steps run eagerly. A model says whether its decode path is capture-safe (``supports_cuda_graphs``: no
+data-dependent shapes or host syncs): MoE blocks are when their Triton or grouped_mm experts run, MLA when the
+paged decode kernel takes its head size. MoBA (its block-mean bookkeeping) runs eagerly.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def kv_cache_bytes(config: EngineConfig, loaded, device: torch.device, tp: Tenso
 
 
 def profile_step_memory(config: EngineConfig, loaded, device: torch.device, tp: TensorParallel) -> int:
-    """Peak bytes the largest step allocates beyond what is held now: one prompt of the whole per-step token
+    """Peak bytes the largest step allocates beyond what is held now: prompts filling the whole per-step token
     budget through the model, then the sampling of ``max_num_seqs`` rows (top-p sorts the vocabulary).
 
     It runs on a throwaway two-block cache (every slot maps to block 1: the values written do not matter).
@@ -61,11 +61,15 @@ def profile_step_memory(config: EngineConfig, loaded, device: torch.device, tp: 
         mc.num_layers, 2, block, tp.local_kv_heads(mc.num_kv_heads), mc.head_dim,
         config.torch_dtype, device=device, gate_keys=config.attention == "moba",
     )  # fmt: skip
-    plan = plan_attention([[1] * -(-tokens // block)], [0], [tokens], block)
+    # As many prompts as the budget holds when one may not be that long; positions stay within the model's.
+    longest = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    lengths = [min(longest, tokens - start) for start in range(0, tokens, longest)]
+    tables = [[1] * -(-n // block) for n in lengths]
+    plan = plan_attention(tables, [0] * len(lengths), lengths, block)
     metadata = host_metadata(plan).to(device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, mc.vocab_size, (tokens,), generator=generator).to(device)
-    positions = torch.arange(tokens, device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -304,6 +304,12 @@ class MoE(nn.Module):
         gate, up = F.linear(x, self.w_gate_up[expert]).split(self.intermediate_size, dim=-1)
         return F.linear(F.silu(gate) * up, self.w_down[expert])
 
+    def capturable(self, x: torch.Tensor) -> bool:
+        """Whether this block's forward on inputs like ``x`` makes no host sync, so a CUDA graph may capture it:
+        the Triton or grouped_mm experts on one device (expert parallelism picks its pairs on the host, and
+        the per-expert loop sizes its batches there)."""
+        return x.is_cuda and not self.tp.expert_parallel and (self._use_triton(x) or self._use_grouped_mm(x))
+
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         """Whether the experts run as two grouped_mm calls over the stacked weights."""
         if self.expert_impl != "auto":
@@ -445,3 +451,10 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
     if tensor.shape != param.shape:
         raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
     param.copy_(tensor)
+
+
+def moe_blocks_capturable(model: nn.Module, hidden_size: int) -> bool:
+    """Whether every MoE block of ``model`` runs sync-free on the model's device and dtype (CUDA graphs)."""
+    weight = next(model.parameters())
+    probe = torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device)
+    return all(block.capturable(probe) for block in model.modules() if isinstance(block, MoE))

@@ -25,12 +25,13 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
+from longserve.attention.paged_decode import KERNEL_HEAD_SIZES
 from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mla import MLAConfig, MLARotary, MultiHeadLatentAttention, mla_softmax_scale
 from longserve.layers.mlp import SwiGLUMLP
-from longserve.layers.moe import MoE, RouterConfig
+from longserve.layers.moe import MoE, RouterConfig, moe_blocks_capturable
 from longserve.layers.moe_weights import MoEWeightNames, moe_weight_targets
 from longserve.layers.norm import RMSNorm
 from longserve.models.llama import PreNormDecoderLayer, run_decoder, sliced, swiglu_weight_targets
@@ -263,6 +264,14 @@ class DeepseekForCausalLM(nn.Module):
             else nn.Parameter(torch.empty(vocab_rows, config.hidden_size, dtype=dtype), requires_grad=False)
         )
         self.lm_head_kernel: PreparedMatmul | None = None
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Decode steps may be captured when the paged decode kernel takes MLA's cache head size (else decode
+        gathers each context, sized on the host) and every MoE block runs sync-free kernels here."""
+        return self.config.mla.cache_head_dim in KERNEL_HEAD_SIZES and moe_blocks_capturable(
+            self, self.config.hidden_size
+        )
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from longserve.layers.moe import MoE, RouterConfig
+from longserve.layers.moe import MoE, RouterConfig, moe_blocks_capturable
 from longserve.layers.moe_weights import MoEWeightNames, moe_weight_targets
 from longserve.models.config import DecoderConfig
 from longserve.models.llama import LlamaForCausalLM
@@ -94,7 +94,11 @@ class MoEForCausalLM(LlamaForCausalLM):
     config: MoEDecoderConfig
     moe_block: ClassVar[str] = "mlp"  # the MoE block's name inside a layer (Mixtral: block_sparse_moe)
     moe_names: ClassVar[MoEWeightNames] = MoEWeightNames()
-    supports_cuda_graphs: ClassVar[bool] = False  # routing sizes its expert batches on the host
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Decode steps may be captured when every MoE block runs sync-free kernels here (``MoE.capturable``)."""
+        return moe_blocks_capturable(self, self.config.hidden_size)
 
     def _build_mlp(self, layer_index: int) -> nn.Module:
         config = self.config
