@@ -106,6 +106,7 @@ def _measure(llm, batches, prompts, new_tokens, repeats, device) -> dict:
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     out, steps = {}, {}
+    gc.collect()  # the checkpoint build's garbage, collected before any timing
     for batch in batches:
         llm.generate(prompts[:batch], params)  # warm-up: allocator, kernels
         out[batch] = [_timed(lambda b=batch: llm.generate(prompts[:b], params), batch * new_tokens, device)

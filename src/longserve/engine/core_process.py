@@ -10,6 +10,7 @@ when the inbox closes.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -84,6 +85,11 @@ def run_engine_core(
         return
     if on_built is not None:
         on_built(engine)
+    if not in_process:
+        # The model's many long-lived objects leave the collector's view, so a full collection never pauses
+        # a step to scan them (vLLM does the same).
+        gc.collect()
+        gc.freeze()
     outbox.send(send(CoreReady(engine.limits, engine.quantization, engine.tokenizer.spec())))
     try:
         EngineCoreLoop(engine, inbox, outbox, parent).run()
