@@ -92,9 +92,11 @@ def copy_bandwidth(device: str) -> float | None:
 def run_longserve(path: str, device: str, batches, prompts, new_tokens, repeats, eager, **options) -> dict:
     from longserve import LLM
 
-    # On a GPU the KV cache takes what --gpu-memory-utilization (0.9) leaves.
+    # On a GPU the KV cache takes what --gpu-memory-utilization (0.9) leaves. Prefix caching is off: every run
+    # repeats the same prompts, which would otherwise come from the cache after the warm-up (HF has none).
     llm = LLM(path, device=device, dtype="bfloat16", max_num_seqs=max(batches), enforce_eager=eager,
-              kv_cache_memory_mb=None if device == "cuda" else 512, **options)  # fmt: skip
+              kv_cache_memory_mb=None if device == "cuda" else 512, enable_prefix_caching=False,
+              **options)  # fmt: skip
     try:
         return _measure(llm, batches, prompts, new_tokens, repeats, device)
     finally:
