@@ -52,7 +52,7 @@ class DenseAttention:
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        if cuda_path_available(q):  # split-K Triton kernel straight over the paged cache: no gathered copy
+        if cuda_path_available(q, any_head_dim=True):  # split-K Triton kernel over the paged cache: no gather
             return cuda_dense_decode(q, cache, metadata, scale)
         if self.cpu_kernels is not None and q.dtype == cache.key.dtype == torch.float32 and not q.is_cuda:
             return self.cpu_kernels.paged_decode(

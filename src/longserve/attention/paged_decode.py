@@ -13,12 +13,20 @@ from longserve.attention.paged_cache import LayerKVCache
 _LOG2E = 1.4426950408889634
 MIN_SPLIT = 64  # keys: a split shorter than this costs more to launch and merge than it saves
 PROGRAMS_PER_SM = 4  # dense decode splits until (sequences x KV heads x splits) fills the GPU this often
-KERNEL_HEAD_SIZES = (16, 32, 64, 128, 256)  # head sizes the kernels take (powers of two)
+MAX_HEAD_DIM = 256  # the dense decode kernel pads any head size up to this to a power of two
 
 
-def cuda_path_available(q: torch.Tensor) -> bool:
-    """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256."""
-    if not q.is_cuda or q.shape[-1] not in KERNEL_HEAD_SIZES:
+def decode_kernel_takes(head_dim: int) -> bool:
+    """Whether the dense paged decode kernel (and so a captured decode step) takes this head size."""
+    return 0 < head_dim <= MAX_HEAD_DIM
+
+
+def cuda_path_available(q: torch.Tensor, *, any_head_dim: bool = False) -> bool:
+    """Triton kernels run for CUDA tensors whose head size is a power of two from 16 to 256 (MoBA's kernels);
+    ``any_head_dim``: any size the dense decode kernel takes (``decode_kernel_takes``)."""
+    dim = q.shape[-1]
+    fits = decode_kernel_takes(dim) if any_head_dim else dim in (16, 32, 64, 128, 256)
+    if not q.is_cuda or not fits:
         return False
     try:
         import triton  # noqa: F401
@@ -91,7 +99,8 @@ def paged_decode(
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), block_tables.stride(0),
         kv_heads, splits, split_size, scale * _LOG2E,
-        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page_size, HEAD_DIM=dim, BLOCK_N=64,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), PAGE=page_size, HEAD_DIM=dim,
+        DIM_PAD=max(16, next_pow2(dim)), BLOCK_N=64,
         DOT_PRECISION=dot_precision(key_cache), DENSE=chosen is None, MIN_SPLIT=MIN_SPLIT,
         num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -117,7 +126,8 @@ def merge_partials(
     context_lens, rows_per_seq, split_size = splits_of if splits_of is not None else (lse, 1, 1)
     lse_merge_kernel[(-(-rows // block_r),)](
         o_part, lse, out, context_lens, rows, slots, rows_per_seq, split_size,
-        HEAD_DIM=out.shape[-1], BLOCK_R=block_r, BY_CONTEXT=splits_of is not None, MIN_SPLIT=MIN_SPLIT,
+        HEAD_DIM=out.shape[-1], DIM_PAD=max(16, next_pow2(out.shape[-1])), BLOCK_R=block_r,
+        BY_CONTEXT=splits_of is not None, MIN_SPLIT=MIN_SPLIT,
         num_warps=4,
     )  # fmt: skip
 

@@ -51,6 +51,7 @@ def lse_merge_kernel(
     rows_per_seq,
     split_size,
     HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two (the lanes past HEAD_DIM are masked)
     BLOCK_R: tl.constexpr,
     BY_CONTEXT: tl.constexpr,  # read only the slots the block's longest context reached
     MIN_SPLIT: tl.constexpr,
@@ -62,7 +63,8 @@ def lse_merge_kernel(
     bound. A 256-token context among 136 splits reads one."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < num_rows
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
     rows64 = rows.to(tl.int64)
     if BY_CONTEXT:
         context = tl.load(context_lens + rows // rows_per_seq, mask=ok, other=0)
@@ -74,7 +76,7 @@ def lse_merge_kernel(
     for j in range(used_slots):
         m = tl.maximum(m, tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf")))
     m = tl.where(m > float("-inf"), m, 0.0)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_R, DIM_PAD], tl.float32)
     den = tl.zeros([BLOCK_R], tl.float32)
     for j in range(used_slots):
         lse = tl.load(LSE_part + rows64 * num_slots + j, mask=ok, other=float("-inf"))
@@ -82,13 +84,17 @@ def lse_merge_kernel(
         w = tl.where(used, tl.exp2(lse - m), 0.0)
         part = tl.load(
             O_part + (rows64 * num_slots + j)[:, None] * HEAD_DIM + dims[None, :],
-            mask=(ok & used)[:, None],
+            mask=(ok & used)[:, None] & dim_ok[None, :],
             other=0.0,
         )
         acc += w[:, None] * part.to(tl.float32)
         den += w
     out = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(Out + rows64[:, None] * HEAD_DIM + dims[None, :], out.to(Out.dtype.element_ty), mask=ok[:, None])
+    tl.store(
+        Out + rows64[:, None] * HEAD_DIM + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=ok[:, None] & dim_ok[None, :],
+    )
 
 
 @triton.jit
@@ -116,6 +122,7 @@ def paged_split_decode_kernel(
     GROUP_PAD: tl.constexpr,
     PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two (MLA's 192: 256, the rest masked)
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DENSE: tl.constexpr,  # every head uses every split: ``chosen`` is not read
@@ -131,7 +138,8 @@ def paged_split_decode_kernel(
     heads = tl.arange(0, GROUP_PAD)
     slot = (bh * GROUP + heads).to(tl.int64) * num_splits + split  # [GROUP_PAD] row-major (head row, split)
     head_ok = heads < GROUP
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
     if DENSE:
         bits = (1 << GROUP) - 1
     else:
@@ -145,22 +153,21 @@ def paged_split_decode_kernel(
         return
     q = tl.load(
         Q + b.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :],
-        mask=head_ok[:, None],
+        mask=head_ok[:, None] & dim_ok[None, :],
         other=0.0,
-    )  # [GROUP_PAD, D]
+    )  # [GROUP_PAD, DIM_PAD]
     kv_stop = tl.minimum(kv_start + length, context)
     table = block_tables + b.to(tl.int64) * stride_bt
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     for n0 in range(kv_start, kv_stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < kv_stop
         page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
         slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
-        k = tl.load(
-            K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
-        )
+        kv_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_ok, other=0.0)
         s = (
             tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         )  # [GROUP_PAD, BLOCK_N]
@@ -169,12 +176,14 @@ def paged_split_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
-        )
+        v = tl.load(V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     lse = tl.where(used, m_i + tl.log2(l_i), float("-inf"))
-    tl.store(O_part + slot[:, None] * HEAD_DIM + dims[None, :], out, mask=(head_ok & used)[:, None])
+    tl.store(
+        O_part + slot[:, None] * HEAD_DIM + dims[None, :],
+        out,
+        mask=(head_ok & used)[:, None] & dim_ok[None, :],
+    )
     tl.store(LSE_part + slot, lse, mask=head_ok)

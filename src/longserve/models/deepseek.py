@@ -25,7 +25,7 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
-from longserve.attention.paged_decode import KERNEL_HEAD_SIZES
+from longserve.attention.paged_decode import decode_kernel_takes
 from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul
@@ -269,7 +269,7 @@ class DeepseekForCausalLM(nn.Module):
     def supports_cuda_graphs(self) -> bool:
         """Decode steps may be captured when the paged decode kernel takes MLA's cache head size (else decode
         gathers each context, sized on the host) and every MoE block runs sync-free kernels here."""
-        return self.config.mla.cache_head_dim in KERNEL_HEAD_SIZES and moe_blocks_capturable(
+        return decode_kernel_takes(self.config.mla.cache_head_dim) and moe_blocks_capturable(
             self, self.config.hidden_size
         )
 
