@@ -1,18 +1,25 @@
-"""The dense paged decode kernel (Triton) against float64 attention on a GPU: shuffled block tables, contexts
-of 1 to 40K keys, head sizes 64, 128 and MLA's 192 (padded to 256 inside), GQA groups 1 to 8, and the split
-counts the engine uses. (Triton's interpreter cannot run it: its loop bounds are read from the cache tables.)"""
+"""The dense paged decode kernel (Triton) against float64 attention: on a GPU over contexts of 1 to 40K keys,
+and through Triton's interpreter on the CPU in float32 (so CI checks its indexing and masking without a GPU;
+the interpreter mishandles bf16). Head sizes 64 and 128 and MLA's 24 and 192 (padded to a power of two
+inside), GQA groups 1 to 8."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import paged_decode_checks
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_dense_decode_matches_float64_attention() -> None:
+def test_dense_decode_matches_float64_attention_on_cuda() -> None:
     pytest.importorskip("triton")
     from longserve.attention.paged_decode import dense_splits
 
@@ -20,3 +27,16 @@ def test_dense_decode_matches_float64_attention() -> None:
     # The engine's split counts: sized for this batch's longest context, and for a 139K-token model.
     splits = sorted({dense_splits(len(lens) * 2, n, torch.device("cuda")) for n in (max(lens), 139_264)})
     paged_decode_checks.check_dense_decode("cuda", lens, (64, 128, 192), (1, 2, 4, 8), splits + [1, 7])
+
+
+def test_dense_decode_in_triton_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    code = (
+        "import triton_interpreter; triton_interpreter.allow_loaded_loop_bounds(); "
+        "import torch, paged_decode_checks as c; "
+        "c.check_dense_decode('cpu', [1, 17, 130], (24, 64, 192), (1, 4), (1, 3), torch.float32); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
