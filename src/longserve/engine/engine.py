@@ -26,7 +26,7 @@ from longserve.engine.request import Request, build_request
 from longserve.engine.sampler import SampledRows, Sampler, needs_host_state
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from longserve.engine.sequence import FinishReason, Sequence
+from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
@@ -328,29 +328,32 @@ class LLMEngine:
         for index, logits in step.prompt_logits.items():
             item = step.scheduled[index]
             self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits, step.starts[index])
-        for item in step.scheduled:
-            if not item.seq.is_finished:
-                self.block_manager.cache_computed(item.seq)
+        if self.block_manager.enable_prefix_caching:
+            for item in step.scheduled:
+                if not item.seq.is_finished:
+                    self.block_manager.cache_computed(item.seq)
         touched: dict[str, Request] = {}
         sampled = step.sampled.to_host() if step.sampled is not None else None
+        requests, append = self.requests, self._append_token
         for row, seq in enumerate(step.sampled_seqs):
             seq.num_pending_tokens -= 1
-            request = self.requests.get(seq.request_id)
+            request = requests.get(seq.request_id)
             if request is None or seq.is_finished:  # failed, aborted or ended meanwhile: the token is moot
                 continue
-            error = sampled.errors.get(row)
-            if error is not None:
-                outputs.append(self._fail(request, error))
+            if sampled.errors and row in sampled.errors:
+                outputs.append(self._fail(request, sampled.errors[row]))
                 continue
-            token, logprob = sampled.token_ids[row], sampled.logprobs[row]
-            if self._guarded(seq, outputs, self._append_token, request, seq, token, logprob):
+            if self._guarded(
+                seq, outputs, append, request, seq, sampled.token_ids[row], sampled.logprobs[row]
+            ):
                 touched[request.request_id] = request
         for request in touched.values():
-            if request.request_id not in self.requests:
+            if request.request_id not in requests:
                 continue  # failed after an earlier row touched it
-            outputs.append(self._delta(request))
-            if request.finished:
-                del self.requests[request.request_id]
+            delta = self._delta(request)
+            outputs.append(delta)
+            if delta.finished:
+                del requests[request.request_id]
         return outputs
 
     def fail_all(self, error: str) -> list[RequestDelta]:
@@ -397,8 +400,8 @@ class LLMEngine:
         return delta
 
     def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
-        now = time.monotonic()
-        seq.first_token_time = seq.first_token_time or now
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
@@ -436,25 +439,27 @@ class LLMEngine:
     def _delta(self, request: Request) -> RequestDelta:
         """What the request gained since its last delta: new tokens (and logprobs) and new finishes only."""
         seqs = []
+        all_finished = True
         for seq in request.seqs:
-            i = seq.seq_index
-            start, finished = request.reported_tokens[i], seq.is_finished
-            if start == len(seq.output_token_ids) and (not finished or request.reported_finish[i]):
+            i, output = seq.seq_index, seq.output_token_ids
+            start, finished = request.reported_tokens[i], seq.status is SequenceStatus.FINISHED
+            all_finished &= finished
+            if start == len(output) and (not finished or request.reported_finish[i]):
                 continue
             logprobs = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
             reason = seq.finish_reason.value if finished and seq.finish_reason else None
-            seqs.append(SequenceDelta(i, seq.output_token_ids[start:], logprobs, reason, seq.stop_reason))
-            request.reported_tokens[i] = len(seq.output_token_ids)
+            seqs.append(SequenceDelta(i, output[start:], logprobs, reason, seq.stop_reason))
+            request.reported_tokens[i] = len(output)
             request.reported_finish[i] = finished
         prompt_logprobs = None
         if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            if request.seqs[0].num_computed_tokens >= len(request.prompt_token_ids) or request.finished:
+            if request.seqs[0].num_computed_tokens >= len(request.prompt_token_ids) or all_finished:
                 prompt_logprobs = request.seqs[0].prompt_logprobs
                 request.prompt_logprobs_sent = True
         return RequestDelta(
             request.request_id,
             seqs,
-            request.finished,
+            all_finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )

@@ -150,7 +150,8 @@ class BlockManager:
         the device, computed by an overlapped step, waits for the next call)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        computed, known = seq.num_computed_tokens, len(seq.prompt_token_ids) + len(seq.output_token_ids)
+        full = (computed if computed < known else known) // self.block_size
         if len(seq.block_keys) >= full:
             return
         tokens = seq.token_ids()

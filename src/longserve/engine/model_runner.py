@@ -91,22 +91,25 @@ class ModelRunner:
         sample_index: list[int] = []
         prompt_rows: dict[int, range] = {}
         for index, item in enumerate(scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
+            seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             first_row = len(ids)
-            if item.num_new_tokens > 1:
-                ids.extend(seq.token_ids()[start:end])
-            elif start < seq.num_known_tokens:
-                ids.append(seq.token_at(start))
-            else:  # sampled by the step still in flight: fed to this one on the device
-                fed_rows.append(first_row)
-                fed_from.append(seq.pending_row)
-                ids.append(0)
-            positions.extend(range(start, end))
-            if item.completes_sequence:
+            known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            if count > 1:
+                ids.extend(seq.token_ids()[start : start + count])
+                positions.extend(range(start, start + count))
+            else:
+                if start < known:
+                    ids.append(seq.token_at(start))
+                else:  # sampled by the step still in flight: fed to this one on the device
+                    fed_rows.append(first_row)
+                    fed_from.append(seq.pending_row)
+                    ids.append(0)
+                positions.append(start)
+            if start + count == known + seq.num_pending_tokens:  # item.completes_sequence
                 sample_rows.append(len(ids) - 1)
                 sample_index.append(index)
-            if wants_prompt_logprobs(item):
+            if seq.params.prompt_logprobs is not None and wants_prompt_logprobs(item):
+                end = start + count
                 # Row r predicts token r + 1; the last prompt token predicts the first output token.
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows[index] = range(first_row, first_row + last - start)

@@ -29,7 +29,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(seq.is_finished for seq in seqs)
 
 
 def build_request(limits: RequestLimits, request: EngineRequest) -> Request:

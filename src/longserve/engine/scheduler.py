@@ -73,19 +73,22 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         index = 0
+        block_size = self.blocks.block_size
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            if seq.num_pending_tokens and seq.num_tokens >= seq.max_total_tokens:
+            total = seq.num_tokens
+            if seq.num_pending_tokens and total >= seq.max_total_tokens:
                 index += 1  # its last token is still on the device: it ends when the host reads it
                 continue
-            count = min(seq.num_uncomputed_tokens, budget)
+            count = min(total - seq.num_computed_tokens, budget)
             target = seq.num_computed_tokens + count
-            while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
-                preempted.append(self._preempt(self.running.pop()))
-            if not self.blocks.can_grow(seq, target):
-                preempted.append(self._preempt(self.running.pop()))  # seq itself: nothing else to take
-                break
-            self.blocks.grow(seq, target)
+            if target > len(seq.block_table) * block_size:  # (most decodes fit the blocks they hold)
+                while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
+                    preempted.append(self._preempt(self.running.pop()))
+                if not self.blocks.can_grow(seq, target):
+                    preempted.append(self._preempt(self.running.pop()))  # seq itself: nothing else to take
+                    break
+                self.blocks.grow(seq, target)
             scheduled.append(ScheduledSequence(seq, count))
             budget -= count
             index += 1
