@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -97,7 +98,7 @@ class AttentionPlan:
     """The step's layout in plain ints (no tensors yet): the CUDA runner uploads these lists in one copy."""
 
     decode_new_slots: list[int]  # one per decode
-    decode_tables: list[list[int]]  # [num_decodes][width], padded with block 0
+    decode_tables: np.ndarray  # int64 [num_decodes, width], padded with block 0
     decode_lens: list[int]  # [num_decodes] context lengths, the new token included
     prefill_new_slots: list[torch.Tensor]  # per prefill: [query_len] slots written
     prefills: list[PrefillSpan]
@@ -135,14 +136,15 @@ def plan_attention(
     block_size: int,
 ) -> AttentionPlan:
     """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
-    plan = AttentionPlan([], [], [], [], [], block_size)
+    plan = AttentionPlan([], np.zeros((0, 0), dtype=np.int64), [], [], [], block_size)
+    decode_tables: list[list[int]] = []
     query_start = 0
     for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
         context_len = computed + qlen
         if qlen == 1 and computed > 0:  # plain ints per decoding sequence: no tensor ops
             if plan.prefills:
                 raise ValueError("decode sequences must come before prefill sequences")
-            plan.decode_tables.append(table)
+            decode_tables.append(table)
             plan.decode_lens.append(context_len)
             plan.decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
         else:
@@ -151,8 +153,16 @@ def plan_attention(
             plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
         query_start += qlen
     if plan.decode_lens:
+        # One array, each row filled from its list in C: copying lists per sequence per step would cost
+        # O(context) Python work (a 32K context holds 2,048 blocks).
         width = (max(plan.decode_lens) + block_size - 1) // block_size
-        plan.decode_tables = [t[:width] + [0] * (width - len(t[:width])) for t in plan.decode_tables]
+        tables = np.zeros((len(plan.decode_lens), width), dtype=np.int64)
+        for row, table in enumerate(decode_tables):
+            if len(table) <= width:
+                tables[row, : len(table)] = table
+            else:
+                tables[row] = table[:width]
+        plan.decode_tables = tables
     return plan
 
 
@@ -170,7 +180,7 @@ def host_metadata(plan: AttentionPlan) -> AttentionMetadata:
     """The plan's metadata over CPU tensors."""
     tables = lens = None
     if plan.num_decodes:
-        tables = torch.tensor(plan.decode_tables, dtype=torch.int32)  # [num_decodes, width]
+        tables = torch.from_numpy(plan.decode_tables).to(torch.int32)  # [num_decodes, width]
         lens = torch.tensor(plan.decode_lens, dtype=torch.int32)  # [num_decodes]
     slots = torch.cat([torch.tensor(plan.decode_new_slots, dtype=torch.long), *plan.prefill_new_slots])
     return plan.metadata(slots, tables, lens)

@@ -11,12 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from longserve.attention.metadata import (
-    AttentionMetadata,
-    AttentionPlan,
-    host_metadata,
-    plan_attention,
-)
+from longserve.attention.metadata import AttentionMetadata, plan_attention
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
@@ -77,7 +72,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.ranks = ranks
-        self.uploader = StepUploader(self.device) if self.device.type == "cuda" else None
+        self.uploader = StepUploader(self.device)
 
     def describe(
         self, scheduled: list[ScheduledSequence]
@@ -128,30 +123,14 @@ class ModelRunner:
         return description, sample_index, prompt_rows
 
     def prepare(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> ModelInput:
-        """The step's tensors on the device (one host-to-device copy on CUDA). ``fed_tokens`` [rows] are the
-        previous step's sampled tokens, still on the device, that ``step.fed_rows`` take as their input."""
+        """The step's tensors on the device, from one host-to-device copy on CUDA (on the CPU, views of one
+        tensor: the same code either way). ``fed_tokens`` [rows] are the previous step's sampled tokens, still
+        on the device, that ``step.fed_rows`` take as their input."""
         if step.fed_rows and fed_tokens is None:
             raise ValueError("the step feeds tokens from the previous step, but none were given")
         plan = plan_attention(step.block_tables, step.num_computed, step.num_new, self.block_size)
         logit_rows = step.logit_rows or []
-        if self.uploader is not None:
-            return self._upload(step, logit_rows, plan, fed_tokens)
-        metadata = host_metadata(plan)
-        tensors = [torch.tensor(x, dtype=torch.long) for x in (step.ids, step.positions, logit_rows)]
-        if step.fed_rows:
-            rows, sources = torch.tensor(step.fed_rows), torch.tensor(step.fed_from)
-            tensors[0][rows] = fed_tokens[sources]
-        return ModelInput(*tensors[:2], metadata, tensors[2])
-
-    def _upload(
-        self,
-        step: StepDescription,
-        logit_rows: list[int],
-        plan: AttentionPlan,
-        fed_tokens: torch.Tensor | None,
-    ) -> ModelInput:
-        """The step's inputs on the device from one host-to-device copy."""
-        flat_tables = [block for table in plan.decode_tables for block in table]
+        flat_tables = plan.decode_tables.reshape(-1) if plan.num_decodes else []
         uploaded = self.uploader.upload(
             [
                 [step.ids],
