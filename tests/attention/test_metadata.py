@@ -33,3 +33,17 @@ def test_equal_lengths_need_no_mask_and_prefills_follow_decodes():
     assert meta.slot_mapping.tolist()[2:] == [22, 23, 24]
     only_prefill = build_attention_metadata([[1]], [0], [3], BLOCK)
     assert only_prefill.decode_block_tables is None and only_prefill.decode_slots is None
+
+
+def test_block_table_rows_follow_tables_that_grow_restart_and_leave():
+    from longserve.attention.metadata import BlockTableRows
+
+    rows = BlockTableRows()
+    a, b = [3, 4], list(range(10, 30))
+    assert rows.fill([a, b], 3).tolist() == [[3, 4, 0], [10, 11, 12]]
+    a.append(5)  # grown in place: only the new block is copied
+    b.extend(range(30, 60))  # past the copy's capacity
+    assert rows.fill([a, b], 50).tolist() == [[3, 4, 5] + [0] * 47, list(range(10, 60))]
+    a = [7]  # preempted and restarted: a new list with the same length as before or not
+    assert rows.fill([b, a], 2).tolist() == [[10, 11], [7, 0]]
+    assert rows.fill([], 1).shape == (0, 1) and not rows._rows  # those that stopped decoding are dropped

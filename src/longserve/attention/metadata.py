@@ -129,13 +129,45 @@ class AttentionPlan:
         )
 
 
+class BlockTableRows:
+    """Numpy copies of the block tables of the last step's decodes, kept between steps: a table only ever
+    grows in place (a preempted or restarted sequence gets a new list), so each step copies just the blocks
+    added since, not the whole table (a 32K context holds 2,048 blocks)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[list[int], np.ndarray, int]] = {}  # id -> (the list, its copy, synced)
+
+    def fill(self, tables: list[list[int]], width: int) -> np.ndarray:
+        """``tables`` as one int64 array [len(tables), width], each row padded with block 0 or cut."""
+        out = np.zeros((len(tables), width), dtype=np.int64)
+        kept: dict[int, tuple[list[int], np.ndarray, int]] = {}
+        for row, table in enumerate(tables):
+            entry = self._rows.get(id(table))
+            if entry is not None and entry[0] is table:
+                _, copy, synced = entry
+            else:
+                copy, synced = np.empty(max(16, 2 * len(table)), dtype=np.int64), 0
+            n = len(table)
+            if n > copy.shape[0]:
+                copy = np.concatenate([copy[:synced], np.empty(2 * n - synced, dtype=np.int64)])
+            if n > synced:
+                copy[synced:n] = table[synced:n]
+            kept[id(table)] = (table, copy, n)
+            used = min(n, width)
+            out[row, :used] = copy[:used]
+        self._rows = kept  # tables of sequences that stopped decoding are dropped
+        return out
+
+
 def plan_attention(
     block_tables: list[list[int]],
     computed_lens: list[int],
     query_lens: list[int],
     block_size: int,
+    rows: BlockTableRows | None = None,
 ) -> AttentionPlan:
-    """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached."""
+    """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached. ``rows``
+    keeps the decode tables' copies from step to step (the runner's); None: copied whole."""
     plan = AttentionPlan([], np.zeros((0, 0), dtype=np.int64), [], [], [], block_size)
     decode_tables: list[list[int]] = []
     query_start = 0
@@ -153,16 +185,8 @@ def plan_attention(
             plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
         query_start += qlen
     if plan.decode_lens:
-        # One array, each row filled from its list in C: copying lists per sequence per step would cost
-        # O(context) Python work (a 32K context holds 2,048 blocks).
         width = (max(plan.decode_lens) + block_size - 1) // block_size
-        tables = np.zeros((len(plan.decode_lens), width), dtype=np.int64)
-        for row, table in enumerate(decode_tables):
-            if len(table) <= width:
-                tables[row, : len(table)] = table
-            else:
-                tables[row] = table[:width]
-        plan.decode_tables = tables
+        plan.decode_tables = (rows or BlockTableRows()).fill(decode_tables, width)
     return plan
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from longserve.attention.metadata import AttentionMetadata, plan_attention
+from longserve.attention.metadata import AttentionMetadata, BlockTableRows, plan_attention
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
@@ -73,6 +73,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.ranks = ranks
         self.uploader = StepUploader(self.device)
+        self.block_rows = BlockTableRows()
 
     def describe(
         self, scheduled: list[ScheduledSequence]
@@ -128,7 +129,9 @@ class ModelRunner:
         on the device, that ``step.fed_rows`` take as their input."""
         if step.fed_rows and fed_tokens is None:
             raise ValueError("the step feeds tokens from the previous step, but none were given")
-        plan = plan_attention(step.block_tables, step.num_computed, step.num_new, self.block_size)
+        plan = plan_attention(
+            step.block_tables, step.num_computed, step.num_new, self.block_size, self.block_rows
+        )
         logit_rows = step.logit_rows or []
         flat_tables = plan.decode_tables.reshape(-1) if plan.num_decodes else []
         uploaded = self.uploader.upload(
