@@ -116,3 +116,15 @@ def test_preemption_with_tokens_in_flight_keeps_greedy_output(tiny_llama_dir):
     assert [results[f"p{i}"].outputs[0].token_ids for i in range(8)] == expected
     assert sum(seq.num_preemptions for r in internal for seq in r.seqs) > 0
     assert _all_blocks_free(small)
+
+
+def test_min_tokens_holds_back_stops_with_tokens_in_flight(pair):
+    sync, overlapped = pair
+    prompt = _prompts(sync.engine.model_config.vocab_size, 1, seed=4)[0]
+    free = sync.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    stop = free.outputs[0].token_ids[1]
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=[stop])
+    want = sync.generate([prompt], params)[0].outputs[0]
+    got = overlapped.generate([prompt], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids and len(got.token_ids) >= 4
+    assert stop not in got.token_ids[:4]

@@ -157,7 +157,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
         """Queue the sampling of one token per row on the logits' device; nothing waits for the device
-        unless a row needs host state (a grammar's mask, penalties or min_tokens over its output)."""
+        unless a row needs host state (a grammar's mask, penalties over its output)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
         if not any(_needs_processing(seq) for seq in seqs):
@@ -202,7 +202,7 @@ class Sampler:
         params = [seq.params for seq in seqs]
         n = len(seqs)
         penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
-        masked = [i for i, seq in enumerate(seqs) if len(seq.output_token_ids) < seq.params.min_tokens]
+        masked = [i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
         constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
         logits = raw.clone() if penalised or masked or constrained else raw
@@ -212,7 +212,7 @@ class Sampler:
             errors.update(self._apply_grammars(logits, seqs, constrained))
         if masked:
             grammar_only = _take_rows(logits, constrained).clone() if constrained else None
-            mask_min_tokens(logits, seqs)
+            mask_min_tokens(logits, seqs, self._uploader(logits.device))
             if grammar_only is not None:  # the grammar can only end here: it wins over min_tokens
                 stuck = _take_rows(logits, constrained).amax(dim=-1) == float("-inf")
                 if stuck.any():
@@ -271,10 +271,7 @@ class Sampler:
             else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
             for seq, g in zip(seqs, greedy, strict=True)
         ]
-        uploader = self._uploaders.get(device)
-        if uploader is None:
-            uploader = self._uploaders[device] = StepUploader(device)
-        parts = uploader.upload(
+        parts = self._uploader(device).upload(
             [[float_bits(temperature)], [top_k], [float_bits(top_p)], [float_bits(min_p)],
              [float_bits(uniform)], [greedy]]
         )  # fmt: skip
@@ -290,6 +287,13 @@ class Sampler:
             any_min_p=any(m > 0.0 for m in min_p),
             any_seeded=any(not math.isnan(u) for u in uniform),
         )
+
+    def _uploader(self, device: torch.device) -> StepUploader:
+        uploader = self._uploaders.get(device)
+        if uploader is None:
+            # Up to two uploads a step (min_tokens' indices, the row parameters): two steps' worth in turn.
+            uploader = self._uploaders[device] = StepUploader(device, depth=4)
+        return uploader
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> dict[int, str]:
         """Mask ``rows`` of ``logits`` in place to what their grammars allow; rows whose matcher broke -> error."""
@@ -327,10 +331,10 @@ def _has_penalty(p: SamplingParams) -> bool:
 
 
 def needs_host_state(seq: Sequence) -> bool:
-    """Sampling this sequence reads its output so far on the host (grammar, penalties, min_tokens), so its
-    step must be read back before the next one samples it."""
-    p = seq.params
-    return seq.grammar is not None or _has_penalty(p) or len(seq.output_token_ids) < p.min_tokens
+    """Sampling this sequence reads its output tokens on the host (a grammar, penalties), so its step must be
+    read back before the next one samples it. (min_tokens needs only their count, known with tokens in
+    flight.)"""
+    return seq.grammar is not None or _has_penalty(seq.params)
 
 
 def _needs_processing(seq: Sequence) -> bool:
@@ -339,26 +343,28 @@ def _needs_processing(seq: Sequence) -> bool:
         not p.greedy
         or p.logprobs is not None
         or _has_penalty(p)
-        or len(seq.output_token_ids) < p.min_tokens
+        or seq.num_output_tokens < p.min_tokens
         or seq.grammar is not None
     )
 
 
-def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """In place: forbid EOS and stop token ids for rows that have not yet produced ``min_tokens`` tokens.
+def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence], uploader: StepUploader | None = None) -> None:
+    """In place: forbid EOS and stop token ids for rows that have not yet produced ``min_tokens`` tokens
+    (tokens still on the device count). ``uploader``: the indices go up without waiting for the device.
 
     ``logits`` is ``[num_seqs, vocab]``. EOS is masked even with ``ignore_eos`` (min_tokens wins).
     """
-    banned = [
-        (i, token)
-        for i, seq in enumerate(seqs)
-        if len(seq.output_token_ids) < seq.params.min_tokens
-        for token in set(seq.eos_token_ids).union(seq.params.stop_token_ids)
-        if token < logits.shape[1]
-    ]
-    if banned:
-        rows, cols = torch.tensor(banned, device=logits.device).unbind(1)
-        logits[rows, cols] = float("-inf")
+    rows, cols = [], []
+    for i, seq in enumerate(seqs):
+        if seq.num_output_tokens < seq.params.min_tokens:
+            for token in set(seq.eos_token_ids).union(seq.params.stop_token_ids):
+                if token < logits.shape[1]:
+                    rows.append(i)
+                    cols.append(token)
+    if rows:
+        uploader = uploader or StepUploader(logits.device)
+        rows_t, cols_t = uploader.upload([[rows], [cols]])
+        logits[rows_t, cols_t] = float("-inf")
 
 
 def apply_penalties(

@@ -76,6 +76,11 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
+    def num_output_tokens(self) -> int:
+        """Output tokens so far, those still on the device included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
     def num_known_tokens(self) -> int:
         """The tokens the host holds: ``token_ids()``."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -27,14 +27,14 @@ def as_floats(uploaded: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 class StepUploader:
     """Copies a step's host values to the device in one transfer, through pinned buffers used in turn.
 
-    Two host buffers alternate, so filling one waits only for the copy out of it two uploads ago (an event,
-    not a device sync): an overlapped engine uploads step N+1 while step N still runs. A device buffer is
-    refilled by a copy queued behind the kernels that read it, on the same stream.
+    ``depth`` host buffers are used in turn, so filling one waits only for the copy out of it ``depth``
+    uploads ago (an event, not a device sync): an overlapped engine uploads step N+1 while step N still runs.
+    A device buffer is refilled by a copy queued behind the kernels that read it, on the same stream.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, depth: int = 2) -> None:
         self.device = device
-        self._turns = [_Staging(), _Staging()] if device.type == "cuda" else []
+        self._turns = [_Staging() for _ in range(depth)] if device.type == "cuda" else []
         self._turn = 0
 
     def upload(self, parts: list[list[Segment]]) -> list[torch.Tensor]:
@@ -44,7 +44,7 @@ class StepUploader:
             flat = torch.empty(total, dtype=torch.long)
             return _fill(flat, flat.numpy(), parts)
         staging = self._turns[self._turn]
-        self._turn = 1 - self._turn
+        self._turn = (self._turn + 1) % len(self._turns)
         if staging.copied is not None:
             staging.copied.synchronize()
         if total > staging.host.numel():
