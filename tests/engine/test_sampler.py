@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from longserve.engine.penalties import apply_penalties, token_rows
 from longserve.engine.sampler import (
     Sampler,
     apply_min_p,
-    apply_penalties,
     apply_top_k_top_p,
     greedy_argmax,
 )
@@ -282,9 +282,25 @@ def test_different_seeds_and_seq_indices_draw_differently():
 # --- penalties and min_tokens -------------------------------------------------------------------------
 
 
+def _penalise(logits, prompts, outputs, repetition, presence, frequency):
+    """``apply_penalties`` over token lists, as a sequence's device rows hold them (ids outside the vocab
+    skipped)."""
+    n, vocab = logits.shape
+    in_prompt = torch.zeros(n, vocab, dtype=torch.bool)
+    counts = torch.zeros(n, vocab, dtype=torch.int32)
+    rows, ids = token_rows(prompts, vocab)
+    in_prompt[rows, ids] = True
+    rows, ids = token_rows(outputs, vocab)
+    counts.index_put_((torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long)),
+                      torch.ones(len(rows), dtype=torch.int32), accumulate=True)  # fmt: skip
+    return apply_penalties(
+        logits, in_prompt, counts, torch.tensor(repetition), torch.tensor(presence), torch.tensor(frequency)
+    )
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
     logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 4.0, 1.0], [2.0, -2.0, 3.0, -1.0, 4.0, 1.0]])
-    out = apply_penalties(logits, [[0, 1, 1], [5]], [[2, 3, 3], []], [2.0, 1.0], [0.0, 0.0], [0.0, 0.0])
+    out = _penalise(logits, [[0, 1, 1], [5]], [[2, 3, 3], []], [2.0, 1.0], [0.0, 0.0], [0.0, 0.0])
     # row 0: 0 and 1 seen in the prompt, 2 and 3 in the output, 4 and 5 never; row 1 has no penalty.
     assert out.tolist() == [[1.0, -4.0, 1.5, -2.0, 4.0, 1.0], [2.0, -2.0, 3.0, -1.0, 4.0, 1.0]]
     assert out is logits  # in place
@@ -292,7 +308,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
 
 def test_presence_and_frequency_penalties_use_output_tokens_only():
     logits = torch.zeros(2, 5)
-    out = apply_penalties(
+    out = _penalise(
         logits,
         [[0, 1], [0]],
         [[1, 2, 2, 2], [4]],
@@ -306,14 +322,29 @@ def test_presence_and_frequency_penalties_use_output_tokens_only():
 
 
 def test_penalties_ignore_ids_outside_the_vocab():
-    out = apply_penalties(torch.zeros(2, 3), [[7], []], [[3, -1], [0]], [2.0, 2.0], [1.0, 1.0], [0.0, 0.0])
+    out = _penalise(torch.zeros(2, 3), [[7], []], [[3, -1], [0]], [2.0, 2.0], [1.0, 1.0], [0.0, 0.0])
     assert out.tolist() == [[0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]  # id 3 of row 0 must not hit row 1
 
 
 def test_all_penalties_compose_repetition_first():
     logits = torch.tensor([[3.0, -1.0, 0.5]])
-    out = apply_penalties(logits, [[]], [[0, 0, 1]], [1.5], [0.1], [0.2])
+    out = _penalise(logits, [[]], [[0, 0, 1]], [1.5], [0.1], [0.2])
     assert out[0].tolist() == pytest.approx([3.0 / 1.5 - 0.1 - 0.4, -1.5 - 0.1 - 0.2, 0.5])
+
+
+def test_penalty_counts_follow_the_tokens_each_step_samples():
+    # Counted on the device as they are sampled: the host's output list is not read again.
+    sampler = Sampler()
+    seq = make_seq(prompt=[3], temperature=0.0, frequency_penalty=1.5)
+    logits = torch.tensor([[5.0, 4.0, 2.5, 1.0]])
+    picks = []
+    for _ in range(4):
+        picks.append(sampler(logits, [seq]).token_ids[0])
+        seq.output_token_ids.append(picks[-1])
+    # 5 > 4; then 5 - 1.5 < 4; then 3.5 > 4 - 1.5; then 5 - 3 < 2.5, a tie of ids 1 and 2 (the lower wins)
+    assert picks == [0, 1, 0, 1]
+    sampler.release(seq)
+    assert len(sampler._penalties) == 0
 
 
 def test_sampler_applies_penalties_before_choosing():

@@ -152,7 +152,7 @@ class LLMEngine:
             return
         for seq in request.seqs:
             if (seq_index is None or seq.seq_index == seq_index) and not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.ABORT)
+                self._finish(seq, FinishReason.ABORT)
         if request.finished:
             del self.requests[request_id]
             self.grammars.remove(request_id)
@@ -394,10 +394,15 @@ class LLMEngine:
         self.grammars.remove(request.request_id)
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.ABORT)
+                self._finish(seq, FinishReason.ABORT)
         delta = self._delta(request)
         delta.error = error
         return delta
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence: its blocks go back, and the sampler forgets it."""
+        self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
 
     def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
         if seq.first_token_time is None:
@@ -423,7 +428,7 @@ class LLMEngine:
         if reason is None and seq.num_known_tokens >= seq.max_total_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
 
     def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor, start: int) -> None:
         """Prompt logprobs of the chunk that ran from position ``start``."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
-from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 import torch
 
+from longserve.engine.penalties import PenaltyState
 from longserve.engine.protocol import TokenLogprob
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
@@ -145,9 +144,7 @@ class Sampler:
     """Batched sampler the engine calls once per step on the rows that produce a token."""
 
     def __init__(self) -> None:
-        # Distinct prompt ids per live sequence: rebuilding them from a long Python list every decode step
-        # would dominate the cost of the repetition penalty.
-        self._prompt_ids: weakref.WeakKeyDictionary[Sequence, torch.Tensor] = weakref.WeakKeyDictionary()
+        self._penalties: PenaltyState | None = None  # built with the first penalized row
         self._grammar_masker: GrammarMasker | None = None  # built with the first constrained row
         self._uploaders: dict[torch.device, StepUploader] = {}
 
@@ -218,18 +215,9 @@ class Sampler:
                 if stuck.any():
                     rows = [constrained[j] for j in stuck.nonzero().flatten().tolist()]
                     _put_rows(logits, rows, grammar_only[stuck])
+        penalty_rows = None
         if penalised:
-            rows = _take_rows(logits, penalised)  # the rows themselves or a copy; written back below
-            apply_penalties(
-                rows,
-                [self._prompt_tensor(seqs[i]) for i in penalised],
-                [seqs[i].output_token_ids for i in penalised],
-                [params[i].repetition_penalty for i in penalised],
-                [params[i].presence_penalty for i in penalised],
-                [params[i].frequency_penalty for i in penalised],
-            )
-            if rows is not logits:
-                _put_rows(logits, penalised, rows)
+            penalty_rows = self._penalty_state(logits).apply(logits, penalised, [seqs[i] for i in penalised])
 
         # Every row is sampled and greedy rows pick their argmax instead: no row gather, so no host wait.
         invalid = None
@@ -242,6 +230,9 @@ class Sampler:
                 token_ids = torch.where(row_params.greedy, greedy_argmax(logits), token_ids)
                 invalid &= ~row_params.greedy
 
+        if penalty_rows is not None:  # the chosen tokens count from the next step on, on the device
+            rows, slots = penalty_rows
+            self._penalties.count(slots, token_ids.index_select(0, rows))
         wanted = {
             i: p.logprobs or 0 for i, p in enumerate(params) if p.logprobs is not None and i not in errors
         }
@@ -288,11 +279,22 @@ class Sampler:
             any_seeded=any(not math.isnan(u) for u in uniform),
         )
 
+    def release(self, seq: Sequence) -> None:
+        """Forget a sequence that has ended (its penalty counts' row is reused)."""
+        if self._penalties is not None:
+            self._penalties.release(seq)
+
+    def _penalty_state(self, logits: torch.Tensor) -> PenaltyState:
+        if self._penalties is None:
+            self._penalties = PenaltyState(logits.shape[1], logits.device, self._uploader(logits.device))
+        return self._penalties
+
     def _uploader(self, device: torch.device) -> StepUploader:
         uploader = self._uploaders.get(device)
         if uploader is None:
-            # Up to two uploads a step (min_tokens' indices, the row parameters): two steps' worth in turn.
-            uploader = self._uploaders[device] = StepUploader(device, depth=4)
+            # Up to four uploads a step (min_tokens' indices, penalties' rows and new rows, the row
+            # parameters): two steps' worth in turn, so none waits for the step just queued.
+            uploader = self._uploaders[device] = StepUploader(device, depth=8)
         return uploader
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> dict[int, str]:
@@ -307,14 +309,6 @@ class Sampler:
             rows[j]: f"structured output failed: {seqs[rows[j]].grammar.get_error() or 'grammar error'}"
             for j in dead
         }
-
-    def _prompt_tensor(self, seq: Sequence) -> torch.Tensor:
-        """The prompt's distinct token ids, kept per sequence for the repetition penalty."""
-        ids = self._prompt_ids.get(seq)
-        if ids is None:
-            ids = torch.tensor(seq.prompt_token_ids, dtype=torch.long).unique()
-            self._prompt_ids[seq] = ids
-        return ids
 
 
 # Row lists are ascending and distinct, so a full-length list is every row in order: no gather/scatter copy.
@@ -331,10 +325,10 @@ def _has_penalty(p: SamplingParams) -> bool:
 
 
 def needs_host_state(seq: Sequence) -> bool:
-    """Sampling this sequence reads its output tokens on the host (a grammar, penalties), so its step must be
-    read back before the next one samples it. (min_tokens needs only their count, known with tokens in
-    flight.)"""
-    return seq.grammar is not None or _has_penalty(seq.params)
+    """Sampling this sequence reads its output tokens on the host (a grammar's matcher), so its step must be
+    read back before the next one samples it. (Penalties count them on the device; min_tokens needs only
+    their count, known with tokens in flight.)"""
+    return seq.grammar is not None
 
 
 def _needs_processing(seq: Sequence) -> bool:
@@ -365,51 +359,6 @@ def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence], uploader: StepUp
         uploader = uploader or StepUploader(logits.device)
         rows_t, cols_t = uploader.upload([[rows], [cols]])
         logits[rows_t, cols_t] = float("-inf")
-
-
-def apply_penalties(
-    logits: torch.Tensor,
-    prompt_token_ids: SequenceOf[SequenceOf[int] | torch.Tensor],
-    output_token_ids: SequenceOf[SequenceOf[int] | torch.Tensor],
-    repetition_penalty: SequenceOf[float],
-    presence_penalty: SequenceOf[float],
-    frequency_penalty: SequenceOf[float],
-) -> torch.Tensor:
-    """Apply per-row penalties to contiguous ``logits`` ``[n, vocab]`` in place; returns ``logits``.
-
-    Repetition (CTRL): tokens seen in prompt or output get positive logits divided, negative ones multiplied.
-    Presence / frequency (OpenAI): over output tokens only, ``logit -= presence * [count > 0] + frequency * count``.
-    Only the logits of tokens that occurred are touched, so the cost follows the token counts, not the vocab.
-    """
-    n, vocab = logits.shape
-    flat = logits.view(-1)  # [n * vocab]
-    outputs = _flat_token_ids(output_token_ids, vocab, logits.device)  # [total]: row * vocab + id
-    if any(r != 1.0 for r in repetition_penalty):
-        rep = torch.tensor(repetition_penalty, dtype=logits.dtype, device=logits.device)  # [n]
-        seen = torch.cat([_flat_token_ids(prompt_token_ids, vocab, logits.device), outputs]).unique()
-        values, row_rep = flat[seen], rep[seen // vocab]  # [seen] each
-        flat[seen] = torch.where(values > 0, values / row_rep, values * row_rep)
-    if any(presence_penalty) or any(frequency_penalty):
-        presence = torch.tensor(presence_penalty, dtype=logits.dtype, device=logits.device)  # [n]
-        frequency = torch.tensor(frequency_penalty, dtype=logits.dtype, device=logits.device)  # [n]
-        ids, counts = outputs.unique(return_counts=True)  # [distinct] each
-        rows = ids // vocab
-        flat[ids] -= presence[rows] + frequency[rows] * counts.to(logits.dtype)
-    return logits
-
-
-def _flat_token_ids(
-    token_ids: SequenceOf[SequenceOf[int] | torch.Tensor], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """Every row's token ids as flat indices ``row * vocab + id`` into ``[n, vocab]``: ``[total]``."""
-    rows = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in token_ids]
-    if not rows:
-        return torch.empty(0, dtype=torch.long, device=device)
-    lengths = torch.tensor([len(ids) for ids in rows])  # [n]
-    ids = torch.cat(rows)  # [total]
-    row_of = torch.repeat_interleave(torch.arange(len(rows)), lengths)  # [total]
-    keep = (ids >= 0) & (ids < vocab)  # an id outside the vocab would land in the neighbouring row
-    return (row_of[keep] * vocab + ids[keep]).to(device)
 
 
 def apply_top_k_top_p(
