@@ -187,3 +187,92 @@ def paged_split_decode_kernel(
         mask=(head_ok & used)[:, None] & dim_ok[None, :],
     )
     tl.store(LSE_part + slot, lse, mask=head_ok)
+
+
+@triton.jit
+def paged_prefill_kernel(
+    Q,  # [tokens, heads, HEAD_DIM]: the step's prompt-chunk rows
+    K_cache,  # [slots, kv_heads, HEAD_DIM]; the chunk's own keys are already written
+    V_cache,
+    Out,  # [tokens, heads, HEAD_DIM]
+    block_tables,  # [seqs, max_pages] int32
+    query_starts,  # [seqs + 1] int32: sequence s owns rows query_starts[s] .. query_starts[s + 1]
+    context_lens,  # [seqs] int32: cached prefix + chunk
+    tile_seq,  # [tiles] int32: the sequence of each tile of BLOCK_Q queries
+    tile_start,  # [tiles] int32: the tile's first query, counted within its chunk
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    scale_log2,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One tile of BLOCK_Q queries of one sequence's chunk, for the GROUP query heads of one KV head (rows are
+    (query, head) pairs): causal attention over the cached prefix and the chunk itself, read through the
+    block table. The chunk's queries sit at the last positions of the context, so query i of the chunk sees
+    keys 0 .. context - chunk + i."""
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq + tile)
+    first = tl.load(tile_start + tile)
+    q_begin = tl.load(query_starts + seq)
+    chunk = tl.load(query_starts + seq + 1) - q_begin
+    context = tl.load(context_lens + seq)
+    rows = tl.arange(0, BLOCK_M)
+    query = first + rows // GROUP_PAD  # [M] within the chunk
+    head = rows % GROUP_PAD
+    row_ok = (query < chunk) & (head < GROUP)
+    position = context - chunk + query  # [M]: each query's own position, the last key it sees
+    dims = tl.arange(0, DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        Q
+        + (q_begin + query).to(tl.int64)[:, None] * stride_qt
+        + (kv_head * GROUP + head)[:, None] * stride_qh
+        + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )  # [M, DIM_PAD]
+    kv_stop = tl.minimum(context - chunk + first + BLOCK_Q, context)  # past the tile's last query
+    table = block_tables + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+    for n0 in range(0, kv_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_stop
+        page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
+        slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
+        kv_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+        s = tl.where(col_ok[None, :] & (cols[None, :] <= position[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # every row sees key 0 in the first block: finite from there
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_ok, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        Out
+        + (q_begin + query).to(tl.int64)[:, None] * stride_ot
+        + (kv_head * GROUP + head)[:, None] * stride_oh
+        + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )

@@ -1,0 +1,62 @@
+"""Paged attention for prompt chunks on CUDA: every chunk of a step, whatever its cached prefix, attends its
+prefix and itself causally straight from the paged KV cache in one launch (no gathered copy, no mask
+tensor). The kernel is ``paged_triton.paged_prefill_kernel``; decode rows keep ``paged_decode``'s split-K."""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.attention.paged_decode import dot_precision, next_pow2
+
+_LOG2E = 1.4426950408889634
+TILE_ROWS = 64  # (query, head) rows per program: BLOCK_Q queries x the group's heads (padded)
+BLOCK_N = 64  # keys per inner step
+
+
+def query_block(group: int) -> int:
+    """Queries per tile for ``group`` query heads per KV head."""
+    return max(1, TILE_ROWS // max(1, next_pow2(group)))
+
+
+def prefill_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[int]]:
+    """Each tile's sequence and first query within its chunk (host ints, uploaded with the step)."""
+    seqs: list[int] = []
+    starts: list[int] = []
+    for seq, length in enumerate(query_lens):
+        for start in range(0, length, block_q):
+            seqs.append(seq)
+            starts.append(start)
+    return seqs, starts
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [tokens, heads, d]: the chunks' queries, back to back
+    key_cache: torch.Tensor,  # [slots, kv_heads, d], the chunks' own keys already written
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [seqs, max_pages] int32
+    query_starts: torch.Tensor,  # [seqs + 1] int32 offsets of each chunk's rows in q
+    context_lens: torch.Tensor,  # [seqs] int32: prefix + chunk
+    tile_seq: torch.Tensor,  # [tiles] int32 (``prefill_tiles``)
+    tile_start: torch.Tensor,  # [tiles] int32
+    page_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each chunk's queries over its cached prefix and itself: [tokens, heads, d]."""
+    from longserve.attention.paged_triton import paged_prefill_kernel
+
+    tokens, heads, dim = q.shape
+    kv_heads = key_cache.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    if tokens == 0 or tile_seq.numel() == 0:
+        return out
+    paged_prefill_kernel[(tile_seq.numel(), kv_heads)](
+        q, key_cache, value_cache, out, block_tables, query_starts, context_lens, tile_seq, tile_start,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        scale * _LOG2E,
+        GROUP=group, GROUP_PAD=max(1, next_pow2(group)), BLOCK_Q=query_block(group), BLOCK_N=BLOCK_N,
+        PAGE=page_size, HEAD_DIM=dim, DIM_PAD=max(16, next_pow2(dim)), DOT_PRECISION=dot_precision(key_cache),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,39 @@
+"""The paged prefill kernel (Triton) against float64 causal attention: on a GPU in bf16, and through Triton's
+interpreter on the CPU in float32 (CI has no GPU; the interpreter mishandles bf16)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import paged_prefill_checks
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+# (cached prefix, chunk): a fresh prompt, prefixes ending inside and at the end of a block, a one-query
+# chunk (a decode), a chunk that spans several tiles.
+CHUNKS = [(0, 37), (21, 16), (48, 5), (130, 1), (7, 70)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_prefill_matches_float64_attention_on_cuda() -> None:
+    pytest.importorskip("triton")
+    chunks = CHUNKS + [(4000, 2048), (0, 1000), (31_000, 333)]
+    paged_prefill_checks.check_paged_prefill("cuda", chunks, (64, 128), (1, 2, 4, 8))
+
+
+def test_paged_prefill_in_triton_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    code = (
+        "import torch, triton_interpreter; triton_interpreter.allow_loaded_loop_bounds(); "
+        "import paged_prefill_checks as c; "
+        f"c.check_paged_prefill('cpu', {CHUNKS!r}, (64, 24), (1, 4), torch.float32); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
