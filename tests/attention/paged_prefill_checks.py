@@ -14,7 +14,7 @@ def check_paged_prefill(
     device: str, chunks: list[tuple[int, int]], dims, groups, dtype=torch.bfloat16
 ) -> None:
     """``chunks``: (cached prefix, chunk length) per sequence."""
-    from longserve.attention.paged_prefill import paged_prefill, prefill_tiles, query_block
+    from longserve.attention.paged_prefill import paged_prefill
 
     kv_heads = 2
     g = torch.Generator().manual_seed(len(chunks))
@@ -35,14 +35,18 @@ def check_paged_prefill(
             k_cache = torch.randn(shape, generator=g).to(device, dtype)
             v_cache = torch.randn(shape, generator=g).to(device, dtype)
             q = torch.randn(sum(lengths), heads, dim, generator=g).to(device, dtype)
-            tile_seq, tile_start = prefill_tiles(lengths, query_block(group))
-            as_int32 = [
-                torch.tensor(x, dtype=torch.int32, device=device) for x in (tile_seq, tile_start, contexts)
-            ]
+            context_lens = torch.tensor(contexts, dtype=torch.int32, device=device)
             out = paged_prefill(
-                q, k_cache, v_cache, tables.to(device), starts.to(device), as_int32[2], as_int32[0], as_int32[1],
-                PAGE, dim**-0.5,
-            )  # fmt: skip
+                q,
+                k_cache,
+                v_cache,
+                tables.to(device),
+                starts.to(device),
+                context_lens,
+                max(lengths),
+                PAGE,
+                dim**-0.5,
+            )
             assert torch.isfinite(out).all()
             for seq, (prefix, length) in enumerate(chunks):
                 context = prefix + length

@@ -18,17 +18,6 @@ def query_block(group: int) -> int:
     return max(1, TILE_ROWS // max(1, next_pow2(group)))
 
 
-def prefill_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[int]]:
-    """Each tile's sequence and first query within its chunk (host ints, uploaded with the step)."""
-    seqs: list[int] = []
-    starts: list[int] = []
-    for seq, length in enumerate(query_lens):
-        for start in range(0, length, block_q):
-            seqs.append(seq)
-            starts.append(start)
-    return seqs, starts
-
-
 def paged_prefill(
     q: torch.Tensor,  # [tokens, heads, d]: the chunks' queries, back to back
     key_cache: torch.Tensor,  # [slots, kv_heads, d], the chunks' own keys already written
@@ -36,8 +25,7 @@ def paged_prefill(
     block_tables: torch.Tensor,  # [seqs, max_pages] int32
     query_starts: torch.Tensor,  # [seqs + 1] int32 offsets of each chunk's rows in q
     context_lens: torch.Tensor,  # [seqs] int32: prefix + chunk
-    tile_seq: torch.Tensor,  # [tiles] int32 (``prefill_tiles``)
-    tile_start: torch.Tensor,  # [tiles] int32
+    max_query_len: int,  # the longest chunk (sizes the grid)
     page_size: int,
     scale: float,
 ) -> torch.Tensor:
@@ -48,14 +36,16 @@ def paged_prefill(
     kv_heads = key_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
-    if tokens == 0 or tile_seq.numel() == 0:
+    if tokens == 0:
         return out
-    paged_prefill_kernel[(tile_seq.numel(), kv_heads)](
-        q, key_cache, value_cache, out, block_tables, query_starts, context_lens, tile_seq, tile_start,
+    block_q = query_block(group)
+    grid = (context_lens.numel(), -(-max_query_len // block_q), kv_heads)
+    paged_prefill_kernel[grid](
+        q, key_cache, value_cache, out, block_tables, query_starts, context_lens,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         scale * _LOG2E,
-        GROUP=group, GROUP_PAD=max(1, next_pow2(group)), BLOCK_Q=query_block(group), BLOCK_N=BLOCK_N,
+        GROUP=group, GROUP_PAD=max(1, next_pow2(group)), BLOCK_Q=block_q, BLOCK_N=BLOCK_N,
         PAGE=page_size, HEAD_DIM=dim, DIM_PAD=max(16, next_pow2(dim)), DOT_PRECISION=dot_precision(key_cache),
         num_warps=4, num_stages=2,
     )  # fmt: skip

@@ -198,8 +198,6 @@ def paged_prefill_kernel(
     block_tables,  # [seqs, max_pages] int32
     query_starts,  # [seqs + 1] int32: sequence s owns rows query_starts[s] .. query_starts[s + 1]
     context_lens,  # [seqs] int32: cached prefix + chunk
-    tile_seq,  # [tiles] int32: the sequence of each tile of BLOCK_Q queries
-    tile_start,  # [tiles] int32: the tile's first query, counted within its chunk
     stride_qt,
     stride_qh,
     stride_kt,
@@ -219,17 +217,19 @@ def paged_prefill_kernel(
     DIM_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One tile of BLOCK_Q queries of one sequence's chunk, for the GROUP query heads of one KV head (rows are
-    (query, head) pairs): causal attention over the cached prefix and the chunk itself, read through the
-    block table. The chunk's queries sit at the last positions of the context, so query i of the chunk sees
-    keys 0 .. context - chunk + i."""
+    """Program (sequence, tile, KV head): the tile's BLOCK_Q queries of the sequence's chunk, for the GROUP
+    query heads of the KV head (rows are (query, head) pairs), attend the cached prefix and the chunk itself
+    causally, read through the block table. The chunk's queries sit at the last positions of the context, so
+    query i of the chunk sees keys 0 .. context - chunk + i. Tiles past a shorter chunk's end exit at once
+    (the grid is sized for the longest chunk)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.load(tile_seq + tile)
-    first = tl.load(tile_start + tile)
+    seq = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_Q
+    kv_head = tl.program_id(2)
     q_begin = tl.load(query_starts + seq)
     chunk = tl.load(query_starts + seq + 1) - q_begin
+    if first >= chunk:
+        return
     context = tl.load(context_lens + seq)
     rows = tl.arange(0, BLOCK_M)
     query = first + rows // GROUP_PAD  # [M] within the chunk
