@@ -47,3 +47,13 @@ def test_block_table_rows_follow_tables_that_grow_restart_and_leave():
     a = [7]  # preempted and restarted: a new list with the same length as before or not
     assert rows.fill([b, a], 2).tolist() == [[10, 11], [7, 0]]
     assert rows.fill([], 1).shape == (0, 1) and not rows._rows  # those that stopped decoding are dropped
+
+
+def test_prefills_carry_block_tables_row_offsets_and_context_lengths():
+    # A decode, then two chunks: a fresh prompt of 5 tokens and 3 tokens after a cached prefix of 6.
+    meta = build_attention_metadata([[9, 1], [4, 2], [7, 5, 3]], [5, 0, 6], [1, 5, 3], BLOCK)
+    paged = meta.paged_prefills
+    assert paged.block_tables.dtype == torch.int32 and paged.block_tables.tolist() == [[4, 2, 0], [7, 5, 3]]
+    assert paged.query_starts.tolist() == [0, 5, 8] and paged.context_lens.tolist() == [5, 9]
+    assert paged.max_query_len == 5
+    assert build_attention_metadata([[9, 1]], [5], [1], BLOCK).paged_prefills is None

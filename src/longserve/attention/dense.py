@@ -1,4 +1,5 @@
-"""Dense attention: torch SDPA for prompt chunks, batched paged decode over gathered cache slots."""
+"""Dense attention: prompt chunks through the paged prefill kernel on CUDA (else torch SDPA per chunk), decodes
+through the paged split-K kernel on CUDA or the CPU's compiled kernel (else SDPA over gathered slots)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.attention.paged_decode import cuda_dense_decode, cuda_path_available
+from longserve.attention.paged_prefill import paged_prefill
 
 
 class DenseAttention:
@@ -37,8 +39,16 @@ class DenseAttention:
         if not metadata.prefills:
             return self._decode(q, cache, metadata, scale)
         out = torch.empty_like(q)
-        if metadata.num_decodes:
-            out[: metadata.num_decodes] = self._decode(q[: metadata.num_decodes], cache, metadata, scale)
+        decodes = metadata.num_decodes
+        if decodes:
+            out[:decodes] = self._decode(q[:decodes], cache, metadata, scale)
+        paged = metadata.paged_prefills
+        if paged is not None and _paged_prefill_pays(metadata) and cuda_path_available(q, any_head_dim=True):
+            out[decodes:] = paged_prefill(
+                q[decodes:], cache.key, cache.value, paged.block_tables, paged.query_starts, paged.context_lens,
+                paged.max_query_len, metadata.block_size, scale,
+            )  # fmt: skip
+            return out
         for span in metadata.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
@@ -77,6 +87,12 @@ class DenseAttention:
             q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )  # [batch, heads, 1, d]
         return out.squeeze(2).to(q.dtype)
+
+
+def _paged_prefill_pays(metadata: AttentionMetadata) -> bool:
+    """Several chunks (one launch instead of one per chunk) or a cached prefix (no gathered copy, no mask
+    tensor). A single fresh prompt stays with cuDNN's SDPA until the kernel is measured against it."""
+    return len(metadata.prefills) > 1 or any(span.context_slots is not None for span in metadata.prefills)
 
 
 def _offset_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:

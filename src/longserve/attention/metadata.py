@@ -20,6 +20,16 @@ class PrefillSpan:
 
 
 @dataclass
+class PagedPrefills:
+    """The step's prompt chunks as the paged prefill kernel reads them (part of the step's one upload)."""
+
+    block_tables: torch.Tensor  # [num_prefills, max_pages] int32, padded with block 0
+    query_starts: torch.Tensor  # [num_prefills + 1] int32 row offsets, counted from the first prefill row
+    context_lens: torch.Tensor  # [num_prefills] int32: cached prefix + chunk
+    max_query_len: int  # the longest chunk (the kernel's grid)
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step layout of the flattened batch. Decode rows (one new token each) come first, then prefills.
 
@@ -40,6 +50,7 @@ class AttentionMetadata:
     # runner sets the engine's longest allowed context, so eager steps and captured graphs sum in the same
     # order and give the same bits.
     split_context: int | None = None
+    paged_prefills: PagedPrefills | None = None  # the prefills by block table (the runner's upload)
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +114,23 @@ class AttentionPlan:
     prefill_new_slots: list[torch.Tensor]  # per prefill: [query_len] slots written
     prefills: list[PrefillSpan]
     block_size: int
+    prefill_tables: np.ndarray | None = None  # int64 [num_prefills, width], padded with block 0
+
+    def prefill_ints(self) -> list[np.ndarray | list[int]]:
+        """The prefills' block tables (flat), row offsets and context lengths, for ``PagedPrefills``."""
+        starts = [0]
+        for span in self.prefills:
+            starts.append(starts[-1] + span.query_len)
+        tables = self.prefill_tables.reshape(-1) if self.prefills else []
+        return [tables, starts, [span.context_len for span in self.prefills]]
+
+    def paged_prefills(self, ints: torch.Tensor) -> PagedPrefills | None:
+        """``prefill_ints`` back as tensors (one int32 tensor, wherever it lives, cut into its parts)."""
+        if not self.prefills:
+            return None
+        count, width = self.prefill_tables.shape
+        tables, starts, lens = ints.split([count * width, count + 1, count])
+        return PagedPrefills(tables.view(count, width), starts, lens, max(s.query_len for s in self.prefills))
 
     @property
     def num_decodes(self) -> int:
@@ -115,6 +143,7 @@ class AttentionPlan:
         lens: torch.Tensor | None,
         prefills: list[PrefillSpan] | None = None,
         split_context: int | None = None,
+        paged_prefills: PagedPrefills | None = None,
     ) -> AttentionMetadata:
         """The metadata over tensors made from this plan (wherever they live)."""
         return AttentionMetadata(
@@ -126,6 +155,7 @@ class AttentionPlan:
             prefills=self.prefills if prefills is None else prefills,
             block_size=self.block_size,
             split_context=split_context,
+            paged_prefills=paged_prefills,
         )
 
 
@@ -170,6 +200,7 @@ def plan_attention(
     keeps the decode tables' copies from step to step (the runner's); None: copied whole."""
     plan = AttentionPlan([], np.zeros((0, 0), dtype=np.int64), [], [], [], block_size)
     decode_tables: list[list[int]] = []
+    prefill_tables: list[list[int]] = []
     query_start = 0
     for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
         context_len = computed + qlen
@@ -183,10 +214,14 @@ def plan_attention(
             slots = context_slots(table, context_len, block_size)
             plan.prefill_new_slots.append(slots[computed:])
             plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
+            prefill_tables.append(table)
         query_start += qlen
     if plan.decode_lens:
         width = (max(plan.decode_lens) + block_size - 1) // block_size
         plan.decode_tables = (rows or BlockTableRows()).fill(decode_tables, width)
+    if prefill_tables:
+        width = max(-(-span.context_len // block_size) for span in plan.prefills)
+        plan.prefill_tables = BlockTableRows().fill(prefill_tables, width)
     return plan
 
 
@@ -207,4 +242,6 @@ def host_metadata(plan: AttentionPlan) -> AttentionMetadata:
         tables = torch.from_numpy(plan.decode_tables).to(torch.int32)  # [num_decodes, width]
         lens = torch.tensor(plan.decode_lens, dtype=torch.int32)  # [num_decodes]
     slots = torch.cat([torch.tensor(plan.decode_new_slots, dtype=torch.long), *plan.prefill_new_slots])
-    return plan.metadata(slots, tables, lens)
+    ints = [torch.as_tensor(np.asarray(part, dtype=np.int64)) for part in plan.prefill_ints()]
+    paged = plan.paged_prefills(torch.cat(ints).to(torch.int32))
+    return plan.metadata(slots, tables, lens, paged_prefills=paged)

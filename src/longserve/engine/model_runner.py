@@ -141,7 +141,7 @@ class ModelRunner:
                 [step.fed_rows, step.fed_from],
                 [logit_rows],
                 [plan.decode_new_slots, *plan.prefill_new_slots],
-                [flat_tables, plan.decode_lens],
+                [flat_tables, plan.decode_lens, *plan.prefill_ints()],
                 *([span.context_slots] for span in plan.prefills if span.context_slots is not None),
             ]
         )
@@ -150,16 +150,20 @@ class ModelRunner:
             count = len(step.fed_rows)
             input_ids.index_copy_(0, fed[:count], fed_tokens.index_select(0, fed[count:]))
         tables = lens = None
-        if plan.num_decodes:  # one cast for both int32 tensors
-            small = tables_and_lens.to(torch.int32)
+        small = tables_and_lens.to(torch.int32)  # one cast for every int32 tensor
+        decode_ints = len(flat_tables) + plan.num_decodes
+        if plan.num_decodes:
             tables = small[: len(flat_tables)].view(plan.num_decodes, -1)  # [num_decodes, width]
-            lens = small[len(flat_tables) :]  # [num_decodes]
+            lens = small[len(flat_tables) : decode_ints]  # [num_decodes]
+        paged = plan.paged_prefills(small[decode_ints:])
         contexts = iter(context)
         prefills = [
             span if span.context_slots is None else replace(span, context_slots=next(contexts))
             for span in plan.prefills
         ]
-        metadata = plan.metadata(slots, tables, lens, prefills, split_context=self.max_context)
+        metadata = plan.metadata(
+            slots, tables, lens, prefills, split_context=self.max_context, paged_prefills=paged
+        )
         return ModelInput(input_ids, positions_t, metadata, rows)
 
     @torch.inference_mode()
