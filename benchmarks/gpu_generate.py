@@ -1,6 +1,7 @@
 """GPU decode throughput, side by side in one process: longserve (CUDA graphs, overlapped steps), the same with
-synchronous steps, longserve --enforce-eager and HF transformers ``generate`` (bf16, sdpa), on a
-Llama-3.2-1B-shaped model with random weights that this script builds itself. Prints a table and writes JSON to benchmarks/results/.
+synchronous steps, longserve --enforce-eager and HF transformers ``generate`` (bf16, sdpa; with
+``--hf-compile`` also HF's static cache under ``torch.compile``), on a Llama-3.2-1B-shaped model with random
+weights that this script builds itself. Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/gpu_generate.py                # batch 1, 8, 64, 256; prompt 128 + 128 new tokens
     python benchmarks/gpu_generate.py --tiny         # a small shape, to dry-run the script (CPU too)
@@ -151,12 +152,18 @@ def step_times(llm, prompts, new_tokens, device) -> dict:
     return result
 
 
-def run_hf(path: str, device: str, batches, prompts, new_tokens, repeats) -> dict:
+def run_hf(path: str, device: str, batches, prompts, new_tokens, repeats, compiled: bool = False) -> dict:
+    """HF ``generate`` (sdpa); ``compiled``: with a static KV cache and the forward under ``torch.compile``
+    (mode reduce-overhead: CUDA graphs), as HF documents for fast generation. Each batch size compiles
+    once, in its warm-up."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, attn_implementation="sdpa"
     ).to(device)
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     out = {}
     for batch in batches:
         ids = torch.tensor(prompts[:batch], device=device)  # equal lengths: no padding needed
@@ -166,6 +173,8 @@ def run_hf(path: str, device: str, batches, prompts, new_tokens, repeats) -> dic
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
         generate()
+        if compiled:
+            generate()  # the first call compiled prefill and decode; the second settles the CUDA graphs
         out[batch] = [_timed(generate, batch * new_tokens, device) for _ in range(repeats)]
     return out
 
@@ -195,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--hf-compile", action="store_true", help="also HF with a static cache and torch.compile (minutes)"
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (fits the disk)")
     parser.add_argument(
@@ -233,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                 path, device, batches, prompts, args.new_tokens, args.repeats
             )
             _free(device)
+            if args.hf_compile:
+                systems["transformers static + compile"] = run_hf(
+                    path, device, batches, prompts, args.new_tokens, args.repeats, compiled=True
+                )
+                _free(device)
     bandwidth = copy_bandwidth(device)
     hidden, layers, ffn, vocab = (
         shape[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
