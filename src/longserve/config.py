@@ -24,6 +24,10 @@ class EngineConfig:
     moba_chunk_size: int = 4096  # moba: tokens per key block (a multiple of 16 and of block_size)
     moba_topk: int = 12  # moba: blocks each query attends, its own block included
     moba_full_layers: int = 3  # moba: how many of the last layers keep dense attention
+    # moba, for models not trained with it: block 0 (the attention sink) and the blocks holding the last
+    # moba_window tokens are attended whatever the gating says (they take the first of the topk - 1 choices)
+    moba_sink: bool = False
+    moba_window: int = 0
     block_size: int = 16  # tokens per KV cache block
     enable_prefix_caching: bool = (
         True  # full KV blocks stay cached by content and are reused by later prompts
@@ -95,7 +99,7 @@ class EngineConfig:
     def _validate_attention(self) -> None:
         if self.attention not in ("dense", "reference", "moba"):
             raise ValueError(f"attention must be 'dense', 'reference' or 'moba', got {self.attention!r}")
-        validate_moba_params(self.moba_chunk_size, self.moba_topk)
+        validate_moba_params(self.moba_chunk_size, self.moba_topk, self.moba_sink, self.moba_window)
         full = self.moba_full_layers
         if not isinstance(full, int) or isinstance(full, bool) or full < 0:
             raise ValueError(f"moba_full_layers must be an integer >= 0, got {full!r}")

@@ -35,6 +35,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--moba-full-layers", type=int, help="moba: last layers that keep dense attention (default 3)"
     )
+    parser.add_argument(
+        "--moba-sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="moba: every query also attends block 0, the attention sink (one of its top-k; default off)",
+    )
+    parser.add_argument(
+        "--moba-window",
+        type=int,
+        help="moba: every query also attends the blocks holding its last N tokens (of its top-k; default 0)",
+    )
     parser.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
     parser.add_argument(
         "--enable-prefix-caching",
@@ -87,6 +98,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         moba_chunk_size=args.moba_chunk_size,
         moba_topk=args.moba_topk,
         moba_full_layers=args.moba_full_layers,
+        moba_sink=args.moba_sink,
+        moba_window=args.moba_window,
         max_model_len=args.max_model_len,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         gpu_memory_utilization=args.gpu_memory_utilization,

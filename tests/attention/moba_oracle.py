@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch
 
 
-def moba_mask_oracle(q: torch.Tensor, k: torch.Tensor, chunk_size: int, topk: int) -> torch.Tensor:
-    """One sequence: q [n, heads, d], k [n, kv_heads, d] -> bool [heads, n, n], True where query t sees key j."""
+def moba_mask_oracle(
+    q: torch.Tensor, k: torch.Tensor, chunk_size: int, topk: int, sink: bool = False, window: int = 0
+) -> torch.Tensor:
+    """One sequence: q [n, heads, d], k [n, kv_heads, d] -> bool [heads, n, n], True where query t sees key j.
+
+    ``sink``: block 0 is always among the topk - 1 earlier blocks; ``window``: so are the blocks holding the
+    tokens t - window + 1 .. t; the rest of the choices go by score."""
     n, heads, _ = q.shape
     group = heads // k.shape[1]
     q, k = q.double(), k.double()
@@ -20,9 +25,14 @@ def moba_mask_oracle(q: torch.Tensor, k: torch.Tensor, chunk_size: int, topk: in
         own = t // chunk_size
         for h in range(heads):
             scores = [float(q[t, h] @ gate[b][h // group]) for b in range(own)]
+            forced = [
+                b
+                for b in range(own)
+                if (sink and b == 0) or (window and b >= max(0, t - window + 1) // chunk_size)
+            ]
             # Best score first; among equal scores the earlier block.
-            ranked = sorted(range(own), key=lambda b, s=scores: (-s[b], b))
-            for b in ranked[: topk - 1]:
+            ranked = sorted((b for b in range(own) if b not in forced), key=lambda b, s=scores: (-s[b], b))
+            for b in (forced + ranked)[: topk - 1]:
                 mask[h, t, b * chunk_size : (b + 1) * chunk_size] = True
             mask[h, t, own * chunk_size : t + 1] = True
     return mask
@@ -48,13 +58,15 @@ def moba_attention_oracle(
     chunk_size: int,
     topk: int,
     scale: float | None = None,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """Packed sequences as in ``moba_attention_reference``; float64 result."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, start = [], 0
     for n in seq_lens:
         rows = slice(start, start + n)
-        mask = moba_mask_oracle(q[rows], k[rows], chunk_size, topk)
+        mask = moba_mask_oracle(q[rows], k[rows], chunk_size, topk, sink, window)
         outs.append(masked_attention_oracle(q[rows], k[rows], v[rows], mask, scale))
         start += n
     return torch.cat(outs)

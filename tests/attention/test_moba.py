@@ -132,3 +132,31 @@ def test_reference_rejects_lengths_that_do_not_match():
     q, k, v = _qkv(20, 2, 1)
     with pytest.raises(ValueError, match="seq_lens sum to 19"):
         moba_attention_reference(q, k, v, [10, 9], 16, 2)
+
+
+@pytest.mark.parametrize(
+    ("sink", "window", "topk"),
+    [(True, 0, 2), (False, 40, 4), (True, 17, 4), (True, 1, 2)],  # window 1: the own block only
+)
+def test_sink_and_window_blocks_are_attended_whatever_the_gating(sink, window, topk):
+    lens, heads, kv_heads, chunk = [150, 70], 4, 2, 16
+    q, k, v = _qkv(sum(lens), heads, kv_heads, seed=7)
+    out = moba_attention_reference(q, k, v, lens, chunk, topk, sink=sink, window=window)
+    want = moba_attention_oracle(q, k, v, lens, chunk, topk, sink=sink, window=window)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    plain = moba_attention_oracle(q, k, v, lens, chunk, topk)
+    assert not torch.allclose(want, plain)  # the options change what is attended
+    mask = moba_mask_oracle(q[:150], k[:150], chunk, topk, sink, window)
+    if sink:
+        assert mask[:, chunk:, :chunk].all()  # every query past the first block sees block 0
+    if window:
+        for t in range(0, 150, 7):
+            assert mask[:, t, max(0, t - window + 1) : t + 1].all()
+
+
+def test_forced_blocks_must_fit_the_topk():
+    validate_moba_params(16, 3, sink=True, window=17)  # block 0 and one window block: 2 of 2 choices
+    with pytest.raises(ValueError, match="raise topk to at least 4"):
+        validate_moba_params(16, 3, sink=True, window=18)
+    with pytest.raises(ValueError, match="window must be"):
+        validate_moba_params(16, 3, window=-1)

@@ -107,6 +107,7 @@ def test_moba_runs_deepseek_mla(tiny_deepseek_v2_dir):
         (dict(moba_full_layers=-1), "moba_full_layers"),
         (dict(attention="moba", block_size=32, moba_chunk_size=48), "multiple of block_size"),
         (dict(attention="sparse"), "attention must be"),
+        (dict(moba_chunk_size=16, moba_topk=2, moba_sink=True, moba_window=20), "raise topk to at least 4"),
     ],
 )
 def test_bad_moba_settings_fail_before_loading_anything(options, message):
@@ -128,3 +129,19 @@ def test_moba_settings_come_from_the_environment(monkeypatch):
         3,
         0,
     )
+
+
+def test_sink_and_window_hold_through_chunked_prefill_and_decode(tiny_llama_dir):
+    options = dict(moba_full_layers=0, moba_topk=4, moba_sink=True, moba_window=20)
+    whole = _moba(tiny_llama_dir, **options)
+    chunked = _moba(tiny_llama_dir, max_num_batched_tokens=24, max_num_seqs=4, **options)
+    plain = _moba(tiny_llama_dir, moba_full_layers=0, moba_topk=4)
+    prompt = _prompt(whole, seed=3)
+    want = _prompt_logprobs(whole, prompt)
+    torch.testing.assert_close(_prompt_logprobs(chunked, prompt), want, rtol=0, atol=1e-5)
+    assert not torch.allclose(_prompt_logprobs(plain, prompt), want, atol=1e-3)  # the options matter
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    out = chunked.generate([prompt], greedy)[0].outputs[0]
+    again = _prompt_logprobs(whole, prompt + out.token_ids)[PROMPT_LEN - 1 :]
+    decoded = torch.tensor([entry.logprob for entry in out.logprobs])
+    torch.testing.assert_close(decoded, again[: len(decoded)], rtol=0, atol=1e-4)

@@ -73,6 +73,8 @@ def layer_backends(config: EngineConfig, num_layers: int) -> list[AttentionBacke
     from longserve.attention.dense import DenseAttention
     from longserve.attention.moba import MobaAttention
 
-    sparse = MobaAttention(config.moba_chunk_size, config.moba_topk)
+    sparse = MobaAttention(
+        config.moba_chunk_size, config.moba_topk, sink=config.moba_sink, window=config.moba_window
+    )
     num_full = min(config.moba_full_layers, num_layers)
     return [sparse] * (num_layers - num_full) + [DenseAttention()] * num_full

@@ -41,8 +41,11 @@ def moba_attend(
     topk: int,
     scale: float,
     query_rows: int | None = None,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
-    """MoBA attention of one sequence's queries over its keys, computed in q's dtype.
+    """MoBA attention of one sequence's queries over its keys, computed in q's dtype (``sink``, ``window``:
+    the blocks every query attends, ``moba_gating.forced_blocks``).
 
     q [queries, heads, d] sits at absolute ``positions`` [queries] (ascending); keys/values
     [context, kv_heads, d] hold positions ``0 .. context - 1`` and reach at least the last query.
@@ -56,7 +59,9 @@ def moba_attend(
         rows = slice(start, start + query_rows)
         row_pos = positions[rows]
         num_keys = int(row_pos[-1]) + 1  # later keys are causally masked for every row of this slice
-        selected = select_moba_blocks(q[rows], gate_keys, row_pos, chunk_size, topk)  # [rows, heads, topk-1]
+        selected = select_moba_blocks(
+            q[rows], gate_keys, row_pos, chunk_size, topk, sink, window
+        )  # [rows, heads, topk - 1]
         bias = moba_attention_bias(selected, row_pos, num_keys, chunk_size, q.dtype)  # [heads, rows, keys]
         attended = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),  # [1, heads, rows, d]
@@ -78,11 +83,13 @@ def moba_attention_reference(
     chunk_size: int,
     topk: int,
     scale: float | None = None,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """MoBA attention over packed sequences: q [total_tokens, heads, d], k/v [total_tokens, kv_heads, d],
     ``seq_lens`` the length of each sequence in packing order. Computed in float64 for float64 q, else
     float32; returns [total_tokens, heads, d] in q's dtype. ``scale`` defaults to d ** -0.5."""
-    validate_moba_params(chunk_size, topk)
+    validate_moba_params(chunk_size, topk, sink, window)
     lens = [int(n) for n in seq_lens]
     if sum(lens) != q.shape[0] or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(
@@ -98,8 +105,9 @@ def moba_attention_reference(
         rows = slice(start, start + n)
         positions = torch.arange(n, device=q.device)
         out[rows] = moba_attend(
-            q[rows].to(dtype), k[rows].to(dtype), v[rows].to(dtype), positions, chunk_size, topk, scale
-        ).to(q.dtype)
+            q[rows].to(dtype), k[rows].to(dtype), v[rows].to(dtype), positions, chunk_size, topk, scale,
+            sink=sink, window=window,
+        ).to(q.dtype)  # fmt: skip
         start += n
     return out
 
@@ -110,13 +118,23 @@ class MobaAttention:
     rule a single whole-prompt prefill applies at the same positions).
 
     ``record``: an optional hook (longserve.viz) handed a ``MobaRecord`` of every prompt chunk's gating.
+    ``sink``, ``window``: blocks every query attends whatever its gating says (``forced_blocks``).
     """
 
     name = "moba"
 
-    def __init__(self, chunk_size: int, topk: int, record: RecordHook[MobaRecord] | None = None) -> None:
-        validate_moba_params(chunk_size, topk)
+    def __init__(
+        self,
+        chunk_size: int,
+        topk: int,
+        record: RecordHook[MobaRecord] | None = None,
+        *,
+        sink: bool = False,
+        window: int = 0,
+    ) -> None:
+        validate_moba_params(chunk_size, topk, sink, window)
         self.chunk_size, self.topk = chunk_size, topk
+        self.sink, self.window = sink, window
         self.record = record
 
     def forward(
@@ -149,18 +167,23 @@ class MobaAttention:
         keys/values [context, kv_heads, d]. CUDA tensors go through the Triton block kernel."""
         if self.record is not None:
             # Every path gates in float32 by the same rule (moba_gating.py): this is the kernels' selection.
-            record = MobaRecord.capture(q, keys, _positions(q, keys), self.chunk_size, self.topk)
+            record = MobaRecord.capture(
+                q, keys, _positions(q, keys), self.chunk_size, self.topk, self.sink, self.window
+            )
             self.record(record)
         if cuda_path_available(q):
-            return cuda_prefill(q, keys, values, self.chunk_size, self.topk, scale)
-        return moba_attend(q, keys, values, _positions(q, keys), self.chunk_size, self.topk, scale)
+            return cuda_prefill(q, keys, values, self.chunk_size, self.topk, scale, self.sink, self.window)
+        return moba_attend(
+            q, keys, values, _positions(q, keys), self.chunk_size, self.topk, scale,
+            sink=self.sink, window=self.window,
+        )  # fmt: skip
 
     def _decode(
         self, q: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """All decodes at once: q [batch, heads, d], each query at the last position of its context."""
         if cache.gate_keys is not None and cuda_path_available(q):
-            return cuda_decode(q, cache, metadata, self.chunk_size, self.topk, scale)
+            return cuda_decode(q, cache, metadata, self.chunk_size, self.topk, scale, self.sink, self.window)
         slots = metadata.decode_slots  # [batch, max_context]; padding reads the zeroed pad block
         batch, max_context = slots.shape
         shape = (batch, max_context, *cache.key.shape[1:])
@@ -174,7 +197,9 @@ class MobaAttention:
         gate_keys = gated.view(batch, num_chunks, self.chunk_size, *shape[2:]).mean(dim=2)
         grouped = q.to(gate_keys.dtype).view(batch, shape[2], -1, shape[3])  # [batch, kv_heads, group, d]
         scores = torch.einsum("bkgd,bnkd->bkgn", grouped, gate_keys).reshape(batch, q.shape[1], num_chunks)
-        selected = pick_blocks(scores, positions, self.chunk_size, self.topk)  # [batch, heads, topk - 1]
+        selected = pick_blocks(
+            scores, positions, self.chunk_size, self.topk, self.sink, self.window
+        )  # [batch, heads, topk - 1]
         # Row i of the [heads, batch, keys] bias is decode i's own; its padding lies after its position.
         bias = moba_attention_bias(selected, positions, max_context, self.chunk_size, keys.dtype)
         out = F.scaled_dot_product_attention(

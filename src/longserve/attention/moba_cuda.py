@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from longserve.attention.moba_gating import forced_blocks
 from longserve.attention.paged_decode import dot_precision, merge_partials, next_pow2, paged_decode
 
 _LOG2E = 1.4426950408889634
@@ -56,7 +57,13 @@ def gate_keys(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def select_prefill_blocks(
-    q: torch.Tensor, positions: torch.Tensor, gates: torch.Tensor, chunk_size: int, topk: int
+    q: torch.Tensor,
+    positions: torch.Tensor,
+    gates: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
 
@@ -86,18 +93,22 @@ def select_prefill_blocks(
             )  # fmt: skip
         block_r = max(16, min(64, 8192 // block_b))
         moba_prefill_topk_kernel[(-(-rows // block_r), heads)](
-            scores, chosen, first, rows, blocks, chunk_size, TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b
-        )
+            scores, chosen, first, rows, blocks, chunk_size, int(sink), window,
+            TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b,
+        )  # fmt: skip
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]
     chosen[:, :, -1] = own[:, None]
     if topk == 1:
         return chosen
     eligible = torch.arange(blocks, device=q.device)[None, None, :] < own[:, None, None]  # [rows, 1, blocks]
+    forced = forced_blocks(positions, blocks, chunk_size, sink, window)  # [rows, blocks] or None
     step = max(1, (1 << 27) // max(1, heads * blocks))  # bound the [rows, heads, blocks] score tensors
     for r0 in range(0, rows, step):
         qs = q[r0 : r0 + step].float().view(-1, kv_heads, group, dim)
         scores = torch.einsum("rkgd,nkd->rkgn", qs, gates).reshape(qs.shape[0], heads, blocks)
+        if forced is not None:
+            scores = scores.masked_fill(forced[r0 : r0 + step, None, :], float("inf"))
         chosen[r0 : r0 + step, :, :-1] = top_blocks(scores, eligible[r0 : r0 + step], topk - 1)
     return chosen
 
@@ -145,8 +156,11 @@ def moba_prefill_sequence(
     num_stages: int = 3,
     use_tma: bool | None = None,  # None: on Hopper and newer (bulk tensor copies; ~5% faster at 1M tokens)
     warp_specialize: bool = False,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
-    """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA."""
+    """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA
+    (``sink``, ``window``: the blocks every query attends, ``moba_gating.forced_blocks``)."""
     from longserve.attention.moba_triton import moba_block_attention_kernel
 
     queries, heads, dim = q.shape
@@ -174,7 +188,7 @@ def moba_prefill_sequence(
         rows = min(window_tokens, queries - w0)
         positions = torch.arange(q_start + w0, q_start + w0 + rows, device=q.device)
         chosen = select_prefill_blocks(
-            q[w0 : w0 + rows], positions, gates, chunk_size, topk
+            q[w0 : w0 + rows], positions, gates, chunk_size, topk, sink, window
         )  # [rows, heads, topk]
         keys = head_key[None, :, None] + chosen * group  # [rows, heads, topk] group id per entry
         dst = (chosen >= 0).flatten().nonzero().squeeze(1)  # entries in (row, head, slot) order
@@ -228,6 +242,8 @@ def select_decode_blocks(
     page_size: int,
     chunk_size: int,
     topk: int,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """[batch, kv_heads, splits] int32 bitmask of the query heads of each group that chose each block."""
     batch, heads, dim = q.shape
@@ -244,7 +260,7 @@ def select_decode_blocks(
         moba_decode_gate_kernel[(batch, heads)](
             q, gate_cache, block_tables, context_lens, chosen,
             q.stride(0), q.stride(1), gate_cache.stride(0), gate_cache.stride(1), block_tables.stride(0),
-            kv_heads, splits, chunk_size, pages_per_block,
+            kv_heads, splits, chunk_size, pages_per_block, int(sink), window,
             GROUP=group, TOPK=topk, HEAD_DIM=dim, BLOCK_B=block_b,
         )  # fmt: skip
         return chosen
@@ -255,6 +271,9 @@ def select_decode_blocks(
         gates = gate_cache[first_pages]  # [batch, blocks, kv_heads, d]
         scores = torch.einsum("bkgd,bnkd->bkgn", q.float().view(batch, kv_heads, group, dim), gates)
         eligible = torch.arange(blocks, device=q.device)[None, :] < own[:, None]  # [batch, blocks]
+        forced = forced_blocks(context_lens.long() - 1, blocks, chunk_size, sink, window)  # [batch, blocks]
+        if forced is not None:
+            scores = scores.masked_fill(forced[:, None, None, :], float("inf"))
         top = top_blocks(scores, eligible[:, None, None, :], topk - 1).long()  # [batch, kv, group, topk-1]
         onehot.scatter_(3, torch.where(top >= 0, top, splits), 1)
     head_bits = 1 << torch.arange(group, device=q.device, dtype=torch.int32)  # [group]
@@ -277,10 +296,12 @@ def moba_paged_decode(
     chunk_size: int,
     topk: int,
     scale: float,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """MoBA decode: gate against the cached block means, choose blocks, read only those blocks."""
     chosen = select_decode_blocks(
-        q, gate_cache, block_tables, context_lens, max_context, page_size, chunk_size, topk
+        q, gate_cache, block_tables, context_lens, max_context, page_size, chunk_size, topk, sink, window
     )
     return paged_decode(
         q,

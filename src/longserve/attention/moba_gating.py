@@ -37,16 +37,45 @@ def gate_scores(q: torch.Tensor, gate_keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tkgd,bkd->tkgb", grouped, gate_keys).reshape(tokens, heads, -1)
 
 
-def pick_blocks(scores: torch.Tensor, positions: torch.Tensor, chunk_size: int, topk: int) -> torch.Tensor:
-    """The ``topk - 1`` best earlier blocks per query row and head: scores [tokens, heads, blocks] -> long
-    [tokens, heads, topk - 1], best first, -1 where the query has fewer earlier blocks than that."""
+def forced_blocks(
+    positions: torch.Tensor, num_blocks: int, chunk_size: int, sink: bool, window: int
+) -> torch.Tensor | None:
+    """[tokens, num_blocks] bool: the earlier blocks a query at ``positions`` attends whatever its gating
+    says (they take the first of its topk - 1 choices): block 0 with ``sink`` (the attention sink models
+    not trained with MoBA lean on), and the blocks holding the last ``window`` tokens up to the query. None
+    when neither is on."""
+    if not sink and not window:
+        return None
+    blocks = torch.arange(num_blocks, device=positions.device)[None, :]  # [1, blocks]
+    own = (positions // chunk_size)[:, None]  # [tokens, 1]
+    forced = (blocks == 0) & bool(sink)
+    if window:
+        forced = forced | (blocks >= ((positions - window + 1).clamp(min=0) // chunk_size)[:, None])
+    return forced & (blocks < own)
+
+
+def pick_blocks(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    sink: bool = False,
+    window: int = 0,
+) -> torch.Tensor:
+    """The ``topk - 1`` best earlier blocks per query row and head (the ``forced_blocks`` first): scores
+    [tokens, heads, blocks] -> long [tokens, heads, topk - 1], best first, -1 where the query has fewer
+    earlier blocks than that."""
     tokens, heads, num_blocks = scores.shape
     picks = topk - 1
-    own = positions.to(scores.device) // chunk_size  # [tokens]
+    positions = positions.to(scores.device)
+    own = positions // chunk_size  # [tokens]
     if picks == 0:
         return torch.empty(tokens, heads, 0, dtype=torch.long, device=scores.device)
     earlier = torch.arange(num_blocks, device=scores.device)[None, :] < own[:, None]  # [tokens, blocks]
     scores = scores.masked_fill(~earlier[:, None, :], float("-inf"))
+    forced = forced_blocks(positions, num_blocks, chunk_size, sink, window)
+    if forced is not None:
+        scores = scores.masked_fill(forced[:, None, :], float("inf"))
     # Stable descending sort: equal scores keep block order, so a tie goes to the earlier block (topk does
     # not promise that). Masked blocks all come after the earlier ones, which have lower indices.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks]
@@ -58,14 +87,21 @@ def pick_blocks(scores: torch.Tensor, positions: torch.Tensor, chunk_size: int, 
 
 
 def select_moba_blocks(
-    q: torch.Tensor, gate_keys: torch.Tensor, positions: torch.Tensor, chunk_size: int, topk: int
+    q: torch.Tensor,
+    gate_keys: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """Chosen earlier blocks of one sequence's queries: q [tokens, heads, d] at absolute ``positions``
     [tokens], gate_keys [num_chunks, kv_heads, d] -> long [tokens, heads, topk - 1] (-1 where none)."""
     out = torch.empty(q.shape[0], q.shape[1], topk - 1, dtype=torch.long, device=q.device)
     for start in range(0, q.shape[0], SELECT_ROWS):
         rows = slice(start, start + SELECT_ROWS)
-        out[rows] = pick_blocks(gate_scores(q[rows], gate_keys), positions[rows], chunk_size, topk)
+        scores = gate_scores(q[rows], gate_keys)
+        out[rows] = pick_blocks(scores, positions[rows], chunk_size, topk, sink, window)
     return out
 
 

@@ -45,11 +45,25 @@ def _store(cache: LayerKVCache, keys: torch.Tensor, first_slots: torch.Tensor, b
 
 
 def cuda_prefill(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_size: int, topk: int, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """One sequence's prompt chunk (the last len(q) positions of its context) through the block kernel."""
     return moba_cuda.moba_prefill_sequence(
-        q.contiguous(), keys.contiguous(), values.contiguous(), chunk_size, topk, scale
+        q.contiguous(),
+        keys.contiguous(),
+        values.contiguous(),
+        chunk_size,
+        topk,
+        scale,
+        sink=sink,
+        window=window,
     )
 
 
@@ -60,10 +74,12 @@ def cuda_decode(
     chunk_size: int,
     topk: int,
     scale: float,
+    sink: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """All decodes of the step: gate against the cached block means, read only the chosen blocks."""
     tables, context_lens, longest = paged_layout(metadata)
     return moba_cuda.moba_paged_decode(
         q.contiguous(), cache.key, cache.value, tables, context_lens, longest, metadata.block_size,
-        cache.gate_keys, chunk_size, topk, scale,
+        cache.gate_keys, chunk_size, topk, scale, sink=sink, window=window,
     )  # fmt: skip

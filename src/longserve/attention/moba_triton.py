@@ -179,12 +179,14 @@ def moba_prefill_topk_kernel(
     num_rows,
     num_blocks,
     chunk_size,
+    sink,  # 1: block 0 is always chosen (moba_gating.forced_blocks)
+    window,  # tokens: the blocks holding the last ``window`` up to the query are always chosen; 0 = off
     TOPK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,  # power of two >= num_blocks
 ):
     """TOPK-1 rounds of arg-max over each query's eligible blocks (the lowest index wins a tie: the
-    earlier block), for BLOCK_R queries of one head."""
+    earlier block; forced blocks score +inf, so they come first), for BLOCK_R queries of one head."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     ok = rows < num_rows
@@ -196,6 +198,10 @@ def moba_prefill_topk_kernel(
         mask=ok[:, None] & (blocks[None, :] < own[:, None]),
         other=float("-inf"),
     )  # [BLOCK_R, BLOCK_B]; blocks at or after the own block are not eligible
+    positions = first_pos + rows
+    first_window = tl.where(window > 0, tl.maximum(positions - window + 1, 0) // chunk_size, own)
+    forced = ((blocks[None, :] == 0) & (sink != 0)) | (blocks[None, :] >= first_window[:, None])
+    s = tl.where(forced & (blocks[None, :] < own[:, None]), float("inf"), s)
     out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
     for j in tl.static_range(TOPK - 1):
         best = tl.max(s, 1)
@@ -221,6 +227,8 @@ def moba_decode_gate_kernel(
     num_splits,
     chunk_size,
     pages_per_block,
+    sink,  # 1: block 0 is always chosen (moba_gating.forced_blocks)
+    window,  # tokens: the blocks holding the last ``window`` up to the query are always chosen; 0 = off
     GROUP: tl.constexpr,
     TOPK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -243,6 +251,10 @@ def moba_decode_gate_kernel(
     )  # [BLOCK_B, D]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + head * stride_qh + dims).to(tl.float32)
     s = tl.where(valid, tl.sum(g * q[None, :], 1), float("-inf"))  # [BLOCK_B]
+    position = tl.load(context_lens + b) - 1
+    first_window = tl.where(window > 0, tl.maximum(position - window + 1, 0) // chunk_size, own)
+    forced = ((blocks == 0) & (sink != 0)) | (blocks >= first_window)
+    s = tl.where(forced & valid, float("inf"), s)
     bits = Chosen + (b * num_kv_heads + kv_head).to(tl.int64) * num_splits
     bit = 1 << (head % GROUP)
     for _ in tl.static_range(TOPK - 1):

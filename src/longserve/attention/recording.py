@@ -45,7 +45,14 @@ class MobaRecord:
 
     @classmethod
     def capture(
-        cls, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, chunk_size: int, topk: int
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        chunk_size: int,
+        topk: int,
+        sink: bool = False,
+        window: int = 0,
     ) -> MobaRecord:
         """The gating of queries ``q`` at ``positions`` over keys ``k``, through moba_gating's functions."""
         gate_keys = moba_gate_keys(k, chunk_size)
@@ -55,7 +62,7 @@ class MobaRecord:
             positions=positions,
             gate_keys=gate_keys,
             scores=gate_scores(q, gate_keys),
-            selected=select_moba_blocks(q, gate_keys, positions, chunk_size, topk),
+            selected=select_moba_blocks(q, gate_keys, positions, chunk_size, topk, sink, window),
             chunk_size=chunk_size,
             topk=topk,
         )
