@@ -12,7 +12,7 @@ in the MoBA layers): perplexity from the engine's prompt logprobs, passkeys from
 
 Usage:
   python benchmarks/moba_quality.py [--threads 2] [--contexts 2048,4096,8192] [--depths 0.1,0.5,0.9]
-                                    [--trials 1] [--chunk 512] [--topk 3] [--quick]
+                                    [--trials 1] [--chunk 512] [--topk 3] [--controls 0:0,1:0,1:512] [--quick]
 Results: benchmarks/results/moba_quality-<timestamp>.json and moba_quality-latest.json.
 """
 
@@ -56,7 +56,10 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
     moba = dict(attention="moba", moba_chunk_size=args.chunk, moba_topk=args.topk)
     found = {"dense": {}}
     for full in args.full_layers:
-        found[f"moba c{args.chunk} k{args.topk} full{full}"] = dict(moba, moba_full_layers=full)
+        for sink, window in args.controls:
+            name = f"moba c{args.chunk} k{args.topk} full{full}"
+            name += " sink" * sink + (f" win{window}" if window else "")
+            found[name] = dict(moba, moba_full_layers=full, moba_sink=sink, moba_window=window)
     return found
 
 
@@ -125,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=512, help="MoBA chunk size")
     p.add_argument("--topk", type=int, default=3, help="MoBA top-k (own block included)")
     p.add_argument("--full-layers", default="3,0", help="MoBA variants: dense last layers, comma-separated")
+    p.add_argument(
+        "--controls",
+        default="0:0",
+        help="MoBA's training-free controls to compare, sink:window pairs, e.g. 0:0,1:0,1:512 (sink on, window "
+        "of 512 tokens)",
+    )
     p.add_argument("--ppl-tokens", type=int, help="perplexity text length (default: the context length)")
     p.add_argument("--contexts", default="2048,4096,8192", help="passkey prompt lengths in tokens")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, fractions of the filler")
@@ -133,6 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     args.full_layers = [int(x) for x in args.full_layers.split(",") if x.strip()]
+    args.controls = [
+        (bool(int(x.split(":")[0])), int(x.split(":")[1])) for x in args.controls.split(",") if x.strip()
+    ]
     args.contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
     args.depths = [float(x) for x in args.depths.split(",") if x.strip()]
     if args.quick:
@@ -146,18 +158,18 @@ def print_report(doc: dict) -> None:
     for text, rows in doc["perplexity_by_text"].items():
         keys = [k for k in rows[names[0]] if k.startswith("ppl")]
         print(f"  {text} ({rows[names[0]]['tokens']} tokens)")
-        print("    " + f"{'config':<24}" + "".join(f"{k:>18}" for k in keys) + f"{'seconds':>10}")
+        print("    " + f"{'config':<36}" + "".join(f"{k:>18}" for k in keys) + f"{'seconds':>10}")
         for name in names:
             row = rows[name]
             print(
                 "    "
-                + f"{name:<24}"
+                + f"{name:<36}"
                 + "".join(f"{row[k]:>18.3f}" for k in keys)
                 + f"{row['seconds']:>10.1f}"
             )
     print("\npasskey hits (greedy)")
     contexts = sorted({r["context"] for r in doc["passkey"][names[0]]})
-    print("    " + f"{'config':<24}" + "".join(f"{'ctx ' + str(c):>12}" for c in contexts) + f"{'total':>10}")
+    print("    " + f"{'config':<36}" + "".join(f"{'ctx ' + str(c):>12}" for c in contexts) + f"{'total':>10}")
     for name in names:
         rows = doc["passkey"][name]
         cells = []
@@ -165,7 +177,7 @@ def print_report(doc: dict) -> None:
             hits = [r["hit"] for r in rows if r["context"] == c]
             cells.append(f"{sum(hits)}/{len(hits)}")
         total = f"{sum(r['hit'] for r in rows)}/{len(rows)}"
-        print("    " + f"{name:<24}" + "".join(f"{cell:>12}" for cell in cells) + f"{total:>10}")
+        print("    " + f"{name:<36}" + "".join(f"{cell:>12}" for cell in cells) + f"{total:>10}")
 
 
 def main(argv: list[str] | None = None) -> int:
