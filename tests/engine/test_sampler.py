@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from longserve.engine.penalties import apply_penalties, token_rows
-from longserve.engine.sampler import (
-    Sampler,
-    apply_min_p,
-    apply_top_k_top_p,
-    greedy_argmax,
-)
+from longserve.engine.sampler import Sampler
+from longserve.engine.sampling_ops import apply_min_p, apply_top_k_top_p, greedy_argmax
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
 

@@ -269,8 +269,8 @@ class LLMEngine:
         Overlapped (``async_scheduling``): the step is queued on the device and this call returns the deltas
         of the step before it, which the device finished meanwhile; the host schedules and prepares while the
         device computes. Sequences still waiting for their last token take it on the device. A step that
-        needs its tokens on the host before the next one can be sampled (a grammar's mask, penalties or
-        min_tokens over the output, prompt logprobs) is read back at once.
+        needs its tokens on the host before the next one can be sampled (a grammar's matcher, prompt logprobs)
+        is read back at once.
 
         Failures stay with the request they belong to: a sampling or grammar error ends that request with
         ``error`` set and the rest of the batch goes on. Only a failed forward pass fails several requests,
