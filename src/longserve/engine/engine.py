@@ -10,12 +10,11 @@ import torch
 
 from longserve.config import EngineConfig
 from longserve.distributed.launch import RankDiedError
+from longserve.engine.embeddings import Embedder
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
-from longserve.engine.model_runner import ModelRunner, StepDescription
-from longserve.engine.pooling import ChunkPooler, pool_sequences
+from longserve.engine.model_runner import ModelRunner
 from longserve.engine.protocol import (
-    CacheBusyError,
     EngineRequest,
     EngineStats,
     RequestDelta,
@@ -24,7 +23,6 @@ from longserve.engine.protocol import (
 )
 from longserve.engine.request import Request, build_request
 from longserve.engine.sampler import SampledRows, Sampler, needs_host_state
-from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
@@ -108,6 +106,11 @@ class LLMEngine:
             ranks=self.ranks,
         )  # fmt: skip
         self.sampler = Sampler()
+        self.embedder = Embedder(
+            self.runner, self.block_manager, self.model, self.pooling, self.is_encoder,
+            vocab_size=mc.vocab_size, max_tokens=min(self.max_model_len, self.cache_capacity),
+            step_tokens=config.max_num_batched_tokens,
+        )  # fmt: skip
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestDelta] = []  # aborts, reported at the next step
@@ -179,87 +182,11 @@ class LLMEngine:
     # ---- embeddings -----------------------------------------------------------------------------------------
 
     def embed_batch(self, token_lists: list[list[int]]) -> list[list[float]]:
-        """``embed`` of each input; an encoder runs them together, as few forwards as the token budget allows."""
-        if not self.is_encoder:
-            return [self.embed(ids) for ids in token_lists]
-        for ids in token_lists:
-            self._check_embedding_input(ids)
-        embeddings: list[list[float]] = []
-        batch: list[list[int]] = []
-        batch_tokens = 0
-        for ids in token_lists:
-            if batch and batch_tokens + len(ids) > self.config.max_num_batched_tokens:
-                embeddings += self._encode(batch)
-                batch, batch_tokens = [], 0
-            batch.append(ids)
-            batch_tokens += len(ids)
-        return embeddings + self._encode(batch)
+        """Pooled embeddings of each input (``Embedder``); call between steps on the engine's thread."""
+        return self.embedder.embed_batch(token_lists)
 
-    @torch.inference_mode()
     def embed(self, token_ids: list[int]) -> list[float]:
-        """The pooled final hidden states of ``token_ids`` (``self.pooling``: the checkpoint's sentence-
-        transformers config, else the family's default; a chat model's is the L2-normalised mean).
-
-        Call it between steps on the engine's thread: a decoder borrows free KV blocks through a throwaway
-        sequence (prefill attention reads keys back from the paged cache) and returns them before it comes back.
-        """
-        if self.is_encoder:
-            return self.embed_batch([token_ids])[0]
-        self._check_embedding_input(token_ids)
-        seq = Sequence(
-            "embed",
-            0,
-            list(token_ids),
-            SamplingParams(),
-            eos_token_ids=frozenset(),
-            max_total_tokens=len(token_ids),
-        )
-        if not self.block_manager.can_grow(seq, len(token_ids)):
-            # Running requests hold the blocks: a transient condition, unlike a too-long input.
-            raise CacheBusyError(
-                f"KV cache busy: the input needs {len(token_ids)} tokens of cache, "
-                f"{self.block_manager.num_free_blocks * self.config.block_size} are free now"
-            )
-        self.block_manager.grow(seq, len(token_ids))
-        pooler = ChunkPooler(self.pooling)
-        try:
-            budget = self.config.max_num_batched_tokens
-            for start in range(0, len(token_ids), budget):
-                chunk = token_ids[start : start + budget]
-                step = StepDescription(
-                    chunk,
-                    list(range(start, start + len(chunk))),
-                    None,  # the hidden states, not logits
-                    [seq.block_table],
-                    [start],
-                    [len(chunk)],
-                    may_replay=False,
-                )
-                hidden = self.runner.run(step)  # [chunk, hidden]
-                pooler.add(hidden)
-        finally:
-            self.block_manager.free(seq)
-        return pooler.result().tolist()
-
-    @torch.inference_mode()
-    def _encode(self, token_lists: list[list[int]]) -> list[list[float]]:
-        """An encoder's embeddings of checked inputs, in one forward over their tokens laid back to back."""
-        seq_lens = [len(ids) for ids in token_lists]
-        flat = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long, device=self.device)
-        hidden = self.model.encode(flat, seq_lens)  # [tokens, hidden]
-        return [vector.tolist() for vector in pool_sequences(hidden, seq_lens, self.pooling)]
-
-    def _check_embedding_input(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("input must not be empty")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}")
-        limit = min(self.max_model_len, self.cache_capacity)
-        if len(token_ids) > limit:
-            raise ValueError(
-                f"this model's maximum context length is {limit} tokens, but the input has {len(token_ids)}"
-            )
+        return self.embedder.embed(token_ids)
 
     # ---- the step -------------------------------------------------------------------------------------------
 
