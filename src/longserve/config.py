@@ -2,13 +2,77 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from longserve.attention.moba_params import validate_moba_params
 
 # Torch-free on purpose: the API server and the controller read ServeConfig without loading torch.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+SPECULATIVE_METHODS = ("ngram", "suffix")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM's ``--speculative-config`` JSON: a proposer drafts up to
+    ``num_speculative_tokens`` tokens per sequence and one forward pass verifies them (spec_decode/)."""
+
+    method: str  # "ngram": prompt lookup; "suffix": frequency-ranked continuations (SuffixDecoding)
+    num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
+    # ngram: the longest and shortest tail n-grams looked up in the sequence's own tokens
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # suffix: how deep the suffix trees go, how many finished requests' outputs the shared tree keeps, and
+    # the least estimated probability of a drafted token (drafting stops at the first below it)
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 1000
+    suffix_decoding_min_token_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method must be one of {list(SPECULATIVE_METHODS)}, got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                     "suffix_decoding_max_tree_depth"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        if self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError("speculative_config suffix_decoding_max_cached_requests must be >= 0")
+        if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
+            raise ValueError("speculative_config suffix_decoding_min_token_prob must be in [0, 1]")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+        """From a JSON object (the CLI flag), a dict (``LLM(speculative_config=...)``) or itself."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        if "method" not in value:
+            raise ValueError(f"speculative_config needs a method, one of {list(SPECULATIVE_METHODS)}")
+        return cls(**value)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
 
 @dataclass
@@ -49,6 +113,9 @@ class EngineConfig:
     # Overlap each step's host work with the previous step on the device; None: on for CUDA, off on the CPU
     # (where the same cores do both, so there is nothing to overlap).
     async_scheduling: bool | None = None
+    # Speculative decoding (SpeculativeConfig, or its dict / JSON); None: off. Its steps are read back at once,
+    # so it turns async_scheduling off unless that was asked for (then it is an error).
+    speculative_config: SpeculativeConfig | None = None
     show_progress: bool = False  # progress bar while loading
     # Tensor parallelism: one rank per device (one process each, the engine's own is rank 0); heads, MLP rows
     # and the vocabulary split across ranks. kv_cache_memory_mb is per rank.
@@ -95,6 +162,12 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         self._validate_attention()
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.async_scheduling:
+            raise ValueError(
+                "speculative decoding needs each step's accepted tokens before the next step is scheduled: "
+                "it cannot run with async_scheduling"
+            )
 
     def _validate_attention(self) -> None:
         if self.attention not in ("dense", "reference", "moba"):
@@ -116,6 +189,8 @@ class EngineConfig:
 
     def overlaps_steps(self, device_type: str) -> bool:
         """Whether steps overlap (``async_scheduling``) for a model on ``device_type``."""
+        if self.speculative_config is not None:
+            return False
         return self.async_scheduling if self.async_scheduling is not None else device_type == "cuda"
 
     def resolved(self, device_type: str) -> EngineConfig:

@@ -69,6 +69,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="prepare each step while the previous one runs on the GPU (default: on for CUDA, off on CPU)",
     )
+    parser.add_argument(
+        "--speculative-config",
+        help='speculative decoding as vLLM\'s JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4}\' (methods: ngram, suffix; default off)',
+    )
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
     parser.add_argument(
@@ -104,6 +109,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         async_scheduling=args.async_scheduling,
+        speculative_config=args.speculative_config,
         num_threads=args.num_threads,
         show_progress=True,
         max_num_seqs=args.max_num_seqs,

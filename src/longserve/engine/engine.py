@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from longserve.config import EngineConfig
@@ -22,9 +23,11 @@ from longserve.engine.protocol import (
     SequenceDelta,
 )
 from longserve.engine.request import Request, build_request
-from longserve.engine.sampler import SampledRows, Sampler, needs_host_state
+from longserve.engine.sampled_rows import SampledRows
+from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from longserve.engine.spec_decode.speculator import Speculator
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
@@ -41,6 +44,7 @@ class LaunchedStep:
     sampled_seqs: list[Sequence]  # row-aligned with ``sampled``
     sampled: SampledRows | None
     overlap: bool
+    num_drafts: list[int]  # row-aligned with ``sampled``: the drafts each sequence's step verified
 
 
 class LLMEngine:
@@ -112,6 +116,8 @@ class LLMEngine:
             step_tokens=config.max_num_batched_tokens,
         )  # fmt: skip
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
+        spec = config.speculative_config
+        self.speculator = Speculator(spec) if spec is not None and self.can_generate else None
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestDelta] = []  # aborts, reported at the next step
         # Overlapped steps (vLLM's async scheduling): on a GPU the host prepares step N+1 while step N runs.
@@ -164,12 +170,16 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Running and waiting sequences, KV cache usage and prefix cache counters."""
         blocks = self.block_manager
+        spec = self.speculator.stats if self.speculator is not None else None
         return EngineStats(
             len(self.scheduler.running),
             len(self.scheduler.waiting) + len(self.grammars),
             blocks.usage,
             blocks.prefix_queries,
             blocks.prefix_hits,
+            spec_decode=msgspec.structs.replace(spec, accepted_per_position=list(spec.accepted_per_position))
+            if spec is not None
+            else None,
         )
 
     def close(self) -> None:
@@ -205,6 +215,8 @@ class LLMEngine:
         """
         outputs, self._pending = self._pending, []
         self._schedule_compiled_grammars(outputs)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         launched = None if plan.is_empty else self._launch(plan, outputs)
         previous, self._in_flight = self._in_flight, None
@@ -227,7 +239,11 @@ class LLMEngine:
         try:
             result = self.runner.execute(scheduled, fed)
             seqs = [scheduled[i].seq for i in result.sample_index]
-            sampled = self.sampler.sample(result.sample_logits, seqs) if seqs else None
+            drafts = [scheduled[i].draft_token_ids for i in result.sample_index]
+            if any(drafts):
+                sampled = self.sampler.verify(result.sample_logits, seqs, drafts)
+            else:
+                sampled = self.sampler.sample(result.sample_logits, seqs) if seqs else None
         except RankDiedError:
             raise  # no step can run any more: the engine's owner fails every request and stops it
         except Exception as exc:  # reported to each request and logged with its traceback, never swallowed
@@ -239,6 +255,7 @@ class LLMEngine:
             return None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.draft_token_ids = []
         for row, seq in enumerate(seqs):
             seq.num_pending_tokens += 1
             seq.pending_row = row
@@ -247,7 +264,8 @@ class LLMEngine:
         )
         if sampled is not None and overlap:
             sampled.start_copy()
-        return LaunchedStep(scheduled, starts, result.prompt_logits, seqs, sampled, overlap)
+        num_drafts = [len(d) for d in drafts]
+        return LaunchedStep(scheduled, starts, result.prompt_logits, seqs, sampled, overlap, num_drafts)
 
     def _collect(self, step: LaunchedStep) -> list[RequestDelta]:
         """Read a launched step's tokens back (waiting for the device) and hand them to their requests."""
@@ -270,7 +288,15 @@ class LLMEngine:
             if sampled.errors and row in sampled.errors:
                 outputs.append(self._fail(request, sampled.errors[row]))
                 continue
-            if self._guarded(
+            if step.num_drafts[row]:
+                append_run = self._append_verified
+                args = (request, seq, sampled.accepted.get(row, []), step.num_drafts[row])
+                if not self._guarded(
+                    seq, outputs, append_run, *args, sampled.token_ids[row], sampled.logprobs[row]
+                ):
+                    continue
+                touched[request.request_id] = request
+            elif self._guarded(
                 seq, outputs, append, request, seq, sampled.token_ids[row], sampled.logprobs[row]
             ):
                 touched[request.request_id] = request
@@ -330,6 +356,8 @@ class LLMEngine:
         """End a sequence: its blocks go back, and the sampler forgets it."""
         self.scheduler.finish(seq, reason)
         self.sampler.release(seq)
+        if self.speculator is not None:
+            self.speculator.finish(seq)
 
     def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
         if seq.first_token_time is None:
@@ -356,6 +384,22 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
+
+    def _append_verified(
+        self, request: Request, seq: Sequence, accepted: list, num_drafts: int, token: int, logprob
+    ) -> None:
+        """A verification's tokens: the accepted drafts, then the sampled one, up to the first that ends the
+        sequence; the rejected drafts' KV positions are given back."""
+        for draft, draft_logprob in accepted:
+            self._append_token(request, seq, draft, draft_logprob)
+            if seq.is_finished:
+                break
+        else:
+            self._append_token(request, seq, token, logprob)
+        self.speculator.record(seq, num_drafts, len(accepted))
+        if not seq.is_finished:
+            seq.num_computed_tokens -= num_drafts - len(accepted)
+            self.block_manager.trim(seq, seq.num_tokens)
 
     def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor, start: int) -> None:
         """Prompt logprobs of the chunk that ran from position ``start``."""

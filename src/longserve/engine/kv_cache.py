@@ -86,6 +86,16 @@ class BlockManager:
             self._refs[block] = 1
             seq.block_table.append(block)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the blocks past the first ``num_tokens`` positions (rejected drafts' KV). The table becomes
+        a new list (``BlockTableRows`` copies tables that only grow in place)."""
+        keep = -(-num_tokens // self.block_size)
+        if keep >= len(seq.block_table):
+            return
+        for block in reversed(seq.block_table[keep:]):
+            self._release(block)
+        seq.block_table = seq.block_table[:keep]
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finished, aborted or preempted); cached ones stay cached.
 
@@ -93,14 +103,17 @@ class BlockManager:
         ones (a shorter shared prefix stays useful; a longer one without its start is not).
         """
         for block in reversed(seq.block_table):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if block in self._key_of:
-                    self._evictable[block] = None
-                else:
-                    self._free.append(block)
+            self._release(block)
         seq.block_table = []
         seq.block_keys = []
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
 
     # ---- prefix caching -------------------------------------------------------------------------------------
 

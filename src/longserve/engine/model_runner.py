@@ -45,8 +45,9 @@ class ModelInput:
 
 @dataclass
 class RunnerOutput:
-    sample_logits: torch.Tensor  # [num_sampling, vocab] float32, one row per sequence that completes
-    sample_index: list[int]  # index into the scheduled list for each sampling row
+    # [num_sampling, vocab] float32: one row per sequence that completes, 1 + its drafts' with drafts
+    sample_logits: torch.Tensor
+    sample_index: list[int]  # index into the scheduled list of each sampled sequence
     prompt_logits: dict[
         int, torch.Tensor
     ]  # scheduled index -> [chunk_tokens, vocab] logits for prompt logprobs
@@ -78,7 +79,10 @@ class ModelRunner:
     def describe(
         self, scheduled: list[ScheduledSequence]
     ) -> tuple[StepDescription, list[int], dict[int, range]]:
-        """The step's description, each sampling row's scheduled index, and the prompt-logprob rows."""
+        """The step's description, each sampled sequence's scheduled index, and the prompt-logprob rows.
+
+        A sequence with drafts gets ``num_draft_tokens + 1`` sampling rows in a row: its last token's and each
+        draft's."""
         ids: list[int] = []
         positions: list[int] = []
         fed_rows: list[int] = []
@@ -90,8 +94,11 @@ class ModelRunner:
             seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             first_row = len(ids)
             known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            drafts = item.num_draft_tokens
             if count > 1:
-                ids.extend(seq.token_ids()[start : start + count])
+                ids.extend(seq.token_slice(start, start + count - drafts))
+                if drafts:  # verified in this step: one row per draft after the sequence's last token
+                    ids.extend(item.draft_token_ids)
                 positions.extend(range(start, start + count))
             else:
                 if start < known:
@@ -101,8 +108,8 @@ class ModelRunner:
                     fed_from.append(seq.pending_row)
                     ids.append(0)
                 positions.append(start)
-            if start + count == known + seq.num_pending_tokens:  # item.completes_sequence
-                sample_rows.append(len(ids) - 1)
+            if start + count == known + seq.num_pending_tokens + drafts:  # item.completes_sequence
+                sample_rows.extend(range(len(ids) - 1 - drafts, len(ids)))  # drafts: a row to verify each
                 sample_index.append(index)
             if seq.params.prompt_logprobs is not None and wants_prompt_logprobs(item):
                 end = start + count
@@ -174,7 +181,7 @@ class ModelRunner:
         their inputs are still on the device (``Sequence.pending_row`` indexes it)."""
         step, sample_index, prompt_rows = self.describe(scheduled)
         logits = self.run(step, fed_tokens)  # [rows, vocab]
-        num_sampling = len(sample_index)
+        num_sampling = len(step.logit_rows) - sum(len(rows) for rows in prompt_rows.values())
         prompt_logits: dict[int, torch.Tensor] = {}
         offset = num_sampling
         for index, rows in prompt_rows.items():

@@ -146,12 +146,22 @@ class RequestDelta(msgspec.Struct, array_like=True):
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
+class SpecDecodeStats(msgspec.Struct):
+    """Speculative decoding's running totals since the engine started (vLLM's ``spec_decode`` counters)."""
+
+    num_drafts: int = 0  # verifications: a sequence's drafts checked in one step
+    num_draft_tokens: int = 0  # tokens drafted
+    num_accepted_tokens: int = 0  # of those, accepted
+    accepted_per_position: list[int] = msgspec.field(default_factory=list)  # accepted at draft position i
+
+
 class EngineStats(msgspec.Struct):
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of usable KV blocks held by sequences
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0  # of those, found cached
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 class StepOutputs(msgspec.Struct, tag=True, array_like=True):

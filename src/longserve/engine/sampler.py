@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from longserve.engine.penalties import PenaltyState
 from longserve.engine.protocol import TokenLogprob
+from longserve.engine.sampled_rows import LogprobRows, SampledRows, SamplerOutput
 from longserve.engine.sampling_ops import (
     RowParams,
     compute_logprobs,
@@ -22,9 +22,11 @@ from longserve.engine.sampling_ops import (
     logprob_entries,
     logprob_tensors,
     sample_rows,
+    target_probs,
 )
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
+from longserve.engine.spec_decode.rejection import accepted_runs, verify_rows
 from longserve.engine.structured_output import GrammarMasker
 from longserve.engine.uploads import StepUploader, as_floats, float_bits
 
@@ -32,94 +34,6 @@ log = logging.getLogger(__name__)
 
 # prompt_logprobs over a long prompt: rows per log_softmax so memory stays ~rows * vocab floats.
 _PROMPT_LOGPROB_CHUNK = 256
-
-
-@dataclass
-class SamplerOutput:
-    """What one sampler call produced, row-aligned with the sequences passed in."""
-
-    token_ids: list[int]  # one per row; -1 for a row in ``errors``
-    logprobs: list[TokenLogprob | None]  # filled only for rows whose params.logprobs is not None
-    errors: dict[int, str] = field(default_factory=dict)  # row -> why it produced no token
-
-
-@dataclass
-class LogprobRows:
-    """Logprobs of the chosen tokens of ``rows``, still on the device (``logprob_tensors``)."""
-
-    rows: list[int]  # the sampler rows these tensors cover, in order
-    wanted: dict[int, int]  # sampler row -> how many alternatives its request asked for
-    tensors: tuple[torch.Tensor, ...]  # chosen [m], ranks [m], top values [m, k], top ids [m, k]
-
-
-class SampledRows:
-    """One step's sampled tokens (and logprobs) on the device; ``to_host`` reads them back, the one wait.
-
-    ``token_ids`` ``[rows]`` may feed the next step's inputs before the host has seen them: every entry is a
-    valid token id, even in a row that failed (the host drops that row's token).
-    """
-
-    def __init__(
-        self,
-        token_ids: torch.Tensor,
-        *,
-        invalid: torch.Tensor | None = None,  # [rows] bool: no distribution to draw from (NaN logits)
-        logprobs: LogprobRows | None = None,
-        errors: dict[int, str] | None = None,  # rows that failed on the host already (a grammar broke)
-        resolved: SamplerOutput | None = None,  # sampled row by row on the host: nothing left to read
-    ) -> None:
-        self.token_ids = token_ids
-        self._invalid = invalid
-        self._logprobs = logprobs
-        self._errors = errors or {}
-        self._resolved = resolved
-        self._host: list[torch.Tensor] | None = None
-        self._copied: torch.cuda.Event | None = None
-
-    def start_copy(self) -> None:
-        """Queue the copies to host memory (pinned, non-blocking on CUDA), so ``to_host`` only waits."""
-        tensors = [self.token_ids]
-        if self._invalid is not None:
-            tensors.append(self._invalid)
-        if self._logprobs is not None:
-            tensors.extend(self._logprobs.tensors)
-        if self.token_ids.device.type != "cuda":
-            self._host = tensors
-            return
-        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-
-    def to_host(self) -> SamplerOutput:
-        if self._resolved is not None:
-            return self._resolved
-        if self._host is None:
-            self.start_copy()
-        if self._copied is not None:
-            self._copied.synchronize()
-        host = iter(self._host)
-        tokens = next(host).tolist()
-        errors = dict(self._errors)
-        if self._invalid is not None:
-            for row in next(host).nonzero().flatten().tolist():
-                errors.setdefault(
-                    row,
-                    "sampling failed: the next-token probabilities are not finite (NaN or infinite logits)",
-                )
-        for row in errors:
-            tokens[row] = -1
-        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
-        if self._logprobs is not None:
-            entries = logprob_entries(
-                [tokens[row] for row in self._logprobs.rows],
-                *(t.tolist() for t in host),
-                [self._logprobs.wanted.get(row, 0) for row in self._logprobs.rows],
-            )
-            for row, entry in zip(self._logprobs.rows, entries, strict=True):
-                if row in self._logprobs.wanted and row not in errors:
-                    logprobs[row] = entry
-        self._resolved = SamplerOutput(tokens, logprobs, errors)
-        return self._resolved
 
 
 class Sampler:
@@ -147,6 +61,96 @@ class Sampler:
         except Exception:  # logged loudly; then each row alone, so only the row that fails loses its token
             log.exception("batched sampling of %d rows failed; sampling the rows one by one", len(seqs))
         return self._sample_each(logits, seqs)
+
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> SampledRows:
+        """Accept drafts (``rejection.py``) and sample the token after them, reading back at once.
+        ``logits`` ``[sum(len(d) + 1), vocab]``: ``seqs[i]``'s rows are its last token's, then each draft's."""
+        if logits.dim() != 2 or logits.shape[0] != sum(len(d) + 1 for d in drafts):
+            raise ValueError(f"logits must have one row per sequence and draft, got {tuple(logits.shape)}")
+        try:
+            return SampledRows(torch.empty(0), resolved=self._verify(logits, seqs, drafts))
+        except (
+            Exception
+        ):  # logged loudly; then each sequence alone, so only the one that fails loses its step
+            log.exception("verifying the drafts of %d sequences failed; one by one", len(seqs))
+        out = SamplerOutput([-1] * len(seqs), [None] * len(seqs))
+        row = 0
+        for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+            rows = slice(row, row + len(draft) + 1)
+            row = rows.stop
+            try:
+                one = self._verify(logits[rows], [seq], [draft])
+            except Exception as exc:
+                log.exception("verifying drafts failed for request %s", seq.request_id)
+                out.errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+                continue
+            out.token_ids[i], out.logprobs[i] = one.token_ids[0], one.logprobs[0]
+            if 0 in one.errors:
+                out.errors[i] = one.errors[0]
+            if 0 in one.accepted:
+                out.accepted[i] = one.accepted[0]
+        return SampledRows(torch.empty(0), resolved=out)
+
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> SamplerOutput:
+        row_seqs = [seq for seq, draft in zip(seqs, drafts, strict=True) for _ in range(len(draft) + 1)]
+        raw = logits.float()  # [rows, vocab]
+        processed, row_errors, penalty_rows = self._process(raw, row_seqs)
+        row_drafts = [token for draft in drafts for token in (*draft, -1)]
+        greedy = [seq.params.greedy for seq in row_seqs]
+        uploader = self._uploader(raw.device)
+        invalid = None
+        if all(greedy):
+            draft_ids = uploader.upload([[row_drafts]])[0]
+            tokens = greedy_argmax(processed)  # [rows]
+            accepted = draft_ids == tokens
+        else:
+            row_params = self._row_params(row_seqs, raw.shape[1], raw.device)
+            accept_uniform = [
+                math.nan if seq.generator is None or token < 0 or g
+                else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
+                for seq, token, g in zip(row_seqs, row_drafts, greedy, strict=True)
+            ]  # fmt: skip
+            draft_ids, accept_bits = uploader.upload([[row_drafts], [float_bits(accept_uniform)]])
+            probs, invalid = target_probs(processed, row_params)
+            accepted, tokens = verify_rows(
+                probs, draft_ids, accept_bits.view(torch.float64), row_params.uniform, row_params.any_seeded
+            )
+            if any(greedy):
+                best = greedy_argmax(processed)
+                tokens = torch.where(row_params.greedy, best, tokens)
+                accepted = torch.where(row_params.greedy, draft_ids == best, accepted)
+                invalid &= ~row_params.greedy
+        if penalty_rows is not None:  # (penalised sequences draft nothing: one row each)
+            rows, slots = penalty_rows
+            self._penalties.count(slots, tokens.index_select(0, rows))
+        emitted = torch.where(accepted, draft_ids, tokens)  # [rows]: each row's token if the run reaches it
+        wants = [seq.params.logprobs for seq in row_seqs]
+        entries = None
+        if any(w is not None for w in wants):
+            tensors = logprob_tensors(raw, emitted, max(w or 0 for w in wants))
+            host = [t.tolist() for t in tensors]
+            entries = logprob_entries(emitted.tolist(), *host, [w or 0 for w in wants])
+        host_tokens, host_accepted = tokens.tolist(), accepted.tolist()
+        bad = set(row_errors) | (set(invalid.nonzero().flatten().tolist()) if invalid is not None else set())
+        out = SamplerOutput([-1] * len(seqs), [None] * len(seqs))
+        for i, run in enumerate(accepted_runs(drafts, host_accepted)):
+            first = run.token_row - len(run.accepted)
+            failed = sorted(row for row in range(first, run.token_row + 1) if row in bad)
+            if failed:
+                out.errors[i] = row_errors.get(
+                    failed[0],
+                    "sampling failed: the next-token probabilities are not finite (NaN or infinite logits)",
+                )
+                continue
+            out.token_ids[i] = host_tokens[run.token_row]
+            if entries is not None and wants[run.token_row] is not None:
+                out.logprobs[i] = entries[run.token_row]
+            if run.accepted:
+                out.accepted[i] = [
+                    (token, entries[first + j] if entries is not None and wants[first] is not None else None)
+                    for j, token in enumerate(run.accepted)
+                ]
+        return out
 
     def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
         out = SamplerOutput([-1] * len(seqs), [None] * len(seqs))
@@ -180,26 +184,7 @@ class Sampler:
         raw = logits.float()  # [num_seqs, vocab]
         params = [seq.params for seq in seqs]
         n = len(seqs)
-        penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
-        masked = [i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
-        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-        # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
-        logits = raw.clone() if penalised or masked or constrained else raw
-        errors: dict[int, str] = {}
-
-        if constrained:
-            errors.update(self._apply_grammars(logits, seqs, constrained))
-        if masked:
-            grammar_only = _take_rows(logits, constrained).clone() if constrained else None
-            mask_min_tokens(logits, seqs, self._uploader(logits.device))
-            if grammar_only is not None:  # the grammar can only end here: it wins over min_tokens
-                stuck = _take_rows(logits, constrained).amax(dim=-1) == float("-inf")
-                if stuck.any():
-                    rows = [constrained[j] for j in stuck.nonzero().flatten().tolist()]
-                    _put_rows(logits, rows, grammar_only[stuck])
-        penalty_rows = None
-        if penalised:
-            penalty_rows = self._penalty_state(logits).apply(logits, penalised, [seqs[i] for i in penalised])
+        logits, errors, penalty_rows = self._process(raw, seqs)
 
         # Every row is sampled and greedy rows pick their argmax instead: no row gather, so no host wait.
         invalid = None
@@ -226,6 +211,32 @@ class Sampler:
             tensors = logprob_tensors(_take_rows(raw, rows), chosen, max(wanted.values()))
             logprobs = LogprobRows(rows, wanted, tensors)
         return SampledRows(token_ids, invalid=invalid, logprobs=logprobs, errors=errors)
+
+    def _process(self, raw: torch.Tensor, seqs: list[Sequence]):
+        """``raw`` logits ``[n, vocab]`` with grammars, min_tokens and penalties applied (a copy when any
+        applies); the rows whose grammar broke; and the penalised rows to count the chosen tokens for."""
+        params = [seq.params for seq in seqs]
+        penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
+        masked = [i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
+        logits = raw.clone() if penalised or masked or constrained else raw
+        errors: dict[int, str] = {}
+
+        if constrained:
+            errors.update(self._apply_grammars(logits, seqs, constrained))
+        if masked:
+            grammar_only = _take_rows(logits, constrained).clone() if constrained else None
+            mask_min_tokens(logits, seqs, self._uploader(logits.device))
+            if grammar_only is not None:  # the grammar can only end here: it wins over min_tokens
+                stuck = _take_rows(logits, constrained).amax(dim=-1) == float("-inf")
+                if stuck.any():
+                    rows = [constrained[j] for j in stuck.nonzero().flatten().tolist()]
+                    _put_rows(logits, rows, grammar_only[stuck])
+        penalty_rows = None
+        if penalised:
+            penalty_rows = self._penalty_state(logits).apply(logits, penalised, [seqs[i] for i in penalised])
+        return logits, errors, penalty_rows
 
     def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:
         params = [seq.params for seq in seqs]

@@ -130,6 +130,13 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
     """Sample one token per row of penalised ``logits`` ``[m, vocab]``: ``[m]`` tokens, and ``[m]`` bool rows
     whose probabilities are no distribution (NaN, or nothing left). Those draw from uniform instead, so the
     batch's other rows still get theirs and every token is a valid id; the caller fails them."""
+    probs, invalid = target_probs(logits, params)
+    return draw_tokens(probs, params.uniform, params.any_seeded), invalid
+
+
+def target_probs(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution each row samples from, unnormalised ``[m, vocab]``: temperature, top-k, top-p, min-p
+    applied to penalised ``logits``; and ``[m]`` bool rows that are no distribution (made uniform)."""
     logits = logits / params.temperature.unsqueeze(1)  # [m, vocab]
     vocab = logits.shape[1]
     if any(k < vocab for k in params.host_top_k) or any(p < 1.0 for p in params.host_top_p):
@@ -140,11 +147,10 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
     if params.any_min_p:
         probs = apply_min_p(probs, params.min_p)
     invalid = ~(probs.sum(dim=-1) > 0)  # [m]; a NaN anywhere makes the sum NaN
-    probs = probs.masked_fill(invalid.unsqueeze(1), 1.0)
-    return _draw(probs, params.uniform, params.any_seeded), invalid
+    return probs.masked_fill(invalid.unsqueeze(1), 1.0), invalid
 
 
-def _draw(probs: torch.Tensor, uniform: torch.Tensor, any_seeded: bool) -> torch.Tensor:
+def draw_tokens(probs: torch.Tensor, uniform: torch.Tensor, any_seeded: bool) -> torch.Tensor:
     """One token per row of (unnormalised) ``probs`` ``[m, vocab]``, by inverting the row's CDF at a uniform:
     ``uniform`` ``[m]`` float64 where a row brings its own (seeded), NaN where one is drawn here.
 

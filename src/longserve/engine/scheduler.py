@@ -17,7 +17,12 @@ from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    num_draft_tokens: int = 0  # of those, the last ones are seq.draft_token_ids[:num_draft_tokens]
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return self.seq.draft_token_ids[: self.num_draft_tokens]
 
     @property
     def is_decode(self) -> bool:
@@ -26,7 +31,9 @@ class ScheduledSequence:
     @property
     def completes_sequence(self) -> bool:
         """After this step every known token is cached, so the model's last logits give the next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return (
+            self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens + self.num_draft_tokens
+        )
 
 
 @dataclass
@@ -80,8 +87,13 @@ class Scheduler:
             if seq.num_pending_tokens and total >= seq.max_total_tokens:
                 index += 1  # its last token is still on the device: it ends when the host reads it
                 continue
-            count = min(total - seq.num_computed_tokens, budget)
+            # A decode may bring drafts to verify: they run as extra query tokens, as far as the budget goes.
+            uncomputed = total - seq.num_computed_tokens
+            count = min(uncomputed + len(seq.draft_token_ids), budget)
             target = seq.num_computed_tokens + count
+            if count > uncomputed and not self.blocks.can_grow(seq, target):
+                count = min(uncomputed, budget)  # drafts never push another sequence out
+                target = seq.num_computed_tokens + count
             if target > len(seq.block_table) * block_size:  # (most decodes fit the blocks they hold)
                 while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
                     preempted.append(self._preempt(self.running.pop()))
@@ -89,7 +101,7 @@ class Scheduler:
                     preempted.append(self._preempt(self.running.pop()))  # seq itself: nothing else to take
                     break
                 self.blocks.grow(seq, target)
-            scheduled.append(ScheduledSequence(seq, count))
+            scheduled.append(ScheduledSequence(seq, count, max(0, count - uncomputed)))
             budget -= count
             index += 1
 
@@ -137,6 +149,7 @@ class Scheduler:
         """Drop the sequence's KV; it will be recomputed (prompt + output so far) when rescheduled."""
         self.blocks.free(seq)  # its full blocks stay cached until evicted
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -64,6 +64,9 @@ class Sequence:
     # step's sampled tokens (the next step feeds it from there).
     num_pending_tokens: int = 0
     pending_row: int = -1
+    # Speculative decoding: tokens a proposer drafted to follow this sequence's last one, verified by the
+    # next step (the scheduler may take fewer of them); emptied once the step is launched.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -99,6 +102,15 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Known tokens ``start:end`` without copying the whole sequence."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

@@ -1,0 +1,106 @@
+"""Speculator: before each step, the drafts of the sequences worth speculating on; after it, what held.
+
+How many tokens a sequence drafts adapts to what it had accepted (as HF assisted generation does: two more
+after a run that held entirely, one fewer otherwise), and a sequence whose drafts keep failing pauses for a
+growing number of steps, so text that never repeats is not slowed down by verifying hopeless drafts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longserve.config import SpeculativeConfig
+from longserve.engine.protocol import SpecDecodeStats
+from longserve.engine.sequence import Sequence, SequenceStatus
+from longserve.engine.spec_decode.ngram import NgramProposer
+from longserve.engine.spec_decode.suffix import SuffixProposer
+
+_MAX_PAUSE = 32  # steps a sequence whose drafts failed repeatedly waits before drafting again
+
+
+@dataclass
+class _DraftState:
+    length: int  # the most tokens it drafts next
+    failures: int = 0  # verifications in a row that accepted nothing
+    pause: int = 0  # steps left before it drafts again
+
+
+@dataclass
+class Speculator:
+    """Owns the proposer and each drafting sequence's state; the engine calls ``propose``, ``record`` and
+    ``finish``."""
+
+    config: SpeculativeConfig
+    stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    _states: dict[Sequence, _DraftState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        if c.method == "ngram":
+            self.proposer = NgramProposer(c.prompt_lookup_min, c.prompt_lookup_max)
+        else:
+            self.proposer = SuffixProposer(
+                c.suffix_decoding_max_tree_depth,
+                c.suffix_decoding_max_cached_requests,
+                c.suffix_decoding_min_token_prob,
+            )
+        self.stats.accepted_per_position = [0] * c.num_speculative_tokens
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set ``draft_token_ids`` of every running sequence (empty where it drafts nothing this step)."""
+        for seq in running:
+            seq.draft_token_ids = self._draft(seq) if _can_draft(seq) else []
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        state = self._states.get(seq)
+        if state is None:
+            state = self._states[seq] = _DraftState(self.config.num_speculative_tokens)
+        if state.pause:
+            state.pause -= 1
+            return []
+        # The last draft must leave room for the token sampled after it.
+        room = seq.max_total_tokens - seq.num_tokens - 1
+        length = min(state.length, room)
+        return self.proposer.propose(seq, length) if length > 0 else []
+
+    def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        """A verification of ``num_drafts`` drafts kept the first ``num_accepted``."""
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafts
+        stats.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            stats.accepted_per_position[position] += 1
+        state = self._states.get(seq)
+        if state is None:
+            return
+        if num_accepted == num_drafts:
+            state.length = min(state.length + 2, self.config.num_speculative_tokens)
+        else:
+            state.length = max(state.length - 1, 1)
+        if num_accepted:
+            state.failures = 0
+        else:
+            state.failures += 1
+            if state.failures >= 2:
+                state.pause = min(2 ** (state.failures - 2), _MAX_PAUSE)
+
+    def finish(self, seq: Sequence) -> None:
+        """A sequence ended: its state goes (the suffix proposer keeps its output for later requests)."""
+        self._states.pop(seq, None)
+        self.proposer.finish(seq)
+
+
+def _can_draft(seq: Sequence) -> bool:
+    """A decoding sequence whose next step's rows could be verified without host state changing between
+    them: no grammar (its matcher), no penalties (counts over the drafts) and past min_tokens."""
+    params = seq.params
+    return (
+        seq.status is SequenceStatus.RUNNING
+        and not seq.num_pending_tokens
+        and seq.num_computed_tokens == seq.num_tokens - 1
+        and seq.grammar is None
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and len(seq.output_token_ids) >= params.min_tokens
+    )
