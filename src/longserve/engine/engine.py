@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 import torch
@@ -20,13 +21,12 @@ from longserve.engine.protocol import (
     EngineStats,
     RequestDelta,
     RequestLimits,
-    SequenceDelta,
 )
 from longserve.engine.request import Request, build_request
 from longserve.engine.sampled_rows import SampledRows
 from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from longserve.engine.sequence import FinishReason, Sequence
 from longserve.engine.spec_decode.speculator import Speculator
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
@@ -165,7 +165,7 @@ class LLMEngine:
         if request.finished:
             del self.requests[request_id]
             self.grammars.remove(request_id)
-        self._pending.append(self._delta(request))
+        self._pending.append(request.take_delta())
 
     def stats(self) -> EngineStats:
         """Running and waiting sequences, KV cache usage and prefix cache counters."""
@@ -288,22 +288,19 @@ class LLMEngine:
             if sampled.errors and row in sampled.errors:
                 outputs.append(self._fail(request, sampled.errors[row]))
                 continue
+            token, logprob = sampled.token_ids[row], sampled.logprobs[row]
             if step.num_drafts[row]:
-                append_run = self._append_verified
-                args = (request, seq, sampled.accepted.get(row, []), step.num_drafts[row])
-                if not self._guarded(
-                    seq, outputs, append_run, *args, sampled.token_ids[row], sampled.logprobs[row]
-                ):
-                    continue
-                touched[request.request_id] = request
-            elif self._guarded(
-                seq, outputs, append, request, seq, sampled.token_ids[row], sampled.logprobs[row]
-            ):
+                accepted, emit = sampled.accepted.get(row, []), self.speculator.emit
+                args = (seq, accepted, step.num_drafts[row], token, logprob, partial(append, request, seq))
+                done = self._guarded(seq, outputs, emit, *args, self.block_manager)
+            else:
+                done = self._guarded(seq, outputs, append, request, seq, token, logprob)
+            if done:
                 touched[request.request_id] = request
         for request in touched.values():
             if request.request_id not in requests:
                 continue  # failed after an earlier row touched it
-            delta = self._delta(request)
+            delta = request.take_delta()
             outputs.append(delta)
             if delta.finished:
                 del requests[request.request_id]
@@ -348,7 +345,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
-        delta = self._delta(request)
+        delta = request.take_delta()
         delta.error = error
         return delta
 
@@ -385,22 +382,6 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
 
-    def _append_verified(
-        self, request: Request, seq: Sequence, accepted: list, num_drafts: int, token: int, logprob
-    ) -> None:
-        """A verification's tokens: the accepted drafts, then the sampled one, up to the first that ends the
-        sequence; the rejected drafts' KV positions are given back."""
-        for draft, draft_logprob in accepted:
-            self._append_token(request, seq, draft, draft_logprob)
-            if seq.is_finished:
-                break
-        else:
-            self._append_token(request, seq, token, logprob)
-        self.speculator.record(seq, num_drafts, len(accepted))
-        if not seq.is_finished:
-            seq.num_computed_tokens -= num_drafts - len(accepted)
-            self.block_manager.trim(seq, seq.num_tokens)
-
     def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor, start: int) -> None:
         """Prompt logprobs of the chunk that ran from position ``start``."""
         seq = item.seq
@@ -411,31 +392,3 @@ class LLMEngine:
         for offset, entry in enumerate(entries):
             if start + 1 + offset == len(seq.prompt_logprobs):  # a recompute repeats rows already recorded
                 seq.prompt_logprobs.append(entry)
-
-    def _delta(self, request: Request) -> RequestDelta:
-        """What the request gained since its last delta: new tokens (and logprobs) and new finishes only."""
-        seqs = []
-        all_finished = True
-        for seq in request.seqs:
-            i, output = seq.seq_index, seq.output_token_ids
-            start, finished = request.reported_tokens[i], seq.status is SequenceStatus.FINISHED
-            all_finished &= finished
-            if start == len(output) and (not finished or request.reported_finish[i]):
-                continue
-            logprobs = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
-            reason = seq.finish_reason.value if finished and seq.finish_reason else None
-            seqs.append(SequenceDelta(i, output[start:], logprobs, reason, seq.stop_reason))
-            request.reported_tokens[i] = len(output)
-            request.reported_finish[i] = finished
-        prompt_logprobs = None
-        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            if request.seqs[0].num_computed_tokens >= len(request.prompt_token_ids) or all_finished:
-                prompt_logprobs = request.seqs[0].prompt_logprobs
-                request.prompt_logprobs_sent = True
-        return RequestDelta(
-            request.request_id,
-            seqs,
-            all_finished,
-            prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
-        )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from longserve.engine.protocol import EngineRequest, RequestLimits
+from longserve.engine.protocol import EngineRequest, RequestDelta, RequestLimits, SequenceDelta
 from longserve.engine.sampling_params import SamplingParams
-from longserve.engine.sequence import Sequence
+from longserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -31,6 +31,34 @@ class Request:
     def finished(self) -> bool:
         seqs = self.seqs
         return seqs[0].is_finished if len(seqs) == 1 else all(seq.is_finished for seq in seqs)
+
+    def take_delta(self) -> RequestDelta:
+        """What the request gained since its last delta: new tokens (and logprobs) and new finishes only."""
+        seqs = []
+        all_finished = True
+        for seq in self.seqs:
+            i, output = seq.seq_index, seq.output_token_ids
+            start, finished = self.reported_tokens[i], seq.status is SequenceStatus.FINISHED
+            all_finished &= finished
+            if start == len(output) and (not finished or self.reported_finish[i]):
+                continue
+            logprobs = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
+            reason = seq.finish_reason.value if finished and seq.finish_reason else None
+            seqs.append(SequenceDelta(i, output[start:], logprobs, reason, seq.stop_reason))
+            self.reported_tokens[i] = len(output)
+            self.reported_finish[i] = finished
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            if self.seqs[0].num_computed_tokens >= len(self.prompt_token_ids) or all_finished:
+                prompt_logprobs = self.seqs[0].prompt_logprobs
+                self.prompt_logprobs_sent = True
+        return RequestDelta(
+            self.request_id,
+            seqs,
+            all_finished,
+            prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=self.seqs[0].num_cached_tokens,
+        )
 
 
 def build_request(limits: RequestLimits, request: EngineRequest) -> Request:

@@ -6,10 +6,12 @@ growing number of steps, so text that never repeats is not slowed down by verify
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from longserve.config import SpeculativeConfig
-from longserve.engine.protocol import SpecDecodeStats
+from longserve.engine.kv_cache import BlockManager
+from longserve.engine.protocol import SpecDecodeStats, TokenLogprob
 from longserve.engine.sequence import Sequence, SequenceStatus
 from longserve.engine.spec_decode.ngram import NgramProposer
 from longserve.engine.spec_decode.suffix import SuffixProposer
@@ -61,6 +63,30 @@ class Speculator:
         room = seq.max_total_tokens - seq.num_tokens - 1
         length = min(state.length, room)
         return self.proposer.propose(seq, length) if length > 0 else []
+
+    def emit(
+        self,
+        seq: Sequence,
+        accepted: list[tuple[int, TokenLogprob | None]],
+        num_drafts: int,
+        token: int,
+        logprob: TokenLogprob | None,
+        append: Callable[[int, TokenLogprob | None], None],
+        blocks: BlockManager,
+    ) -> None:
+        """Hand a verification's tokens to ``append``: the accepted drafts, then the sampled token, up to the
+        first that ends the sequence. The rejected drafts' positions leave the computed count, and the blocks
+        that held only them go back."""
+        for draft, draft_logprob in accepted:
+            append(draft, draft_logprob)
+            if seq.is_finished:
+                break
+        else:
+            append(token, logprob)
+        self.record(seq, num_drafts, len(accepted))
+        if not seq.is_finished:
+            seq.num_computed_tokens -= num_drafts - len(accepted)
+            blocks.trim(seq, seq.num_tokens)
 
     def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verification of ``num_drafts`` drafts kept the first ``num_accepted``."""

@@ -1,0 +1,164 @@
+"""Speculative decoding through the engine: greedy output equals plain decoding token for token (ngram and
+suffix drafts, several model families, mixed with requests that do not draft, under preemption, prefix-cache
+hits, chunked prefill, stop tokens and max_tokens inside an accepted run); seeded sampling reproduces; every
+KV block comes back after aborts."""
+
+import pytest
+import torch
+from engine_steps import engine_request, run_to_end
+
+from longserve import LLM, SamplingParams
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 5, "suffix_decoding_min_token_prob": 0.05}
+
+
+def _repetitive_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
+    """Prompts that quote themselves (a segment three times, then part of it): drafts find matches."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i in range(count):
+        segment = torch.randint(3, vocab, (6 + i % 5,), generator=g).tolist()
+        prompts.append(segment * 3 + segment[: 2 + i % 3])
+    return prompts
+
+
+def _greedy(llm: LLM, prompts, params) -> list[tuple]:
+    results = llm.generate(prompts, params)
+    return [
+        [
+            (o.token_ids, o.finish_reason, o.stop_reason, [e.token_id for e in o.logprobs or []])
+            for o in r.outputs
+        ]
+        for r in results
+    ]
+
+
+def _all_blocks_free(llm: LLM) -> bool:
+    blocks = llm.engine.block_manager
+    blocks.check_invariants([])
+    return blocks.num_free_blocks == blocks.num_usable_blocks and not llm.engine.scheduler.num_unfinished
+
+
+def _mixed_params(stop_token: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),  # ends inside a run
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.2),  # no drafts
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=6),
+    ]
+
+
+@pytest.mark.parametrize("spec", [NGRAM, SUFFIX], ids=["ngram", "suffix"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_moe", "deepseek_v3"])
+def test_greedy_output_equals_plain_decoding(tiny_model_dirs, family, spec):
+    path = tiny_model_dirs[family]
+    options = dict(kv_cache_memory_mb=8, max_num_seqs=8)
+    plain, speculative = LLM(path, **options), LLM(path, speculative_config=spec, **options)
+    prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 10, seed=3)
+    params = _mixed_params(stop_token=prompts[2][3]) * 2
+    assert _greedy(speculative, prompts, params) == _greedy(plain, prompts, params)
+    stats = speculative.engine.stats().spec_decode
+    assert stats.num_accepted_tokens > 0 and stats.num_accepted_tokens < stats.num_draft_tokens
+    assert _all_blocks_free(speculative)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_kv_blocks=41, block_size=4),  # preemption by recompute
+        dict(max_num_batched_tokens=8, max_num_seqs=8),  # chunked prompts; drafts cut by the budget
+    ],
+    ids=["preempting", "chunked"],
+)
+def test_greedy_output_equals_plain_under_pressure(tiny_llama_dir, options):
+    plain = LLM(tiny_llama_dir, **options)
+    speculative = LLM(tiny_llama_dir, speculative_config=NGRAM, **options)
+    prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 8, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [plain.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    engine = speculative.engine
+    results, internal = run_to_end(
+        engine, [engine_request(engine, f"p{i}", p, params) for i, p in enumerate(prompts)]
+    )
+    assert [results[f"p{i}"].outputs[0].token_ids for i in range(len(prompts))] == want
+    if "num_kv_blocks" in options:
+        assert sum(seq.num_preemptions for r in internal for seq in r.seqs) > 0
+    assert engine.stats().spec_decode.num_accepted_tokens > 0
+    assert _all_blocks_free(speculative)
+
+
+def test_prefix_cache_hits_keep_output_and_blocks(tiny_llama_dir):
+    plain = LLM(tiny_llama_dir, block_size=4)
+    speculative = LLM(tiny_llama_dir, block_size=4, speculative_config=SUFFIX)
+    prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 4, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = _greedy(plain, prompts, params)
+    assert _greedy(speculative, prompts, params) == want
+    # Again from the prefix cache (the cached blocks hold verified tokens only) and with the outputs of the
+    # first round in the suffix proposer's shared history.
+    hits = speculative.engine.block_manager.prefix_hits
+    assert _greedy(speculative, prompts, params) == want
+    assert speculative.engine.block_manager.prefix_hits > hits
+    assert _all_blocks_free(speculative)
+
+
+def test_seeded_sampling_reproduces_with_drafts(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, speculative_config=NGRAM)
+    prompts = _repetitive_prompts(llm.engine.model_config.vocab_size, 3, seed=7)
+    params = SamplingParams(temperature=0.8, top_k=40, seed=11, max_tokens=24, ignore_eos=True, logprobs=1)
+    first = _greedy(llm, prompts, params)
+    drafted = llm.engine.stats().spec_decode.num_draft_tokens
+    assert drafted > 0
+    assert _greedy(llm, prompts[:1], params) == first[:1]  # alone as in a batch
+    assert _greedy(llm, prompts, params) == first
+
+
+def test_aborts_mid_run_return_every_block(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, block_size=4, speculative_config=NGRAM)
+    engine = llm.engine
+    prompts = _repetitive_prompts(engine.model_config.vocab_size, 8, seed=9)
+    g = torch.Generator().manual_seed(1)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(
+            temperature=0.5 * (i % 2), seed=i, max_tokens=10 + 7 * (i % 3), ignore_eos=True
+        )
+        engine.add_request(engine_request(engine, f"r{i}", prompt, params))
+    step = 0
+    while engine.has_unfinished():
+        engine.step()
+        step += 1
+        live = [rid for rid in engine.requests]
+        if live and torch.rand(1, generator=g).item() < 0.3:
+            engine.abort(live[int(torch.randint(len(live), (1,), generator=g))])
+        holders = [seq for r in engine.requests.values() for seq in r.seqs if not seq.is_finished]
+        engine.block_manager.check_invariants(holders)
+    assert engine.stats().spec_decode.num_drafts > 0
+    assert _all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"method": "eagle"}, "method must be one of"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "lookahead": 3}, "unknown keys"),
+        ({"num_speculative_tokens": 3}, "needs a method"),
+        ("{not json", "not valid JSON"),
+        ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "must not exceed"),
+    ],
+)
+def test_bad_speculative_config_is_refused(config, message):
+    from longserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(speculative_config=config)
+
+
+def test_speculation_and_async_scheduling_exclude_each_other():
+    from longserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(speculative_config={"method": "ngram"}, async_scheduling=True)
+    assert not EngineConfig(speculative_config={"method": "ngram"}, device="cuda").overlaps_steps("cuda")
