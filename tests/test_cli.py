@@ -42,6 +42,13 @@ def test_generate_streams_a_raw_completion_with_a_tiny_model(tiny_llama_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "12 generated" in result.stderr and "finish: length" in result.stderr
+    spec = '{"method": "suffix", "num_speculative_tokens": 3}'
+    speculating = _run(
+        "generate", "The quick brown fox", "--model", tiny_llama_dir, "--no-chat", "--max-tokens", "12",
+        "--temperature", "0", "--speculative-config", spec,
+    )  # fmt: skip
+    assert speculating.returncode == 0, speculating.stderr
+    assert speculating.stdout == result.stdout
 
 
 def test_generate_applies_the_chat_template_and_answers_with_the_default_model():
@@ -56,6 +63,7 @@ def test_generate_applies_the_chat_template_and_answers_with_the_default_model()
         (["--model", "/no/such/model.gguf"], "does not exist"),
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top_p"),
+        (["--speculative-config", '{"method": "eagle"}'], "method must be one of"),
     ],
 )
 def test_generate_reports_bad_input_without_a_traceback(args, message):

@@ -15,7 +15,13 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from longserve.serve.worker_protocol import ListWorkersResponse, WorkerInfo, WorkerStatus, WorkerStreamChunk
+from longserve.serve.worker_protocol import (
+    ListWorkersResponse,
+    SpecDecodeCounts,
+    WorkerInfo,
+    WorkerStatus,
+    WorkerStreamChunk,
+)
 
 SCRAPE_TIMEOUT = aiohttp.ClientTimeout(
     total=2.0, sock_connect=1.0
@@ -27,25 +33,70 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 
 
-class _PrefixCacheCounters:
-    """``vllm:prefix_cache_queries_total`` / ``_hits_total``: the workers' own running totals (in tokens), as
-    of the last refresh, exposed as counters."""
+class _EngineCounters:
+    """The workers' own running totals, as of the last refresh, exposed as counters: the prefix cache's
+    (``vllm:prefix_cache_queries_total`` / ``_hits_total``, in tokens) and speculative decoding's
+    (``vllm:spec_decode_num_drafts_total``, ``..._num_draft_tokens_total``, ``..._num_accepted_tokens_total``
+    and ``..._num_accepted_tokens_per_pos_total`` by position)."""
 
     def __init__(self) -> None:
-        self.totals: dict[str, tuple[int, int]] = {}  # model name -> (queries, hits)
+        self.prefix: dict[str, tuple[int, int]] = {}  # model name -> (queries, hits)
+        self.spec: dict[str, SpecDecodeCounts] = {}  # model name -> summed over its workers
+
+    def add(self, name: str, status: WorkerStatus) -> None:
+        queries, hits = self.prefix.get(name, (0, 0))
+        self.prefix[name] = (queries + status.prefix_cache_queries, hits + status.prefix_cache_hits)
+        if status.spec_decode is None:
+            return
+        total, new = self.spec.setdefault(name, SpecDecodeCounts()), status.spec_decode
+        total.num_drafts += new.num_drafts
+        total.num_draft_tokens += new.num_draft_tokens
+        total.num_accepted_tokens += new.num_accepted_tokens
+        width = max(len(total.accepted_per_position), len(new.accepted_per_position))
+        total.accepted_per_position = [
+            sum(
+                counts[i]
+                for counts in (total.accepted_per_position, new.accepted_per_position)
+                if i < len(counts)
+            )
+            for i in range(width)
+        ]
 
     def collect(self):
+        model = ["model_name"]
         queries = CounterMetricFamily(
-            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=["model_name"]
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=model
         )
         hits = CounterMetricFamily(
-            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model_name"]
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=model
         )
-        for name, (q, h) in self.totals.items():
+        for name, (q, h) in self.prefix.items():
             queries.add_metric([name], q)
             hits.add_metric([name], h)
         yield queries
         yield hits
+        if not self.spec:
+            return
+        families = {
+            field: CounterMetricFamily(f"vllm:spec_decode_{field}", help_text, labels=model)
+            for field, help_text in (
+                ("num_drafts", "Verifications of a sequence's drafts."),
+                ("num_draft_tokens", "Draft tokens proposed."),
+                ("num_accepted_tokens", "Draft tokens accepted."),
+            )
+        }
+        per_position = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each position of a run.",
+            labels=["model_name", "position"],
+        )
+        for name, counts in self.spec.items():
+            for field, family in families.items():
+                family.add_metric([name], getattr(counts, field))
+            for position, accepted in enumerate(counts.accepted_per_position):
+                per_position.add_metric([name, str(position)], accepted)
+        yield from families.values()
+        yield per_position
 
 
 class ApiMetrics:
@@ -111,8 +162,8 @@ class ApiMetrics:
             ["model_name", "worker"],
             registry=r,
         )
-        self.prefix_cache = _PrefixCacheCounters()
-        r.register(self.prefix_cache)
+        self.engine_counters = _EngineCounters()
+        r.register(self.engine_counters)
         self.rejected = Counter(
             "longserve:api_requests_rejected",
             "Requests this API server answered with 429, by reason.",
@@ -131,7 +182,7 @@ class ApiMetrics:
         per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected)
         for gauge in (self.running, self.waiting, self.workers, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
-        totals: dict[str, tuple[int, int]] = {}
+        counters = _EngineCounters()
         for info, status in zip(workers, statuses, strict=True):
             # A worker serving several names counts once, under its first one.
             name = status.model_names[0] if status.model_names else "unknown"
@@ -141,9 +192,8 @@ class ApiMetrics:
             self.worker_queue_length.labels(name, info.worker_address).set(status.queue_length)
             self.worker_rejected.labels(name, info.worker_address).set(status.rejected)
             self.workers.labels(name).inc()
-            queries, hits = totals.get(name, (0, 0))
-            totals[name] = (queries + status.prefix_cache_queries, hits + status.prefix_cache_hits)
-        self.prefix_cache.totals = totals
+            counters.add(name, status)
+        self.engine_counters.prefix, self.engine_counters.spec = counters.prefix, counters.spec
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

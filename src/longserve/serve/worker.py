@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from urllib.parse import urlsplit
 
+import msgspec
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
@@ -61,6 +62,7 @@ from longserve.serve.worker_protocol import (
     ErrorInfo,
     FrontendInfo,
     ModelDetails,
+    SpecDecodeCounts,
     TokenizeRequest,
     TokenizeResponse,
     WorkerGenerateRequest,
@@ -141,6 +143,9 @@ class ModelWorker:
             context_length=self.context_length,
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
+            spec_decode=None
+            if stats.spec_decode is None
+            else SpecDecodeCounts(**msgspec.structs.asdict(stats.spec_decode)),
             ready=self.engine.ready,
             embedding=self.embedding_details(),
         )

@@ -40,6 +40,15 @@ class EmbeddingDetails(BaseModel):
     embedding_only: bool  # the model cannot generate (an embedding checkpoint): generation requests get 400
 
 
+class SpecDecodeCounts(BaseModel):
+    """A worker's speculative decoding totals since it started (engine/protocol.py's ``SpecDecodeStats``)."""
+
+    num_drafts: int = 0  # verifications: one sequence's drafts checked in one step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = []  # accepted drafts at each position of a run
+
+
 class WorkerStatus(BaseModel):
     model_names: list[str]
     speed: float = 1.0  # relative throughput weight used by dispatch
@@ -51,6 +60,7 @@ class WorkerStatus(BaseModel):
     context_length: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the worker started
     prefix_cache_hits: int = 0  # of those, found cached
+    spec_decode: SpecDecodeCounts | None = None  # None: the engine does not speculate
     ready: bool = True  # False while the engine core is down (restarting): dispatch and list_models skip it
     embedding: EmbeddingDetails | None = None  # None from workers that do not say
 
