@@ -216,10 +216,23 @@ class Server:
 
 
 def server_command(
-    system: str, model_path: Path, threads: int, llama_slots: int = 16, llama_context: int = 8192
+    system: str,
+    model_path: Path,
+    threads: int,
+    llama_slots: int = 16,
+    llama_context: int = 8192,
+    extra_args: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str], str]:
     """(argv, extra environment, model name clients send) for one server system. llama-server splits its
-    context evenly over its slots (8192 / 16: 512 tokens per request by default)."""
+    context evenly over its slots (8192 / 16: 512 tokens per request by default). ``extra_args`` go at the end
+    of the command line (a variant's own flags)."""
+    cmd, env, model = _base_command(system, model_path, threads, llama_slots, llama_context)
+    return cmd + list(extra_args), env, model
+
+
+def _base_command(
+    system: str, model_path: Path, threads: int, llama_slots: int, llama_context: int
+) -> tuple[list[str], dict[str, str], str]:
     port = free_port()
     if system.startswith("longserve-2w"):
         cmd = [sys.executable, str(Path(__file__).with_name("_multi_worker.py")), "--port", str(port)]

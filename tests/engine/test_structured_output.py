@@ -154,3 +154,30 @@ def test_structured_output_params_need_exactly_one_constraint():
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputParams(regex="a", choice=["a"])
     assert LLMatcher.validate_grammar(LLMatcher.grammar_from_regex("a+")) == ""
+
+
+def test_the_mask_after_drafts_is_the_matchers_after_those_tokens(tiny_llm):
+    compiler = GrammarCompiler(tiny_llm.tokenizer, tiny_llm.engine.model_config.vocab_size)
+    matcher = compiler.compile(JSON_SPEC).result(timeout=30)
+    drafts = tiny_llm.tokenizer.encode('{"word":"a', add_special_tokens=False)
+    vocab = tiny_llm.engine.model_config.vocab_size
+    logits = torch.zeros(2, vocab)
+    GrammarMasker().apply(logits, [matcher, matcher], [[], drafts])
+    assert matcher.consume_tokens(drafts)  # the masker took it back to where it was
+    advanced = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint32)
+    expected = [t for t in range(vocab) if (int(advanced[t // 32]) >> (t % 32)) & 1]
+    assert (logits[1] == 0).nonzero().flatten().tolist() == expected
+    assert (logits[0] == 0).sum() != (logits[1] == 0).sum()
+
+
+def test_speculative_drafts_keep_constrained_output_unchanged(tiny_llama_dir):
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+    plain, speculative = LLM(tiny_llama_dir), LLM(tiny_llama_dir, speculative_config=spec)
+    example = '{"word":"abc","n":12,"ok":true} {"word":"abc","n":12,"ok":true} {"word":"'
+    params = SamplingParams(temperature=0, max_tokens=40, structured_output=JSON_SPEC)
+    want = [o.outputs[0].text for o in plain.generate([example, example[:30]], params)]
+    got = [o.outputs[0].text for o in speculative.generate([example, example[:30]], params)]
+    assert got == want
+    assert all(set(json.loads(text)) == {"word", "n", "ok"} for text in got)
+    assert speculative.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert _all_blocks_free(speculative)

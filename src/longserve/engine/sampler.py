@@ -94,7 +94,10 @@ class Sampler:
     def _verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> SamplerOutput:
         row_seqs = [seq for seq, draft in zip(seqs, drafts, strict=True) for _ in range(len(draft) + 1)]
         raw = logits.float()  # [rows, vocab]
-        processed, row_errors, penalty_rows = self._process(raw, row_seqs)
+        drafted = [
+            draft[:j] for draft in drafts for j in range(len(draft) + 1)
+        ]  # each row's drafts before it
+        processed, row_errors, penalty_rows = self._process(raw, row_seqs, drafted)
         row_drafts = [token for draft in drafts for token in (*draft, -1)]
         greedy = [seq.params.greedy for seq in row_seqs]
         uploader = self._uploader(raw.device)
@@ -212,9 +215,10 @@ class Sampler:
             logprobs = LogprobRows(rows, wanted, tensors)
         return SampledRows(token_ids, invalid=invalid, logprobs=logprobs, errors=errors)
 
-    def _process(self, raw: torch.Tensor, seqs: list[Sequence]):
+    def _process(self, raw: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]] | None = None):
         """``raw`` logits ``[n, vocab]`` with grammars, min_tokens and penalties applied (a copy when any
-        applies); the rows whose grammar broke; and the penalised rows to count the chosen tokens for."""
+        applies); the rows whose grammar broke; and the penalised rows to count the chosen tokens for.
+        ``drafted[i]``: the drafts verified before row i (its grammar's mask is the one after them)."""
         params = [seq.params for seq in seqs]
         penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
         masked = [i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
@@ -224,7 +228,7 @@ class Sampler:
         errors: dict[int, str] = {}
 
         if constrained:
-            errors.update(self._apply_grammars(logits, seqs, constrained))
+            errors.update(self._apply_grammars(logits, seqs, constrained, drafted))
         if masked:
             grammar_only = _take_rows(logits, constrained).clone() if constrained else None
             mask_min_tokens(logits, seqs, self._uploader(logits.device))
@@ -290,12 +294,15 @@ class Sampler:
             uploader = self._uploaders[device] = StepUploader(device, depth=8)
         return uploader
 
-    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> dict[int, str]:
+    def _apply_grammars(
+        self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int], drafted: list[list[int]] | None
+    ) -> dict[int, str]:
         """Mask ``rows`` of ``logits`` in place to what their grammars allow; rows whose matcher broke -> error."""
         if self._grammar_masker is None:
             self._grammar_masker = GrammarMasker()
         selected = _take_rows(logits, rows)
-        dead = self._grammar_masker.apply(selected, [seqs[i].grammar for i in rows])
+        prefixes = [drafted[i] for i in rows] if drafted is not None else None
+        dead = self._grammar_masker.apply(selected, [seqs[i].grammar for i in rows], prefixes)
         if selected is not logits:
             _put_rows(logits, rows, selected)
         return {

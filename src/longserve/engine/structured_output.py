@@ -129,19 +129,30 @@ class GrammarMasker:
         # byte value -> its 8 bits, lowest first: token 8*b + j is allowed iff bit j of mask byte b is set.
         self._bits = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [256, 8]
 
-    def apply(self, logits: torch.Tensor, matchers: list[LLMatcher]) -> list[int]:
+    def apply(
+        self, logits: torch.Tensor, matchers: list[LLMatcher], drafted: list[list[int]] | None = None
+    ) -> list[int]:
         """Set disallowed tokens of row i of ``logits`` ``[len(matchers), vocab]`` to -inf, in place.
 
-        Returns the rows whose grammar allows nothing (a matcher in its error state); they are left as is.
+        ``drafted[i]``: tokens row i's matcher is taken past first (a speculative verification's row after
+        those drafts; they must be valid), and back after. Returns the rows whose grammar allows nothing (a
+        matcher in its error state); they are left as is.
         """
         # Imported at first use: it pulls in torch._dynamo, a second or more of every engine's start-up.
         import llguidance.torch
 
         rows, vocab = logits.shape
         bitmask = llguidance.torch.allocate_token_bitmask(rows, vocab)  # [rows, ceil(vocab / 32)] int32
+        drafted = drafted or [[] for _ in matchers]
         llguidance.torch.fill_next_token_bitmask_par(
-            self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
+            self._executor, [(m, i) for i, m in enumerate(matchers) if not drafted[i]], bitmask
         )
+        for i, tokens in enumerate(drafted):
+            if tokens:  # the same matcher at another state: one row at a time
+                if not matchers[i].consume_tokens(tokens):
+                    raise ValueError(f"structured output: drafts {tokens} were not valid for the grammar")
+                llguidance.torch.fill_next_token_bitmask(matchers[i], bitmask, i)
+                matchers[i].rollback(len(tokens))
         allowed = self._bits[bitmask.view(torch.uint8).long()].view(rows, -1)[:, :vocab]  # [rows, vocab]
         dead = [i for i in range(rows) if matchers[i].is_error()]
         if dead:

@@ -62,7 +62,10 @@ class Speculator:
         # The last draft must leave room for the token sampled after it.
         room = seq.max_total_tokens - seq.num_tokens - 1
         length = min(state.length, room)
-        return self.proposer.propose(seq, length) if length > 0 else []
+        drafts = self.proposer.propose(seq, length) if length > 0 else []
+        if drafts and seq.grammar is not None:  # only what the grammar would let through
+            drafts = drafts[: seq.grammar.validate_tokens(drafts)]
+        return drafts
 
     def emit(
         self,
@@ -117,14 +120,13 @@ class Speculator:
 
 
 def _can_draft(seq: Sequence) -> bool:
-    """A decoding sequence whose next step's rows could be verified without host state changing between
-    them: no grammar (its matcher), no penalties (counts over the drafts) and past min_tokens."""
+    """A decoding sequence whose next step's rows need no per-row state but its grammar's: no penalties (their
+    counts would differ row by row) and past min_tokens."""
     params = seq.params
     return (
         seq.status is SequenceStatus.RUNNING
         and not seq.num_pending_tokens
         and seq.num_computed_tokens == seq.num_tokens - 1
-        and seq.grammar is None
         and params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
