@@ -158,7 +158,7 @@ def _spec_counts(server) -> dict[str, float]:
     if not server.system.startswith("longserve"):
         return {}
     text = httpx.get(server.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
-    pattern = r"^vllm:spec_decode_(num_drafts|num_draft_tokens|num_accepted_tokens)_total\{[^}]*\} (\\S+)$"
+    pattern = r"^vllm:spec_decode_(num_drafts|num_draft_tokens|num_accepted_tokens)_total\{[^}]*\} (\S+)$"
     return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
 
 

@@ -46,7 +46,7 @@ def _mixed_params(stop_token: int) -> list[SamplingParams]:
         SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),  # ends inside a run
         SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_token]),
         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.2),  # no drafts
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=6),
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=10, stop_token_ids=[stop_token]),
     ]
 
 

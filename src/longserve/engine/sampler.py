@@ -221,7 +221,12 @@ class Sampler:
         ``drafted[i]``: the drafts verified before row i (its grammar's mask is the one after them)."""
         params = [seq.params for seq in seqs]
         penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
-        masked = [i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens]
+        # (a verification's row j comes after j drafts: j more output tokens)
+        masked = [
+            i
+            for i, seq in enumerate(seqs)
+            if seq.num_output_tokens + (len(drafted[i]) if drafted else 0) < seq.params.min_tokens
+        ]
         constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
         logits = raw.clone() if penalised or masked or constrained else raw
@@ -231,7 +236,7 @@ class Sampler:
             errors.update(self._apply_grammars(logits, seqs, constrained, drafted))
         if masked:
             grammar_only = _take_rows(logits, constrained).clone() if constrained else None
-            mask_min_tokens(logits, seqs, self._uploader(logits.device))
+            mask_min_tokens(logits, masked, seqs, self._uploader(logits.device))
             if grammar_only is not None:  # the grammar can only end here: it wins over min_tokens
                 stuck = _take_rows(logits, constrained).amax(dim=-1) == float("-inf")
                 if stuck.any():
@@ -342,19 +347,22 @@ def _needs_processing(seq: Sequence) -> bool:
     )
 
 
-def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence], uploader: StepUploader | None = None) -> None:
-    """In place: forbid EOS and stop token ids for rows that have not yet produced ``min_tokens`` tokens
-    (tokens still on the device count). ``uploader``: the indices go up without waiting for the device.
+def mask_min_tokens(
+    logits: torch.Tensor, masked: list[int], seqs: list[Sequence], uploader: StepUploader | None = None
+) -> None:
+    """In place: forbid EOS and stop token ids in rows ``masked``, those whose sequence will not have produced
+    ``min_tokens`` tokens before them (tokens still on the device count). ``uploader``: the indices go up
+    without waiting for the device.
 
     ``logits`` is ``[num_seqs, vocab]``. EOS is masked even with ``ignore_eos`` (min_tokens wins).
     """
     rows, cols = [], []
-    for i, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
-            for token in set(seq.eos_token_ids).union(seq.params.stop_token_ids):
-                if token < logits.shape[1]:
-                    rows.append(i)
-                    cols.append(token)
+    for i in masked:
+        seq = seqs[i]
+        for token in set(seq.eos_token_ids).union(seq.params.stop_token_ids):
+            if token < logits.shape[1]:
+                rows.append(i)
+                cols.append(token)
     if rows:
         uploader = uploader or StepUploader(logits.device)
         rows_t, cols_t = uploader.upload([[rows], [cols]])

@@ -120,8 +120,7 @@ class Speculator:
 
 
 def _can_draft(seq: Sequence) -> bool:
-    """A decoding sequence whose next step's rows need no per-row state but its grammar's: no penalties (their
-    counts would differ row by row) and past min_tokens."""
+    """A decoding sequence without penalties (their counts would differ row by row: not built)."""
     params = seq.params
     return (
         seq.status is SequenceStatus.RUNNING
@@ -130,5 +129,4 @@ def _can_draft(seq: Sequence) -> bool:
         and params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
-        and len(seq.output_token_ids) >= params.min_tokens
     )
