@@ -25,14 +25,27 @@ def test_decodes_carry_int32_block_tables_and_lengths_and_derive_slots_once():
 
 
 def test_equal_lengths_need_no_mask_and_prefills_follow_decodes():
-    meta = build_attention_metadata([[1, 2], [3, 4], [5, 6]], [5, 5, 2], [1, 1, 3], BLOCK)
+    table = list(range(1, 8))
+    meta = build_attention_metadata([[1, 2], [3, 4], table], [5, 5, 2], [1, 1, 20], BLOCK)
     assert meta.num_decodes == 2 and meta.decode_mask is None
     (span,) = meta.prefills
-    assert (span.query_start, span.query_len, span.context_len) == (2, 3, 5)
-    assert span.context_slots.tolist() == context_slots([5, 6], 5, BLOCK).tolist()
-    assert meta.slot_mapping.tolist()[2:] == [22, 23, 24]
+    assert (span.query_start, span.query_len, span.context_len) == (2, 20, 22)
+    assert span.context_slots.tolist() == context_slots(table, 22, BLOCK).tolist()
+    assert meta.slot_mapping.tolist()[2:] == context_slots(table, 22, BLOCK).tolist()[2:]
     only_prefill = build_attention_metadata([[1]], [0], [3], BLOCK)
     assert only_prefill.decode_block_tables is None and only_prefill.decode_slots is None
+
+
+def test_a_few_tokens_after_a_cached_prefix_run_as_decode_rows():
+    # A decode, then 3 tokens to verify after a prefix of 6: a decode row each, attending up to itself.
+    meta = build_attention_metadata([[9, 1], [7, 5, 3]], [5, 6], [1, 3], BLOCK)
+    assert meta.num_decodes == 4 and not meta.prefills
+    assert meta.decode_context_lens == [6, 7, 8, 9]
+    assert meta.decode_block_tables.tolist() == [[9, 1, 0], [7, 5, 3], [7, 5, 3], [7, 5, 3]]
+    assert meta.slot_mapping.tolist() == [1 * BLOCK + 1, 5 * BLOCK + 2, 5 * BLOCK + 3, 3 * BLOCK + 0]
+    # Once a prompt chunk has started the prefills, short spans after it stay prefills.
+    later = build_attention_metadata([[4, 2], [7, 5, 3]], [0, 6], [5, 3], BLOCK)
+    assert later.num_decodes == 0 and len(later.prefills) == 2
 
 
 def test_block_table_rows_follow_tables_that_grow_restart_and_leave():

@@ -153,7 +153,9 @@ def test_batched_greedy_equals_single_greedy_through_the_engine(arch, model_dir)
     batched = llm.generate(prompts, params)
     for prompt, out in zip(prompts, batched, strict=True):
         assert llm.generate([prompt], params)[0].outputs[0].token_ids == out.outputs[0].token_ids
-    assert len(llm.generate("Hello", SamplingParams(max_tokens=5))[0].outputs[0].token_ids) == 5
+    assert (
+        len(llm.generate("Hello", SamplingParams(max_tokens=5, ignore_eos=True))[0].outputs[0].token_ids) == 5
+    )
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,11 @@ def context_slots(block_table: list[int], num_tokens: int, block_size: int) -> t
     return blocks * block_size + positions % block_size
 
 
+# Spans of up to this many tokens after a cached prefix run as decode rows (decode kernels, CUDA graphs);
+# longer ones as prefill chunks.
+MAX_DECODE_ROWS = 16
+
+
 @dataclass
 class AttentionPlan:
     """The step's layout in plain ints (no tensors yet): the CUDA runner uploads these lists in one copy."""
@@ -204,12 +209,15 @@ def plan_attention(
     query_start = 0
     for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
         context_len = computed + qlen
-        if qlen == 1 and computed > 0:  # plain ints per decoding sequence: no tensor ops
-            if plan.prefills:
-                raise ValueError("decode sequences must come before prefill sequences")
-            decode_tables.append(table)
-            plan.decode_lens.append(context_len)
-            plan.decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
+        if qlen == 1 and computed > 0 and plan.prefills:
+            raise ValueError("decode sequences must come before prefill sequences")
+        if computed > 0 and qlen <= MAX_DECODE_ROWS and not plan.prefills:
+            # A decode, or a few tokens after a cached prefix (speculative drafts to verify): one decode row
+            # per token, each attending the prefix and the rows before it (their keys are cached first).
+            for position in range(computed, context_len):  # plain ints: no tensor ops
+                decode_tables.append(table)
+                plan.decode_lens.append(position + 1)
+                plan.decode_new_slots.append(table[position // block_size] * block_size + position % block_size)
         else:
             slots = context_slots(table, context_len, block_size)
             plan.prefill_new_slots.append(slots[computed:])

@@ -38,7 +38,7 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence]  # decodes first, then prompt chunks
+    scheduled: list[ScheduledSequence]  # decodes first, then verifications, then prompt chunks
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -132,7 +132,9 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, count))
             budget -= count
 
-        scheduled.sort(key=lambda s: not s.is_decode)  # stable: decodes first, each group in arrival order
+        # Stable: decodes first, then verifications of drafts (decode rows too), then prompt chunks, each group
+        # in arrival order.
+        scheduled.sort(key=lambda s: 0 if s.is_decode else 1 if s.num_draft_tokens else 2)
         return SchedulerOutput(scheduled, preempted)
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
