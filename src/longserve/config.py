@@ -12,7 +12,7 @@ from longserve.attention.moba_params import validate_moba_params
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class SpeculativeConfig:
     """Speculative decoding, as vLLM's ``--speculative-config`` JSON: a proposer drafts up to
     ``num_speculative_tokens`` tokens per sequence and one forward pass verifies them (spec_decode/)."""
 
-    method: str  # "ngram": prompt lookup; "suffix": frequency-ranked continuations (SuffixDecoding)
+    # "ngram": prompt lookup; "suffix": frequency-ranked continuations (SuffixDecoding); "draft_model": a
+    # smaller model with the target's tokenizer (``model``)
+    method: str
     num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
     # ngram: the longest and shortest tail n-grams looked up in the sequence's own tokens
     prompt_lookup_max: int = 4
@@ -30,6 +32,10 @@ class SpeculativeConfig:
     suffix_decoding_max_tree_depth: int = 24
     suffix_decoding_max_cached_requests: int = 1000
     suffix_decoding_min_token_prob: float = 0.1
+    # draft_model: the draft's GGUF file or HF directory, and its own KV cache (allocated before the target's,
+    # so on a GPU the target's cache takes what the utilization leaves after it)
+    model: str | None = None
+    draft_kv_cache_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -46,6 +52,10 @@ class SpeculativeConfig:
                 f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
                 f"prompt_lookup_max ({self.prompt_lookup_max})"
             )
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("speculative_config: a model is given with method 'draft_model', and only then")
+        if not isinstance(self.draft_kv_cache_memory_mb, int) or self.draft_kv_cache_memory_mb < 1:
+            raise ValueError("speculative_config draft_kv_cache_memory_mb must be a positive integer")
         if self.suffix_decoding_max_cached_requests < 0:
             raise ValueError("speculative_config suffix_decoding_max_cached_requests must be >= 0")
         if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:

@@ -142,6 +142,8 @@ def test_aborts_mid_run_return_every_block(tiny_llama_dir):
     ("config", "message"),
     [
         ({"method": "eagle"}, "method must be one of"),
+        ({"method": "draft_model"}, "a model is given"),
+        ({"method": "ngram", "model": "x"}, "a model is given"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "lookahead": 3}, "unknown keys"),
         ({"num_speculative_tokens": 3}, "needs a method"),
@@ -162,3 +164,48 @@ def test_speculation_and_async_scheduling_exclude_each_other():
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(speculative_config={"method": "ngram"}, async_scheduling=True)
     assert not EngineConfig(speculative_config={"method": "ngram"}, device="cuda").overlaps_steps("cuda")
+
+
+def _draft_config(path: str, **extra) -> dict:
+    return {
+        "method": "draft_model",
+        "model": path,
+        "num_speculative_tokens": 4,
+        "draft_kv_cache_memory_mb": 4,
+    } | extra
+
+
+def test_a_draft_model_equal_to_the_target_has_every_draft_accepted(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, speculative_config=_draft_config(tiny_llama_dir))
+    plain = LLM(tiny_llama_dir)
+    prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 6, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    assert _greedy(llm, prompts, params) == _greedy(plain, prompts, params)
+    stats = llm.engine.stats().spec_decode
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    draft_blocks = llm.engine.speculator.proposer.blocks
+    assert draft_blocks.num_free_blocks == draft_blocks.num_usable_blocks  # every shadow freed
+    assert _all_blocks_free(llm)
+
+
+def test_another_draft_model_keeps_greedy_output_and_seeded_sampling(tiny_llama_dir, tiny_model_dirs):
+    spec = _draft_config(tiny_model_dirs["qwen2"])
+    llm, plain = LLM(tiny_llama_dir, speculative_config=spec, block_size=4), LLM(tiny_llama_dir, block_size=4)
+    prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 6, seed=13)
+    params = _mixed_params(stop_token=prompts[1][2])
+    assert _greedy(llm, prompts[:5], params) == _greedy(plain, prompts[:5], params)
+    seeded = SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True)
+    assert _greedy(llm, prompts, seeded) == _greedy(llm, prompts, seeded)
+    assert llm.engine.stats().spec_decode.num_draft_tokens > 0
+    assert _all_blocks_free(llm)
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_llama_dir):
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(tiny_llama_dir, speculative_config=_draft_config(_default_model()))
+
+
+def _default_model() -> str:
+    from longserve.loading.default_model import default_model_path
+
+    return str(default_model_path())

@@ -217,7 +217,9 @@ def plan_attention(
             for position in range(computed, context_len):  # plain ints: no tensor ops
                 decode_tables.append(table)
                 plan.decode_lens.append(position + 1)
-                plan.decode_new_slots.append(table[position // block_size] * block_size + position % block_size)
+                plan.decode_new_slots.append(
+                    table[position // block_size] * block_size + position % block_size
+                )
         else:
             slots = context_slots(table, context_len, block_size)
             plan.prefill_new_slots.append(slots[computed:])

@@ -27,7 +27,7 @@ from longserve.engine.sampled_rows import SampledRows
 from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence
-from longserve.engine.spec_decode.speculator import Speculator
+from longserve.engine.spec_decode.speculator import Speculator, build_speculator
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
@@ -65,6 +65,8 @@ class LLMEngine:
         self.device = self.ranks.device
         try:
             loaded = load_model(config, self.device, self.ranks.tp)
+            # A draft model and its cache come first: on a GPU the target's cache takes what is left.
+            self.speculator = _speculator(config, loaded)
             num_blocks, caches = allocate_caches(config, loaded, self.device, self.ranks.tp)
         except (ValueError, RuntimeError, OSError) as exc:
             self.ranks.report_loaded(f"{type(exc).__name__}: {exc}")
@@ -116,8 +118,6 @@ class LLMEngine:
             step_tokens=config.max_num_batched_tokens,
         )  # fmt: skip
         self.grammars = GrammarWaitlist(GrammarCompiler(self.tokenizer, self.model_config.vocab_size))
-        spec = config.speculative_config
-        self.speculator = Speculator(spec) if spec is not None and self.can_generate else None
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestDelta] = []  # aborts, reported at the next step
         # Overlapped steps (vLLM's async scheduling): on a GPU the host prepares step N+1 while step N runs.
@@ -392,3 +392,12 @@ class LLMEngine:
         for offset, entry in enumerate(entries):
             if start + 1 + offset == len(seq.prompt_logprobs):  # a recompute repeats rows already recorded
                 seq.prompt_logprobs.append(entry)
+
+
+def _speculator(config: EngineConfig, loaded) -> Speculator | None:
+    """The speculator for a generating model with ``speculative_config`` set, else None."""
+    if config.speculative_config is None or not loaded.family.can_generate:
+        return None
+    mc = loaded.model_config
+    max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return build_speculator(config, mc.vocab_size, max_len)

@@ -37,7 +37,11 @@ class NgramProposer:
         self.low, self.high = prompt_lookup_min, prompt_lookup_max
         self._indexes: dict[Sequence, _NgramIndex] = {}
 
-    def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
+        """Up to ``lengths[i]`` draft tokens after each sequence's last token."""
+        return [self.draft(seq, length) for seq, length in zip(seqs, lengths, strict=True)]
+
+    def draft(self, seq: Sequence, max_tokens: int) -> list[int]:
         index = self._indexes.get(seq)
         if index is None:
             index = self._indexes[seq] = _NgramIndex()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from longserve.config import SpeculativeConfig
+from longserve.config import EngineConfig, SpeculativeConfig
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.protocol import SpecDecodeStats, TokenLogprob
 from longserve.engine.sequence import Sequence, SequenceStatus
@@ -26,46 +27,53 @@ class _DraftState:
     pause: int = 0  # steps left before it drafts again
 
 
+class DraftProposer(Protocol):
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
+        """Up to ``lengths[i]`` draft tokens after each sequence's last token."""
+
+    def finish(self, seq: Sequence) -> None:
+        """The sequence ended: forget what is kept for it."""
+
+
 @dataclass
 class Speculator:
-    """Owns the proposer and each drafting sequence's state; the engine calls ``propose``, ``record`` and
+    """Owns the proposer and each drafting sequence's state; the engine calls ``propose``, ``emit`` and
     ``finish``."""
 
     config: SpeculativeConfig
+    proposer: DraftProposer
     stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
     _states: dict[Sequence, _DraftState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        c = self.config
-        if c.method == "ngram":
-            self.proposer = NgramProposer(c.prompt_lookup_min, c.prompt_lookup_max)
-        else:
-            self.proposer = SuffixProposer(
-                c.suffix_decoding_max_tree_depth,
-                c.suffix_decoding_max_cached_requests,
-                c.suffix_decoding_min_token_prob,
-            )
-        self.stats.accepted_per_position = [0] * c.num_speculative_tokens
+        self.stats.accepted_per_position = [0] * self.config.num_speculative_tokens
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of every running sequence (empty where it drafts nothing this step)."""
+        drafting, lengths = [], []
         for seq in running:
-            seq.draft_token_ids = self._draft(seq) if _can_draft(seq) else []
+            seq.draft_token_ids = []
+            length = self._length(seq) if _can_draft(seq) else 0
+            if length > 0:
+                drafting.append(seq)
+                lengths.append(length)
+        if not drafting:
+            return
+        for seq, drafts in zip(drafting, self.proposer.propose(drafting, lengths), strict=True):
+            if drafts and seq.grammar is not None:  # only what the grammar would let through
+                drafts = drafts[: seq.grammar.validate_tokens(drafts)]
+            seq.draft_token_ids = drafts
 
-    def _draft(self, seq: Sequence) -> list[int]:
+    def _length(self, seq: Sequence) -> int:
+        """How many tokens ``seq`` drafts this step (0: none)."""
         state = self._states.get(seq)
         if state is None:
             state = self._states[seq] = _DraftState(self.config.num_speculative_tokens)
         if state.pause:
             state.pause -= 1
-            return []
+            return 0
         # The last draft must leave room for the token sampled after it.
-        room = seq.max_total_tokens - seq.num_tokens - 1
-        length = min(state.length, room)
-        drafts = self.proposer.propose(seq, length) if length > 0 else []
-        if drafts and seq.grammar is not None:  # only what the grammar would let through
-            drafts = drafts[: seq.grammar.validate_tokens(drafts)]
-        return drafts
+        return min(state.length, seq.max_total_tokens - seq.num_tokens - 1)
 
     def emit(
         self,
@@ -130,3 +138,21 @@ def _can_draft(seq: Sequence) -> bool:
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
     )
+
+
+def build_speculator(engine: EngineConfig, vocab_size: int, max_model_len: int) -> Speculator:
+    """The speculator of ``engine.speculative_config`` (a draft model is loaded onto the engine's device)."""
+    c = engine.speculative_config
+    if c.method == "ngram":
+        proposer: DraftProposer = NgramProposer(c.prompt_lookup_min, c.prompt_lookup_max)
+    elif c.method == "suffix":
+        proposer = SuffixProposer(
+            c.suffix_decoding_max_tree_depth,
+            c.suffix_decoding_max_cached_requests,
+            c.suffix_decoding_min_token_prob,
+        )
+    else:
+        from longserve.engine.spec_decode.draft_model import DraftModelProposer  # loads torch models
+
+        proposer = DraftModelProposer(engine, c.model, c.draft_kv_cache_memory_mb, vocab_size, max_model_len)
+    return Speculator(c, proposer)

@@ -92,7 +92,11 @@ class SuffixProposer:
         self._documents: deque[tuple[int, int]] = deque()  # (start, end) of each cached output in _shared
         self._oldest = 0  # positions of _shared before this belong to evicted outputs
 
-    def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
+        """Up to ``lengths[i]`` draft tokens after each sequence's last token."""
+        return [self.draft(seq, length) for seq, length in zip(seqs, lengths, strict=True)]
+
+    def draft(self, seq: Sequence, max_tokens: int) -> list[int]:
         own = self._own.get(seq)
         if own is None:
             own = self._own[seq] = _History()

@@ -1,0 +1,105 @@
+"""Draft-model drafts (``draft_model``): a smaller model with the target's vocabulary, its own weights, KV cache
+and runner. Each step it catches up on the tokens its sequences gained since, then decodes k tokens greedily
+for all of them in one batch per token. A greedy draft is a point mass, so ``rejection`` keeps the target's
+distribution exactly for sampled requests too."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from longserve.config import EngineConfig
+from longserve.distributed.parallel import TensorParallel
+from longserve.engine.kv_cache import BlockManager
+from longserve.engine.model_loading import allocate_caches, load_model
+from longserve.engine.model_runner import ModelRunner
+from longserve.engine.sampling_ops import greedy_argmax
+from longserve.engine.sampling_params import SamplingParams
+from longserve.engine.scheduler import ScheduledSequence
+from longserve.engine.sequence import Sequence
+
+_GREEDY = SamplingParams(temperature=0)
+_CATCH_UP = 2048  # tokens of catching up per forward pass (summed over sequences)
+
+
+class DraftModelProposer:
+    """Keeps a shadow sequence per drafting sequence in the draft model's own paged cache."""
+
+    def __init__(
+        self, target: EngineConfig, model: str, kv_cache_memory_mb: int, vocab_size: int, max_model_len: int
+    ) -> None:
+        config = replace(
+            target, model=model, kv_cache_memory_mb=kv_cache_memory_mb, num_kv_blocks=None,
+            speculative_config=None, attention="dense", tensor_parallel_size=1, show_progress=False,
+        )  # fmt: skip
+        device = torch.device(config.device)
+        loaded = load_model(config, device, TensorParallel())
+        if loaded.model_config.vocab_size != vocab_size:
+            raise ValueError(
+                f"speculative_config model {model!r}: its vocabulary has {loaded.model_config.vocab_size} "
+                f"tokens, the target's {vocab_size}; a draft model must share the target's tokenizer"
+            )
+        num_blocks, caches = allocate_caches(config, loaded, device, TensorParallel())
+        self.blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
+        self.runner = ModelRunner(loaded.model, caches, config.block_size, device, max_context=max_model_len)
+        self._shadows: dict[Sequence, Sequence] = {}
+
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
+        """Up to ``lengths[i]`` greedy draft tokens after each sequence's last token."""
+        active: list[tuple[int, Sequence]] = []  # (index in seqs, its shadow)
+        for i, (seq, length) in enumerate(zip(seqs, lengths, strict=True)):
+            shadow = self._sync(seq)
+            if self.blocks.can_grow(shadow, shadow.num_tokens + length - 1):
+                self.blocks.grow(shadow, shadow.num_tokens + length - 1)
+                active.append((i, shadow))
+        drafts: list[list[int]] = [[] for _ in seqs]
+        while active:
+            # The first pass catches each shadow up on the tokens it has not computed (a new sequence: its
+            # prompt, in chunks of at most _CATCH_UP tokens a pass); the later ones decode the draft just made.
+            budget, scheduled = _CATCH_UP, []
+            for _, shadow in active:
+                count = min(shadow.num_uncomputed_tokens, max(budget, 1))
+                budget -= count
+                scheduled.append(ScheduledSequence(shadow, count))
+            order = sorted(range(len(active)), key=lambda j: not scheduled[j].is_decode)
+            result = self.runner.execute([scheduled[j] for j in order])
+            tokens = greedy_argmax(result.sample_logits).tolist()  # [sampled], as result.sample_index
+            for j in order:
+                scheduled[j].seq.num_computed_tokens += scheduled[j].num_new_tokens
+            still = []
+            for position, token in zip(result.sample_index, tokens, strict=True):
+                i, shadow = active[order[position]]
+                drafts[i].append(token)
+                if len(drafts[i]) < lengths[i]:
+                    shadow.output_token_ids.append(token)  # the next pass's input
+                    still.append((i, shadow))
+            active = still  # (a shadow still catching up drafts nothing this step)
+        return drafts
+
+    def _sync(self, seq: Sequence) -> Sequence:
+        """The shadow of ``seq`` holding its known tokens; KV computed from drafts that the target did not
+        take is dropped (positions from the first draft that differs from what the target now holds)."""
+        shadow = self._shadows.get(seq)
+        known = seq.num_known_tokens
+        if shadow is None:
+            shadow = Sequence(seq.request_id, 0, seq.token_slice(0, known), _GREEDY, frozenset(), known + 1)
+            self._shadows[seq] = shadow
+            return shadow
+        base = shadow.num_prompt_tokens
+        valid = shadow.num_computed_tokens
+        for offset, token in enumerate(shadow.output_token_ids):
+            if base + offset >= known or seq.token_at(base + offset) != token:
+                valid = min(valid, base + offset)
+                break
+        shadow.prompt_token_ids.extend(seq.token_slice(base, known))
+        shadow.output_token_ids = []
+        shadow.num_computed_tokens = min(valid, known - 1)
+        shadow.max_total_tokens = seq.max_total_tokens + 1
+        self.blocks.trim(shadow, shadow.num_computed_tokens)
+        return shadow
+
+    def finish(self, seq: Sequence) -> None:
+        shadow = self._shadows.pop(seq, None)
+        if shadow is not None:
+            self.blocks.free(shadow)
