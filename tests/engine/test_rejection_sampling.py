@@ -109,3 +109,20 @@ def test_greedy_rows_accept_only_the_argmax_and_seeds_reproduce():
         outs.append(Sampler().verify(logits, [greedy, seeded], drafts).to_host())
     assert outs[0].accepted[0] == [(best[0], None)] and outs[0].token_ids[0] == best[1]
     assert outs[0].token_ids[1] == outs[1].token_ids[1] and outs[0].accepted == outs[1].accepted
+
+
+def test_penalties_count_the_drafts_before_each_row():
+    """Row 1 comes after draft 1: a frequency penalty on it there turns the argmax away from repeating it."""
+    vocab = 8
+    logits = torch.zeros(3, vocab)
+    logits[0, 5] = 3.0  # row 0: draft 1 (token 5) is the argmax
+    logits[1, 5], logits[1, 6] = 2.0, 1.5  # row 1: 5 again, unless it is penalised for draft 1
+    seq = _seqs(SamplingParams(temperature=0, frequency_penalty=1.0), 1)[0]
+    sampler = Sampler()
+    out = sampler.verify(logits, [seq], [[5, 5]]).to_host()
+    assert out.accepted[0] == [(5, None)] and out.token_ids[0] == 6
+    # The next step counts what the run emitted (5, then 6): both penalised once.
+    seq.output_token_ids += [5, 6]
+    row = torch.zeros(1, vocab)
+    row[0, 5], row[0, 6], row[0, 2] = 1.9, 1.9, 1.0
+    assert sampler.verify(row, [seq], [[]]).to_host().token_ids[0] == 2

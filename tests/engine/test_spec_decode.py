@@ -45,7 +45,10 @@ def _mixed_params(stop_token: int) -> list[SamplingParams]:
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),  # ends inside a run
         SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_token]),
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.2),  # no drafts
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=3.0),
+        SamplingParams(
+            temperature=0, max_tokens=16, ignore_eos=True, frequency_penalty=1.5, presence_penalty=1.0
+        ),
         SamplingParams(temperature=0, max_tokens=20, min_tokens=10, stop_token_ids=[stop_token]),
     ]
 
@@ -57,7 +60,7 @@ def test_greedy_output_equals_plain_decoding(tiny_model_dirs, family, spec):
     options = dict(kv_cache_memory_mb=8, max_num_seqs=8)
     plain, speculative = LLM(path, **options), LLM(path, speculative_config=spec, **options)
     prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 10, seed=3)
-    params = _mixed_params(stop_token=prompts[2][3]) * 2
+    params = (_mixed_params(stop_token=prompts[2][3]) * 2)[: len(prompts)]
     assert _greedy(speculative, prompts, params) == _greedy(plain, prompts, params)
     stats = speculative.engine.stats().spec_decode
     assert stats.num_accepted_tokens > 0 and stats.num_accepted_tokens < stats.num_draft_tokens
@@ -193,7 +196,7 @@ def test_another_draft_model_keeps_greedy_output_and_seeded_sampling(tiny_llama_
     llm, plain = LLM(tiny_llama_dir, speculative_config=spec, block_size=4), LLM(tiny_llama_dir, block_size=4)
     prompts = _repetitive_prompts(plain.engine.model_config.vocab_size, 6, seed=13)
     params = _mixed_params(stop_token=prompts[1][2])
-    assert _greedy(llm, prompts[:5], params) == _greedy(plain, prompts[:5], params)
+    assert _greedy(llm, prompts, params) == _greedy(plain, prompts, params)
     seeded = SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True)
     assert _greedy(llm, prompts, seeded) == _greedy(llm, prompts, seeded)
     assert llm.engine.stats().spec_decode.num_draft_tokens > 0

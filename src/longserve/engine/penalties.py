@@ -65,10 +65,15 @@ class PenaltyState:
             self._free.append(slot)
 
     def apply(
-        self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
+        self,
+        logits: torch.Tensor,
+        rows: list[int],
+        seqs: list[Sequence],
+        drafted: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penalise ``logits`` rows ``rows`` (of ``seqs``, row-aligned) in place. Returns the rows and their
-        slots as device indices, for ``count`` once the rows' tokens are chosen."""
+        """Penalise ``logits`` rows ``rows`` (of ``seqs``, row-aligned) in place; ``drafted[i]``: drafts that
+        come before row i (a verification's row), counted as output. Returns the rows and their slots as device
+        indices, for ``count`` once the rows' tokens are chosen."""
         slots = self._slots(seqs)
         params = [seq.params for seq in seqs]
         index, slot_index, repetition, presence, frequency = self.uploader.upload(
@@ -76,10 +81,15 @@ class PenaltyState:
              [float_bits([p.presence_penalty for p in params])], [float_bits([p.frequency_penalty for p in params])]]
         )  # fmt: skip
         selected = logits.index_select(0, index)  # [m, vocab]
+        counts = self.counts.index_select(0, slot_index)  # [m, vocab], a copy
+        if drafted is not None and any(drafted):
+            draft_rows, draft_ids = token_rows(drafted, self.vocab)
+            d_rows, d_ids = self.uploader.upload([[draft_rows], [draft_ids]])
+            counts.index_put_((d_rows, d_ids), torch.ones_like(d_ids, dtype=torch.int32), accumulate=True)
         apply_penalties(
             selected,
             self.in_prompt.index_select(0, slot_index),
-            self.counts.index_select(0, slot_index),
+            counts,
             as_floats(repetition, logits.dtype),
             as_floats(presence, logits.dtype),
             as_floats(frequency, logits.dtype),
@@ -91,6 +101,13 @@ class PenaltyState:
         """Add each row's chosen token ``tokens`` [m] (on the device) to its slot's counts."""
         ones = torch.ones_like(tokens, dtype=torch.int32)
         self.counts.index_put_((slot_index, tokens), ones, accumulate=True)
+
+    def add(self, seqs: list[Sequence], tokens: list[list[int]]) -> None:
+        """Count the tokens the host chose for each sequence (a verification's accepted run)."""
+        rows, ids = token_rows(tokens, self.vocab)
+        slots = [self._slot[seqs[row]] for row in rows]
+        slot_index, token_index = self.uploader.upload([[slots], [ids]])
+        self.count(slot_index, token_index)
 
     def _slots(self, seqs: list[Sequence]) -> list[int]:
         """Each sequence's slot; a new one is filled from its prompt and the outputs the host holds."""

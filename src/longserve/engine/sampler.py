@@ -97,7 +97,7 @@ class Sampler:
         drafted = [
             draft[:j] for draft in drafts for j in range(len(draft) + 1)
         ]  # each row's drafts before it
-        processed, row_errors, penalty_rows = self._process(raw, row_seqs, drafted)
+        processed, row_errors, _ = self._process(raw, row_seqs, drafted)  # (penalties: counted below)
         row_drafts = [token for draft in drafts for token in (*draft, -1)]
         greedy = [seq.params.greedy for seq in row_seqs]
         uploader = self._uploader(raw.device)
@@ -123,9 +123,6 @@ class Sampler:
                 tokens = torch.where(row_params.greedy, best, tokens)
                 accepted = torch.where(row_params.greedy, draft_ids == best, accepted)
                 invalid &= ~row_params.greedy
-        if penalty_rows is not None:  # (penalised sequences draft nothing: one row each)
-            rows, slots = penalty_rows
-            self._penalties.count(slots, tokens.index_select(0, rows))
         emitted = torch.where(accepted, draft_ids, tokens)  # [rows]: each row's token if the run reaches it
         wants = [seq.params.logprobs for seq in row_seqs]
         entries = None
@@ -148,6 +145,8 @@ class Sampler:
             out.token_ids[i] = host_tokens[run.token_row]
             if entries is not None and wants[run.token_row] is not None:
                 out.logprobs[i] = entries[run.token_row]
+            if _has_penalty(seqs[i].params):  # what the run emits counts from the next step on
+                self._penalties.add([seqs[i]], [[*run.accepted, out.token_ids[i]]])
             if run.accepted:
                 out.accepted[i] = [
                     (token, entries[first + j] if entries is not None and wants[first] is not None else None)
@@ -244,7 +243,12 @@ class Sampler:
                     _put_rows(logits, rows, grammar_only[stuck])
         penalty_rows = None
         if penalised:
-            penalty_rows = self._penalty_state(logits).apply(logits, penalised, [seqs[i] for i in penalised])
+            penalty_rows = self._penalty_state(logits).apply(
+                logits,
+                penalised,
+                [seqs[i] for i in penalised],
+                [drafted[i] for i in penalised] if drafted else None,
+            )
         return logits, errors, penalty_rows
 
     def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:

@@ -128,15 +128,11 @@ class Speculator:
 
 
 def _can_draft(seq: Sequence) -> bool:
-    """A decoding sequence without penalties (their counts would differ row by row: not built)."""
-    params = seq.params
+    """A decoding sequence whose last token the host holds (its next step can take drafts after it)."""
     return (
         seq.status is SequenceStatus.RUNNING
         and not seq.num_pending_tokens
         and seq.num_computed_tokens == seq.num_tokens - 1
-        and params.repetition_penalty == 1.0
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
     )
 
 
