@@ -209,12 +209,16 @@ def plan_attention(
     query_start = 0
     for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
         context_len = computed + qlen
-        if qlen == 1 and computed > 0 and plan.prefills:
-            raise ValueError("decode sequences must come before prefill sequences")
-        if computed > 0 and qlen <= MAX_DECODE_ROWS and not plan.prefills:
-            # A decode, or a few tokens after a cached prefix (speculative drafts to verify): one decode row
-            # per token, each attending the prefix and the rows before it (their keys are cached first).
-            for position in range(computed, context_len):  # plain ints: no tensor ops
+        if qlen == 1 and computed > 0:  # plain ints per decoding sequence: no tensor ops
+            if plan.prefills:
+                raise ValueError("decode sequences must come before prefill sequences")
+            decode_tables.append(table)
+            plan.decode_lens.append(context_len)
+            plan.decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
+        elif computed > 0 and qlen <= MAX_DECODE_ROWS and not plan.prefills:
+            # A few tokens after a cached prefix (speculative drafts to verify): one decode row per token,
+            # each attending the prefix and the rows before it (their keys are cached first).
+            for position in range(computed, context_len):
                 decode_tables.append(table)
                 plan.decode_lens.append(position + 1)
                 plan.decode_new_slots.append(

@@ -44,7 +44,7 @@ class LaunchedStep:
     sampled_seqs: list[Sequence]  # row-aligned with ``sampled``
     sampled: SampledRows | None
     overlap: bool
-    num_drafts: list[int]  # row-aligned with ``sampled``: the drafts each sequence's step verified
+    num_drafts: list[int] | None  # row-aligned with ``sampled``: the drafts each one verified (None: none)
 
 
 class LLMEngine:
@@ -239,10 +239,13 @@ class LLMEngine:
         try:
             result = self.runner.execute(scheduled, fed)
             seqs = [scheduled[i].seq for i in result.sample_index]
-            drafts = [scheduled[i].draft_token_ids for i in result.sample_index]
-            if any(drafts):
+            drafts = None
+            if self.speculator is not None:
+                drafts = [scheduled[i].draft_token_ids for i in result.sample_index]
+            if drafts is not None and any(drafts):
                 sampled = self.sampler.verify(result.sample_logits, seqs, drafts)
             else:
+                drafts = None
                 sampled = self.sampler.sample(result.sample_logits, seqs) if seqs else None
         except RankDiedError:
             raise  # no step can run any more: the engine's owner fails every request and stops it
@@ -255,7 +258,9 @@ class LLMEngine:
             return None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            item.seq.draft_token_ids = []
+        if self.speculator is not None:
+            for item in scheduled:
+                item.seq.draft_token_ids = []
         for row, seq in enumerate(seqs):
             seq.num_pending_tokens += 1
             seq.pending_row = row
@@ -264,7 +269,7 @@ class LLMEngine:
         )
         if sampled is not None and overlap:
             sampled.start_copy()
-        num_drafts = [len(d) for d in drafts]
+        num_drafts = [len(d) for d in drafts] if drafts is not None else None
         return LaunchedStep(scheduled, starts, result.prompt_logits, seqs, sampled, overlap, num_drafts)
 
     def _collect(self, step: LaunchedStep) -> list[RequestDelta]:
@@ -289,7 +294,7 @@ class LLMEngine:
                 outputs.append(self._fail(request, sampled.errors[row]))
                 continue
             token, logprob = sampled.token_ids[row], sampled.logprobs[row]
-            if step.num_drafts[row]:
+            if step.num_drafts is not None and step.num_drafts[row]:
                 accepted, emit = sampled.accepted.get(row, []), self.speculator.emit
                 args = (seq, accepted, step.num_drafts[row], token, logprob, partial(append, request, seq))
                 done = self._guarded(seq, outputs, emit, *args, self.block_manager)

@@ -109,7 +109,10 @@ class ModelRunner:
                     ids.append(0)
                 positions.append(start)
             if start + count == known + seq.num_pending_tokens + drafts:  # item.completes_sequence
-                sample_rows.extend(range(len(ids) - 1 - drafts, len(ids)))  # drafts: a row to verify each
+                if drafts:  # a row to verify each
+                    sample_rows.extend(range(len(ids) - 1 - drafts, len(ids)))
+                else:
+                    sample_rows.append(len(ids) - 1)
                 sample_index.append(index)
             if seq.params.prompt_logprobs is not None and wants_prompt_logprobs(item):
                 end = start + count
