@@ -7,30 +7,14 @@ conversation, and 400s naming the field."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from hermes import hermes_model_dir
 from pydantic import BaseModel, ConfigDict, Field
 from stack import MODEL, Stack
-
-# Enough of Qwen2.5's template: tools in the system turn, assistant tool calls, tool results.
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nTools: <tools>{% for tool in tools %}{{ tool.function.name }} "
-    "{% endfor %}</tools> answer with <tool_call><|im_end|>\n{% endif %}"
-    "{% for message in messages %}"
-    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
-    "{% for call in message.tool_calls %}<tool_call>\n"
-    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
-    "{% endfor %}<|im_end|>\n"
-    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
-    "</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class Weather(BaseModel):
@@ -67,13 +51,8 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def stack(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    model_dir = tmp_path_factory.mktemp("hermes") / "model"
-    shutil.copytree(tiny_llama_dir, model_dir)
-    config_path = Path(model_dir, "tokenizer_config.json")
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = HERMES_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    with Stack(str(model_dir), num_workers=1, engine_options={"kv_cache_memory_mb": 16}) as running:
+    model_dir = hermes_model_dir(tiny_llama_dir, tmp_path_factory.mktemp("hermes"))
+    with Stack(model_dir, num_workers=1, engine_options={"kv_cache_memory_mb": 16}) as running:
         running.client = openai.OpenAI(
             base_url=f"{running.api_url}/v1", api_key="x", max_retries=0, timeout=120
         )

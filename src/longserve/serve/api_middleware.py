@@ -21,8 +21,8 @@ DRAIN_LIMIT_BYTES = 64 * 2**20
 PROTECTED_PREFIX = "/v1"  # /health, /metrics, the docs and the web chat page (/, /static) stay open
 
 
-async def send_error(send: Send, error: APIError, close: bool = False) -> None:
-    body = json.dumps(error.body()).encode()
+async def send_error(send: Send, error: APIError, scope: Scope, close: bool = False) -> None:
+    body = json.dumps(error.body(scope.get("path", ""))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     if close:  # the request body was not (fully) read: the connection cannot carry another request
@@ -32,7 +32,8 @@ async def send_error(send: Send, error: APIError, close: bool = False) -> None:
 
 
 class ApiKeyMiddleware:
-    """401 unless ``Authorization: Bearer <key>`` names one of ``api_keys``; no keys configured: open."""
+    """401 unless ``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) names one of
+    ``api_keys``; no keys configured: open."""
 
     def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
         self.app = app
@@ -42,16 +43,17 @@ class ApiKeyMiddleware:
         if not self.keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not self._known(token.strip()):
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        key = token.strip() if scheme.lower() == b"bearer" else headers.get(b"x-api-key", b"").strip()
+        if not self._known(key):
             error = APIError(
-                "Invalid or missing API key (send it as 'Authorization: Bearer <key>')",
+                "Invalid or missing API key (send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
                 status=401,
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            await send_error(send, error)
+            await send_error(send, error, scope)
             return
         await self.app(scope, receive, send)
 
@@ -80,7 +82,7 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(receive, send, 0, more=True)
+            await self._reject(scope, receive, send, 0, more=True)
             return
         messages: list[Message] = []
         size = 0
@@ -91,7 +93,7 @@ class BodySizeLimitMiddleware:
                 break  # disconnected: let the app see it
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                await self._reject(receive, send, size, more=message.get("more_body", False))
+                await self._reject(scope, receive, send, size, more=message.get("more_body", False))
                 return
             if not message.get("more_body", False):
                 break
@@ -101,7 +103,7 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, receive: Receive, send: Send, seen: int, more: bool) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, seen: int, more: bool) -> None:
         drained = seen
         while more and drained <= DRAIN_LIMIT_BYTES:
             message = await receive()
@@ -114,7 +116,7 @@ class BodySizeLimitMiddleware:
             status=413,
             code="request_too_large",
         )
-        await send_error(send, error, close=more)
+        await send_error(send, error, scope, close=more)
 
 
 class InFlightLimitMiddleware:
@@ -144,7 +146,7 @@ class InFlightLimitMiddleware:
             error = too_many_requests(
                 f"the server is handling {self.in_flight} requests, its limit; retry later"
             )
-            await send_error(send, error, close=True)  # the body was not read
+            await send_error(send, error, scope, close=True)  # the body was not read
             return
         self.in_flight += 1
         try:

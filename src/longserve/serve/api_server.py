@@ -1,10 +1,10 @@
-"""The OpenAI-compatible API server: routes, the app factory and its runner.
+"""The OpenAI- and Anthropic-compatible API server: routes, the app factory and its runner.
 
 It is each served model's front end (``frontend``): it renders, tokenizes and detokenizes here, and streams
 token ids to and from the model worker the controller picks over one channel per worker (``upstream``,
 ``engine_channel``). ``/v1/*`` needs an API key when ``ServeConfig.api_keys`` is set; ``/health``,
 ``/metrics`` and the web chat page at ``/`` (unless ``ServeConfig.web_ui`` is off; see ``web_ui``) are always
-open. Errors always leave in OpenAI's shape (see ``errors``). At most ``max_in_flight_requests`` generation
+open. Errors leave in OpenAI's shape, or Anthropic's on ``/v1/messages`` (see ``errors``). At most ``max_in_flight_requests`` generation
 requests are handled at once; more get 429. ``/health`` is readiness (503 until some worker serves a model),
 ``/live`` is liveness. ``begin_shutdown(app)`` ends every open stream with an error event and [DONE], so
 stopping never waits on a long generation.
@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from longserve.config import ServeConfig
+from longserve.serve.anthropic import count_tokens, create_message
 from longserve.serve.api_middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -42,6 +43,7 @@ from longserve.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from longserve.serve.protocol_anthropic import CountTokensRequest, MessagesRequest
 from longserve.serve.protocol_responses import ResponsesRequest
 from longserve.serve.upstream import Upstream, make_session
 from longserve.serve.web_ui import mount_web_ui
@@ -142,6 +144,14 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/responses", response_model=None, responses=GENERATION_ERRORS)
     async def create_responses(body: ResponsesRequest, request: Request) -> Response:
         return await create_response(body, request, upstream(request), request.app.state.metrics)
+
+    @app.post("/v1/messages", response_model=None, responses=GENERATION_ERRORS)
+    async def create_messages(body: MessagesRequest, request: Request) -> Response:
+        return await create_message(body, request, upstream(request), request.app.state.metrics)
+
+    @app.post("/v1/messages/count_tokens", response_model=None, responses=ERROR_RESPONSES)
+    async def messages_count_tokens(body: CountTokensRequest, request: Request) -> Response:
+        return await count_tokens(body, upstream(request))
 
     @app.post("/v1/embeddings", response_model=None, responses=GENERATION_ERRORS)
     async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:

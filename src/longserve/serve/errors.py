@@ -76,11 +76,14 @@ class APIError(Exception):
             message=self.message, type=self.type, param=self.param, code=self.code, status=self.status
         )
 
-    def body(self) -> dict[str, Any]:
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The error's body for a request to ``path``: Anthropic's shape on the Messages routes, else OpenAI's."""
+        if path.startswith(ANTHROPIC_PREFIX):
+            return anthropic_error_body(self.status, self.message)
         return error_body(self.message, self.type, self.param, self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
 
 
 class ClientDisconnected(Exception):
@@ -89,6 +92,25 @@ class ClientDisconnected(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+ANTHROPIC_PREFIX = "/v1/messages"  # routes whose errors are in Anthropic's shape
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def service_unavailable(message: str, code: str = "service_unavailable") -> APIError:
@@ -143,16 +165,16 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics = getattr(request.app.state, "metrics", None)
         if exc.status == 429 and metrics is not None:
             metrics.rejected.labels("workers_full").inc()
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = error_body(str(exc.detail), default_type(exc.status_code))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        error = APIError(str(exc.detail), status=exc.status_code, headers=exc.headers)
+        return error.response(request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
@@ -161,4 +183,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error_body("Internal server error", "server_error"), status_code=500)
+        return APIError("Internal server error", status=500, type="server_error").response(request.url.path)

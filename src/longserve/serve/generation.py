@@ -110,6 +110,11 @@ class Generation:
             await self.aclose()
             raise
 
+    @property
+    def prompt_token_counts(self) -> list[int]:
+        """Each prompt's length in tokens (known once ``start`` returned)."""
+        return [len(stream.request.prompt_token_ids) for stream in self._streams]
+
     async def events(self, keepalive: bool = False) -> AsyncIterator[tuple[int, WorkerStreamChunk] | None]:
         """Every chunk (each prompt's first one with its prompt fields) until all generations finished;
         with ``keepalive``, ``None`` too whenever nothing came for ``sse_keepalive_s``.
