@@ -138,6 +138,11 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
             help="the model's tool-call format for tool_choice 'auto': hermes, llama3_json, mistral, "
             "deepseek_v3 (default: detected from the chat template)",
         )
+        parser.add_argument(
+            "--reasoning-parser",
+            help="the model's reasoning format, split into reasoning_content: deepseek_r1, qwen3, think, "
+            "mistral (default: detected from the chat template)",
+        )
         _worker_admission_arguments(parser)
     if controller:
         parser.add_argument("--controller-port", type=int, help="controller port (default 21001)")
@@ -165,7 +170,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
-    keys += ("worker_address", "engine_in_process", "tool_call_parser", "web_ui")
+    keys += ("worker_address", "engine_in_process", "tool_call_parser", "reasoning_parser", "web_ui")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return ServeConfig.from_env(**values, **extra)
 

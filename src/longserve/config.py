@@ -285,6 +285,8 @@ class ServeConfig:
     engine_in_process: bool = False
     # The model's tool-call format (a serve/tool_parsers name); None: detected from its chat template.
     tool_call_parser: str | None = None
+    # The model's reasoning format (a serve/reasoning_parsers name); None: detected from its chat template.
+    reasoning_parser: str | None = None
     web_ui: bool = True  # the API server's web chat page at / (serve/static/); False: / is a 404
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 The fake engine's tokenizer has one token per ASCII character (token id = code point), its chat template
 writes ``<role>content`` per message, and it "generates" the alphabet: token j of completion i is
 ``chr(ord("a") + (j + i + seed) % 26)``. Prompts steer it: one containing ``DIE`` makes the engine fail the
-request after two deltas; ``SLOW`` makes it emit a token every 50 ms for a long time. Every request is
+request after two deltas; ``SLOW`` makes it emit a token every 50 ms for a long time; ``SAY:text`` (up to
+the next ``<``-role tag of the template, or ``SAY:`` again) makes it generate exactly ``text`` and stop. Every request is
 recorded (``engine.requests``) and every one aborted before its end is counted (``engine.aborted``), so tests
 can check what the API server sent and that it hung up. The worker app, its front-end stream and the API
 server's whole path are the real ones.
@@ -68,12 +69,13 @@ def logprob_entry(token_id: int, position: int, top: int) -> TokenLogprob:
 class AlphabetEngine:
     """What ``ModelWorker`` asks of an engine core client, generating the alphabet one token per 'step'."""
 
-    def __init__(self) -> None:
+    def __init__(self, context_length: int = CONTEXT_LENGTH) -> None:
+        self.context_length = context_length
         self.tokenizer = char_tokenizer()
         self.limits = RequestLimits(
             vocab_size=128,
-            max_model_len=CONTEXT_LENGTH,
-            cache_capacity=CONTEXT_LENGTH,
+            max_model_len=context_length,
+            cache_capacity=context_length,
             eos_token_ids=[0],
             embedding_size=3,
             pooling=MEAN_NORMALIZED,
@@ -115,7 +117,10 @@ class AlphabetEngine:
         params, request_id = request.params, request.request_id
         prompt, text = request.prompt_token_ids, "".join(map(chr, request.prompt_token_ids))
         slow, die = "SLOW" in text, "DIE" in text
-        limit = params.max_tokens or min(EOS_AFTER, CONTEXT_LENGTH - len(prompt))
+        limit = params.max_tokens or min(EOS_AFTER, self.context_length - len(prompt))
+        script = _script(text)
+        if script is not None:
+            limit = min(len(script), params.max_tokens or len(script))
         if slow:
             limit = params.max_tokens or 1000
         prompt_logprobs = None
@@ -141,7 +146,11 @@ class AlphabetEngine:
                         continue
                     token = ord("a") + (j + i + (params.seed or 0)) % 26
                     finish = None
-                    if j == limit - 1:
+                    if script is not None:
+                        token = ord(script[j])
+                        if j == limit - 1:
+                            finish = "stop" if limit == len(script) else "length"
+                    elif j == limit - 1:
                         finish = "length" if params.max_tokens is not None or slow else "stop"
                     done[i] = finish is not None
                     logprobs = (
@@ -177,10 +186,20 @@ class AlphabetEngine:
             self._running.pop(request_id, None)
 
 
-def create_fake_worker(model: str = MODEL) -> FastAPI:
+def _script(prompt_text: str) -> str | None:
+    """The text after ``SAY:`` in the prompt, up to the template's next turn (``<assistant>``, ``<user>``...)."""
+    if "SAY:" not in prompt_text:
+        return None
+    said = prompt_text.split("SAY:", 1)[1]
+    for end in ("<assistant>", "<user>", "<system>", "<tool>"):
+        said = said.split(end, 1)[0]
+    return said or None
+
+
+def create_fake_worker(model: str = MODEL, context_length: int = CONTEXT_LENGTH, **config_options) -> FastAPI:
     """The real worker app over an ``AlphabetEngine`` (``app.state.engine``), its stream on loopback."""
-    engine = AlphabetEngine()
-    config = ServeConfig(host="127.0.0.1", worker_stream_keepalive_s=1.0)
+    engine = AlphabetEngine(context_length)
+    config = ServeConfig(host="127.0.0.1", worker_stream_keepalive_s=1.0, **config_options)
     app = create_worker_app(engine, config, model)
     app.state.engine = engine
     return app

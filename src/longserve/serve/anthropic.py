@@ -42,6 +42,8 @@ async def create_message(
         answer = await whole_chat(run, chat)
     choice = answer.choices[0]
     content: list[dict[str, Any]] = []
+    if choice.message.reasoning_content:
+        content.append({"type": "thinking", "thinking": choice.message.reasoning_content, "signature": ""})
     if choice.message.content:
         content.append({"type": "text", "text": choice.message.content})
     content += [
@@ -140,6 +142,15 @@ async def _events(
                 finish = choice.finish_reason or finish
                 stop = choice.stop_reason if choice.stop_reason is not None else stop
                 delta = choice.delta
+                if delta.reasoning_content:
+                    if kind != "thinking":
+                        if kind is not None:
+                            yield _event("content_block_stop", index=index)
+                        index, kind = index + 1, "thinking"
+                        block = {"type": "thinking", "thinking": "", "signature": ""}
+                        yield _event("content_block_start", index=index, content_block=block)
+                    thinking = {"type": "thinking_delta", "thinking": delta.reasoning_content}
+                    yield _event("content_block_delta", index=index, delta=thinking)
                 if delta.content:
                     if kind != "text":
                         if kind is not None:

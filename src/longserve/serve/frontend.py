@@ -19,6 +19,7 @@ from longserve.engine.protocol import EngineRequest, RequestLimits
 from longserve.loading.tokenizer import Tokenizer, TokenizerSpec
 from longserve.serve.engine_channel import EngineChannel
 from longserve.serve.errors import APIError
+from longserve.serve.reasoning_parsers import get_reasoning_parser
 from longserve.serve.stream_chunks import TokenTexts, rejection_info, sampling_params
 from longserve.serve.worker_protocol import FrontendInfo, WorkerGenerateRequest
 
@@ -44,6 +45,7 @@ class ModelFrontend:
         self.tokenizer = Tokenizer.from_spec(spec)
         self.token_texts = TokenTexts(self.tokenizer)
         self.tool_parser = info.tool_parser
+        self.reasoning = get_reasoning_parser(info.reasoning_parser) if info.reasoning_parser else None
         self.limits = RequestLimits(
             vocab_size=info.vocab_size,
             max_model_len=info.max_model_len,
@@ -57,10 +59,16 @@ class ModelFrontend:
         return self.limits.context_length
 
     async def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,  # more variables for the template (enable_thinking, ...)
     ) -> str:
         """The prompt text of a conversation; a template that rejects the messages is the client's 400."""
-        extra = {"tools": tools} if tools else {}
+        extra = dict(template_kwargs or {})
+        if tools:
+            extra["tools"] = tools
         try:
             if sum(len(str(m.get("content") or "")) for m in messages) < _INLINE_CHARS:
                 return self.tokenizer.apply_chat_template(messages, add_generation_prompt, **extra)

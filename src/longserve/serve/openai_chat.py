@@ -43,6 +43,7 @@ from longserve.serve.protocol import (
     new_id,
     now,
 )
+from longserve.serve.reasoning_parsers import ReasoningSplitter
 from longserve.serve.structured_request import requested_structure
 from longserve.serve.upstream import Upstream
 from longserve.serve.worker_protocol import TokenLogprobInfo, WorkerGenerateRequest
@@ -71,6 +72,7 @@ class ChatRun:
     generation: Generation
     request_id: str
     tools: list[ToolOutput] | None  # None: plain text (no tools, or tool_choice "none")
+    reasoning: list[ReasoningSplitter] | None = None  # each choice's reasoning split (a reasoning model's)
 
 
 async def chat_completion(
@@ -96,8 +98,12 @@ async def start_chat(
     structure = tools.structure or requested_structure(req)
     frontend = await upstream.frontend(req.model)
     prompt = await frontend.render_chat(
-        req.template_messages(), req.add_generation_prompt, tools.template_tools
+        req.template_messages(), req.add_generation_prompt, tools.template_tools, req.chat_template_kwargs
     )
+    # A grammar shapes the output from its first token: there is no reasoning to split off then.
+    reasoning = None
+    if frontend.reasoning is not None and structure is None:
+        reasoning = [ReasoningSplitter(frontend.reasoning, prompt) for _ in range(req.n)]
     outputs = [tools.output(frontend.tool_parser) for _ in range(req.n)] if tools.mode != "none" else None
     # The format's markers may be special tokens, which the text would otherwise leave out.
     keep_special = tools.mode == "auto" and outputs[0].needs_special_tokens
@@ -119,7 +125,7 @@ async def start_chat(
     recorder = RequestRecorder(metrics, req.model)
     generation = Generation(upstream, request, req.model, [payload], recorder, frontend)
     await generation.start()
-    return ChatRun(generation, request_id, outputs)
+    return ChatRun(generation, request_id, outputs, reasoning)
 
 
 async def whole_chat(run: ChatRun, req: ChatCompletionRequest) -> ChatCompletionResponse:
@@ -143,11 +149,16 @@ async def whole_chat(run: ChatRun, req: ChatCompletionRequest) -> ChatCompletion
         raise APIError.from_info(exc.info) from exc
     choices = []
     for i in range(req.n):
-        message = ChatResponseMessage(content="".join(texts[i]))
+        text, reasoning = "".join(texts[i]), None
+        if run.reasoning is not None:
+            reasoning, text = run.reasoning[i].parse(text)
+        message = ChatResponseMessage(content=text, reasoning_content=reasoning or None)
         if tools is not None:
-            parsed = tools[i].parse(message.content)
+            parsed = tools[i].parse(text)
             message = ChatResponseMessage(
-                content=parsed.content, tool_calls=tool_call_infos(parsed.tool_calls)
+                content=parsed.content,
+                reasoning_content=reasoning or None,
+                tool_calls=tool_call_infos(parsed.tool_calls),
             )
         choices.append(
             ChatChoice(
@@ -163,6 +174,15 @@ async def whole_chat(run: ChatRun, req: ChatCompletionRequest) -> ChatCompletion
 
 def _finish_reason(reason: str | None, tools: ToolOutput | None) -> str | None:
     return "tool_calls" if reason == "stop" and tools is not None and tools.called else reason
+
+
+def _split_reasoning(splitter: ReasoningSplitter, text: str, finished: bool) -> tuple[str, str]:
+    """(reasoning, answer) pieces of a choice's next text (its last piece when ``finished``)."""
+    reasoning, content = splitter.feed(text)
+    if finished:
+        more_reasoning, more_content = splitter.finish()
+        reasoning, content = reasoning + more_reasoning, content + more_content
+    return reasoning, content
 
 
 def _delta(text: str, tools: ToolOutput | None, finished: bool) -> DeltaMessage:
@@ -202,10 +222,17 @@ async def chat_chunks(run: ChatRun, req: ChatCompletionRequest) -> AsyncIterator
             if not out.text and out.finish_reason is None and logprobs is None:
                 continue  # tokens that add no text yet (half a UTF-8 character): nothing to say
             choice_tools = tools[out.index] if tools is not None else None
-            delta = _delta(out.text, choice_tools, out.finish_reason is not None)
+            text, reasoning = out.text, ""
+            if run.reasoning is not None:  # the reasoning first; the answer goes on to the tool parser
+                reasoning, text = _split_reasoning(
+                    run.reasoning[out.index], text, out.finish_reason is not None
+                )
+            delta = _delta(text, choice_tools, out.finish_reason is not None)
+            delta.reasoning_content = reasoning or None
             if (
                 delta.content is None
                 and not delta.tool_calls
+                and delta.reasoning_content is None
                 and out.finish_reason is None
                 and logprobs is None
             ):
@@ -248,6 +275,7 @@ def _text_only(choice: ChatChunkChoice) -> bool:
     return (
         bool(delta.content)
         and delta.role is None
+        and delta.reasoning_content is None
         and not delta.tool_calls
         and choice.logprobs is None
         and choice.finish_reason is None

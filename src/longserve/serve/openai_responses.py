@@ -101,9 +101,16 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
     }
 
 
+def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [], "content": content}
+
+
 def _output_items(answer: ChatCompletionResponse) -> list[dict[str, Any]]:
     message = answer.choices[0].message
     items = []
+    if message.reasoning_content:
+        items.append(_reasoning_item(new_id("rs"), message.reasoning_content))
     if message.content:
         items.append(_message_item(new_id("msg"), message.content))
     for call in message.tool_calls:
@@ -131,7 +138,11 @@ async def _events(run, chat, req: ResponsesRequest, response_id: str) -> AsyncIt
             return []
         item, index, current = current, len(output), None
         events = []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            events.append(event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=item["text"]))  # fmt: skip
+            done = _reasoning_item(item["id"], item["text"])
+        elif item["type"] == "message":
             part = _text_part(item["text"])
             events.append(event("response.output_text.done", item_id=item["id"], output_index=index,
                                 content_index=0, text=item["text"], logprobs=[]))  # fmt: skip
@@ -158,6 +169,16 @@ async def _events(run, chat, req: ResponsesRequest, response_id: str) -> AsyncIt
             for choice in chunk.choices:
                 finish_reason = choice.finish_reason or finish_reason
                 delta = choice.delta
+                if delta.reasoning_content:
+                    if current is None or current["type"] != "reasoning":
+                        for e in close():
+                            yield e
+                        current = {"type": "reasoning", "id": new_id("rs"), "text": ""}
+                        yield event("response.output_item.added", output_index=len(output),
+                                    item=_reasoning_item(current["id"], "", status="in_progress"))  # fmt: skip
+                    current["text"] += delta.reasoning_content
+                    yield event("response.reasoning_text.delta", item_id=current["id"], output_index=len(output),
+                                content_index=0, delta=delta.reasoning_content)  # fmt: skip
                 if delta.content:
                     if current is None or current["type"] != "message":
                         for e in close():

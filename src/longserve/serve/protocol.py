@@ -186,11 +186,19 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM extension: end the rendered prompt with the assistant's turn
+    # vLLM extension: more variables for the chat template, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_OWN)
+        if reserved:
+            raise APIError(
+                f"chat_template_kwargs may not set {reserved}: the request's own fields do",
+                param="chat_template_kwargs",
+            )
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -198,6 +206,18 @@ class ChatCompletionRequest(SamplingRequest):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.messages)
+
+
+# Template variables the request sets itself (chat_template_kwargs may not).
+_TEMPLATE_OWN = {
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+}
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -348,6 +368,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=_none)  # a reasoning model's thinking (vLLM's)
     tool_calls: list[ToolCallInfo] = Field(default_factory=list)
 
 
@@ -371,6 +392,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_none)
     content: str | None = Field(None, exclude_if=_none)
+    reasoning_content: str | None = Field(None, exclude_if=_none)
     tool_calls: list[ToolCallDeltaInfo] | None = Field(None, exclude_if=_none)
 
 

@@ -54,7 +54,8 @@ class MessagesRequest(BaseModel):
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     stream: bool = False
-    thinking: dict[str, Any] | None = None  # accepted: a model that reasons shows it as thinking blocks
+    # {"type": "enabled" | "disabled"}: enable_thinking for the template; reasoning comes as thinking blocks
+    thinking: dict[str, Any] | None = None
 
     def chat_request(self) -> ChatCompletionRequest:
         """The same request as chat completions (a 400 naming the Messages field when it cannot be)."""
@@ -71,6 +72,9 @@ class MessagesRequest(BaseModel):
                 body[name] = getattr(self, name)
         if self.stop_sequences:
             body["stop"] = self.stop_sequences
+        kind = (self.thinking or {}).get("type")
+        if kind in ("enabled", "disabled"):  # templates that can think take it as enable_thinking (Qwen3's)
+            body["chat_template_kwargs"] = {"enable_thinking": kind == "enabled"}
         if self.tools:
             body["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(self.tools)]
         if self.tool_choice is not None:

@@ -40,6 +40,7 @@ from longserve.engine.protocol import (
 )
 from longserve.loading.pooling_config import truncate_embedding
 from longserve.serve.ndjson_stream import NdjsonStream
+from longserve.serve.reasoning_parsers import detect_reasoning_parser, get_reasoning_parser
 from longserve.serve.stream_chunks import (
     ChunkBuilder,
     TokenTexts,
@@ -122,6 +123,10 @@ class ModelWorker:
         if tool_parser is not None:
             get_tool_parser(tool_parser)  # an unknown --tool-call-parser fails here, at start-up
         self.tool_parser = tool_parser
+        reasoning = config.reasoning_parser or detect_reasoning_parser(engine.tokenizer.chat_template)
+        if reasoning is not None:
+            get_reasoning_parser(reasoning)  # an unknown --reasoning-parser fails here, at start-up
+        self.reasoning_parser = reasoning
 
     # ---- status ---------------------------------------------------------------------------------------------
 
@@ -220,6 +225,7 @@ class ModelWorker:
             eos_token_ids=sorted(limits.eos_token_ids),
             chat_template=tokenizer.chat_template,
             tool_parser=self.tool_parser,
+            reasoning_parser=self.reasoning_parser,
             vocab_size=limits.vocab_size,
             max_model_len=limits.max_model_len,
             cache_capacity=limits.cache_capacity,

@@ -301,6 +301,7 @@ class FrontendInfo(BaseModel):
     eos_token_ids: list[int] = Field(default_factory=list)
     chat_template: str | None = None
     tool_parser: str | None = None  # the model's tool-call format (serve/tool_parsers), None if unknown
+    reasoning_parser: str | None = None  # the model's reasoning format (serve/reasoning_parsers), None: none
     vocab_size: int  # the engine's (the model's embedding rows): prompt token ids must be below it
     max_model_len: int
     cache_capacity: int
