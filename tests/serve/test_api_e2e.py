@@ -137,3 +137,24 @@ def test_tokenize_errors_are_openai_shaped(api_url: str, path, body, status, par
     response = httpx.post(f"{api_url}{path}", json=body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+def test_logit_bias_forces_or_removes_a_token(client: openai.OpenAI) -> None:
+    args = dict(
+        model=MODEL, prompt="Hello there", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    plain = client.completions.create(**args, logprobs=1)
+    first = plain.choices[0].logprobs.tokens[0]
+    tokenized = httpx.post(
+        f"{str(client.base_url).removesuffix('/v1/')}/tokenize",
+        json={"model": MODEL, "prompt": first, "add_special_tokens": False},
+    ).json()
+    (token_id,) = tokenized["tokens"]
+    banned = client.completions.create(**args, logprobs=1, logit_bias={str(token_id): -100})
+    assert first not in banned.choices[0].logprobs.tokens
+    forced = client.completions.create(**args, logit_bias={str(token_id): 100})
+    assert forced.choices[0].text == first * 6
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(**args, logit_bias={"99999999": 5})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(**args, logit_bias={"hello": 5})

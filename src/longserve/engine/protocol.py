@@ -62,6 +62,9 @@ class RequestLimits:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        biased = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if biased:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {biased[:5]}")
         limit = self.context_length
         requested = len(token_ids) + (params.max_tokens or 1)
         if requested > limit:

@@ -227,9 +227,18 @@ class Sampler:
             if seq.num_output_tokens + (len(drafted[i]) if drafted else 0) < seq.params.min_tokens
         ]
         constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
         # Edited in place below, so copy first: raw must stay raw for logprobs (and is the caller's tensor).
-        logits = raw.clone() if penalised or masked or constrained else raw
+        logits = raw.clone() if penalised or masked or constrained or biased else raw
         errors: dict[int, str] = {}
+        if biased:
+            rows = [i for i in biased for _ in params[i].logit_bias]
+            cols = [t for i in biased for t in params[i].logit_bias]
+            values = [v for i in biased for v in params[i].logit_bias.values()]
+            rows_t, cols_t, bits = self._uploader(logits.device).upload(
+                [[rows], [cols], [float_bits(values)]]
+            )
+            logits.index_put_((rows_t, cols_t), as_floats(bits, logits.dtype), accumulate=True)
 
         if constrained:
             errors.update(self._apply_grammars(logits, seqs, constrained, drafted))
@@ -346,6 +355,7 @@ def _needs_processing(seq: Sequence) -> bool:
         not p.greedy
         or p.logprobs is not None
         or _has_penalty(p)
+        or bool(p.logit_bias)
         or seq.num_output_tokens < p.min_tokens
         or seq.grammar is not None
     )

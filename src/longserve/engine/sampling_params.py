@@ -72,6 +72,8 @@ class SamplingParams:
     skip_special_tokens: bool = True  # drop special tokens from the returned text
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutputParams | None = None  # constrain the output to a grammar
+    # token id -> added to its logit before sampling (OpenAI's); values are clamped to [-100, 100]
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_output, dict):  # as it travels from the worker protocol
@@ -80,7 +82,17 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self._check_logit_bias()
         self._validate()
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 for t in bias):
+            raise ValueError(f"logit_bias must map token ids (integers >= 0) to numbers, got {bias!r}")
+        if not all(_is_number(v) for v in bias.values()):
+            raise ValueError(f"logit_bias values must be finite numbers, got {bias!r}")
+        self.logit_bias = {t: min(100.0, max(-100.0, float(v))) for t, v in bias.items()} or None
 
     def _validate(self) -> None:
         def fail(name: str, why: str) -> None:

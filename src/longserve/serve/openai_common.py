@@ -70,6 +70,7 @@ def sampling_options(
         structured_output=StructuredOutputOptions.model_validate(dataclasses.asdict(structured_output))
         if structured_output is not None
         else None,
+        logit_bias={int(token): bias for token, bias in req.logit_bias.items()} if req.logit_bias else None,
     )
     try:  # the worker checks again; checking here lets the error name the API's field, and saves a hop
         SamplingParams(**options.model_dump())

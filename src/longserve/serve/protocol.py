@@ -121,7 +121,7 @@ class SamplingRequest(OpenAIRequest):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: SkipJsonSchema[dict[str, float] | None] = None  # rejected in check()
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's) -> bias, clamped to ±100
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; not used
@@ -135,8 +135,8 @@ class SamplingRequest(OpenAIRequest):
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported", param="logit_bias")
+        if self.logit_bias and not all(key.isdigit() for key in self.logit_bias):
+            raise APIError("logit_bias keys must be token ids (decimal integers)", param="logit_bias")
 
     @property
     def include_usage(self) -> bool:

@@ -163,6 +163,7 @@ class SamplingOptions(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutputOptions | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 class WorkerGenerateRequest(BaseModel):
