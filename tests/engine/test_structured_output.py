@@ -181,3 +181,26 @@ def test_speculative_drafts_keep_constrained_output_unchanged(tiny_llama_dir):
     assert all(set(json.loads(text)) == {"word", "n", "ok"} for text in got)
     assert speculative.engine.stats().spec_decode.num_accepted_tokens > 0
     assert _all_blocks_free(speculative)
+
+
+def test_a_grammar_that_breaks_mid_output_fails_as_the_requests_own_error(tiny_llm):
+    """A matcher that goes into its error state (llguidance: too complex, or nothing left) ends only its
+    request, marked as the client's error (a 400 at the API), never as the engine's."""
+    engine = tiny_llm.engine
+    params = SamplingParams(
+        temperature=0, max_tokens=8, structured_output=StructuredOutputParams(choice=["yes"])
+    )
+    engine.add_request(engine_request(engine, "breaks", "hi", params))
+    engine.add_request(engine_request(engine, "other", "hi", SamplingParams(temperature=0, max_tokens=3)))
+    deltas = []
+    while engine.has_unfinished():
+        seq = engine.requests["breaks"].seqs[0] if "breaks" in engine.requests else None
+        if seq is not None and seq.grammar is not None and seq.grammar.is_error() is False:
+            seq.grammar.consume_token(
+                tiny_llm.tokenizer.encode("zzz", add_special_tokens=False)[0]
+            )  # rejected
+        deltas += engine.step()
+    failed = [d for d in deltas if d.request_id == "breaks" and d.error]
+    assert failed and failed[0].client_error and "structured output" in failed[0].error
+    assert not any(d.error for d in deltas if d.request_id == "other")
+    assert _all_blocks_free(tiny_llm)

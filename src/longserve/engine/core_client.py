@@ -195,7 +195,7 @@ class EngineCoreClient:
                     if delta.finished:
                         self._restarts = 0
                         del sinks[delta.request_id]
-                    item = delta if delta.error is None else RequestFailed(delta.error)
+                    item = delta if delta.error is None else RequestFailed(delta.error, delta.client_error)
                     deliveries.setdefault(entry[0], []).append((entry[1], item))
             for loop, delivery in deliveries.items():
                 _deliver(loop, delivery)

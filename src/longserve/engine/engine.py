@@ -291,7 +291,9 @@ class LLMEngine:
             if request is None or seq.is_finished:  # failed, aborted or ended meanwhile: the token is moot
                 continue
             if sampled.errors and row in sampled.errors:
-                outputs.append(self._fail(request, sampled.errors[row]))
+                # A matcher in its error state: the request's grammar cannot go on (not the engine's fault).
+                grammar_broke = seq.grammar is not None and seq.grammar.is_error()
+                outputs.append(self._fail(request, sampled.errors[row], client_error=grammar_broke))
                 continue
             token, logprob = sampled.token_ids[row], sampled.logprobs[row]
             if step.num_drafts is not None and step.num_drafts[row]:
@@ -325,7 +327,7 @@ class LLMEngine:
         idle = not self.scheduler.num_unfinished
         for request, result in self.grammars.pop_ready(wait_s=0.01 if idle else 0.0):
             if isinstance(result, Exception):
-                outputs.append(self._fail(request, f"structured output: {result}"))
+                outputs.append(self._fail(request, f"structured output: {result}", client_error=True))
                 continue
             for seq in request.seqs:
                 seq.grammar = result if seq.seq_index == 0 else result.deep_copy()
@@ -343,15 +345,16 @@ class LLMEngine:
                 outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
             return False
 
-    def _fail(self, request: Request, error: str) -> RequestDelta:
-        """End ``request`` now with ``error``: its blocks are freed; the returned delta is its last."""
+    def _fail(self, request: Request, error: str, client_error: bool = False) -> RequestDelta:
+        """End ``request`` now with ``error`` (``client_error``: the request's own doing, e.g. its grammar):
+        its blocks are freed; the returned delta is its last."""
         self.requests.pop(request.request_id, None)
         self.grammars.remove(request.request_id)
         for seq in request.seqs:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
         delta = request.take_delta()
-        delta.error = error
+        delta.error, delta.client_error = error, client_error
         return delta
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

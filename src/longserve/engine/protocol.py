@@ -20,7 +20,12 @@ from longserve.loading.tokenizer import TokenizerSpec
 
 
 class RequestFailed(RuntimeError):
-    """The engine ended this request with an error (sampling, its forward pass, a dead core, shutdown)."""
+    """The engine ended this request with an error (sampling, its forward pass, a dead core, shutdown).
+    ``client_error``: the request's own doing (its grammar cannot go on), answered as a 400."""
+
+    def __init__(self, message: str, client_error: bool = False) -> None:
+        super().__init__(message)
+        self.client_error = client_error
 
 
 class EngineShutDown(RequestFailed):
@@ -147,6 +152,7 @@ class RequestDelta(msgspec.Struct, array_like=True):
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, in the first delta that has them
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    client_error: bool = False  # the error is the request's own doing (its grammar), not the engine's
 
 
 class SpecDecodeStats(msgspec.Struct):

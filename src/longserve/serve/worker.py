@@ -268,6 +268,11 @@ class ModelWorker:
             raise WorkerError(_shutting_down(str(exc))) from exc
         except RequestFailed as exc:
             self.num_errors += 1
+            if exc.client_error:
+                info = ErrorInfo(
+                    message=str(exc), type="invalid_request_error", code="invalid_grammar", status=400
+                )
+                raise WorkerError(info) from exc
             raise WorkerError(_server_error(exc, code="request_failed")) from exc
         finally:
             if started and not finished:  # closed or cancelled early: the client went away

@@ -170,6 +170,8 @@ class WorkerStreamServer:
         self.worker.num_errors += 1
         if isinstance(exc, EngineShutDown):
             failed = Failed(request_id, str(exc), "worker_shutting_down", 503)
+        elif isinstance(exc, RequestFailed) and exc.client_error:
+            failed = Failed(request_id, str(exc), "invalid_grammar", 400)
         elif isinstance(exc, RequestFailed):
             failed = Failed(request_id, str(exc), "request_failed", 500)
         elif isinstance(exc, ValueError):  # the core refused it: a duplicate id or a limit that changed
