@@ -28,7 +28,7 @@ from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence
 from longserve.engine.spec_decode.speculator import Speculator, build_speculator
-from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
+from longserve.engine.structured_output import GrammarCompiler, GrammarRejected, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,9 @@ class LLMEngine:
         outputs: list[RequestDelta] = []
         for index, logits in step.prompt_logits.items():
             item = step.scheduled[index]
-            self._guarded(item.seq, outputs, self._record_prompt_logprobs, item, logits, step.starts[index])
+            self._guarded(
+                item.seq, outputs, self.sampler.record_prompt_logprobs, item.seq, logits, step.starts[index]
+            )
         if self.block_manager.enable_prefix_caching:
             for item in step.scheduled:
                 if not item.seq.is_finished:
@@ -338,6 +340,12 @@ class LLMEngine:
         try:
             work(*args)
             return True
+        except GrammarRejected as exc:  # the grammar's own mask and parser disagree: it cannot go on
+            log.warning("request %s: %s", seq.request_id, exc)
+            request = self.requests.get(seq.request_id)
+            if request is not None:
+                outputs.append(self._fail(request, str(exc), client_error=True))
+            return False
         except Exception as exc:  # a bug in one request's post-processing must not end the others
             log.exception("request %s failed while processing its step output", seq.request_id)
             request = self.requests.get(seq.request_id)
@@ -375,7 +383,7 @@ class LLMEngine:
         grammar_done = False
         if seq.grammar is not None:
             if not seq.grammar.consume_token(token):
-                raise ValueError(
+                raise GrammarRejected(
                     f"structured output: the grammar rejected token {token}: {seq.grammar.get_error()}"
                 )
             grammar_done = seq.grammar.is_stopped()  # complete, and nothing (not even EOS) may follow
@@ -389,17 +397,6 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
-
-    def _record_prompt_logprobs(self, item: ScheduledSequence, logits: torch.Tensor, start: int) -> None:
-        """Prompt logprobs of the chunk that ran from position ``start``."""
-        seq = item.seq
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)
-        targets = seq.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
-        entries = self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
-        for offset, entry in enumerate(entries):
-            if start + 1 + offset == len(seq.prompt_logprobs):  # a recompute repeats rows already recorded
-                seq.prompt_logprobs.append(entry)
 
 
 def _speculator(config: EngineConfig, loaded) -> Speculator | None:

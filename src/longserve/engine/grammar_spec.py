@@ -4,6 +4,7 @@ server can answer 400 for a bad schema before the request reaches a worker."""
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import llguidance
 from llguidance import LLMatcher
@@ -44,6 +45,28 @@ def check_structured_output(spec: StructuredOutputParams) -> None:
     Needs no tokenizer, so the API server can answer 400 before a request reaches a worker.
     """
     definition = grammar_definition(spec)
+    _check_normalized(spec)
     is_error, messages = LLMatcher.validate_grammar_with_warnings(definition)
     if is_error:
         raise ValueError(f"{spec.kind}: {messages[0] if messages else 'invalid grammar'}")
+
+
+def _check_normalized(spec: StructuredOutputParams) -> None:
+    """Refuse text that Unicode NFC normalization changes: llguidance builds its token masks from the
+    normalized text but checks each chosen token against the literal bytes, so such a grammar would let the
+    model pick a token the grammar then rejects."""
+    if spec.json is not None:
+        texts = [json.dumps(json.loads(spec.json), ensure_ascii=False)]
+    else:
+        texts = [t for t in (spec.regex, spec.grammar) if t is not None] + list(spec.choice or [])
+    for text in texts:
+        if unicodedata.is_normalized("NFC", text):
+            continue
+        odd = next(
+            (c for c in text if unicodedata.normalize("NFC", c) != c or unicodedata.combining(c)), None
+        )
+        where = f" ({odd!r}, U+{ord(odd):04X})" if odd else ""
+        raise ValueError(
+            f"{spec.kind}: the text changes under Unicode NFC normalization{where}, which grammars do not "
+            "support: send it NFC-normalized (composed accents, no compatibility characters)"
+        )

@@ -182,6 +182,17 @@ class Sampler:
             out.extend(compute_logprobs(logits[start:end], rows, [num_top] * len(rows)))
         return out
 
+    def record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Add to ``seq.prompt_logprobs`` those of the prompt chunk that ran from position ``start``
+        (``logits`` ``[chunk, vocab]``); a recompute repeats rows already recorded, which are kept."""
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        targets = seq.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
+        entries = self.prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
+        for offset, entry in enumerate(entries):
+            if start + 1 + offset == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append(entry)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledRows:
         raw = logits.float()  # [num_seqs, vocab]
         params = [seq.params for seq in seqs]
