@@ -131,7 +131,14 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
         )
     if worker:
         parser.add_argument("--worker-port", type=int, help="worker port (default 21002)")
-        parser.add_argument("--model-name", help="name clients use for the model (default: from the path)")
+        parser.add_argument(
+            "--served-model-name",
+            "--model-name",
+            nargs="+",
+            dest="model_name",
+            help="the name(s) clients use for the model, several being aliases (default: its repo id or "
+            "file name)",
+        )
         parser.add_argument("--worker-concurrency", type=int, help="requests a worker admits at once")
         parser.add_argument(
             "--tool-call-parser",
@@ -172,6 +179,8 @@ def _serve_config(args: argparse.Namespace, **extra):
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
     keys += ("worker_address", "engine_in_process", "tool_call_parser", "reasoning_parser", "web_ui")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if isinstance(values.get("model_name"), list):
+        values["model_name"] = ",".join(values["model_name"])
     return ServeConfig.from_env(**values, **extra)
 
 
@@ -250,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, dest="worker_port", help="worker port (default 21002)")
     worker.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
     worker.add_argument("--worker-address", help="URL the controller uses to reach this worker")
-    worker.add_argument("--model-name", help="name clients use for the model (default: from the path)")
+    worker.add_argument(
+        "--served-model-name", "--model-name", nargs="+", dest="model_name",
+        help="the name(s) clients use for the model, several being aliases (default: its repo id or file name)",
+    )  # fmt: skip
     worker.add_argument("--worker-concurrency", type=int, help="requests this worker admits at once")
     _worker_admission_arguments(worker)
     worker.set_defaults(handler=_run_server)

@@ -87,7 +87,9 @@ class SpeculativeConfig:
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # GGUF file or HF directory; None = the default SmolLM2-135M-Instruct GGUF
+    # GGUF file, HF directory, or a hub repo id in the local hub cache; None = the default SmolLM2 GGUF
+    model: str | None = None
+    revision: str | None = None  # the hub repo's branch, tag or commit (hub ids only; default main)
     device: str = "cpu"  # where the weights, the KV cache and the step run: "cpu" or "cuda" ("cuda:1", ...)
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
     # None (auto): "gguf" for a GGUF with Q4_0/Q4_1/Q8_0 projections on the CPU, else exact. "none": exact
@@ -262,7 +264,8 @@ class ServeConfig:
     worker_address: str | None = (
         None  # how the controller reaches this worker; default http://host:worker_port
     )
-    model_name: str | None = None  # name served to clients; default: derived from the model path
+    # names served to clients, comma-separated aliases; default: the repo id or the model's file name
+    model_name: str | None = None
     api_keys: tuple[str, ...] = ()  # empty: no authentication (LONGSERVE_API_KEYS: comma-separated)
     dispatch_method: str = "shortest_queue"  # or "lottery", or "cache_aware" (prefers the worker holding
     # the longest part of the prompt's prefix, within a load margin; serve/prefix_routing.py)

@@ -10,8 +10,11 @@ from longserve.config import EngineConfig
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", help="GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct)"
+        "--model",
+        help="GGUF file, Hugging Face model directory, or a hub repo id in the local Hugging Face cache "
+        "(default: SmolLM2-135M-Instruct)",
     )
+    parser.add_argument("--revision", help="a hub repo id's branch, tag or commit (default main)")
     parser.add_argument("--device", help="cpu (default) or cuda: where the model and KV cache live")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight/activation dtype")
     parser.add_argument(
@@ -96,6 +99,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_env(
         model=args.model,
+        revision=args.revision,
         device=args.device,
         dtype=args.dtype,
         quantization=args.quantization,

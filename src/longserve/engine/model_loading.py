@@ -40,7 +40,9 @@ class LoadedModel:
 def load_model(config: EngineConfig, device: torch.device, tp: TensorParallel) -> LoadedModel:
     """This rank's shard of the model (all of it when ``tp.size == 1``); a bad checkpoint raises
     ``ModelLoadError`` naming the file."""
-    checkpoint = load_checkpoint(config.model, show_progress=config.show_progress and tp.rank == 0)
+    checkpoint = load_checkpoint(
+        config.model, revision=config.revision, show_progress=config.show_progress and tp.rank == 0
+    )
     quantization = resolve_quantization(config.quantization, checkpoint, device, tp)
     try:
         model, model_config = build_model(

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from longserve.loading.errors import ModelLoadError
+from longserve.loading.model_resolution import resolve_model_path
 from longserve.loading.pooling_config import PoolingConfig
 from longserve.loading.tokenizer import Tokenizer
 
@@ -31,13 +32,16 @@ class Checkpoint:
     pooling: PoolingConfig | None = None
 
 
-def load_checkpoint(model: str | None = None, *, show_progress: bool = False) -> Checkpoint:
-    """Load a GGUF file or a Hugging Face model directory; ``None`` means the default model."""
+def load_checkpoint(
+    model: str | None = None, *, revision: str | None = None, show_progress: bool = False
+) -> Checkpoint:
+    """Load a GGUF file, a Hugging Face model directory, or a hub repo id from the local hub cache
+    (``model_resolution``); ``None`` means the default model."""
     from longserve.loading.default_model import default_model_path
     from longserve.loading.gguf_loader import load_gguf
     from longserve.loading.safetensors_loader import load_safetensors_dir
 
-    path = default_model_path() if model is None else os.path.expanduser(model)
+    path = default_model_path() if model is None else resolve_model_path(model, revision)
     if os.path.isdir(path):
         return load_safetensors_dir(path, show_progress=show_progress)
     if os.path.isfile(path):

@@ -25,6 +25,7 @@ import uvloop
 from fastapi import FastAPI
 
 from longserve.config import EngineConfig, ServeConfig
+from longserve.loading.model_resolution import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,18 @@ class _Server(uvicorn.Server):
         yield
 
 
+def served_names(serve_config: ServeConfig, engine_config: EngineConfig) -> list[str]:
+    """The names clients use for the model: ``--served-model-name`` (several: aliases), else its own."""
+    names = [n.strip() for n in (serve_config.model_name or "").split(",") if n.strip()]
+    return names or [model_display_name(engine_config.model)]
+
+
 def model_display_name(model: str | None) -> str:
     """The name clients use for a model: the default model's name, or the file/directory name."""
     if model is None:
         return "SmolLM2-135M-Instruct"
+    if is_hub_id(model):
+        return model  # as vLLM: the repo id itself
     base = os.path.basename(os.path.normpath(model))
     return base[: -len(".gguf")] if base.endswith(".gguf") else base
 
@@ -159,7 +168,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
     host = serve_config.host
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
-    name = serve_config.model_name or model_display_name(engine_config.model)
+    name = served_names(serve_config, engine_config)
     api = ApiServerProcesses(serve_config, serve_config.api_server_count)
     api.spawn()  # their start-up overlaps the engine's; they listen once the controller is up
     try:
@@ -214,7 +223,7 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
     """``longserve worker``: one model worker that registers with a controller."""
     from longserve.serve.worker import create_worker_app
 
-    name = serve_config.model_name or model_display_name(engine_config.model)
+    name = served_names(serve_config, engine_config)
     engine = await start_engine(engine_config, serve_config)
     try:
         app = create_worker_app(engine, serve_config, name)

@@ -93,11 +93,16 @@ class ModelWorker:
     """Admission control (semaphore + in-flight count), request handling and the link to the controller."""
 
     def __init__(
-        self, engine: EngineCoreClient, config: ServeConfig, model_name: str, *, speed: float = 1.0
+        self,
+        engine: EngineCoreClient,
+        config: ServeConfig,
+        model_name: str | list[str],
+        *,
+        speed: float = 1.0,
     ) -> None:
         self.engine = engine
         self.config = config
-        self.model_names = [model_name]
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)  # aliases
         self.speed = speed
         self.address = config.own_worker_address
         # None or "" runs the worker stand-alone (tests, a single process that polls it).
@@ -390,7 +395,7 @@ class ModelWorker:
         await self.stream_server.stop()
 
 
-def create_worker_app(engine: EngineCoreClient, config: ServeConfig, model_name: str) -> FastAPI:
+def create_worker_app(engine: EngineCoreClient, config: ServeConfig, model_name: str | list[str]) -> FastAPI:
     """The worker's FastAPI app; its lifespan registers with ``config.controller_address`` (if set)."""
     worker = ModelWorker(engine, config, model_name)
 

@@ -30,7 +30,7 @@ class DraftModelProposer:
         self, target: EngineConfig, model: str, kv_cache_memory_mb: int, vocab_size: int, max_model_len: int
     ) -> None:
         config = replace(
-            target, model=model, kv_cache_memory_mb=kv_cache_memory_mb, num_kv_blocks=None,
+            target, model=model, revision=None, kv_cache_memory_mb=kv_cache_memory_mb, num_kv_blocks=None,
             speculative_config=None, attention="dense", tensor_parallel_size=1, show_progress=False,
         )  # fmt: skip
         device = torch.device(config.device)
