@@ -14,8 +14,12 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(model: str) -> bool:
-    """``owner/name`` that is not a local path."""
-    return bool(_REPO_ID.match(model)) and not os.path.exists(os.path.expanduser(model))
+    """``owner/name`` that is not a local path (nor a ``.gguf`` file's name)."""
+    return (
+        bool(_REPO_ID.match(model))
+        and not model.endswith(".gguf")
+        and not os.path.exists(os.path.expanduser(model))
+    )
 
 
 def hub_cache_dir() -> Path:

@@ -168,7 +168,8 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
     host = serve_config.host
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
-    name = served_names(serve_config, engine_config)
+    names = served_names(serve_config, engine_config)
+    name = names[0] if len(names) == 1 else ", ".join(names)
     api = ApiServerProcesses(serve_config, serve_config.api_server_count)
     api.spawn()  # their start-up overlaps the engine's; they listen once the controller is up
     try:
@@ -177,7 +178,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
         await api.stop()
         raise
     try:
-        worker_app = create_worker_app(engine, serve_config, name)
+        worker_app = create_worker_app(engine, serve_config, names)
 
         def begin_shutdown() -> None:
             api.begin_shutdown()  # the API servers end their streams with an error event
@@ -191,7 +192,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
         async def announce() -> None:
             # The ready line means a request sent now is served: the controller lists the worker's model,
             # and every API server process listens.
-            await wait_until_listed(serve_config.controller_address, name)
+            await wait_until_listed(serve_config.controller_address, names[0])
             await api.start()
             url = f"http://{host}:{serve_config.api_port}"
             print(f"longserve: serving model {name!r} at {url}/v1 (Ctrl-C stops)", flush=True)
@@ -223,10 +224,11 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
     """``longserve worker``: one model worker that registers with a controller."""
     from longserve.serve.worker import create_worker_app
 
-    name = served_names(serve_config, engine_config)
+    names = served_names(serve_config, engine_config)
+    name = names[0] if len(names) == 1 else ", ".join(names)
     engine = await start_engine(engine_config, serve_config)
     try:
-        app = create_worker_app(engine, serve_config, name)
+        app = create_worker_app(engine, serve_config, names)
         spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port, engine.begin_shutdown)
         await run_apps(
             [spec],
