@@ -20,9 +20,8 @@ from fastapi.responses import Response
 from longserve.serve.errors import anthropic_error_body
 from longserve.serve.generation import StreamBroken
 from longserve.serve.metrics import ApiMetrics
-from longserve.serve.openai_chat import ChatRun, chat_chunks, start_chat, whole_chat
+from longserve.serve.openai_chat import ChatRun, chat_chunks, plan_chat_tools, start_chat, whole_chat
 from longserve.serve.openai_common import EventStreamResponse
-from longserve.serve.openai_tools import plan_tools
 from longserve.serve.protocol import ChatCompletionRequest, UsageInfo, new_id
 from longserve.serve.protocol_anthropic import CountTokensRequest, MessagesRequest
 from longserve.serve.upstream import Upstream
@@ -56,7 +55,8 @@ async def create_message(
 async def count_tokens(req: CountTokensRequest, upstream: Upstream) -> Response:
     chat = req.chat_request()
     frontend = await upstream.frontend(chat.model)
-    prompt = await frontend.render_chat(chat.template_messages(), True, plan_tools(chat).template_tools)
+    tools, messages = plan_chat_tools(chat, frontend)
+    prompt = await frontend.render_chat(messages, True, tools.template_tools, chat.chat_template_kwargs)
     return _json({"input_tokens": len(await frontend.encode(prompt, False))})
 
 

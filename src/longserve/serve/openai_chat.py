@@ -17,7 +17,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from longserve.serve.errors import APIError
+from longserve.serve.frontend import ModelFrontend
 from longserve.serve.generation import Generation, StreamBroken
+from longserve.serve.generic_tools import generic_messages, generic_tool_plan
 from longserve.serve.metrics import ApiMetrics, RequestRecorder
 from longserve.serve.openai_common import (
     TextFrames,
@@ -27,7 +29,13 @@ from longserve.serve.openai_common import (
     sse,
     streaming_response,
 )
-from longserve.serve.openai_tools import ToolOutput, plan_tools, tool_call_delta_infos, tool_call_infos
+from longserve.serve.openai_tools import (
+    ToolOutput,
+    ToolPlan,
+    plan_tools,
+    tool_call_delta_infos,
+    tool_call_infos,
+)
 from longserve.serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -94,11 +102,11 @@ async def start_chat(
 ) -> ChatRun:
     """Check the request, render its template and start generating (the Responses API too)."""
     req.check()
-    tools = plan_tools(req)
-    structure = tools.structure or requested_structure(req)
     frontend = await upstream.frontend(req.model)
+    tools, messages = plan_chat_tools(req, frontend)
+    structure = tools.structure or requested_structure(req)
     prompt = await frontend.render_chat(
-        req.template_messages(), req.add_generation_prompt, tools.template_tools, req.chat_template_kwargs
+        messages, req.add_generation_prompt, tools.template_tools, req.chat_template_kwargs
     )
     # A grammar shapes the output from its first token: there is no reasoning to split off then.
     reasoning = None
@@ -126,6 +134,16 @@ async def start_chat(
     generation = Generation(upstream, request, req.model, [payload], recorder, frontend)
     await generation.start()
     return ChatRun(generation, request_id, outputs, reasoning)
+
+
+def plan_chat_tools(req: ChatCompletionRequest, frontend: ModelFrontend) -> tuple[ToolPlan, list[dict]]:
+    """How the request uses its tools on this model, and the messages for its template (a model without a
+    tool format gets the tools described in them: ``generic_tools``)."""
+    tools, messages = plan_tools(req), req.template_messages()
+    if tools.mode != "none" and frontend.tool_parser is None:
+        tools = generic_tool_plan(tools, req)
+        messages = generic_messages(messages, tools.system_prompt)
+    return tools, messages
 
 
 async def whole_chat(run: ChatRun, req: ChatCompletionRequest) -> ChatCompletionResponse:

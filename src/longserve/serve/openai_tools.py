@@ -38,7 +38,7 @@ from longserve.serve.tool_parsers.base import (
 )
 
 ToolMode = Literal["none", "auto", "required", "named"]
-_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,17 @@ class ToolPlan:
     structure: StructuredOutputParams | None  # required / named: the grammar the output follows
     function: str | None  # the named function
     parallel: bool  # more than one call per answer allowed
+    # A model without a tool format (generic_tools): the tools' description for the system message, and the
+    # format the grammar makes its output follow.
+    system_prompt: str | None = None
+    parser: str | None = None
 
     def output(self, parser_name: str | None) -> ToolOutput:
         """A fresh output processor for one choice (``parser_name`` is the model's format, for ``auto``)."""
         parser = None
+        parser_name = self.parser or parser_name
         if self.mode == "auto":
-            if parser_name is None:
-                raise APIError(
-                    "this model's tool-call format is unknown: start the worker with --tool-call-parser, "
-                    "or use tool_choice 'required' or a named function",
-                    param="tool_choice",
-                )
+            assert parser_name is not None, "a model without a tool format gets generic_tool_plan"
             parser = get_tool_parser(parser_name)([t.function.name for t in self.tools])
         return ToolOutput(self, parser)
 
@@ -92,7 +92,7 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan:
         structure = StructuredOutputParams(json=json.dumps(_calls_schema(tools, req.parallel_tool_calls)))
     elif mode == "named":
         tool = tools[names.index(choice.function.name)]
-        structure = StructuredOutputParams(json=json.dumps(tool.function.parameters or _NO_ARGUMENTS))
+        structure = StructuredOutputParams(json=json.dumps(tool.function.parameters or NO_ARGUMENTS))
     if structure is not None and (req.response_format is not None and req.response_format.type != "text"):
         raise APIError(
             "response_format cannot be combined with tool_choice 'required' or a named function",
@@ -117,7 +117,7 @@ def _calls_schema(tools: list[ChatTool], parallel: bool) -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "name": {"const": t.function.name},
-                    "parameters": t.function.parameters or _NO_ARGUMENTS,
+                    "parameters": t.function.parameters or NO_ARGUMENTS,
                 },
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
