@@ -104,3 +104,24 @@ def test_a_tool_result_continues_the_conversation(client: openai.OpenAI) -> None
         model=MODEL, messages=history, tools=[WEATHER], max_tokens=30, temperature=0
     )
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+
+
+def test_langchain_bind_tools_gets_valid_calls(client: openai.OpenAI) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return f"sunny in {city}"
+
+    chat = ChatOpenAI(
+        model=MODEL, base_url=str(client.base_url), api_key="x", temperature=0, max_tokens=60, max_retries=0
+    )
+    message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
+    streamed = None
+    for piece in chat.bind_tools([get_weather], tool_choice="any").stream("Weather in Paris?"):
+        streamed = piece if streamed is None else streamed + piece
+    assert streamed.tool_calls and streamed.tool_calls[0]["name"] == "get_weather"

@@ -13,7 +13,7 @@ from typing import Any
 
 from longserve.engine.sampling_params import StructuredOutputParams
 from longserve.serve.errors import APIError
-from longserve.serve.openai_tools import NO_ARGUMENTS, ToolPlan
+from longserve.serve.openai_tools import NO_ARGUMENTS, ToolPlan, closed_schema
 from longserve.serve.protocol import ChatCompletionRequest
 
 GENERIC_PARSER = "hermes"
@@ -96,7 +96,7 @@ def _text_or_calls_grammar(plan: ToolPlan) -> str:
                 "type": "object",
                 "properties": {
                     "name": {"const": t.function.name},
-                    "arguments": t.function.parameters or NO_ARGUMENTS,
+                    "arguments": closed_schema(t.function.parameters or NO_ARGUMENTS),
                 },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,

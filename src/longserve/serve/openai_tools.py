@@ -92,7 +92,9 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan:
         structure = StructuredOutputParams(json=json.dumps(_calls_schema(tools, req.parallel_tool_calls)))
     elif mode == "named":
         tool = tools[names.index(choice.function.name)]
-        structure = StructuredOutputParams(json=json.dumps(tool.function.parameters or NO_ARGUMENTS))
+        structure = StructuredOutputParams(
+            json=json.dumps(closed_schema(tool.function.parameters or NO_ARGUMENTS))
+        )
     if structure is not None and (req.response_format is not None and req.response_format.type != "text"):
         raise APIError(
             "response_format cannot be combined with tool_choice 'required' or a named function",
@@ -110,6 +112,20 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan:
     )
 
 
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its properties and says
+    nothing of others (OpenAI's strict mode): the grammar of a call's arguments then ends where the tool's
+    parameters do, instead of letting a small model run on inventing keys until max_tokens."""
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_schema(value) for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
+
+
 def _calls_schema(tools: list[ChatTool], parallel: bool) -> dict[str, Any]:
     one_call = {
         "anyOf": [
@@ -117,7 +133,7 @@ def _calls_schema(tools: list[ChatTool], parallel: bool) -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "name": {"const": t.function.name},
-                    "parameters": t.function.parameters or NO_ARGUMENTS,
+                    "parameters": closed_schema(t.function.parameters or NO_ARGUMENTS),
                 },
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
