@@ -18,6 +18,7 @@ from longserve.config import EngineConfig
 from longserve.distributed.parallel import TensorParallel
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.kv_sizing import kv_cache_bytes
+from longserve.layers.matmul import runs_blocks
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.loading.pooling_config import PoolingConfig
@@ -48,7 +49,7 @@ def load_model(config: EngineConfig, device: torch.device, tp: TensorParallel) -
         model, model_config = build_model(
             checkpoint.config, partial(layer_backends, config), config.torch_dtype, tp
         )
-        model.load_weights(checkpoint.weights, keep_blocks=quantization == "gguf")
+        model.load_weights(checkpoint.weights, keep_blocks=runs_blocks(quantization))
         model.to(device)  # before prepare: kernel choices (oneDNN packing, int8) depend on the device
         model.prepare_for_inference(quantization)
         family = resolve_architecture(checkpoint.config)
@@ -123,11 +124,13 @@ def resolve_quantization(
     parallel = tp is not None and tp.is_parallel
     if requested == "none":
         return None
-    if requested == "gguf" and device.type != "cpu":
-        raise ValueError("quantization 'gguf' runs on the CPU; on a GPU the weights are expanded to --dtype")
-    if requested == "gguf" and parallel:
+    if runs_blocks(requested) and device.type != "cpu":
         raise ValueError(
-            "quantization 'gguf' keeps whole low-bit tensors; with tensor parallelism use none or int8"
+            f"quantization {requested!r} runs on the CPU; on a GPU the weights are expanded to --dtype"
+        )
+    if runs_blocks(requested) and parallel:
+        raise ValueError(
+            f"quantization {requested!r} keeps whole low-bit tensors; with tensor parallelism use none or int8"
         )
     if requested is not None:
         return requested

@@ -25,6 +25,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 HEADERS = _PACKAGE / "layers" / "csrc"  # cpu_kernels.h (the module's functions), vec_math.h (exp, dot)
 SOURCES = (
     HEADERS / "ggml_linear.cpp",
+    HEADERS / "ggml_int8dot.cpp",
     HEADERS / "cpu_ops.cpp",
     _PACKAGE / "attention" / "csrc" / "paged_decode_cpu.cpp",
 )

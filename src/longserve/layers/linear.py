@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longserve.layers.matmul import PreparedMatmul
+from longserve.layers.matmul import PreparedMatmul, runs_blocks
 from longserve.loading.gguf_blocks import Blocks, cat_blocks
 
 
@@ -40,7 +40,7 @@ class Linear(nn.Module):
         weight, exactly, and takes the ``None`` path.
         """
         bias = self.bias.data if self.bias is not None else None
-        blocks = self._fused_blocks() if quantization == "gguf" else None
+        blocks = self._fused_blocks() if runs_blocks(quantization) else None
         if blocks is not None:
             self.kernel = PreparedMatmul(None, bias, quantization, blocks=blocks)
             self.weight = None
@@ -49,7 +49,9 @@ class Linear(nn.Module):
         for index, shard in self.shard_blocks.items():
             self.weight[self._rows(index)].copy_(shard.dequantize())
         self.shard_blocks = {}
-        self.kernel = PreparedMatmul(self.weight.data, bias, None if quantization == "gguf" else quantization)
+        self.kernel = PreparedMatmul(
+            self.weight.data, bias, None if runs_blocks(quantization) else quantization
+        )
         if self.kernel.weight is None:
             self.weight = None
 

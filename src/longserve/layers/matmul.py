@@ -25,7 +25,17 @@ import torch.nn.functional as F
 
 from longserve.loading.gguf_blocks import Blocks, Q4Blocks
 
-QUANTIZATIONS = (None, "int8", "gguf")
+QUANTIZATIONS = (None, "int8", "gguf", "gguf-q8")
+# Decode steps of up to this many rows take the integer dot-product kernels under "gguf-q8".
+INT8_DOT_MAX_ROWS = 4
+
+
+def runs_blocks(quantization: str | None) -> bool:
+    """The mode keeps the file's low-bit blocks: "gguf" (fp32 activations, exact) or "gguf-q8" (decode
+    steps quantize the activations to int8 blocks for integer dot products, as llama.cpp does)."""
+    return quantization in ("gguf", "gguf-q8")
+
+
 _PACK_HINT_ROWS = 16  # oneDNN packs for a typical batch; any row count still works
 INT8_MAX_ROWS = 16  # larger steps (prompt chunks) take the exact path
 
@@ -65,6 +75,7 @@ class PreparedMatmul:
         self.weight: torch.Tensor | None = None
         self.packed = self.packed_int8 = None
         self.blocks = blocks
+        self.int8_dot = quantization == "gguf-q8"
         if blocks is not None:
             from longserve.layers.cpu_kernels import cpu_kernels
 
@@ -93,10 +104,13 @@ class PreparedMatmul:
     def _block_linear(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float().contiguous()
         b = self.blocks
+        int8_dot = self.int8_dot and x32.shape[0] <= INT8_DOT_MAX_ROWS
         if isinstance(b, Q4Blocks):
-            y = self._kernels.q4_linear(x32, b.codes, b.scale, b.minimum)
+            linear = self._kernels.q4_linear_int8 if int8_dot else self._kernels.q4_linear
+            y = linear(x32, b.codes, b.scale, b.minimum)
         else:
-            y = self._kernels.q8_linear(x32, b.codes, b.scale)
+            linear = self._kernels.q8_linear_int8 if int8_dot else self._kernels.q8_linear
+            y = linear(x32, b.codes, b.scale)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype)

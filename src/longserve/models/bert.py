@@ -18,6 +18,7 @@ from torch import nn
 from longserve.attention.backend import AttentionBackend
 from longserve.attention.reference import bidirectional_attention
 from longserve.layers.linear import Linear
+from longserve.layers.matmul import runs_blocks
 from longserve.layers.mlp import GeluMLP
 from longserve.layers.norm import LayerNorm
 from longserve.models.llama import _copier
@@ -141,7 +142,7 @@ class BertModel(nn.Module):
 
     def prepare_for_inference(self, quantization: str | None = None) -> None:
         """Once weights are loaded: hand every projection to its fast kernel (see layers/matmul.py)."""
-        if quantization == "gguf":
+        if runs_blocks(quantization):
             raise ValueError("quantization 'gguf' needs a GGUF checkpoint; BertModel loads from safetensors")
         for module in self.modules():
             if isinstance(module, Linear):

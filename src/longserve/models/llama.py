@@ -21,7 +21,7 @@ from longserve.attention.paged_cache import LayerKVCache
 from longserve.distributed.parallel import TensorParallel
 from longserve.layers.attention import SelfAttention
 from longserve.layers.linear import Linear, ShardTarget
-from longserve.layers.matmul import PreparedMatmul
+from longserve.layers.matmul import PreparedMatmul, runs_blocks
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import RotaryEmbedding
@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(quantization)
-        if quantization == "gguf" and self.embed_tokens.device.type == "cpu":
+        if runs_blocks(quantization) and self.embed_tokens.device.type == "cpu":
             # The fast CPU mode also runs the small per-layer ops (norms, rotary, SiLU·mul) and decode
             # attention as compiled calls.
             from longserve.layers.cpu_kernels import cpu_kernels
@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head_kernel, self.head_blocks = None, None
             return
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        head_blocks = self.head_blocks if quantization == "gguf" else None
+        head_blocks = self.head_blocks if runs_blocks(quantization) else None
         # With int8 the head serves decode steps; the rare larger step (prompt logprobs) can use the plain
         # weight, which for tied embeddings costs no memory, instead of a second fp32 copy.
         self.lm_head_kernel = PreparedMatmul(

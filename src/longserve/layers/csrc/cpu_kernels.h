@@ -10,6 +10,11 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
                         const torch::Tensor& minimum);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale);
 
+// ggml_int8dot.cpp: the same with the activations quantized to int8 blocks and integer dot products.
+torch::Tensor q4_linear_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                             const torch::Tensor& minimum);
+torch::Tensor q8_linear_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale);
+
 // cpu_ops.cpp: the small per-layer ops of a decode step.
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps);

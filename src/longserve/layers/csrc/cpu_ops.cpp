@@ -110,6 +110,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate x [tokens, heads, d] in place by cos/sin [tokens, 1, d / 2] (rotate-half)");
   m.def("q4_linear", &q4_linear, "x [rows, in] fp32 @ q4 blocks^T -> [rows, out]");
   m.def("q8_linear", &q8_linear, "x [rows, in] fp32 @ q8 blocks^T -> [rows, out]");
+  m.def("q4_linear_int8", &q4_linear_int8, "q4_linear with int8 activation blocks and integer dot products");
+  m.def("q8_linear_int8", &q8_linear_int8, "q8_linear with int8 activation blocks and integer dot products");
   m.def("paged_decode", &paged_decode,
         "q [batch, heads, d] attends its paged context: caches [slots, kv_heads, d], int32 block tables and lengths");
 }
