@@ -57,6 +57,7 @@ SERVER_SYSTEMS = (
     "longserve-none",
     "longserve-int8",
     "longserve-gguf",
+    "longserve-gguf-q8",
     "longserve-nocache",
     "longserve-2w",
     "longserve-2w-cache",
@@ -74,6 +75,7 @@ LABELS = {
     "longserve-none": "longserve exact fp32",
     "longserve-int8": "longserve int8",
     "longserve-gguf": "longserve (GGUF blocks)",
+    "longserve-gguf-q8": "longserve (GGUF blocks, int8 activations)",
     "llama-server": "llama.cpp llama-server (C++)",
     "llamacpp": "llama.cpp server (as installed)",
     "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",
@@ -245,7 +247,7 @@ def _base_command(
         if system == "longserve-nocache":
             cmd += ["--no-enable-prefix-caching"]
         elif system != "longserve":
-            cmd += ["--quantization", system.split("-")[1]]
+            cmd += ["--quantization", system.removeprefix("longserve-")]
         # the default model is exactly model_path; passing no --model exercises the newcomer's path
         return cmd, {}, "SmolLM2-135M-Instruct"
     if system == "llama-server":
