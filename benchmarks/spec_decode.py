@@ -45,6 +45,12 @@ SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "longserve": ("longserve", ()),
     "longserve-ngram": ("longserve", ("--speculative-config", json.dumps(NGRAM))),
     "longserve-suffix": ("longserve", ("--speculative-config", json.dumps(SUFFIX))),
+    # the same on the integer dot-product kernels (issue 29)
+    "longserve-q8": ("longserve", ("--quantization", "gguf-q8")),
+    "longserve-q8-ngram": (
+        "longserve",
+        ("--quantization", "gguf-q8", "--speculative-config", json.dumps(NGRAM)),
+    ),
     "llama-server": ("llama-server", ()),
     # llama.cpp's prompt-lookup drafts: as it ships (12-token lookups, drafts up to 48), and with the
     # n-gram and draft sizes of longserve-ngram

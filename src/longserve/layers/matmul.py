@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from longserve.loading.gguf_blocks import Blocks, Q4Blocks
 
 QUANTIZATIONS = (None, "int8", "gguf", "gguf-q8")
-# Decode steps of up to this many rows take the integer dot-product kernels under "gguf-q8".
-INT8_DOT_MAX_ROWS = 4
+# Steps of up to this many rows take the integer dot-product kernels under "gguf-q8" (decodes, and a
+# verification of 5 drafts): beyond it the exact tiled path is as fast (measured in benchmarks/NOTES.md).
+INT8_DOT_MAX_ROWS = 6
 
 
 def runs_blocks(quantization: str | None) -> bool:

@@ -3,7 +3,7 @@
 // codes is an exact integer sum, scaled once: y = sum_g d_g d_x,g (codes_g . q_x,g) [+ sum_g m_g sum(x_g)].
 // Integer dot products read the weights as they are and do a quarter of the fp32 path's multiply-adds:
 // AVX-512 VNNI (vpdpbusd, two blocks per instruction), AVX2 (vpmaddubsw + vpmaddwd), or a scalar loop.
-// For decode steps (at most kRowTile rows); q4 minimum terms use the exact fp32 block sums of x.
+// For decode steps (matmul.py picks them by row count); q4 minimum terms use the exact fp32 block sums of x.
 #include <torch/types.h>
 
 #include <ATen/Parallel.h>
