@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from longserve.loading.checkpoint import Checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.loading.gguf_blocks import BLOCK_TYPES, Blocks, read_blocks
+from longserve.loading.gguf_index import read_index
 from longserve.loading.tokenizer import Tokenizer
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -44,34 +45,15 @@ _ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ rope scaling, as divisors of eac
 _Array = TypeVar("_Array", torch.Tensor, np.ndarray)
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader over a plain ndarray view of the mmap.
-
-    The reader slices its buffer once per array element (~100k times for a vocabulary); on a ``np.memmap``
-    each slice pays for the subclass's bookkeeping, which makes opening a file 3x slower.
-    """
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._buffer
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._buffer = value.view(np.ndarray)  # the view keeps the memmap (and so the mapping) alive
-
-
 def load_gguf(path: str, *, show_progress: bool = False) -> Checkpoint:
     """Read ``path``; every problem with the file surfaces as a ``ModelLoadError`` naming it."""
     path = os.fspath(path)
-    reader = _open(path)
-    metadata = {
-        name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")
-    }
-    names = {t.name for t in reader.tensors}
+    metadata, all_tensors = read_index(path)
+    names = {t.name for t in all_tensors}
     config = gguf_config(metadata, has_output="output.weight" in names, has_bias="blk.0.attn_q.bias" in names)
-    for rope_freqs in (t for t in reader.tensors if t.name == _ROPE_FREQS):  # config, not a weight
+    for rope_freqs in (t for t in all_tensors if t.name == _ROPE_FREQS):  # config, not a weight
         config["rope_scaling"] = llama3_rope_scaling(_dequantize(rope_freqs, path), config)
-    tensors = [t for t in reader.tensors if t.name != _ROPE_FREQS]
+    tensors = [t for t in all_tensors if t.name != _ROPE_FREQS]
     hf_names = [hf_tensor_name(t.name) for t in tensors]  # fail on an unknown name before any work
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     for qtype in {t.tensor_type for t in tensors}:  # dequantization is lazy: refuse unknown types now
@@ -247,28 +229,6 @@ def _unpermute_if_qk(hf_name: str, value: np.ndarray, config: dict[str, Any]) ->
     if ".self_attn.k_proj." in hf_name:
         return unpermute_qk(value, config["num_key_value_heads"])
     return value
-
-
-def _open(path: str) -> _Reader:
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise ModelLoadError(f"{path}: empty file, not a GGUF model")
-    try:
-        reader = _Reader(path)
-    except Exception as e:  # the reader fails with ValueError, IndexError, KeyError, ... on bad bytes
-        hint = "not a GGUF file" if "magic" in str(e) else "truncated or corrupt GGUF file"
-        raise ModelLoadError(f"{path}: {hint} ({type(e).__name__}: {e})") from e
-    for tensor in reader.tensors:
-        if tensor.data.nbytes != tensor.n_bytes:
-            raise ModelLoadError(f"{path}: truncated GGUF file: tensor {tensor.name} runs past the end")
-    return reader
-
-
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    # Arrays of numbers come back as lists already; a lone numpy scalar would leak numpy types into the config.
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _dequantize(tensor: Any, path: str) -> np.ndarray:
