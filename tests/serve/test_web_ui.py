@@ -257,3 +257,36 @@ def test_no_web_ui_is_a_404_in_the_api_error_shape(monkeypatch: pytest.MonkeyPat
     with TestClient(create_api_app(ServeConfig())) as client:
         assert client.get("/").status_code == 200
         assert json.loads(client.get("/openapi.json").text)["paths"].get("/") is None
+
+
+def test_a_reasoning_models_thinking_shows_apart_from_its_answer(browser: webdriver.Chrome) -> None:
+    """With a fake engine that says what the prompt scripts, through the real API server and worker."""
+    from api_fakes import MODEL as FAKE
+    from api_fakes import create_fake_controller, create_fake_worker
+    from servers import serve_app
+
+    def answered(turn: int) -> bool:
+        shown = replies(browser)
+        return len(shown) == turn and "tokens" in shown[-1].text
+
+    def send(text: str, turn: int) -> None:  # the fake answers at once: wait for the turn's token line
+        set_value(browser, "prompt", text)
+        by_id(browser, "prompt").send_keys(Keys.ENTER)
+        wait(browser, lambda: answered(turn), what="the reply")
+
+    worker = create_fake_worker(context_length=512, reasoning_parser="think")
+    with serve_app(worker) as worker_url, serve_app(create_fake_controller([worker_url])) as controller_url:
+        with serve_app(create_api_app(ServeConfig(controller_address=controller_url))) as api_url:
+            browser.get(f"{api_url}/")
+            models = lambda: [o.text for o in Select(by_id(browser, "model")).options]  # noqa: E731
+            wait(browser, lambda: FAKE in models(), what="models")
+            Select(by_id(browser, "model")).select_by_value(FAKE)  # (the page may remember another model)
+            set_value(browser, "max-tokens", "60")
+            browser.execute_script(RECORD_CHAT_REQUESTS)
+            send("SAY:<think>two and two</think>Four.", turn=1)
+            thinking = browser.find_elements(By.CSS_SELECTOR, "#messages .message.assistant .thinking-text")
+            assert [t.text for t in thinking] == ["two and two"]
+            assert reply_text(browser) == "Four."
+            send("SAY:again", turn=2)
+            sent = browser.execute_script("return window.sentChats")[-1]["messages"]
+            assert sent[-2] == {"role": "assistant", "content": "Four."}  # the thinking is not sent back

@@ -234,7 +234,9 @@ class ChatPage {
     reply.root.classList.add("pending");
     const abort = new AbortController();
     this.setStreaming(abort);
-    const outcome = { content: "", finish: null, usage: null, stopped: false, error: null, firstAt: null };
+    const outcome = {
+      content: "", reasoning: "", finish: null, usage: null, stopped: false, error: null, firstAt: null,
+    };
     try {
       const response = await fetch("v1/chat/completions", {
         method: "POST",
@@ -248,6 +250,14 @@ class ChatPage {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new ApiError(`The reply broke off: ${chunk.error.message}`);
         for (const choice of chunk.choices || []) {
+          const thought = choice.delta && choice.delta.reasoning_content;
+          if (thought) {
+            // A reasoning model's thinking: shown apart, above the answer, and not sent back next turn.
+            outcome.firstAt = outcome.firstAt ?? performance.now();
+            outcome.reasoning += thought;
+            reply.thinking().appendData(thought);
+            this.scrollDown();
+          }
           const delta = choice.delta && choice.delta.content;
           if (delta) {
             outcome.firstAt = outcome.firstAt ?? performance.now();
@@ -268,7 +278,7 @@ class ChatPage {
     }
     if (conversation !== this.conversation) return; // "New chat" was pressed meanwhile
     if (outcome.error) this.showError(describe(outcome.error));
-    if (!outcome.content) {
+    if (!outcome.content && !outcome.reasoning) {
       // Nothing came back: undo the turn, so the message can be sent again as it was.
       userView.root.remove();
       reply.root.remove();
@@ -308,7 +318,21 @@ class ChatPage {
     root.append(element("div", "role", role === "user" ? "You" : this.model.value), body, meta);
     this.messages.append(root);
     this.scrollDown();
-    return { root, text, meta };
+    let thoughts = null;
+    const thinking = () => {
+      // Made when the first reasoning arrives: a collapsible block before the answer.
+      if (thoughts === null) {
+        const details = element("details", "thinking");
+        details.open = true;
+        thoughts = document.createTextNode("");
+        const inner = element("div", "thinking-text");
+        inner.append(thoughts);
+        details.append(element("summary", null, "Thinking"), inner);
+        root.insertBefore(details, body);
+      }
+      return thoughts;
+    };
+    return { root, text, meta, thinking };
   }
 
   scrollDown() {
