@@ -116,6 +116,10 @@ def test_seeded_sampling_reproduces_with_drafts(tiny_llama_dir):
     assert drafted > 0
     assert _greedy(llm, prompts[:1], params) == first[:1]  # alone as in a batch
     assert _greedy(llm, prompts, params) == first
+    # n > 1: each completion drafts and verifies on its own, and the pair reproduces
+    pair = SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=16, ignore_eos=True)
+    assert _greedy(llm, prompts[:2], pair) == _greedy(llm, prompts[:2], pair)
+    assert _all_blocks_free(llm)
 
 
 def test_aborts_mid_run_return_every_block(tiny_llama_dir):
