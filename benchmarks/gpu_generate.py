@@ -7,10 +7,13 @@ weights that this script builds itself. Prints a table and writes JSON to benchm
     python benchmarks/gpu_generate.py --tiny         # a small shape, to dry-run the script (CPU too)
     python benchmarks/gpu_generate.py --shape 8b --tensor-parallel-size 1,2,4 --batches 1,64
     python benchmarks/gpu_generate.py --shape moe30b --tensor-parallel-size 1,2 --batches 1,64  # + expert parallel
+    python benchmarks/gpu_generate.py --speculative --batches 1,64   # issue 27: speculative decoding
 
 With ``--tensor-parallel-size`` the systems are longserve (graphs) at each size (an MoE shape also with
 ``--enable-expert-parallel`` at each size above 1), and the table adds each one's speed-up over size 1 from the
-same run.
+same run. With ``--speculative`` the prompts quote themselves (a segment four times) and the systems are
+longserve without speculation, with ngram drafts, and with a draft model equal to the target (every draft
+holds: the ceiling of the bookkeeping, not a real draft model's speed).
 
 Each (system, batch) runs ``--repeats`` times after a warm-up; the table shows the median, the spread and
 every run. Throughput counts generated tokens over the whole ``generate`` call (prefill included), as a user
@@ -212,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tensor-parallel-size", help="comma-separated sizes, e.g. 1,2,4: scaling from one run"
     )
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="issue 27: prompts that quote themselves; longserve without speculation, with ngram drafts, and "
+        "with a draft model equal to the target (every draft holds: the bookkeeping ceiling)",
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SHAPES["tiny_moe" if args.tiny and "moe" in args.shape else "tiny" if args.tiny else args.shape]
@@ -222,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, shape["vocab_size"] - 10, (args.prompt_len,), generator=g).tolist()
                for _ in range(max(batches))]  # fmt: skip
+    if args.speculative:  # each prompt a segment four times over: prompt lookup finds what follows
+        prompts = [(p[: max(1, args.prompt_len // 4)] * 4)[: args.prompt_len] for p in prompts]
     with tempfile.TemporaryDirectory() as directory:
         path = build_checkpoint(shape, device, directory)
         systems = {}
@@ -230,6 +241,20 @@ def main(argv: list[str] | None = None) -> int:
             ("longserve (graphs, sync)", False, {"async_scheduling": False}),
             ("longserve (eager)", True, {}),
         ]
+        if args.speculative:
+            ngram = {
+                "method": "ngram",
+                "num_speculative_tokens": 4,
+                "prompt_lookup_min": 2,
+                "prompt_lookup_max": 4,
+            }
+            draft = {"method": "draft_model", "model": path, "num_speculative_tokens": 4,
+                     "draft_kv_cache_memory_mb": 4096 if device == "cuda" else 256}  # fmt: skip
+            runs = [
+                ("longserve (graphs)", False, {}),
+                ("longserve ngram", False, {"speculative_config": ngram}),
+                ("longserve draft=target", False, {"speculative_config": draft}),
+            ]
         if tp_sizes:
             runs = [(f"longserve tp={t}", False, {"tensor_parallel_size": t}) for t in tp_sizes]
             if "num_experts" in shape:
