@@ -162,3 +162,29 @@ def test_local_model(tiny_llama_dir: str) -> None:
     prompt_tokens, completion_tokens, finish = ask(child, "Hello there")
     assert completion_tokens == 5 and finish == "length" and prompt_tokens > 3
     leave(child)
+
+
+def test_a_reasoning_models_thinking_is_marked_and_kept_out_of_the_history() -> None:
+    """Against the real API server and worker over a fake engine that says what the prompt scripts."""
+    from api_fakes import create_fake_controller, create_fake_worker
+    from servers import serve_app
+
+    from longserve.config import ServeConfig
+    from longserve.serve.api_server import create_api_app
+
+    worker = create_fake_worker(context_length=512, reasoning_parser="think")
+    with serve_app(worker) as worker_url, serve_app(create_fake_controller([worker_url])) as controller_url:
+        with serve_app(create_api_app(ServeConfig(controller_address=controller_url))) as api_url:
+            child = spawn("--base-url", f"{api_url}/v1", "--show-usage", "--max-tokens", "60")
+            child.sendline("SAY:<think>two and two</think>Four.")
+            child.expect_exact("[thinking] two and two")
+            child.expect_exact("[answer] Four.")
+            child.expect(USAGE)
+            child.expect_exact(PROMPT)
+            child.sendline("SAY:next")
+            child.expect(USAGE)
+            child.expect_exact(PROMPT)
+            leave(child)
+    second = worker.state.engine.requests[-1]
+    prompt = "".join(map(chr, second.prompt_token_ids))
+    assert prompt.endswith("<assistant>Four.<user>SAY:next<assistant>")  # the answer alone went back

@@ -28,6 +28,7 @@ from longserve.clients.chat_backends import (
     Reply,
     ServerChat,
     Settings,
+    Thought,
 )
 
 PROMPT = ">>> "
@@ -169,9 +170,19 @@ class ChatRepl:
             self.history.pop()
 
     async def _stream(self, reply: Reply) -> None:
+        thinking = False
         async for text in self.backend.stream(self.messages(), self.settings, reply):
-            reply.text += text
-            self.out.write(text)
+            if isinstance(text, Thought):  # shown, marked, and kept out of the history
+                if not thinking:
+                    self.out.write("[thinking] ")
+                    thinking = True
+                self.out.write(text)
+            else:
+                if thinking:
+                    self.out.write("\n[answer] ")
+                    thinking = False
+                reply.text += text
+                self.out.write(text)
             self.out.flush()
 
     def say(self, text: str) -> None:

@@ -40,6 +40,10 @@ class Settings:
     max_tokens: int | None = None  # None: until the model stops or the context is full
 
 
+class Thought(str):
+    """A piece of a reasoning model's thinking (``delta.reasoning_content``), streamed apart from the answer."""
+
+
 @dataclass
 class Reply:
     """One assistant reply: the text streamed so far, and at the end the token counts and finish reason."""
@@ -156,7 +160,8 @@ class ServerChat:
 
 
 def _chunk_text(data: str, reply: Reply) -> list[str]:
-    """The content deltas of one SSE chunk; its usage and finish reason go into ``reply``."""
+    """The content deltas of one SSE chunk (reasoning as ``Thought``); its usage and finish reason go into
+    ``reply``."""
     try:
         chunk = json.loads(data)
     except json.JSONDecodeError:
@@ -171,9 +176,11 @@ def _chunk_text(data: str, reply: Reply) -> list[str]:
     texts = []
     for choice in chunk.get("choices") or []:
         reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
-        text = (choice.get("delta") or {}).get("content")
-        if text:
-            texts.append(text)
+        delta = choice.get("delta") or {}
+        if delta.get("reasoning_content"):
+            texts.append(Thought(delta["reasoning_content"]))
+        if delta.get("content"):
+            texts.append(delta["content"])
     return texts
 
 
