@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from stack import MODEL, Stack
 
@@ -41,7 +41,15 @@ def _constraint(kind: str, literals: list[str]) -> tuple[dict, callable]:
     }, lambda text: re.fullmatch("(" + "|".join(re.escape(x) for x in literals) + ")+", text) is not None
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 40 examples every run, so CI is repeatable (run with more examples to explore)
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@example(kind="choice", literals=["豈"], seed=0, n=1, min_tokens=0)  # the fuzz-found 500 (NFC changes U+F900)
+@example(kind="grammar", literals=["e\u0301", "𝄞"], seed=1, n=2, min_tokens=2)
 @given(
     kind=st.sampled_from(["choice", "regex", "grammar"]),
     literals=st.lists(LITERAL, min_size=1, max_size=4, unique=True),
