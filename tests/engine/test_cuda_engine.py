@@ -92,8 +92,9 @@ def test_cuda_moe_engine_in_bfloat16_tracks_float32(tiny_model_cache, name):
 @pytest.mark.parametrize("chunk", [16, 48])
 def test_chunked_prompts_through_the_paged_prefill_kernel_match_one_step(tiny_llama_dir, chunk):
     """Chunks after the first attend their cached prefix through the paged prefill kernel (and prompts that
-    share a step go in one launch): the same logprobs as the whole prompt in one step, in bf16."""
-    options = dict(kv_cache_memory_mb=16, device="cuda", dtype="bfloat16")
+    share a step go in one launch): the same logprobs and tokens as the whole prompt in one step. In float32:
+    the tiny random model's top logits are close enough that bf16 rounding ties some of them."""
+    options = dict(kv_cache_memory_mb=16, device="cuda", dtype="float32")
     whole = LLM(tiny_llama_dir, max_num_batched_tokens=1024, **options)
     chunked = LLM(tiny_llama_dir, max_num_batched_tokens=chunk, max_num_seqs=min(chunk, 16), **options)
     prompts = [_prompt(whole, seed) for seed in range(3)]
@@ -101,5 +102,5 @@ def test_chunked_prompts_through_the_paged_prefill_kernel_match_one_step(tiny_ll
     for got, want in zip(chunked.generate(prompts, params), whole.generate(prompts, params), strict=True):
         got_lp = torch.tensor([e.logprob for e in got.prompt_logprobs[1:]])
         want_lp = torch.tensor([e.logprob for e in want.prompt_logprobs[1:]])
-        torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=5e-2)
-        assert got.outputs[0].token_ids[:4] == want.outputs[0].token_ids[:4]
+        torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-3)
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids

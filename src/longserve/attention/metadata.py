@@ -28,6 +28,14 @@ class PagedPrefills:
     context_lens: torch.Tensor  # [num_prefills] int32: cached prefix + chunk
     max_query_len: int  # the longest chunk (the kernel's grid)
 
+    def to(self, device: torch.device | str) -> PagedPrefills:
+        return replace(
+            self,
+            block_tables=self.block_tables.to(device, non_blocking=True),
+            query_starts=self.query_starts.to(device, non_blocking=True),
+            context_lens=self.context_lens.to(device, non_blocking=True),
+        )
+
 
 @dataclass
 class AttentionMetadata:
@@ -94,6 +102,7 @@ class AttentionMetadata:
             decode_block_tables=move(self.decode_block_tables),
             decode_seq_lens=move(self.decode_seq_lens),
             prefills=[replace(span, context_slots=move(span.context_slots)) for span in self.prefills],
+            paged_prefills=None if self.paged_prefills is None else self.paged_prefills.to(device),
         )
 
 

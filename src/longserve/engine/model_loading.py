@@ -16,7 +16,7 @@ from longserve.attention.backend import layer_backends
 from longserve.attention.paged_cache import LayerKVCache, allocate_kv_cache
 from longserve.config import EngineConfig
 from longserve.distributed.parallel import TensorParallel
-from longserve.engine.cuda_graphs import DecodeGraphs
+from longserve.engine.cuda_graphs import BUCKETS, DecodeGraphs
 from longserve.engine.kv_sizing import kv_cache_bytes
 from longserve.layers.matmul import runs_blocks
 from longserve.loading.checkpoint import load_checkpoint
@@ -105,9 +105,19 @@ def build_graphs(
     ):
         log.info("CUDA graphs are not used for this model or attention backend: every step runs eagerly")
         return None
-    graphs = DecodeGraphs(loaded.model, caches, config.block_size, config.max_num_seqs, max_model_len, device)
+    graphs = DecodeGraphs(loaded.model, caches, config.block_size, graph_rows(config), max_model_len, device)
     graphs.capture_all()
     return graphs
+
+
+def graph_rows(config: EngineConfig) -> int:
+    """The most decode rows a captured graph takes: one per sequence, or with speculation one per sequence and
+    draft (verification steps), within the step's token budget and the largest bucket."""
+    if config.speculative_config is None:
+        return config.max_num_seqs
+    rows = config.max_num_seqs * (1 + config.speculative_config.num_speculative_tokens)
+    budget = config.resolved("cuda").max_num_batched_tokens
+    return max(config.max_num_seqs, min(rows, budget, BUCKETS[-1]))
 
 
 def resolve_quantization(

@@ -12,7 +12,7 @@ import torch
 from longserve.config import EngineConfig
 from longserve.distributed.parallel import TensorParallel
 from longserve.engine.kv_cache import BlockManager
-from longserve.engine.model_loading import allocate_caches, load_model
+from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.sampling_ops import greedy_argmax
 from longserve.engine.sampling_params import SamplingParams
@@ -42,7 +42,11 @@ class DraftModelProposer:
             )
         num_blocks, caches = allocate_caches(config, loaded, device, TensorParallel())
         self.blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(loaded.model, caches, config.block_size, device, max_context=max_model_len)
+        # Its k decode passes a step are plain decodes: on CUDA they replay captured graphs as the target's do.
+        graphs = build_graphs(config, loaded, caches, device, TensorParallel(), max_model_len)
+        self.runner = ModelRunner(
+            loaded.model, caches, config.block_size, device, graphs=graphs, max_context=max_model_len
+        )
         self._shadows: dict[Sequence, Sequence] = {}
 
     def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
