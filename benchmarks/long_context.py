@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         path = build_checkpoint(shape, device, directory)
         _free(device)
         for length in lengths:
-            prompt = torch.randint(3, shape["vocab_size"], (length,), generator=torch.Generator().manual_seed(0))
+            prompt = torch.randint(
+                3, shape["vocab_size"], (length,), generator=torch.Generator().manual_seed(0)
+            )
             prompt = prompt.tolist()
             for system in systems:
                 if system == "hf":
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs[system][length] = time_longserve(path, system, prompt, args.repeats, device)
                 _free(device)
                 print(f"{system} {length}: {[round(t, 3) for t in runs[system][length]]}", flush=True)
-    print(f"\ntime to first token, s: median [min-max] of {args.repeats} ({device}, {'tiny' if args.tiny else '1b'})")
+    print(
+        f"\ntime to first token, s: median [min-max] of {args.repeats} ({device}, {'tiny' if args.tiny else '1b'})"
+    )
     print(f"{'system':<18}" + "".join(f"{n:>24}" for n in lengths))
     for system in systems:
         cells = []

@@ -267,14 +267,17 @@ def _randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.copy_(noise * param.shape[-1] ** -0.5)
 
 
-def build_hf_model(name: str, vocab_size: int | None = None) -> torch.nn.Module:
-    """Build the seeded fp32 HF model for ``name``; the same call always gives the same weights."""
+def build_hf_model(name: str, vocab_size: int | None = None, **overrides) -> torch.nn.Module:
+    """Build the seeded fp32 HF model for ``name`` (config fields ``overrides`` changed); the same call always
+    gives the same weights."""
     import transformers
 
     spec = TINY_SPECS[name]
     if vocab_size is None:
         vocab_size = train_tokenizer().get_vocab_size()
-    config = getattr(transformers, spec.config_class)(vocab_size=vocab_size, **spec.config_kwargs)
+    config = getattr(transformers, spec.config_class)(
+        vocab_size=vocab_size, **{**spec.config_kwargs, **overrides}
+    )
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_(model, torch.Generator().manual_seed(SEED))

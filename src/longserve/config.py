@@ -12,7 +12,7 @@ from longserve.attention.moba_params import validate_moba_params
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model", "mtp")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class SpeculativeConfig:
     ``num_speculative_tokens`` tokens per sequence and one forward pass verifies them (spec_decode/)."""
 
     # "ngram": prompt lookup; "suffix": frequency-ranked continuations (SuffixDecoding); "draft_model": a
-    # smaller model with the target's tokenizer (``model``)
+    # smaller model with the target's tokenizer (``model``); "mtp": the multi-token-prediction layer a
+    # DeepSeek-V3 checkpoint carries
     method: str
     num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
     # ngram: the longest and shortest tail n-grams looked up in the sequence's own tokens
@@ -32,8 +33,8 @@ class SpeculativeConfig:
     suffix_decoding_max_tree_depth: int = 24
     suffix_decoding_max_cached_requests: int = 1000
     suffix_decoding_min_token_prob: float = 0.1
-    # draft_model: the draft's GGUF file or HF directory, and its own KV cache (allocated before the target's,
-    # so on a GPU the target's cache takes what the utilization leaves after it)
+    # draft_model: the draft's GGUF file or HF directory; draft_model and mtp: the draft's own KV cache
+    # (allocated before the target's, so on a GPU the target's cache takes what the utilization leaves)
     model: str | None = None
     draft_kv_cache_memory_mb: int = 1024
 

@@ -59,6 +59,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] logits
+        self._hidden: dict[int, torch.Tensor] = {}  # bucket -> [bucket, hidden] final hidden states
         self._pool = None
 
     @property
@@ -93,7 +94,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._outputs[bucket] = self.model.compute_logits(self.model(*args))
+            self._hidden[bucket] = self.model(*args)
+            self._outputs[bucket] = self.model.compute_logits(self._hidden[bucket])
         self._pool = graph.pool()
         self._graphs[bucket] = graph
 
@@ -112,9 +114,9 @@ class DecodeGraphs:
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        """The logits [batch, vocab] of a decode-only step (inputs already on the device). The next replay
-        overwrites them: read them (on the same stream) before it."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits [batch, vocab] and final hidden states [batch, hidden] of a decode-only step (inputs
+        already on the device). The next replay overwrites them: read them (on the same stream) before it."""
         batch = input_ids.shape[0]
         bucket = self.bucket_for(batch)
         if bucket not in self._graphs:
@@ -130,4 +132,4 @@ class DecodeGraphs:
             self.seq_lens[batch:bucket].fill_(1)
             self.block_tables[batch:bucket, :1].zero_()
         self._graphs[bucket].replay()
-        return self._outputs[bucket][:batch]
+        return self._outputs[bucket][:batch], self._hidden[bucket][:batch]

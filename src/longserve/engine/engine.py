@@ -111,6 +111,7 @@ class LLMEngine:
             self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len,
             ranks=self.ranks,
         )  # fmt: skip
+        self.runner.keep_hidden = self.speculator is not None and self.speculator.proposer.needs_hidden_states
         self.sampler = Sampler()
         self.embedder = Embedder(
             self.runner, self.block_manager, self.model, self.pooling, self.is_encoder,
@@ -238,6 +239,8 @@ class LLMEngine:
         starts = [item.seq.num_computed_tokens for item in scheduled]
         try:
             result = self.runner.execute(scheduled, fed)
+            if result.hidden is not None:
+                self.speculator.observe(scheduled, result.hidden)
             seqs = [scheduled[i].seq for i in result.sample_index]
             drafts = None
             if self.speculator is not None:
@@ -405,4 +408,4 @@ def _speculator(config: EngineConfig, loaded) -> Speculator | None:
         return None
     mc = loaded.model_config
     max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return build_speculator(config, mc.vocab_size, max_len)
+    return build_speculator(config, loaded, max_len)

@@ -51,6 +51,9 @@ class RunnerOutput:
     prompt_logits: dict[
         int, torch.Tensor
     ]  # scheduled index -> [chunk_tokens, vocab] logits for prompt logprobs
+    # [tokens, hidden] final hidden states of every row, in the step's order (each scheduled sequence's rows
+    # in turn), when the runner keeps them (``keep_hidden``: MTP drafts read them); else None
+    hidden: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -75,6 +78,7 @@ class ModelRunner:
         self.ranks = ranks
         self.uploader = StepUploader(self.device)
         self.block_rows = BlockTableRows()
+        self.keep_hidden = False  # RunnerOutput.hidden: every row's final hidden state (MTP drafts)
 
     def describe(
         self, scheduled: list[ScheduledSequence]
@@ -183,28 +187,40 @@ class ModelRunner:
         """Run the scheduled sequences; ``fed_tokens`` is the previous step's sampled tokens when some of
         their inputs are still on the device (``Sequence.pending_row`` indexes it)."""
         step, sample_index, prompt_rows = self.describe(scheduled)
-        logits = self.run(step, fed_tokens)  # [rows, vocab]
+        self._lead(step)
+        logits, hidden = self._forward(step, fed_tokens)  # [rows, vocab], [tokens, hidden]
         num_sampling = len(step.logit_rows) - sum(len(rows) for rows in prompt_rows.values())
         prompt_logits: dict[int, torch.Tensor] = {}
         offset = num_sampling
         for index, rows in prompt_rows.items():
             prompt_logits[index] = logits[offset : offset + len(rows)]
             offset += len(rows)
-        return RunnerOutput(logits[:num_sampling], sample_index, prompt_logits)
+        return RunnerOutput(
+            logits[:num_sampling], sample_index, prompt_logits, hidden if self.keep_hidden else None
+        )
 
-    @torch.inference_mode()
     def run(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Rank 0: send the step to the other ranks, then run it: logits [rows, vocab], or the hidden states
         [tokens, hidden] when ``step.logit_rows`` is None."""
+        self._lead(step)
+        return self._forward(step, fed_tokens)[0]
+
+    def follow(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a described step on this rank's shard (every rank runs every step, collectives included)."""
+        return self._forward(step, fed_tokens)[0]
+
+    def _lead(self, step: StepDescription) -> None:
         if self.ranks is not None:
             if step.fed_rows and self.ranks.tp.is_parallel:
                 raise ValueError("the other ranks cannot see tokens fed on rank 0's device")
             self.ranks.lead(step)
-        return self.follow(step, fed_tokens)
 
     @torch.inference_mode()
-    def follow(self, step: StepDescription, fed_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run a described step on this rank's shard (every rank runs every step, collectives included)."""
+    def _forward(
+        self, step: StepDescription, fed_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits [rows, vocab] (its hidden states when ``step.logit_rows`` is None) and the final
+        hidden states of every token row [tokens, hidden]."""
         model_input = self.prepare(step, fed_tokens)
         metadata = model_input.metadata
         if (
@@ -219,8 +235,8 @@ class ModelRunner:
             return self.graphs.run(model_input.input_ids, model_input.positions, metadata)
         hidden = self.model(model_input.input_ids, model_input.positions, self.caches, metadata)
         if step.logit_rows is None:
-            return hidden
-        return self.model.compute_logits(hidden[model_input.logit_rows])  # [rows, vocab]
+            return hidden, hidden
+        return self.model.compute_logits(hidden[model_input.logit_rows]), hidden  # [rows, vocab]
 
 
 def wants_prompt_logprobs(item: ScheduledSequence) -> bool:

@@ -333,31 +333,13 @@ class DeepseekForCausalLM(nn.Module):
         """HF tensor name -> function copying that tensor into place."""
         tp = self.tp
         targets: dict[str, Loader] = {
-            "model.embed_tokens.weight": sliced(tp, _copier(self.embed_tokens), tp.vocab_rows),
-            "model.norm.weight": _copier(self.norm.weight),
+            "model.embed_tokens.weight": sliced(tp, copier(self.embed_tokens), tp.vocab_rows),
+            "model.norm.weight": copier(self.norm.weight),
         }
         if not self.config.tie_word_embeddings:
-            targets["lm_head.weight"] = sliced(tp, _copier(self.lm_head), tp.vocab_rows)
-        moe_names = MoEWeightNames(shared="shared_experts.{part}.weight")
+            targets["lm_head.weight"] = sliced(tp, copier(self.lm_head), tp.vocab_rows)
         for i, layer in enumerate(self.layers):
-            prefix = f"model.layers.{i}."
-            targets[prefix + "input_layernorm.weight"] = _copier(layer.input_layernorm.weight)
-            targets[prefix + "post_attention_layernorm.weight"] = _copier(
-                layer.post_attention_layernorm.weight
-            )
-            targets.update(layer.self_attn.weight_loaders(prefix + "self_attn."))
-            mlp, mlp_prefix = layer.mlp, prefix + "mlp."
-            if isinstance(mlp, SwiGLUMLP):
-                targets.update(swiglu_weight_targets(tp, mlp, mlp_prefix))
-                continue
-            moe_targets = moe_weight_targets(mlp, mlp_prefix, moe_names)
-            if mlp_prefix + "experts.gate_up_proj" in names:  # stacked experts
-                moe_targets = {
-                    k: v for k, v in moe_targets.items() if not k.startswith(mlp_prefix + "experts.")
-                }
-                moe_targets[mlp_prefix + "experts.gate_up_proj"] = mlp.load_stacked_gate_up
-                moe_targets[mlp_prefix + "experts.down_proj"] = mlp.load_stacked_down
-            targets.update(moe_targets)
+            targets.update(decoder_layer_targets(tp, layer, f"model.layers.{i}.", names))
         return targets
 
     def _ignorable(self, name: str) -> bool:
@@ -369,7 +351,29 @@ class DeepseekForCausalLM(nn.Module):
         return match is not None and int(match.group(1)) >= self.config.num_layers
 
 
-def _copier(param: torch.Tensor) -> Loader:
+def decoder_layer_targets(
+    tp: TensorParallel, layer: DeepseekDecoderLayer, prefix: str, names: set[str]
+) -> dict[str, Loader]:
+    """HF tensor name -> loader for one decoder layer's tensors under ``prefix`` (``model.layers.{i}.``)."""
+    targets: dict[str, Loader] = {
+        prefix + "input_layernorm.weight": copier(layer.input_layernorm.weight),
+        prefix + "post_attention_layernorm.weight": copier(layer.post_attention_layernorm.weight),
+    }
+    targets.update(layer.self_attn.weight_loaders(prefix + "self_attn."))
+    mlp, mlp_prefix = layer.mlp, prefix + "mlp."
+    if isinstance(mlp, SwiGLUMLP):
+        targets.update(swiglu_weight_targets(tp, mlp, mlp_prefix))
+        return targets
+    moe_targets = moe_weight_targets(mlp, mlp_prefix, MoEWeightNames(shared="shared_experts.{part}.weight"))
+    if mlp_prefix + "experts.gate_up_proj" in names:  # stacked experts
+        moe_targets = {k: v for k, v in moe_targets.items() if not k.startswith(mlp_prefix + "experts.")}
+        moe_targets[mlp_prefix + "experts.gate_up_proj"] = mlp.load_stacked_gate_up
+        moe_targets[mlp_prefix + "experts.down_proj"] = mlp.load_stacked_down
+    targets.update(moe_targets)
+    return targets
+
+
+def copier(param: torch.Tensor) -> Loader:
     def copy(tensor: torch.Tensor) -> None:
         if tensor.shape != param.shape:
             raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")

@@ -18,12 +18,13 @@ from longserve.engine.sampling_ops import greedy_argmax
 from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.scheduler import ScheduledSequence
 from longserve.engine.sequence import Sequence
+from longserve.engine.spec_decode.proposer import DraftProposer
 
 _GREEDY = SamplingParams(temperature=0)
 _CATCH_UP = 2048  # tokens of catching up per forward pass (summed over sequences)
 
 
-class DraftModelProposer:
+class DraftModelProposer(DraftProposer):
     """Keeps a shadow sequence per drafting sequence in the draft model's own paged cache."""
 
     def __init__(

@@ -6,6 +6,7 @@ so a lookup costs a few dict reads whatever the context length."""
 from __future__ import annotations
 
 from longserve.engine.sequence import Sequence
+from longserve.engine.spec_decode.proposer import DraftProposer
 
 
 class _NgramIndex:
@@ -30,7 +31,7 @@ class _NgramIndex:
         self.indexed = end + 1
 
 
-class NgramProposer:
+class NgramProposer(DraftProposer):
     """Drafts by prompt lookup: the longest tail n-gram (``prompt_lookup_max`` down to ``_min``) seen before."""
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int) -> None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+
+import torch
 
 from longserve.config import EngineConfig, SpeculativeConfig
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.protocol import SpecDecodeStats, TokenLogprob
+from longserve.engine.scheduler import ScheduledSequence
 from longserve.engine.sequence import Sequence, SequenceStatus
 from longserve.engine.spec_decode.ngram import NgramProposer
+from longserve.engine.spec_decode.proposer import DraftProposer
 from longserve.engine.spec_decode.suffix import SuffixProposer
 
 _MAX_PAUSE = 32  # steps a sequence whose drafts failed repeatedly waits before drafting again
@@ -25,14 +28,6 @@ class _DraftState:
     length: int  # the most tokens it drafts next
     failures: int = 0  # verifications in a row that accepted nothing
     pause: int = 0  # steps left before it drafts again
-
-
-class DraftProposer(Protocol):
-    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:
-        """Up to ``lengths[i]`` draft tokens after each sequence's last token."""
-
-    def finish(self, seq: Sequence) -> None:
-        """The sequence ended: forget what is kept for it."""
 
 
 @dataclass
@@ -63,6 +58,10 @@ class Speculator:
             if drafts and seq.grammar is not None:  # only what the grammar would let through
                 drafts = drafts[: seq.grammar.validate_tokens(drafts)]
             seq.draft_token_ids = drafts
+
+    def observe(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor) -> None:
+        """A target step ran (before its sequences count the step's tokens): its rows' hidden states."""
+        self.proposer.observe(scheduled, hidden)
 
     def _length(self, seq: Sequence) -> int:
         """How many tokens ``seq`` drafts this step (0: none)."""
@@ -136,8 +135,9 @@ def _can_draft(seq: Sequence) -> bool:
     )
 
 
-def build_speculator(engine: EngineConfig, vocab_size: int, max_model_len: int) -> Speculator:
-    """The speculator of ``engine.speculative_config`` (a draft model is loaded onto the engine's device)."""
+def build_speculator(engine: EngineConfig, loaded, max_model_len: int) -> Speculator:
+    """The speculator of ``engine.speculative_config`` for the loaded target (a draft model, or the target's
+    MTP layer, is loaded onto the engine's device)."""
     c = engine.speculative_config
     if c.method == "ngram":
         proposer: DraftProposer = NgramProposer(c.prompt_lookup_min, c.prompt_lookup_max)
@@ -147,8 +147,13 @@ def build_speculator(engine: EngineConfig, vocab_size: int, max_model_len: int) 
             c.suffix_decoding_max_cached_requests,
             c.suffix_decoding_min_token_prob,
         )
-    else:
-        from longserve.engine.spec_decode.draft_model import DraftModelProposer  # loads torch models
+    elif c.method == "mtp":
+        from longserve.engine.spec_decode.mtp import MTPProposer  # loads torch models
 
+        proposer = MTPProposer(engine, loaded, c.draft_kv_cache_memory_mb, max_model_len)
+    else:
+        from longserve.engine.spec_decode.draft_model import DraftModelProposer
+
+        vocab_size = loaded.model_config.vocab_size
         proposer = DraftModelProposer(engine, c.model, c.draft_kv_cache_memory_mb, vocab_size, max_model_len)
     return Speculator(c, proposer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 
 from longserve.engine.sequence import Sequence
+from longserve.engine.spec_decode.proposer import DraftProposer
 
 # Occurrences of the tail bigram examined per query, most recent first: bounds a query's cost on text where
 # one bigram recurs thousands of times.
@@ -80,7 +81,7 @@ class _History:
         return draft, score
 
 
-class SuffixProposer:
+class SuffixProposer(DraftProposer):
     """Drafts from each sequence's own history and from the outputs of the last finished requests."""
 
     def __init__(self, max_depth: int, max_cached_requests: int, min_token_prob: float) -> None:
