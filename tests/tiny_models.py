@@ -338,3 +338,38 @@ def write_sharded_copy(src: str | os.PathLike, dst: str | os.PathLike, num_shard
         if (src / file).exists():
             shutil.copyfile(src / file, dst / file)
     return str(dst)
+
+
+MTP_PREFIX = f"model.layers.{TINY_SPECS['deepseek_v3'].config_kwargs['num_hidden_layers']}."
+
+
+def write_tiny_mtp_model(
+    directory: str | os.PathLike,
+) -> tuple[str, torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny DeepSeek-V3 checkpoint carrying a multi-token-prediction layer: (its directory, the HF model it
+    came from, its tensors). Built with one layer more than the target has: that layer is the MTP block; the
+    MTP layer's own tensors are added beside it, and config.json declares one MTP layer."""
+    import safetensors.torch
+
+    directory = Path(directory)
+    layers = TINY_SPECS["deepseek_v3"].config_kwargs["num_hidden_layers"]
+    tokenizer = train_tokenizer()
+    model = build_hf_model("deepseek_v3", tokenizer.get_vocab_size(), num_hidden_layers=layers + 1)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory, tokenizer)
+    weights = safetensors.torch.load_file(directory / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    hidden, mtp = model.config.hidden_size, MTP_PREFIX
+    weights.update({
+        mtp + "enorm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
+        mtp + "hnorm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
+        mtp + "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5,
+        mtp + "embed_tokens.weight": weights["model.embed_tokens.weight"].clone(),
+        mtp + "shared_head.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
+        mtp + "shared_head.head.weight": weights["lm_head.weight"].clone(),
+    })  # fmt: skip
+    safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config.update(num_hidden_layers=layers, num_nextn_predict_layers=1)
+    (directory / "config.json").write_text(json.dumps(config))
+    return str(directory), model, weights

@@ -42,3 +42,19 @@ def test_greedy_output_equals_plain_with_graphs(tiny_llama_dir, spec):
     stats = speculative.engine.stats().spec_decode
     assert stats.num_accepted_tokens > 0
     assert max(replays) > len(prompts)  # a verification step (more rows than sequences) replayed a graph
+
+
+def test_mtp_greedy_output_equals_plain_with_graphs(tmp_path):
+    """DeepSeek-V3 with its MTP layer on the GPU: the target's decode graphs hand their hidden states to the
+    MTP drafts, and greedy output equals plain decoding."""
+    import tiny_models
+
+    directory = tiny_models.write_tiny_mtp_model(tmp_path)[0]
+    options = dict(device="cuda", kv_cache_memory_mb=16, max_num_seqs=8)
+    plain = LLM(directory, **options)
+    speculative = LLM(directory, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **options)
+    prompts = _prompts(plain.engine.model_config.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [r.outputs[0].token_ids for r in plain.generate(prompts, params)]
+    assert [r.outputs[0].token_ids for r in speculative.generate(prompts, params)] == want
+    assert speculative.engine.stats().spec_decode.num_drafts > 0

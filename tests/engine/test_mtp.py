@@ -2,11 +2,9 @@
 are the MTP layer's greedy predictions (its logits against an oracle built from HF's own DeepSeek-V3 decoder
 layer), and speculative output equals plain decoding."""
 
-import json
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import tiny_models
 import torch
 import transformers
@@ -14,36 +12,12 @@ import transformers
 from longserve import LLM, SamplingParams
 
 LAYERS = tiny_models.TINY_SPECS["deepseek_v3"].config_kwargs["num_hidden_layers"]
-MTP = f"model.layers.{LAYERS}."
+MTP = tiny_models.MTP_PREFIX
 
 
 @pytest.fixture(scope="module")
 def mtp_model(tmp_path_factory):
-    """(checkpoint directory, the HF model it came from). Built with one layer more than the target has: that
-    layer is the MTP block; the MTP layer's own tensors are added beside it."""
-    directory = tmp_path_factory.mktemp("tiny_mtp")
-    tokenizer = tiny_models.train_tokenizer()
-    model = tiny_models.build_hf_model(
-        "deepseek_v3", tokenizer.get_vocab_size(), num_hidden_layers=LAYERS + 1
-    )
-    model.save_pretrained(directory, safe_serialization=True)
-    tiny_models.write_tokenizer(directory, tokenizer)
-    weights = safetensors.torch.load_file(directory / "model.safetensors")
-    g = torch.Generator().manual_seed(7)
-    hidden = model.config.hidden_size
-    weights.update({
-        MTP + "enorm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
-        MTP + "hnorm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
-        MTP + "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) / (2 * hidden) ** 0.5,
-        MTP + "embed_tokens.weight": weights["model.embed_tokens.weight"].clone(),
-        MTP + "shared_head.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=g),
-        MTP + "shared_head.head.weight": weights["lm_head.weight"].clone(),
-    })  # fmt: skip
-    safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    config.update(num_hidden_layers=LAYERS, num_nextn_predict_layers=1)
-    (directory / "config.json").write_text(json.dumps(config))
-    return str(directory), model, weights
+    return tiny_models.write_tiny_mtp_model(tmp_path_factory.mktemp("tiny_mtp"))
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
