@@ -17,7 +17,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longserve" / f"llama.cpp-{VERSION}"
-TOOLS = ("llama-server", "llama-perplexity")
+TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
 
 
 def binary(name: str = "llama-server", build: bool = True) -> Path | None:

@@ -26,7 +26,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
         choices=["none", "gguf", "gguf-q8", "int8"],
-        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0 weights, else none. "
+        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0/Q4_K/Q5_0 weights, else none. "
         "gguf = the file's own low-bit blocks (its exact values, fastest decode); gguf-q8 = the same with "
         "decode activations quantized to int8 blocks for integer dot products (llama.cpp's arithmetic, "
         "approximate); none = exact fp32; "

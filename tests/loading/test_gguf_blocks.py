@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize, quantize
+from kquants import quantize_q4_k
 
 from longserve.loading.gguf_blocks import Q4Blocks, cat_blocks, read_blocks
 
@@ -35,6 +36,16 @@ def test_fused_rows_concatenate() -> None:
     torch.testing.assert_close(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
     with pytest.raises(ValueError, match="different block formats"):
         cat_blocks([parts[0], read_blocks(quantize(_weights(2, 64), Q.Q8_0), Q.Q8_0)])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_0])
+def test_rearranged_formats_reproduce_the_dequantized_file(qtype) -> None:
+    """Q4_K and Q5_0 become Q4 / Q8 blocks with exactly the values gguf's own dequantizer gives."""
+    x = _weights(6, 512)
+    raw = quantize_q4_k(x) if qtype == Q.Q4_K else quantize(x, qtype)
+    want = dequantize(raw, qtype)
+    assert np.abs(want - x).max() < 0.25 * np.abs(x).max()  # a sane quantizer: the blocks hold x
+    assert np.array_equal(read_blocks(raw, qtype).dequantize().numpy(), want)
 
 
 def test_other_formats_are_refused() -> None:

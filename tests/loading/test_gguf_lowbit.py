@@ -1,4 +1,4 @@
-"""``quantization="gguf"``: a GGUF's own Q4_0/Q4_1/Q8_0 projections run low-bit and give what the exact (fp32)
+"""``quantization="gguf"``: a GGUF's own Q4_0/Q4_1/Q8_0 (and Q4_K, Q5_0) projections run low-bit and give what the exact (fp32)
 path gives on the same file; a projection fused from shards of different formats falls back to the exact
 values; the low-bit path keeps no float copy of the weights it serves."""
 
@@ -80,3 +80,36 @@ def test_auto_picks_the_low_bit_path_for_block_files_only(write_gguf, tiny_token
                quantization="none").engine.quantization is None  # fmt: skip
     floats = {name: (array, Q.F32) for name, (array, _) in _tensors(Q.F32, len(tiny_tokens)).items()}
     assert LLM(write_gguf(floats, metadata=METADATA, name="floats.gguf")).engine.quantization is None
+
+
+def test_k_quant_file_runs_on_its_own_blocks(write_gguf, tiny_tokens) -> None:
+    """A Q4_K_M-style file (llama.cpp's mix when rows are not whole 256-weight super-blocks): Q5_0 and Q8_0
+    projections, a Q4_K down projection. Every projection runs on blocks and matches the exact path."""
+    from kquants import quantize_q4_k
+
+    ffn = 256  # Q4_K rows are whole super-blocks
+    rng = np.random.default_rng(1)
+    tensors = _tensors(Q.Q5_0, len(tiny_tokens))
+    for name, shape, qtype in (("gate", (ffn, HIDDEN), Q.Q5_0), ("up", (ffn, HIDDEN), Q.Q5_0)):
+        tensors[f"blk.0.ffn_{name}.weight"] = ((rng.standard_normal(shape) * 0.2).astype(np.float32), qtype)
+    down = (rng.standard_normal((HIDDEN, ffn)) * 0.2).astype(np.float32)
+    tensors["blk.0.ffn_down.weight"] = (quantize_q4_k(down), Q.Q4_K)
+    tensors["blk.0.attn_q.weight"] = (tensors["blk.0.attn_q.weight"][0], Q.Q5_0)
+    tensors["blk.0.attn_v.weight"] = (tensors["blk.0.attn_v.weight"][0], Q.Q8_0)
+    path = write_gguf(tensors, metadata={**METADATA, "llama.feed_forward_length": ffn})
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
+    exact = LLM(path, quantization="none").generate("hello 12345 world", params)[0]
+    llm = LLM(path)
+    assert llm.engine.quantization == "gguf"
+    low_bit = llm.generate("hello 12345 world", params)[0]
+    assert low_bit.outputs[0].token_ids == exact.outputs[0].token_ids
+    for ours, theirs in zip(low_bit.prompt_logprobs[1:], exact.prompt_logprobs[1:], strict=True):
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+    layer = llm.engine.model.layers[0]
+    for linear in (
+        layer.self_attn.qkv_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_up_proj,
+        layer.mlp.down_proj,
+    ):
+        assert linear.kernel.blocks is not None and linear.weight is None

@@ -124,7 +124,7 @@ def resolve_quantization(
     requested: str | None, checkpoint, device: torch.device, tp: TensorParallel | None = None
 ) -> str | None:
     """The matmul mode for ``requested`` (None = auto): ``"none"`` -> None (exact fp32); auto -> ``"gguf"`` on
-    the CPU for a GGUF whose projections come in Q4_0/Q4_1/Q8_0 blocks (their exact values at a fifth of the
+    the CPU for a GGUF whose projections come in blocks the kernels run (``gguf_blocks``: their exact values at a fifth of the
     bytes; perplexity within 0.01% of the exact path on the default model), else exact.
 
     Auto falls back to exact, with a warning that says why, when the low-bit kernels cannot be built here

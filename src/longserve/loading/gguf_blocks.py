@@ -1,5 +1,12 @@
 """GGUF's block formats read as they are, for kernels that keep weights low-bit (``layers/cpu_kernels``):
 Q4_0 and Q4_1 as 4-bit codes with a scale and a minimum per 32 weights, Q8_0 as int8 codes with a scale.
+Two more formats are the same arithmetic, rearranged losslessly at load:
+
+- Q4_K (super-blocks of 256: eight 32-weight sub-blocks, each ``d * sc * q - dmin * m`` with 6-bit sc, m)
+  becomes 4-bit blocks with scale ``d * sc`` and minimum ``-dmin * m`` (exact in float32: 11 x 6 bits);
+- Q5_0 (``d * (q - 16)``, 5-bit q) becomes int8 codes ``q - 16`` with scale d.
+
+Q5_1, Q5_K and Q6_K (16-weight sub-blocks) have no such form: they are expanded to floats.
 
 Scales are stored as float32 (the file's fp16 values, exactly). Q4_0's ``d * (q - 8)`` becomes
 ``d * q + (-8 d)``, so both 4-bit formats are ``scale * code + minimum``; the nibbles keep the file's order
@@ -16,7 +23,7 @@ import torch
 
 GROUP = 32  # weights per block in every format here
 _Q = gguf.GGMLQuantizationType
-BLOCK_TYPES = (_Q.Q4_0, _Q.Q4_1, _Q.Q8_0)
+BLOCK_TYPES = (_Q.Q4_0, _Q.Q4_1, _Q.Q8_0, _Q.Q4_K, _Q.Q5_0)
 
 
 @dataclass
@@ -69,6 +76,10 @@ def read_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Blocks:
     """A tensor's raw bytes ``[rows, bytes_per_row]`` (as GGUFReader gives them) as codes + block params."""
     if qtype not in BLOCK_TYPES:
         raise ValueError(f"{qtype.name} has no low-bit kernel ({', '.join(t.name for t in BLOCK_TYPES)} do)")
+    if qtype == _Q.Q4_K:
+        return _read_q4_k(data)
+    if qtype == _Q.Q5_0:
+        return _read_q5_0(data)
     header = 4 if qtype == _Q.Q4_1 else 2  # fp16 d, then fp16 m for Q4_1
     payload = GROUP if qtype == _Q.Q8_0 else GROUP // 2
     rows = data.shape[0]
@@ -79,6 +90,42 @@ def read_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Blocks:
         return Q8Blocks(torch.from_numpy(codes.view(np.int8)), torch.from_numpy(scale))
     minimum = -8.0 * scale if qtype == _Q.Q4_0 else _fp16(blocks[..., 2:4])
     return Q4Blocks(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum))
+
+
+def _read_q5_0(data: np.ndarray) -> Q8Blocks:
+    """22-byte blocks: fp16 d, 32 high bits (bit j: weight j's), 16 bytes of low nibbles (Q4's order)."""
+    rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, 22)  # [rows, groups, bytes]
+    high = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [rows, groups, 1]
+    bits = (high >> np.arange(GROUP, dtype=np.uint32)) & 1  # [rows, groups, 32]
+    low = blocks[..., 6:22]
+    nibbles = np.concatenate([low & 0x0F, low >> 4], axis=-1)  # [rows, groups, 32]
+    codes = (nibbles | (bits << 4).astype(np.uint8)).astype(np.int8) - np.int8(16)
+    return Q8Blocks(torch.from_numpy(codes.reshape(rows, -1)), torch.from_numpy(_fp16(blocks[..., 0:2])))
+
+
+def _read_q4_k(data: np.ndarray) -> Q4Blocks:
+    """144-byte super-blocks: fp16 d, fp16 dmin, 12 bytes of 6-bit (sc, m) pairs for 8 sub-blocks, 128 bytes of
+    codes (per 64 weights, 32 bytes: the low nibbles are the first sub-block, the high ones the second)."""
+    rows = data.shape[0]
+    sb = np.ascontiguousarray(data).reshape(rows, -1, 144)  # [rows, supers, bytes]
+    d, dmin = _fp16(sb[..., 0:2]), _fp16(sb[..., 2:4])  # [rows, supers]
+    packed = sb[..., 4:16].astype(np.uint8)  # [rows, supers, 12]
+    sc = np.empty(packed.shape[:-1] + (8,), dtype=np.uint8)
+    m = np.empty_like(sc)
+    sc[..., :4], m[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
+    sc[..., 4:] = (packed[..., 8:12] & 0x0F) | ((packed[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    scale = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)  # [rows, groups]
+    minimum = (-(dmin[..., None] * m.astype(np.float32))).reshape(rows, -1)
+    qs = sb[..., 16:].reshape(rows, -1, 4, 32)  # [rows, supers, pairs, 32 bytes]
+    sub = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [rows, supers, pairs, 2, 32]: one sub-block's codes each
+    sub = sub.reshape(rows, -1, GROUP)  # [rows, groups, 32] in weight order
+    codes = sub[..., :16] | (sub[..., 16:] << 4)  # weight j low nibble, j + 16 high: Q4's order
+    return Q4Blocks(
+        torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, -1)), torch.from_numpy(scale),
+        torch.from_numpy(minimum),
+    )  # fmt: skip
 
 
 def _fp16(two_bytes: np.ndarray) -> np.ndarray:

@@ -87,7 +87,7 @@ class _LazyDequantized(Mapping[str, torch.Tensor]):
         return any(t.tensor_type in BLOCK_TYPES and len(t.shape) == 2 for t in self._tensors.values())
 
     def blocks(self, hf_name: str, *, counts_as_read: bool = True) -> Blocks | None:
-        """The tensor as its low-bit blocks (Q4_0/Q4_1/Q8_0, rows un-permuted like the values), else None.
+        """The tensor as its low-bit blocks (``BLOCK_TYPES``, rows un-permuted like the values), else None.
 
         ``counts_as_read=False`` for a tensor that is also read as floats (tied embeddings), so the progress
         bar counts it once."""
