@@ -51,6 +51,7 @@ from pathlib import Path
 
 import _llama_server
 import httpx
+from _bench_util import default_model
 
 SERVER_SYSTEMS = (
     "longserve",
@@ -248,6 +249,9 @@ def _base_command(
             cmd += ["--no-enable-prefix-caching"]
         elif system != "longserve":
             cmd += ["--quantization", system.removeprefix("longserve-")]
+        if model_path.resolve() != Path(default_model()).resolve():
+            cmd += ["--model", str(model_path), "--served-model-name", model_path.stem]
+            return cmd, {}, model_path.stem
         # the default model is exactly model_path; passing no --model exercises the newcomer's path
         return cmd, {}, "SmolLM2-135M-Instruct"
     if system == "llama-server":

@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force-length", action="store_true", help="send min_tokens=max_tokens and ignore_eos")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads per call (as installed)")
     p.add_argument("--quick", action="store_true", help="concurrency 1,8 with 2,8 requests of 32 tokens")
+    p.add_argument("--model", type=Path, help="a GGUF file for every system (default: the default model), e.g. a "
+                   "Q4_K_M made by llama-quantize")  # fmt: skip
     p.add_argument("--wait-idle", type=float, default=0, metavar="S", help="wait up to S s for idle CPUs")
     p.add_argument("--retries", type=int, default=1, help="re-measure a phase when others took > 10%% CPU")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine-direct run")
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         res = run_engine_phases(args.worker, json.loads(Path(args.spec).read_text()))
         Path(args.result).write_text(json.dumps(res))
         return 0
-    model_path = default_model()
+    model_path = args.model or default_model()
     if not model_path.is_file():
-        print(f"default model not found: {model_path}", file=sys.stderr)
+        print(f"model not found: {model_path}", file=sys.stderr)
         return 2
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="serve_load-") as log_dir:
