@@ -126,3 +126,23 @@ def test_mtp_checkpoint_serves_plainly_without_speculation(mtp_model):
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
     assert Path(mtp_model[0], "config.json").exists()
+
+
+def test_mtp_cache_too_small_gives_up_on_some_sequences(mtp_model):
+    """A one-MiB MTP cache cannot hold four 480-token prompts: the sequences it cannot take draft nothing
+    (their hidden states are not kept), and output is still plain decoding's."""
+    options = dict(kv_cache_memory_mb=8, max_num_seqs=4)
+    plain = LLM(mtp_model[0], **options)
+    spec = LLM(mtp_model[0], **options, speculative_config={"method": "mtp", "draft_kv_cache_memory_mb": 1})
+    vocab = plain.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, vocab, (480,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    proposer = spec.engine.speculator.proposer
+    states = []
+    finish = proposer.finish
+    proposer.finish = lambda seq: states.append(proposer._states.get(seq)) or finish(seq)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
+    assert any(s.disabled for s in states) and not all(s.disabled for s in states)
+    assert proposer.blocks.num_free_blocks == proposer.blocks.num_usable_blocks  # every block came back

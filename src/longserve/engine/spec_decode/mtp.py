@@ -31,6 +31,7 @@ from longserve.models.deepseek_mtp import DeepseekMTP, mtp_layer_count
 
 _GREEDY = SamplingParams(temperature=0)
 _CATCH_UP = 2048  # rows per catch-up forward pass (summed over sequences)
+_MAX_GAP = 8192  # the most rows the target never ran (a prefix-cache hit) filled with zero hidden states
 
 
 @dataclass
@@ -38,6 +39,8 @@ class _MTPState:
     shadow: Sequence  # token p + 1 at index p; its block table is in the MTP layer's cache
     real: int = 0  # rows computed from the target's hidden states (valid KV)
     hidden: torch.Tensor | None = None  # [m, hidden]: the target's hidden states of rows real .. real + m
+    # Gave up (its cache did not fit, or too many rows were never run): no drafts, nothing kept
+    disabled: bool = False
 
 
 class MTPProposer(DraftProposer):
@@ -85,8 +88,10 @@ class MTPProposer(DraftProposer):
             state = self._state(seq)
             self._align(state, seq.num_computed_tokens)
             rows = hidden[row : row + count]
-            state.hidden = rows.clone() if state.hidden is None else torch.cat([state.hidden, rows])
             row += count
+            if state.disabled:
+                continue
+            state.hidden = rows.clone() if state.hidden is None else torch.cat([state.hidden, rows])
             ready.append((seq, state))
         self._catch_up(ready, want_logits=False)
 
@@ -144,11 +149,18 @@ class MTPProposer(DraftProposer):
         self.blocks.trim(shadow, state.real)
         return state
 
+    def _disable(self, state: _MTPState) -> None:
+        state.disabled, state.hidden = True, None
+        self.blocks.free(state.shadow)
+
     def _align(self, state: _MTPState, computed: int) -> None:
         """Make the kept hidden states cover exactly rows ``real`` .. ``computed`` (the target's computed
         tokens): rejected drafts' rows go; a target that recomputes (a preempted sequence) restarts it there;
         rows the target never ran (a prefix-cache hit) get zero hidden states, so the MTP layer sees their
-        tokens only and drafts from an approximate cache (drafts are verified, so output is unchanged)."""
+        tokens only and drafts from an approximate cache (drafts are verified, so output is unchanged); more
+        than _MAX_GAP such rows disable the sequence's drafts."""
+        if state.disabled:
+            return
         if computed < state.real:
             state.real = state.shadow.num_computed_tokens = computed
             self.blocks.trim(state.shadow, computed)
@@ -156,6 +168,8 @@ class MTPProposer(DraftProposer):
         have = 0 if state.hidden is None else len(state.hidden)
         if state.real + have > computed:
             state.hidden = state.hidden[: computed - state.real]
+        elif computed - state.real - have > _MAX_GAP:
+            self._disable(state)
         elif state.real + have < computed:
             gap = torch.zeros(
                 computed - state.real - have, self.hidden_size, dtype=self.dtype, device=self.device
@@ -175,9 +189,13 @@ class MTPProposer(DraftProposer):
             ready = min(
                 len(state.hidden) if state.hidden is not None else 0, seq.num_known_tokens - 1 - state.real
             )
-            if ready > 0 and self.blocks.can_grow(state.shadow, state.real + ready):
-                self.blocks.grow(state.shadow, state.real + ready)
-                pending.append((index, state, ready))
+            if ready <= 0 or state.disabled:
+                continue
+            if not self.blocks.can_grow(state.shadow, state.real + ready):
+                self._disable(state)  # its hidden states would pile up waiting for room
+                continue
+            self.blocks.grow(state.shadow, state.real + ready)
+            pending.append((index, state, ready))
         while pending:
             budget, batch, rest = _CATCH_UP, [], []
             for index, state, ready in pending:
