@@ -84,8 +84,11 @@ async def run_apps(
     ]
     servers = [_Server(config) for config in configs]
     loop = asyncio.get_running_loop()
+    stopping = False
 
     def stop_all() -> None:
+        nonlocal stopping
+        stopping = True
         for spec in specs:
             if spec.on_stop is not None:
                 spec.on_stop()
@@ -117,9 +120,10 @@ async def run_apps(
         # Shielded: cancelling us must not cut Uvicorn off mid-loop (it would skip lifespan exit and leave
         # sockets open); the finally block asks every server to exit and waits for that instead.
         serving = asyncio.shield(asyncio.gather(*tasks))
-        while fatal is not None and not serving.done():
+        # Once stopping, parts that end first (API processes asked to stop) are no failure.
+        while fatal is not None and not serving.done() and not stopping:
             await asyncio.wait([serving], timeout=FATAL_POLL_S)
-            reason = fatal()
+            reason = None if stopping else fatal()
             if reason is not None:
                 raise RuntimeError(reason)
         await serving
