@@ -5,10 +5,15 @@ import os
 import shutil
 
 import pytest
+import torch
+from tiny_models import TINY_SPECS, build_hf_model
 
 from longserve import LLM
+from longserve.attention.backend import get_backend
+from longserve.layers.linear import ShardTarget
 from longserve.loading.errors import ModelLoadError
-from longserve.models.registry import supported_architectures
+from longserve.models.interface import CausalLM, Encoder
+from longserve.models.registry import build_model, supported_architectures
 
 
 def _copy_with_config(src, dst, **changes):
@@ -54,3 +59,25 @@ def test_missing_model_path_is_reported(tmp_path):
 def test_sliding_window_models_are_capped_at_their_window(tiny_mistral_dir, tmp_path):
     model_dir = _copy_with_config(tiny_mistral_dir, tmp_path / "m", sliding_window=128)
     assert LLM(model_dir).engine.max_model_len == 128
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SPECS))
+def test_every_decoder_family_keeps_the_engine_interface(name):
+    """The engine calls models only through models/interface.py: each family's class must keep it, and name
+    its projections (LoRA finds them by their ``ShardTarget``)."""
+    hf = build_hf_model(name, vocab_size=64)
+    config = {**hf.config.to_dict(), "architectures": [type(hf).__name__]}
+    model, _ = build_model(config, get_backend("dense"), torch.float32)
+    assert isinstance(model, CausalLM) and not isinstance(model, Encoder)
+    projections = [n for n, t in model.weight_targets().items() if isinstance(t, ShardTarget)]
+    assert any(n.endswith("o_proj.weight") for n in projections), projections[:5]
+    assert set(model.weight_targets()) >= {n for n, _ in hf.named_parameters() if "embed" in n}
+
+
+def test_an_encoder_family_keeps_the_encoder_interface(tmp_path):
+    from embedding_models import write_tiny_bert
+
+    directory = write_tiny_bert(tmp_path / "bert")
+    config = json.load(open(os.path.join(directory, "config.json")))
+    model, _ = build_model(config, get_backend("dense"), torch.float32)
+    assert isinstance(model, Encoder) and not isinstance(model, CausalLM)

@@ -10,7 +10,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 
 from longserve.attention.backend import layer_backends
 from longserve.attention.paged_cache import LayerKVCache, allocate_kv_cache
@@ -22,6 +21,7 @@ from longserve.layers.matmul import runs_blocks
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.loading.pooling_config import PoolingConfig
+from longserve.models.interface import CausalLM, Encoder
 from longserve.models.registry import ModelFamily, build_model, resolve_architecture
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    model: nn.Module  # eval mode, on its device, prepared for inference
+    model: CausalLM | Encoder  # eval mode, on its device, prepared for inference
     model_config: Any  # DecoderConfig or a family's own config (the whole model's shapes, not one rank's)
     family: ModelFamily
     tokenizer: Any
@@ -100,7 +100,7 @@ def build_graphs(
         return None
     if (
         config.attention != "dense"
-        or not getattr(loaded.model, "supports_cuda_graphs", False)
+        or not loaded.model.supports_cuda_graphs
         or tp.expert_parallel  # its dispatch picks each rank's rows on the host
     ):
         log.info("CUDA graphs are not used for this model or attention backend: every step runs eagerly")

@@ -18,7 +18,6 @@ projections into the "rotate half" order ``(x0, x2, ..., x1, x3, ...)`` and use 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -33,8 +32,8 @@ from longserve.distributed.parallel import TensorParallel
 from longserve.layers.linear import Linear
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import apply_rotary, rope_inverse_frequencies
+from longserve.layers.weight_loading import Loader, copier
 
-Loader = Callable[[torch.Tensor], None]
 # HF builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 
@@ -239,8 +238,12 @@ class MultiHeadLatentAttention(nn.Module):
         ) -> Loader:
             # rows_per_head: rows form heads ending in RoPE dims, reordered (whole, before slicing) when the
             # checkpoint pairs them.
+            reordered = rows_per_head is not None and c.rope_interleave
+            if not bias and not reordered and (take is whole or not tp.is_parallel):
+                return linear.shard(shard)  # the checkpoint's rows as they are (LoRA can target it)
+
             def load(tensor: torch.Tensor) -> None:
-                if rows_per_head is not None and c.rope_interleave:
+                if reordered:
                     tensor = deinterleave_rope_rows(tensor, c.qk_rope_head_dim, rows_per_head)
                 (linear.load_bias_shard if bias else linear.load_shard)(shard, take(tensor))
 
@@ -249,7 +252,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv_a_rows = c.kv_lora_rank + c.qk_rope_head_dim  # kv_a_proj_with_mqa: one "head", [latent | k_pe]
         loaders = {
             "kv_a_proj_with_mqa.weight": into(self.fused_a_proj, 1, whole, kv_a_rows),
-            "kv_a_layernorm.weight": _copier(self.kv_a_layernorm.weight),
+            "kv_a_layernorm.weight": copier(self.kv_a_layernorm.weight),
             "kv_b_proj.weight": into(self.kv_b_proj, 0, heads),
             "o_proj.weight": into(self.o_proj, 0, partial(tp.rows, dim=1)),  # row-parallel: input columns
         }
@@ -257,7 +260,7 @@ class MultiHeadLatentAttention(nn.Module):
             loaders["q_proj.weight"] = into(self.fused_a_proj, 0, heads, c.qk_head_dim)
         else:
             loaders["q_a_proj.weight"] = into(self.fused_a_proj, 0, whole)
-            loaders["q_a_layernorm.weight"] = _copier(self.q_a_layernorm.weight)
+            loaders["q_a_layernorm.weight"] = copier(self.q_a_layernorm.weight)
             loaders["q_b_proj.weight"] = into(self.q_b_proj, 0, heads, c.qk_head_dim)
         if c.attention_bias:
             loaders["kv_a_proj_with_mqa.bias"] = into(self.fused_a_proj, 1, whole, kv_a_rows, bias=True)
@@ -265,12 +268,3 @@ class MultiHeadLatentAttention(nn.Module):
             if c.q_lora_rank is not None:  # HF gives q_proj no bias even with attention_bias
                 loaders["q_a_proj.bias"] = into(self.fused_a_proj, 0, whole, bias=True)
         return {prefix + name: load for name, load in loaders.items()}
-
-
-def _copier(param: torch.Tensor) -> Loader:
-    def copy(tensor: torch.Tensor) -> None:
-        if tensor.shape != param.shape:
-            raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        param.copy_(tensor)
-
-    return copy

@@ -7,7 +7,7 @@ lengths beside them; attention keeps each sequence to itself (attention/referenc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +21,7 @@ from longserve.layers.linear import Linear
 from longserve.layers.matmul import runs_blocks
 from longserve.layers.mlp import GeluMLP
 from longserve.layers.norm import LayerNorm
-from longserve.models.llama import _copier
+from longserve.layers.weight_loading import Loader, copier, load_into
 
 
 @dataclass(frozen=True)
@@ -154,27 +154,16 @@ class BertModel(nn.Module):
         The pooler (dense + tanh over [CLS], for next-sentence prediction) is not part of an embedding and is
         skipped, as sentence-transformers does.
         """
-        targets = self._weight_targets()
-        unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not use: {unknown[:5]}")
-        missing = sorted(set(targets) - set(weights))
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for name, load in targets.items():
-            try:
-                load(weights[name].to(self.dtype))
-            except (ValueError, RuntimeError) as exc:
-                raise ValueError(f"tensor {name}: {exc}") from exc
+        load_into(weights, self.weight_targets(), self.dtype, _ignorable)
 
-    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
+    def weight_targets(self) -> dict[str, Loader]:
         """HF tensor name -> function copying that tensor into place."""
-        targets: dict[str, Callable[[torch.Tensor], None]] = {
-            "embeddings.word_embeddings.weight": _copier(self.word_embeddings),
-            "embeddings.position_embeddings.weight": _copier(self.position_embeddings),
-            "embeddings.token_type_embeddings.weight": _copier(self.token_type_embeddings),
-            "embeddings.LayerNorm.weight": _copier(self.embedding_norm.weight),
-            "embeddings.LayerNorm.bias": _copier(self.embedding_norm.bias),
+        targets: dict[str, Loader] = {
+            "embeddings.word_embeddings.weight": copier(self.word_embeddings),
+            "embeddings.position_embeddings.weight": copier(self.position_embeddings),
+            "embeddings.token_type_embeddings.weight": copier(self.token_type_embeddings),
+            "embeddings.LayerNorm.weight": copier(self.embedding_norm.weight),
+            "embeddings.LayerNorm.bias": copier(self.embedding_norm.bias),
         }
         for i, layer in enumerate(self.layers):
             prefix = f"encoder.layer.{i}."
@@ -194,8 +183,8 @@ class BertModel(nn.Module):
                 ("attention.output.LayerNorm", layer.attention_norm),
                 ("output.LayerNorm", layer.output_norm),
             ):
-                targets[f"{prefix}{hf_name}.weight"] = _copier(norm.weight)
-                targets[f"{prefix}{hf_name}.bias"] = _copier(norm.bias)
+                targets[f"{prefix}{hf_name}.weight"] = copier(norm.weight)
+                targets[f"{prefix}{hf_name}.bias"] = copier(norm.bias)
         return targets
 
 

@@ -14,7 +14,7 @@ optionally renormalised (``norm_topk_prob``), then scaled.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,8 @@ from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.moe import MoE, RouterConfig, moe_blocks_capturable
 from longserve.layers.moe_weights import MoEWeightNames, moe_weight_targets
 from longserve.layers.norm import RMSNorm
+from longserve.layers.weight_loading import Loader, copier, load_into
 from longserve.models.llama import PreNormDecoderLayer, run_decoder, sliced, swiglu_weight_targets
-
-Loader = Callable[[torch.Tensor], None]
 
 # transformers' config-class defaults, used where config.json omits a field (as HF itself does).
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -315,22 +314,12 @@ class DeepseekForCausalLM(nn.Module):
         (``experts.gate_up_proj`` / ``experts.down_proj``, transformers 5's in-memory layout). Each name is
         read once, so a lazily dequantized checkpoint never sits in memory whole.
         """
-        names = set(weights)
-        targets = self._weight_targets(names)
-        unknown = sorted(name for name in names if name not in targets and not self._ignorable(name))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not use: {unknown[:5]}")
-        missing = sorted(set(targets) - names)
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for name, load in targets.items():
-            try:
-                load(weights[name].to(self.dtype))
-            except (ValueError, RuntimeError) as exc:
-                raise ValueError(f"tensor {name}: {exc}") from exc
+        load_into(weights, self.weight_targets(set(weights)), self.dtype, self._ignorable)
 
-    def _weight_targets(self, names: set[str]) -> dict[str, Loader]:
-        """HF tensor name -> function copying that tensor into place."""
+    def weight_targets(self, names: set[str] | None = None) -> dict[str, Loader]:
+        """HF tensor name -> function copying that tensor into place. ``names``: the checkpoint's (it says
+        how routed experts are stored; default: per expert)."""
+        names = names or set()
         tp = self.tp
         targets: dict[str, Loader] = {
             "model.embed_tokens.weight": sliced(tp, copier(self.embed_tokens), tp.vocab_rows),
@@ -371,12 +360,3 @@ def decoder_layer_targets(
         moe_targets[mlp_prefix + "experts.down_proj"] = mlp.load_stacked_down
     targets.update(moe_targets)
     return targets
-
-
-def copier(param: torch.Tensor) -> Loader:
-    def copy(tensor: torch.Tensor) -> None:
-        if tensor.shape != param.shape:
-            raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        param.copy_(tensor)
-
-    return copy

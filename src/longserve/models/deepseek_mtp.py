@@ -29,7 +29,8 @@ from longserve.layers.linear import Linear
 from longserve.layers.mla import MLARotary
 from longserve.layers.moe import MoE
 from longserve.layers.norm import RMSNorm
-from longserve.models.deepseek import DeepseekConfig, DeepseekDecoderLayer, copier, decoder_layer_targets
+from longserve.layers.weight_loading import copier, load_into
+from longserve.models.deepseek import DeepseekConfig, DeepseekDecoderLayer, decoder_layer_targets
 
 _OWN_TENSORS = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
                 "shared_head.norm.weight", "shared_head.head.weight")  # fmt: skip
@@ -100,19 +101,11 @@ class DeepseekMTP(nn.Module):
                self.head_norm.weight, self.head)  # fmt: skip
         for name, param in zip(_OWN_TENSORS, own, strict=True):
             targets[prefix + name] = copier(param)
-        missing = sorted(set(targets) - names)
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks its multi-token-prediction layer's tensors: {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}"
-            )
-        unknown = sorted(n for n in names if n not in targets and not re.search(r"rotary_emb\.inv_freq$", n))
-        if unknown:
-            raise ValueError(
-                f"the multi-token-prediction layer has tensors this model does not use: {unknown[:5]}"
-            )
-        for name, load in targets.items():
-            try:
-                load(weights[name].to(self.dtype))
-            except (ValueError, RuntimeError) as exc:
-                raise ValueError(f"tensor {name}: {exc}") from exc
+        try:
+            load_into(weights, targets, self.dtype, _ignorable, names=names)
+        except ValueError as exc:
+            raise ValueError(f"the multi-token-prediction layer: {exc}") from exc
+
+
+def _ignorable(name: str) -> bool:
+    return re.search(r"rotary_emb\.inv_freq$", name) is not None

@@ -20,11 +20,12 @@ from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.distributed.parallel import TensorParallel
 from longserve.layers.attention import SelfAttention
-from longserve.layers.linear import Linear, ShardTarget
+from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul, runs_blocks
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import RotaryEmbedding
+from longserve.layers.weight_loading import Loader, copier, load_into
 from longserve.loading.gguf_blocks import select_rows
 from longserve.models.config import DecoderConfig
 
@@ -234,42 +235,28 @@ class LlamaForCausalLM(nn.Module):
             self.embed_blocks = None
         else:
             self.embed_blocks = self.head_blocks if tied and with_head else blocks_of(embed_name)
-        targets = self._weight_targets()
-        unknown = sorted(name for name in weights if name not in targets and not _ignorable(name))
-        if unknown:
-            raise ValueError(f"checkpoint has tensors this model does not use: {unknown[:5]}")
-        missing = sorted(set(targets) - set(weights))
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for name, load in targets.items():
-            try:
-                blocks = blocks_of(name) if blocks_of is not None and isinstance(load, ShardTarget) else None
-                if blocks is not None:
-                    load.load_blocks(blocks)
-                    continue
-                if (name == head_name and self.head_blocks is not None) or (
-                    name == embed_name and self.embed_blocks is not None
-                ):
-                    continue  # served from its blocks; the float copy would only take memory
-                load(weights[name].to(self.dtype))
-            except (ValueError, RuntimeError) as exc:
-                raise ValueError(f"tensor {name}: {exc}") from exc
+        skip = set()
+        if self.head_blocks is not None:
+            skip.add(head_name)
+        if self.embed_blocks is not None:
+            skip.add(embed_name)  # served from its blocks; the float copy would only take memory
+        load_into(weights, self.weight_targets(), self.dtype, _ignorable, blocks_of, skip)
 
-    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
+    def weight_targets(self) -> dict[str, Loader]:
         """HF tensor name -> function copying that tensor into place."""
         top, tp = self.weight_prefix, self.tp
         kv_rows = partial(tp.kv_head_rows, num_kv_heads=self.config.num_kv_heads)
         targets = {
-            top + "embed_tokens.weight": sliced(tp, _copier(self.embed_tokens), tp.vocab_rows),
-            top + "norm.weight": _copier(self.norm.weight),
+            top + "embed_tokens.weight": sliced(tp, copier(self.embed_tokens), tp.vocab_rows),
+            top + "norm.weight": copier(self.norm.weight),
         }
         if self.has_output_head and not self.config.tie_word_embeddings:
-            targets["lm_head.weight"] = sliced(tp, _copier(self.lm_head), tp.vocab_rows)
+            targets["lm_head.weight"] = sliced(tp, copier(self.lm_head), tp.vocab_rows)
         for i, layer in enumerate(self.layers):
             prefix = f"{top}layers.{i}."
             attn = layer.self_attn
-            targets[prefix + "input_layernorm.weight"] = _copier(layer.input_layernorm.weight)
-            targets[prefix + "post_attention_layernorm.weight"] = _copier(
+            targets[prefix + "input_layernorm.weight"] = copier(layer.input_layernorm.weight)
+            targets[prefix + "post_attention_layernorm.weight"] = copier(
                 layer.post_attention_layernorm.weight
             )
             for shard, (part, rows) in enumerate((("q", tp.rows), ("k", kv_rows), ("v", kv_rows))):
@@ -281,21 +268,19 @@ class LlamaForCausalLM(nn.Module):
                     targets[f"{prefix}self_attn.{part}_proj.bias"] = sliced(tp, load_bias, rows)
             targets[prefix + "self_attn.o_proj.weight"] = sliced(tp, attn.o_proj.shard(0), input_columns(tp))
             if attn.q_norm is not None:
-                targets[prefix + "self_attn.q_norm.weight"] = _copier(attn.q_norm.weight)
-                targets[prefix + "self_attn.k_norm.weight"] = _copier(attn.k_norm.weight)
+                targets[prefix + "self_attn.q_norm.weight"] = copier(attn.q_norm.weight)
+                targets[prefix + "self_attn.k_norm.weight"] = copier(attn.k_norm.weight)
             targets.update(self._mlp_weight_targets(prefix, layer.mlp))
         return targets
 
-    def _mlp_weight_targets(
-        self, layer_prefix: str, mlp: nn.Module
-    ) -> dict[str, Callable[[torch.Tensor], None]]:
+    def _mlp_weight_targets(self, layer_prefix: str, mlp: nn.Module) -> dict[str, Loader]:
         """The feed-forward block's tensors (``layer_prefix`` is ``model.layers.{i}.``); families override."""
         return swiglu_weight_targets(self.tp, mlp, layer_prefix + "mlp.")
 
 
 def swiglu_weight_targets(
     tp: TensorParallel, mlp: SwiGLUMLP, prefix: str, names: tuple[str, str, str] = ("gate", "up", "down")
-) -> dict[str, Callable[[torch.Tensor], None]]:
+) -> dict[str, Loader]:
     """A SwiGLU block's three projections under ``prefix``: gate and up column-parallel, down row-parallel."""
     gate, up, down = (f"{prefix}{name}_proj.weight" for name in names)
     return {
@@ -324,15 +309,6 @@ class LlamaEmbeddingModel(LlamaForCausalLM):
 
     weight_prefix: ClassVar[str] = ""
     has_output_head: ClassVar[bool] = False
-
-
-def _copier(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    def copy(tensor: torch.Tensor) -> None:
-        if tensor.shape != param.shape:
-            raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        param.copy_(tensor)
-
-    return copy
 
 
 def _ignorable(name: str) -> bool:

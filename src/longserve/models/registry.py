@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from longserve.attention.backend import BackendsForLayers, per_layer
 from longserve.distributed.parallel import TensorParallel
@@ -15,6 +14,7 @@ from longserve.loading.pooling_config import MEAN_NORMALIZED, PoolingConfig
 from longserve.models.bert import BertConfig, BertModel
 from longserve.models.config import DecoderConfig
 from longserve.models.deepseek import DeepseekConfig, DeepseekForCausalLM
+from longserve.models.interface import CausalLM, Encoder
 from longserve.models.llama import LlamaEmbeddingModel, LlamaForCausalLM
 from longserve.models.mixtral import MixtralForCausalLM, read_mixtral_config
 from longserve.models.qwen_moe import QwenMoeForCausalLM, read_qwen2_moe_config, read_qwen3_moe_config
@@ -25,7 +25,7 @@ class ModelFamily:
     read_config: Callable[
         [dict], Any
     ]  # DecoderConfig or a family's own config with the same engine-facing fields
-    model_class: type[nn.Module]
+    model_class: type[CausalLM] | type[Encoder]  # built as (config, backends, dtype, tp=...)
     can_generate: bool = True  # False: an embedding checkpoint without an output head; generating is refused
     encoder: bool = False  # bidirectional: embedded by ``model.encode`` in one pass, with no paged KV cache
     # The embedding pooling when the checkpoint has no sentence-transformers files saying otherwise.
@@ -81,7 +81,7 @@ def resolve_architecture(hf_config: dict) -> ModelFamily:
 
 def build_model(
     hf_config: dict, backends: BackendsForLayers, dtype: torch.dtype, tp: TensorParallel | None = None
-) -> tuple[nn.Module, DecoderConfig]:
+) -> tuple[CausalLM | Encoder, DecoderConfig]:
     """An empty (unloaded) model for this config: all of it, or rank ``tp.rank``'s shard. ``backends``: one
     attention backend for every layer, or a function from the layer count to one backend per layer
     (``partial(layer_backends, engine_config)``)."""
