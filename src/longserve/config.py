@@ -130,6 +130,12 @@ class EngineConfig:
     # Speculative decoding (SpeculativeConfig, or its dict / JSON); None: off. Its steps are read back at once,
     # so it turns async_scheduling off unless that was asked for (then it is an error).
     speculative_config: SpeculativeConfig | None = None
+    # LoRA adapters (lora/), on when enable_lora or lora_modules: a request names one as its model
+    enable_lora: bool = False
+    lora_modules: tuple[str, ...] = ()  # "name=path" (a PEFT directory), loaded at start
+    max_loras: int = 1  # adapters in the device slots at once: one step mixes up to this many
+    max_lora_rank: int = 16  # the highest adapter rank accepted (slots are sized by it)
+    max_cpu_loras: int | None = None  # adapters kept in host memory when unused; None: max_loras
     show_progress: bool = False  # progress bar while loading
     # Tensor parallelism: one rank per device (one process each, the engine's own is rank 0); heads, MLP rows
     # and the vocabulary split across ranks. kv_cache_memory_mb is per rank.
@@ -177,11 +183,39 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         self._validate_attention()
+        self._validate_lora()
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.speculative_config is not None and self.async_scheduling:
             raise ValueError(
                 "speculative decoding needs each step's accepted tokens before the next step is scheduled: "
                 "it cannot run with async_scheduling"
+            )
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
+
+    def lora_paths(self) -> dict[str, str]:
+        """``lora_modules`` as name -> path."""
+        return dict(module.split("=", 1) for module in self.lora_modules)
+
+    def _validate_lora(self) -> None:
+        if isinstance(self.lora_modules, str):
+            self.lora_modules = tuple(m.strip() for m in self.lora_modules.split(",") if m.strip())
+        for module in self.lora_modules:
+            name, _, path = module.partition("=")
+            if not name or not path:
+                raise ValueError(f"lora_modules entries are name=path, got {module!r}")
+        names = [m.split("=", 1)[0] for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules names must be unique, got {names}")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})"
             )
 
     def _validate_attention(self) -> None:

@@ -14,7 +14,7 @@ from longserve.config import EngineConfig
 from longserve.distributed.launch import RankDiedError
 from longserve.engine.embeddings import Embedder
 from longserve.engine.kv_cache import BlockManager
-from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
+from longserve.engine.model_loading import allocate_caches, build_graphs, build_lora, load_model
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.protocol import (
     EngineRequest,
@@ -105,11 +105,14 @@ class LLMEngine:
             if config.attention == "moba"
             else 1,
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.lora = build_lora(config, loaded, self.device, self.ranks.tp)  # None: no adapters served
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, self.lora
+        )
         graphs = build_graphs(config, loaded, caches, self.device, self.ranks.tp, self.max_model_len)
         self.runner = ModelRunner(
             self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len,
-            ranks=self.ranks,
+            ranks=self.ranks, lora_rows=self.lora.slots.rows if self.lora is not None else None,
         )  # fmt: skip
         self.runner.keep_hidden = self.speculator is not None and self.speculator.proposer.needs_hidden_states
         self.sampler = Sampler()
@@ -146,13 +149,35 @@ class LLMEngine:
         if engine_request.request_id in self.requests:
             raise ValueError(f"request_id {engine_request.request_id!r} is already running")
         request = build_request(self.limits, engine_request)
+        self.scheduler.check_fits(request.seqs[0])  # (before its adapter is held: nothing to undo)
+        if engine_request.lora_name is not None:
+            if self.lora is None:
+                raise ValueError(f"model {engine_request.lora_name!r}: this engine serves no LoRA adapters")
+            for seq in request.seqs:
+                seq.lora_id = self.lora.hold(engine_request.lora_name)  # LoRAError (a ValueError) if unknown
         if request.params.structured_output is not None:
-            self.scheduler.check_fits(request.seqs[0])
             self.grammars.add(request)  # scheduled by step() once its grammar has compiled
         else:
             for seq in request.seqs:
                 self.scheduler.add(seq)
         self.requests[request.request_id] = request
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve LoRA adapter ``name`` from PEFT directory ``path``; ``LoRAError`` (a ValueError) if it
+        cannot be served here or the name is taken. Running requests are not disturbed."""
+        if self.lora is None:
+            raise ValueError("this engine was started without LoRA (enable_lora)")
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` to new requests (running ones finish on it)."""
+        if self.lora is None:
+            raise ValueError("this engine was started without LoRA (enable_lora)")
+        self.lora.remove(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return self.lora.names if self.lora is not None else []
 
     def abort(self, request_id: str, seq_index: int | None = None) -> None:
         """Stop a request (or one of its completions) now; its blocks are free at once and its last delta
@@ -370,6 +395,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence: its blocks go back, and the sampler forgets it."""
+        if seq.lora_id and not seq.is_finished:
+            self.lora.unhold(seq.lora_id)
         self.scheduler.finish(seq, reason)
         self.sampler.release(seq)
         if self.speculator is not None:

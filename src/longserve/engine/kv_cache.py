@@ -125,7 +125,7 @@ class BlockManager:
         tokens = seq.token_ids()
         full = (len(tokens) - 1) // self.block_size
         blocks: list[int] = []
-        parent = self.salt
+        parent = self._root(seq)
         for index in range(full):
             key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
             block = self._block_of.get(key)
@@ -134,6 +134,10 @@ class BlockManager:
             blocks.append(block)
             parent = hash(key)
         return blocks[: len(blocks) // self.match_granularity * self.match_granularity]
+
+    def _root(self, seq: Sequence) -> int:
+        """The parent of a sequence's first block key: KV computed under a LoRA adapter is its own."""
+        return self.salt if not seq.lora_id else hash((self.salt, seq.lora_id))
 
     def can_start(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
         """Whether ``seq`` (holding no blocks) fits ``num_tokens`` positions when it starts from ``hits``."""
@@ -169,7 +173,7 @@ class BlockManager:
             return
         tokens = seq.token_ids()
         for index in range(len(seq.block_keys), full):
-            parent = hash(seq.block_keys[-1]) if seq.block_keys else self.salt
+            parent = hash(seq.block_keys[-1]) if seq.block_keys else self._root(seq)
             key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
             seq.block_keys.append(key)
             block = seq.block_table[index]

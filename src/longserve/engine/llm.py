@@ -41,8 +41,10 @@ class LLM:
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
         *,
         add_special_tokens: bool = True,
+        lora: str | SequenceOf[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs come back in prompt order."""
+        """Run every prompt to completion, batched; outputs come back in prompt order. ``lora``: the
+        adapter (a ``lora_modules`` name) every prompt runs with, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -50,16 +52,22 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} LoRA adapters for {len(prompts)} prompts")
         engine, tokenizer = self.engine, self.tokenizer
+        unknown = sorted({name for name in loras if name is not None} - set(engine.lora_names))
+        if unknown:
+            raise ValueError(f"LoRA adapters {unknown} are not loaded (loaded: {engine.lora_names})")
         # Validate everything before queuing anything, so a bad prompt leaves no half-run batch behind.
         builders: dict[str, OutputBuilder] = {}
-        for prompt, params in zip(prompts, sampling_params, strict=True):
+        for prompt, params, adapter in zip(prompts, sampling_params, loras, strict=True):
             if isinstance(prompt, str):
                 ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             else:
                 ids = list(prompt)
             engine.limits.check_prompt(ids, params)
-            request = EngineRequest(f"llm-{next(self._ids)}", ids, params)
+            request = EngineRequest(f"llm-{next(self._ids)}", ids, params, adapter)
             text = prompt if isinstance(prompt, str) else None
             builders[request.request_id] = OutputBuilder(tokenizer, request, text)
         for builder in builders.values():

@@ -21,6 +21,7 @@ from longserve.layers.matmul import runs_blocks
 from longserve.loading.checkpoint import load_checkpoint
 from longserve.loading.errors import ModelLoadError
 from longserve.loading.pooling_config import PoolingConfig
+from longserve.lora.manager import LoRAManager
 from longserve.models.interface import CausalLM, Encoder
 from longserve.models.registry import ModelFamily, build_model, resolve_architecture
 
@@ -108,6 +109,33 @@ def build_graphs(
     graphs = DecodeGraphs(loaded.model, caches, config.block_size, graph_rows(config), max_model_len, device)
     graphs.capture_all()
     return graphs
+
+
+def build_lora(
+    config: EngineConfig, loaded: LoadedModel, device: torch.device, tp: TensorParallel
+) -> LoRAManager | None:
+    """Adapter slots on the model's projections and the adapters of ``lora_modules`` loaded into host
+    memory, when LoRA is on (before graphs are captured: they capture the LoRA update too); else None."""
+    if not config.lora_enabled:
+        return None
+    if tp.is_parallel:
+        raise ValueError("LoRA adapters run on one device: tensor parallelism with LoRA is not supported")
+    if not loaded.family.can_generate:
+        raise ValueError(
+            f"LoRA adapters are for generating models; {loaded.model_config.architecture} embeds"
+        )
+    from longserve.lora.manager import LoRAManager
+    from longserve.lora.slots import LoRASlots
+
+    max_rows = max(config.max_num_batched_tokens, BUCKETS[-1])  # a step's rows, a padded graph's too
+    slots = LoRASlots(
+        loaded.model.weight_targets(), config.max_loras, config.max_lora_rank, max_rows, device,
+        config.torch_dtype,
+    )  # fmt: skip
+    manager = LoRAManager(slots, config.max_loras, config.max_cpu_loras or config.max_loras)
+    for name, path in config.lora_paths().items():
+        manager.add(name, path)
+    return manager
 
 
 def graph_rows(config: EngineConfig) -> int:

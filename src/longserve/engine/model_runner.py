@@ -16,6 +16,7 @@ from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
 from longserve.engine.scheduler import ScheduledSequence
 from longserve.engine.uploads import StepUploader
+from longserve.lora.slots import LoRARows
 
 
 @dataclass
@@ -33,6 +34,7 @@ class StepDescription:
     # fed_rows[i] takes that step's sampled token fed_from[i], on the device.
     fed_rows: list[int] = field(default_factory=list)
     fed_from: list[int] = field(default_factory=list)
+    lora_slots: list[int] | None = None  # per sequence: its LoRA adapter's slot (-1: none); None: no LoRA
 
 
 @dataclass
@@ -68,7 +70,9 @@ class ModelRunner:
         graphs: DecodeGraphs | None = None,  # replays decode-only steps; None: every step eager
         max_context: int | None = None,  # the engine's longest context (sizes the decode kernel's splits)
         ranks=None,  # EngineRanks (tensor_parallel.py): rank 0 sends each step to the others; None: one device
+        lora_rows: LoRARows | None = None,  # where each step says which rows run which adapter (lora/)
     ) -> None:
+        self.lora_rows = lora_rows
         self.max_context = max_context
         self.graphs = graphs
         self.model = model
@@ -134,6 +138,7 @@ class ModelRunner:
             may_replay=not prompt_rows,
             fed_rows=fed_rows,
             fed_from=fed_from,
+            lora_slots=[s.seq.lora_slot for s in scheduled] if self.lora_rows is not None else None,
         )
         return description, sample_index, prompt_rows
 
@@ -222,6 +227,8 @@ class ModelRunner:
         """The step's logits [rows, vocab] (its hidden states when ``step.logit_rows`` is None) and the final
         hidden states of every token row [tokens, hidden]."""
         model_input = self.prepare(step, fed_tokens)
+        if self.lora_rows is not None:
+            self.lora_rows.set(step.lora_slots or [-1] * len(step.num_new), step.num_new)
         metadata = model_input.metadata
         if (
             self.graphs is not None

@@ -97,6 +97,7 @@ class EngineRequest(msgspec.Struct, tag=True, array_like=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora_name: str | None = None  # a LoRA adapter the engine has loaded; None: the base model
 
 
 class AbortRequest(msgspec.Struct, tag=True, array_like=True):

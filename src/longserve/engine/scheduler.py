@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from longserve.engine.kv_cache import BlockManager
 from longserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from longserve.lora.manager import LoRAManager
 
 
 @dataclass
@@ -51,8 +55,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        lora: LoRAManager | None = None,  # a sequence with an adapter starts once its adapter has a slot
+    ) -> None:
         self.blocks = block_manager
+        self.lora = lora
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -124,6 +135,9 @@ class Scheduler:
             count = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_start(seq, hits, cached + count):
                 break
+            if seq.lora_id and not self.lora.acquire(seq):
+                index += 1  # every adapter slot is in use by running sequences of other adapters
+                continue
             del self.waiting[index]
             self.blocks.start_from(seq, hits)
             self.blocks.grow(seq, cached + count)
@@ -150,6 +164,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> Sequence:
         """Drop the sequence's KV; it will be recomputed (prompt + output so far) when rescheduled."""
         self.blocks.free(seq)  # its full blocks stay cached until evicted
+        if self.lora is not None:
+            self.lora.release(seq)
         seq.num_computed_tokens = 0
         seq.draft_token_ids = []
         seq.num_preemptions += 1
@@ -166,5 +182,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        if self.lora is not None:
+            self.lora.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -67,6 +67,10 @@ class Sequence:
     # Speculative decoding: tokens a proposer drafted to follow this sequence's last one, verified by the
     # next step (the scheduler may take fewer of them); emptied once the step is launched.
     draft_token_ids: list[int] = field(default_factory=list)
+    # LoRA: the adapter this sequence runs with (its registration id; 0: the base model) and, while it runs,
+    # the device slot holding it (-1: none).
+    lora_id: int = 0
+    lora_slot: int = -1
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -16,6 +16,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         out_features = sum(shard_sizes)
+        self.in_features = in_features
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
         self.shard_sizes = shard_sizes
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
@@ -26,11 +27,13 @@ class Linear(nn.Module):
         self.kernel: PreparedMatmul | None = None
         # Shards given as the file's low-bit blocks instead of float rows (their rows of weight stay unset).
         self.shard_blocks: dict[int, Blocks] = {}
+        self.lora = None  # this projection's LoRA slots (lora/slots.py), when the engine serves adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
-        if self.kernel is not None:
-            return self.kernel(x)
-        return F.linear(x, self.weight, self.bias)
+        y = self.kernel(x) if self.kernel is not None else F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            return self.lora.add_delta(x, y)
+        return y
 
     def prepare(self, quantization: str | None = None) -> None:
         """After loading: hand the weights to the fastest kernel (the plain copy is dropped when repacked).

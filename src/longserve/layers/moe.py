@@ -17,6 +17,7 @@ and each row goes back to its (token, k) place; the k outputs are summed with th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from longserve.attention.recording import RecordHook
 from longserve.distributed.parallel import TensorParallel
-from longserve.layers.linear import Linear
+from longserve.layers.linear import Linear, ShardTarget
 from longserve.layers.matmul import PreparedMatmul
 from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.moe_router import RouterConfig, RouterLinear, RoutingRecord, route
@@ -257,6 +258,8 @@ class MoE(nn.Module):
         inter = self.intermediate_size
         if shared is None or shared.intermediate_size % inter:
             return None
+        if shared.gate_up_proj.lora is not None or shared.down_proj.lora is not None:
+            return None  # LoRA updates run in the shared experts' own projections
         gate_up, down = shared.gate_up_proj.weight, shared.down_proj.weight
         if gate_up is None or down is None or gate_up.dtype != self.w_gate_up.dtype:
             return None
@@ -434,6 +437,15 @@ class MoE(nn.Module):
             self.shared_experts.down_proj.load_shard(0, self.tp.rows(weight, dim=1))
         else:
             self.shared_experts.gate_up_proj.load_shard(EXPERT_PARTS.index(part), self.tp.rows(weight))
+
+    def shared_target(self, part: str) -> ShardTarget | Callable[[torch.Tensor], None]:
+        """The loader of the shared experts' ``part``: on one device the projection's own ``ShardTarget``
+        (which LoRA finds), under tensor parallelism this rank's slice of it."""
+        if self.tp.is_parallel:
+            return partial(self.load_shared, part)
+        if part == "down":
+            return self.shared_experts.down_proj.shard(0)
+        return self.shared_experts.gate_up_proj.shard(EXPERT_PARTS.index(part))
 
     def load_shared_gate(self, weight: torch.Tensor) -> None:
         """Qwen2-MoE's shared_expert_gate, [1, hidden]."""

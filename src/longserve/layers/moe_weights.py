@@ -37,7 +37,7 @@ def moe_weight_targets(
             targets[name] = partial(moe.load_expert_weight, index, part)
     if moe.shared_experts is not None:
         for part, hf_part in zip(EXPERT_PARTS, names.shared_parts, strict=True):
-            targets[prefix + names.shared.format(part=hf_part)] = partial(moe.load_shared, part)
+            targets[prefix + names.shared.format(part=hf_part)] = moe.shared_target(part)
     if moe.shared_expert_gate is not None:
         targets[prefix + names.shared_gate] = moe.load_shared_gate
     return targets

@@ -1,0 +1,142 @@
+"""Adapter slots on every projection LoRA can reach, and which slot each row of a step uses.
+
+Each projection keeps every slot's A and B preallocated (loading an adapter copies into its slot, nothing is
+reallocated), so a step mixes rows of any resident adapters and of none. A step's LoRA update is three
+matmuls per projection whatever the mix: the rows' products with every slot's A at once, masked to each row's
+own slot by a one-hot [rows, slots], then B. At decode this reads each resident adapter's weights once per
+step, as a gathered (BGMV) kernel does when the resident adapters are in use; its shapes are static, so CUDA
+graphs capture it, with the one-hot a static buffer refreshed every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.layers.linear import Linear, ShardTarget
+from longserve.lora.adapter import LoRAAdapter, LoRAError
+
+
+class LoRARows:
+    """The current step's slot of each row, one-hot: [rows, slots] (all zeros: the base model)."""
+
+    def __init__(self, num_slots: int, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_slots = num_slots
+        self.onehot = torch.zeros(max_rows, num_slots, dtype=dtype, device=device)  # [max_rows, slots]
+        # On the CPU a step without adapter rows skips the update; on CUDA it always runs (graph-safe).
+        self.always = device.type == "cuda"
+        self.active = self.always
+
+    def set(self, slots: list[int], counts: list[int]) -> None:
+        """The next forward's rows: per sequence in step order, its slot (-1: none) and its row count."""
+        rows = sum(counts)
+        if rows > self.onehot.shape[0]:
+            raise ValueError(f"a step of {rows} rows exceeds the {self.onehot.shape[0]} LoRA rows allocated")
+        self.active = self.always or any(slot >= 0 for slot in slots)
+        if not self.active:
+            return
+        host = torch.zeros(self.onehot.shape, dtype=self.onehot.dtype)
+        row = 0
+        for slot, count in zip(slots, counts, strict=True):
+            if slot >= 0:
+                host[row : row + count, slot] = 1.0
+            row += count
+        self.onehot.copy_(host, non_blocking=True)
+
+
+class LoRALinear:
+    """One projection's slots: A of every (shard, slot) stacked [shards * slots * rank, in], and per shard B
+    [shard rows, slots * rank], scaled. A rank below ``max_rank`` is padded with zeros."""
+
+    def __init__(self, linear: Linear, rows: LoRARows, max_rank: int) -> None:
+        device, dtype = rows.onehot.device, rows.onehot.dtype
+        self.rows, self.max_rank = rows, max_rank
+        self.shard_offsets, self.shard_sizes = linear.shard_offsets, linear.shard_sizes
+        self.in_features = linear.in_features
+        slots_rank = rows.num_slots * max_rank
+        self.a = torch.zeros(
+            len(self.shard_sizes) * slots_rank, linear.in_features, dtype=dtype, device=device
+        )
+        self.b = [torch.zeros(size, slots_rank, dtype=dtype, device=device) for size in self.shard_sizes]
+
+    def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Put one shard's A [r, in] and scaled B [shard rows, r] into ``slot``."""
+        rank, start = a.shape[0], (shard * self.rows.num_slots + slot) * self.max_rank
+        self.a[start : start + rank].copy_(a)
+        self.b[shard][:, slot * self.max_rank : slot * self.max_rank + rank].copy_(b)
+
+    def clear(self, slot: int) -> None:
+        for shard, b in enumerate(self.b):
+            start = (shard * self.rows.num_slots + slot) * self.max_rank
+            self.a[start : start + self.max_rank].zero_()
+            b[:, slot * self.max_rank : (slot + 1) * self.max_rank].zero_()
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + each row's own adapter update; x [rows, in], y [rows, out]."""
+        if not self.rows.active:
+            return y
+        rows, shards, slots = x.shape[0], len(self.b), self.rows.num_slots
+        t = x.to(self.a.dtype) @ self.a.T  # [rows, shards * slots * rank]
+        onehot = self.rows.onehot[:rows].view(rows, 1, slots, 1)
+        t = (t.view(rows, shards, slots, self.max_rank) * onehot).view(rows, shards, slots * self.max_rank)
+        if shards == 1:
+            return y + (t[:, 0] @ self.b[0].T).to(y.dtype)
+        for shard, b in enumerate(self.b):
+            start = self.shard_offsets[shard]
+            y[:, start : start + self.shard_sizes[shard]] += (t[:, shard] @ b.T).to(y.dtype)
+        return y
+
+
+class LoRASlots:
+    """``num_slots`` adapter slots on every projection of ``targets`` (a model's ``weight_targets()``: the
+    ``ShardTarget`` ones are the projections LoRA can reach, by their checkpoint names)."""
+
+    def __init__(
+        self,
+        targets: dict[str, object],
+        num_slots: int,
+        max_rank: int,
+        max_rows: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.max_rank = max_rank
+        self.rows = LoRARows(num_slots, max_rows, device, dtype)
+        self.targets: dict[str, tuple[LoRALinear, int]] = {}  # weight name -> (slots, shard)
+        for name, target in targets.items():
+            if isinstance(target, ShardTarget) and name.endswith(".weight"):
+                linear = target.linear
+                if linear.lora is None:
+                    linear.lora = LoRALinear(linear, self.rows, max_rank)
+                self.targets[name] = (linear.lora, target.index)
+        if not self.targets:
+            raise ValueError("this model has no projections LoRA can reach")
+
+    def check(self, adapter: LoRAAdapter) -> None:
+        """``LoRAError`` unless every module of ``adapter`` fits one of the base model's projections."""
+        for name, (a, b) in adapter.modules.items():
+            found = self.targets.get(name)
+            if found is None:
+                raise LoRAError(
+                    f"LoRA adapter {adapter.name!r} targets {name.removesuffix('.weight')}, which is not a "
+                    "projection of this model that LoRA can reach"
+                )
+            lora, shard = found
+            expected_in, expected_out = lora.in_features, lora.shard_sizes[shard]
+            if a.shape[1] != expected_in or b.shape[0] != expected_out:
+                raise LoRAError(
+                    f"LoRA adapter {adapter.name!r} does not fit this base model: "
+                    f"{name.removesuffix('.weight')} is [{expected_out}, {expected_in}], the adapter's update "
+                    f"is [{b.shape[0]}, {a.shape[1]}]"
+                )
+
+    def write(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Replace whatever ``slot`` held by ``adapter`` (checked first)."""
+        self.check(adapter)
+        self.clear(slot)
+        for name, (a, b) in adapter.modules.items():
+            lora, shard = self.targets[name]
+            lora.write(slot, shard, a, b)
+
+    def clear(self, slot: int) -> None:
+        for lora in {id(lora): lora for lora, _ in self.targets.values()}.values():
+            lora.clear(slot)
