@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from longserve.config import EngineConfig
 
@@ -79,6 +80,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding as vLLM\'s JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
         '"prompt_lookup_max": 4}\' (methods: ngram, suffix; default off)',
     )
+    lora = parser.add_argument_group("LoRA adapters (a request names one as its model)")
+    lora.add_argument("--enable-lora", action="store_true", default=None, help="serve LoRA adapters")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        type=_lora_module,
+        help='adapters (PEFT directories) loaded at start: name=path, or JSON {"name": ..., "path": ...}',
+    )
+    lora.add_argument("--max-loras", type=int, help="adapters one step may mix (device slots; default 1)")
+    lora.add_argument("--max-lora-rank", type=int, help="the highest adapter rank accepted (default 16)")
+    lora.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default --max-loras)")
     parser.add_argument("--threads", type=int, dest="num_threads", help="torch threads (default: all cores)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences the engine runs at once (default 64)")
     parser.add_argument(
@@ -122,6 +135,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_lora=args.enable_lora,
+        lora_modules=tuple(args.lora_modules) if args.lora_modules else None,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
         **{name: getattr(args, name) for name in _PARALLEL_FIELDS},
     )
 
@@ -129,3 +147,17 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 _PARALLEL_FIELDS = (
     "tensor_parallel_size", "enable_expert_parallel", "nnodes", "node_rank", "master_addr", "master_port",
 )  # fmt: skip
+
+
+def _lora_module(value: str) -> str:
+    """One ``--lora-modules`` entry as ``name=path`` (vLLM's JSON form accepted too)."""
+    if value.lstrip().startswith("{"):
+        try:
+            entry = json.loads(value)
+            return f"{entry['name']}={entry['path']}"
+        except (ValueError, KeyError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object with name and path: {value!r}") from exc
+    name, _, path = value.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
+    return value

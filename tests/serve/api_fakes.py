@@ -86,6 +86,7 @@ class AlphabetEngine:
         self.aborted = 0  # ended early by an abort of the whole request
         self.finished = 0
         self._running: dict[str, tuple[asyncio.Task, set[int]]] = {}  # request -> (task, aborted seqs)
+        self.lora_names: list[str] = []  # no LoRA adapters
 
     def stats(self) -> EngineStats:
         return EngineStats(running=2, waiting=1, kv_cache_usage=0.25)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import subprocess
@@ -39,6 +40,8 @@ from longserve.engine.protocol import (
     EngineRequest,
     EngineShutDown,
     EngineStats,
+    LoRACall,
+    LoRADone,
     RequestDelta,
     RequestFailed,
     RequestLimits,
@@ -76,7 +79,7 @@ class EngineCoreClient:
         self._stats = EngineStats()
         self._lock = threading.Lock()  # guards the sinks, the embeds and the send socket
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, DeltaSink]] = {}
-        self._embeds: dict[int, concurrent.futures.Future] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}  # embeddings and LoRA loads, by call id
         self._ids = itertools.count()
         self._encode = encoder().encode
         self._decode = from_core_decoder().decode
@@ -199,12 +202,14 @@ class EngineCoreClient:
                     deliveries.setdefault(entry[0], []).append((entry[1], item))
             for loop, delivery in deliveries.items():
                 _deliver(loop, delivery)
-        elif isinstance(message, EmbedDone):
+        elif isinstance(message, EmbedDone | LoRADone):
             with self._lock:
-                future = self._embeds.pop(message.call_id, None)
+                future = self._calls.pop(message.call_id, None)
             if future is None or future.done():
                 return
-            if message.error_type is None:
+            if isinstance(message, LoRADone):
+                future.set_result(message.error)
+            elif message.error_type is None:
                 future.set_result(message.embeddings)
             else:
                 error = {"ValueError": ValueError, "CacheBusyError": CacheBusyError}.get(message.error_type)
@@ -231,7 +236,7 @@ class EngineCoreClient:
     def _fail_everything(self, error: Exception) -> None:
         with self._lock:
             sinks, self._sinks = self._sinks, {}
-            embeds, self._embeds = self._embeds, {}
+            embeds, self._calls = self._calls, {}
         deliveries: dict[asyncio.AbstractEventLoop, _Delivery] = {}
         for loop, sink in sinks.values():
             deliveries.setdefault(loop, []).append((sink, error))
@@ -339,17 +344,38 @@ class EngineCoreClient:
             return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
         token_lists = await asyncio.to_thread(tokenize)
+        embeddings = await self._call(lambda call_id: EmbedCall(call_id, token_lists))
+        return embeddings, sum(len(t) for t in token_lists)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served (a core that restarts loads them again: they are in its config)."""
+        return sorted(self.config.lora_paths())
+
+    async def load_lora(self, name: str, path: str | None) -> None:
+        """Load adapter ``name`` from ``path`` (None: unload it); ``ValueError`` with the reason if the
+        core refuses. Requests running meanwhile are not disturbed."""
+        error = await self._call(lambda call_id: LoRACall(call_id, name, path))
+        if error is not None:
+            raise ValueError(error)
+        modules = {k: v for k, v in self.config.lora_paths().items() if k != name}
+        if path is not None:
+            modules[name] = path
+        modules_list = tuple(f"{k}={v}" for k, v in modules.items())
+        self.config = dataclasses.replace(self.config, lora_modules=modules_list, enable_lora=True)
+
+    async def _call(self, message: Callable[[int], EmbedCall | LoRACall]):
+        """Send ``message(call_id)`` to the core; its answer's result (what ``_handle`` sets)."""
         call_id = next(self._ids)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            self._send(EmbedCall(call_id, token_lists))
-            self._embeds[call_id] = future
+            self._send(message(call_id))
+            self._calls[call_id] = future
         try:
-            embeddings = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         finally:
             with self._lock:
-                self._embeds.pop(call_id, None)
-        return embeddings, sum(len(t) for t in token_lists)
+                self._calls.pop(call_id, None)
 
     # ---- shutdown -------------------------------------------------------------------------------------------
 

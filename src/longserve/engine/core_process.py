@@ -26,6 +26,8 @@ from longserve.engine.protocol import (
     EmbedCall,
     EmbedDone,
     EngineRequest,
+    LoRACall,
+    LoRADone,
     RequestDelta,
     Shutdown,
     StepOutputs,
@@ -148,13 +150,25 @@ class EngineCoreLoop:
         if isinstance(message, EngineRequest):
             try:
                 engine.add_request(message)
-            except ValueError as exc:  # the client validated it already: a duplicate id or a changed limit
-                failed = RequestDelta(message.request_id, [], finished=True, error=str(exc))
+            except ValueError as exc:  # validated already: a duplicate id, a changed limit, an adapter gone
+                failed = RequestDelta(
+                    message.request_id, [], finished=True, error=str(exc), client_error=True
+                )
                 self.outbox.send(self.encode(StepOutputs([failed], engine.stats())))
         elif isinstance(message, AbortRequest):
             engine.abort(message.request_id, message.seq_index)
         elif isinstance(message, EmbedCall):
             self.outbox.send(self.encode(self.embed(message)))
+        elif isinstance(message, LoRACall):
+            try:
+                if message.path is None:
+                    engine.remove_lora(message.name)
+                else:
+                    engine.add_lora(message.name, message.path)
+            except ValueError as exc:  # a bad adapter or name: the caller's 400; running requests go on
+                self.outbox.send(self.encode(LoRADone(message.call_id, str(exc))))
+            else:
+                self.outbox.send(self.encode(LoRADone(message.call_id)))
 
     def embed(self, call: EmbedCall) -> EmbedDone:
         try:

@@ -110,11 +110,19 @@ class EmbedCall(msgspec.Struct, tag=True, array_like=True):
     token_lists: list[list[int]]
 
 
+class LoRACall(msgspec.Struct, tag=True, array_like=True):
+    """Load LoRA adapter ``name`` from the PEFT directory ``path``, or (``path`` None) unload it."""
+
+    call_id: int
+    name: str
+    path: str | None = None
+
+
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-ToCore = EngineRequest | AbortRequest | EmbedCall | Shutdown
+ToCore = EngineRequest | AbortRequest | EmbedCall | LoRACall | Shutdown
 
 # ---- core -> client ---------------------------------------------------------------------------------------
 
@@ -186,7 +194,12 @@ class EmbedDone(msgspec.Struct, tag=True, array_like=True):
     message: str | None = None
 
 
-FromCore = CoreReady | CoreFailed | StepOutputs | EmbedDone
+class LoRADone(msgspec.Struct, tag=True, array_like=True):
+    call_id: int
+    error: str | None = None  # why the adapter could not be loaded or unloaded (the caller's 400)
+
+
+FromCore = CoreReady | CoreFailed | StepOutputs | EmbedDone | LoRADone
 
 
 def encoder() -> msgspec.msgpack.Encoder:

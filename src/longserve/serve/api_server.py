@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from longserve.config import ServeConfig
 from longserve.serve.anthropic import count_tokens, create_message
@@ -47,7 +47,7 @@ from longserve.serve.protocol_anthropic import CountTokensRequest, MessagesReque
 from longserve.serve.protocol_responses import ResponsesRequest
 from longserve.serve.upstream import Upstream, make_session
 from longserve.serve.web_ui import mount_web_ui
-from longserve.serve.worker_protocol import ListModelsResponse
+from longserve.serve.worker_protocol import ListModelsResponse, LoadLoRARequest, UnloadLoRARequest
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ def create_api_app(config: ServeConfig) -> FastAPI:
             raise model_not_found(model)
         return _model_card(model, details)
 
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+    async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> str:
+        workers = await upstream(request).load_lora(body)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully ({len(workers)} workers)."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+    async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> str:
+        workers = await upstream(request).load_lora(body)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully ({len(workers)} workers)."
+
     @app.post("/v1/chat/completions", response_model=None, responses=GENERATION_ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat_completion(body, request, upstream(request), request.app.state.metrics)
@@ -178,7 +188,10 @@ def begin_shutdown(app: FastAPI) -> None:
 
 def _model_card(name: str, details: ListModelsResponse) -> ModelCard:
     """``name``'s card: its context length and what its embeddings are, as its live workers report them."""
-    card = ModelCard(id=name, max_model_len=details.context_lengths.get(name))
+    parent = details.lora_parents.get(name)
+    card = ModelCard(
+        id=name, root=parent or name, parent=parent, max_model_len=details.context_lengths.get(name)
+    )
     embedding = details.embeddings.get(name)
     if embedding is not None:
         card.pooling = embedding.pooling

@@ -220,6 +220,14 @@ class Controller:
                     details.setdefault(name, rec.status.embedding)
         return details
 
+    def lora_parents(self) -> dict[str, str]:
+        """Each LoRA adapter a live worker serves -> the model it adapts."""
+        return {
+            name: parent
+            for rec in self._live_workers().values()
+            for name, parent in rec.status.lora_parents.items()
+        }
+
     def list_workers(self) -> list[WorkerInfo]:
         """Every registered worker, stale ones included (they show their last heartbeat), sorted by address."""
         return [
@@ -417,6 +425,7 @@ def create_controller_app(config: ServeConfig, controller: Controller | None = N
             models=controller.list_models(),
             context_lengths=controller.context_lengths(),
             embeddings=controller.embedding_details(),
+            lora_parents=controller.lora_parents(),
         )
 
     @app.post("/list_workers")

@@ -33,6 +33,7 @@ class ModelFrontend:
 
     def __init__(self, name: str, info: FrontendInfo) -> None:
         self.name = name
+        self.lora_name = name if name in info.lora_parents else None  # the engine runs it with this adapter
         spec = TokenizerSpec(
             info.tokenizer_json,
             info.bos_token_id,
@@ -95,7 +96,7 @@ class ModelFrontend:
             self.limits.check_prompt(ids, params)
         except ValueError as exc:
             raise APIError.from_info(rejection_info(exc)) from exc
-        return EngineRequest(request.request_id or f"api-{uuid.uuid4().hex}", ids, params)
+        return EngineRequest(request.request_id or f"api-{uuid.uuid4().hex}", ids, params, self.lora_name)
 
 
 class FrontendDirectory:
@@ -117,6 +118,10 @@ class FrontendDirectory:
             return await asyncio.to_thread(ModelFrontend, name, info)  # a big tokenizer takes a while
 
         return await _once(self._models, name, build)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s front end (an adapter was unloaded: a later one of that name may differ)."""
+        self._models.pop(name, None)
 
     async def channel(
         self, worker_address: str, fetch: Callable[[], Awaitable[FrontendInfo]]

@@ -338,6 +338,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "longserve"
+    root: str | None = None  # vLLM's: the base model (for an adapter, the model it adapts)
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model; None for a base model
     max_model_len: int | None = None  # prompt + completion tokens a request may have (vLLM's field)
     # What /v1/embeddings gives for this model (longserve's fields; None when its workers do not say).
     pooling: Literal["cls", "mean", "last"] | None = None  # pooled: the first token, the mean, the last token

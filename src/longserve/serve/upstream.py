@@ -30,7 +30,10 @@ from longserve.serve.worker_protocol import (
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
     ListModelsResponse,
+    ListWorkersResponse,
+    LoadLoRARequest,
     ReportWorkerRequest,
+    UnloadLoRARequest,
 )
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,45 @@ class Upstream:
     async def model_details(self) -> ListModelsResponse:
         """The models live workers serve, with each one's context length."""
         return await self._controller("/list_models", None, ListModelsResponse)
+
+    async def load_lora(self, body: LoadLoRARequest | UnloadLoRARequest) -> list[str]:
+        """Load an adapter into every live worker it fits (unload it from every worker that has it); the
+        addresses that did. When none did, the first worker's refusal is raised (404: none serves it)."""
+        workers = (await self._controller("/list_workers", None, ListWorkersResponse)).workers
+        loading = isinstance(body, LoadLoRARequest)
+        addresses = [
+            w.worker_address
+            for w in workers
+            if w.status.ready and (loading or body.lora_name in w.status.lora_parents)
+        ]
+        if not addresses:
+            if loading:
+                raise service_unavailable("no worker is ready to load the adapter", code="no_worker")
+            raise APIError(
+                f"LoRA adapter {body.lora_name!r} is not loaded", status=404, param="lora_name",
+                code="model_not_found",
+            )  # fmt: skip
+        path = "/load_lora_adapter" if loading else "/unload_lora_adapter"
+        content = body.model_dump_json().encode()
+        answers = await asyncio.gather(
+            *(self._post(f"{address}{path}", content, self.call_timeout) for address in addresses),
+            return_exceptions=True,
+        )
+        done, errors = [], []
+        for address, answer in zip(addresses, answers, strict=True):
+            if isinstance(answer, BaseException):
+                errors.append(
+                    service_unavailable(f"worker {address} failed: {answer!r}", code="worker_failed")
+                )
+            elif answer[0] >= 400:
+                errors.append(worker_error(*answer))
+            else:
+                done.append(address)
+        if not loading:
+            self.frontends.forget(body.lora_name)
+        if not done:
+            raise errors[0]
+        return done
 
     async def pick_worker(
         self,

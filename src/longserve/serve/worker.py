@@ -62,10 +62,12 @@ from longserve.serve.worker_protocol import (
     EmbeddingsResponse,
     ErrorInfo,
     FrontendInfo,
+    LoadLoRARequest,
     ModelDetails,
     SpecDecodeCounts,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRARequest,
     WorkerGenerateRequest,
     WorkerGenerateResponse,
     WorkerStatus,
@@ -102,7 +104,7 @@ class ModelWorker:
     ) -> None:
         self.engine = engine
         self.config = config
-        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)  # aliases
+        self.base_names = [model_name] if isinstance(model_name, str) else list(model_name)  # aliases
         self.speed = speed
         self.address = config.own_worker_address
         # None or "" runs the worker stand-alone (tests, a single process that polls it).
@@ -133,6 +135,35 @@ class ModelWorker:
             get_reasoning_parser(reasoning)  # an unknown --reasoning-parser fails here, at start-up
         self.reasoning_parser = reasoning
 
+    @property
+    def model_names(self) -> list[str]:
+        """What requests may name: the model's aliases, then its LoRA adapters."""
+        return self.base_names + self.engine.lora_names
+
+    @property
+    def lora_parents(self) -> dict[str, str]:
+        return {name: self.base_names[0] for name in self.engine.lora_names}
+
+    async def load_lora(self, name: str, path: str | None) -> None:
+        """Load adapter ``name`` (``path`` None: unload it) and tell the controller at once; a bad adapter or
+        name is a 400 (404 for unloading one that is not loaded)."""
+        if path is not None and name in self.base_names:
+            raise WorkerError(ErrorInfo(message=f"{name!r} is the base model's name", param="lora_name"))
+        try:
+            await self.engine.load_lora(name, path)
+        except ValueError as exc:
+            missing = path is None and "not loaded" in str(exc)
+            raise WorkerError(
+                ErrorInfo(
+                    message=str(exc),
+                    param="lora_name" if missing else "lora_path",
+                    code="model_not_found" if missing else "invalid_lora_adapter",
+                    status=404 if missing else 400,
+                )
+            ) from exc
+        if self.controller_link is not None:
+            await self.controller_link.update()
+
     # ---- status ---------------------------------------------------------------------------------------------
 
     @property
@@ -144,6 +175,7 @@ class ModelWorker:
         stats = self.engine.stats()  # as of the engine's last step: fine for dispatch and metrics
         return WorkerStatus(
             model_names=self.model_names,
+            lora_parents=self.lora_parents,
             speed=self.speed,
             queue_length=self.in_flight,
             rejected=self.num_rejected,
@@ -221,6 +253,7 @@ class ModelWorker:
         tokenizer, limits = self.tokenizer, self.engine.limits
         return FrontendInfo(
             model_names=self.model_names,
+            lora_parents=self.lora_parents,
             stream_address=self.stream_server.address,
             tokenizer_json=tokenizer.backend.to_str(),
             bos_token_id=tokenizer.bos_token_id,
@@ -254,7 +287,8 @@ class ModelWorker:
         except ValueError as exc:
             self.num_errors += 1
             raise rejection(exc) from exc
-        return EngineRequest(request.request_id or f"wrk-{uuid.uuid4().hex}", ids, params)
+        lora = request.model if request.model in self.lora_parents else None
+        return EngineRequest(request.request_id or f"wrk-{uuid.uuid4().hex}", ids, params, lora)
 
     async def deltas(self, request: EngineRequest) -> AsyncGenerator[RequestDelta]:
         """The engine's deltas for a prepared request, once it holds one of the ``worker_concurrency`` slots.
@@ -496,6 +530,16 @@ def create_worker_app(engine: EngineCoreClient, config: ServeConfig, model_name:
         except ValueError as exc:  # no template, or the template rejected the messages
             raise rejection(exc, default_param="messages") from exc
         return ChatTemplateResponse(prompt=prompt, tool_parser=worker.tool_parser)
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRARequest) -> dict:
+        await worker.load_lora(body.lora_name, body.lora_path)
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRARequest) -> dict:
+        await worker.load_lora(body.lora_name, None)
+        return {"status": "ok", "lora_name": body.lora_name}
 
     @app.post("/frontend_info")
     async def frontend_info() -> FrontendInfo:

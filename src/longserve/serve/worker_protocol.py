@@ -50,7 +50,8 @@ class SpecDecodeCounts(BaseModel):
 
 
 class WorkerStatus(BaseModel):
-    model_names: list[str]
+    model_names: list[str]  # its model's aliases, then its LoRA adapters
+    lora_parents: dict[str, str] = Field(default_factory=dict)  # adapter name -> the base model's name
     speed: float = 1.0  # relative throughput weight used by dispatch
     queue_length: int = 0  # requests in flight on this worker (running + waiting for its semaphore)
     rejected: int = 0  # requests turned away with 429 (queue full) since the worker started
@@ -87,6 +88,7 @@ class ListModelsResponse(BaseModel):
         default_factory=dict
     )  # model -> longest context a live worker takes
     embeddings: dict[str, EmbeddingDetails] = Field(default_factory=dict)  # model -> what its embeddings are
+    lora_parents: dict[str, str] = Field(default_factory=dict)  # LoRA adapter -> the model it adapts
 
 
 class WorkerInfo(BaseModel):
@@ -293,6 +295,7 @@ class FrontendInfo(BaseModel):
     and where this worker's front-end stream listens."""
 
     model_names: list[str]
+    lora_parents: dict[str, str] = Field(default_factory=dict)  # adapter name -> base name
     stream_address: str  # tcp://host:port of the worker's ZMQ stream (serve/stream_protocol.py)
     tokenizer_json: str  # the ``tokenizers`` JSON, GGUF tokenizers included (built into one at load)
     bos_token_id: int | None = None
@@ -307,3 +310,15 @@ class FrontendInfo(BaseModel):
     max_model_len: int
     cache_capacity: int
     can_generate: bool = True
+
+
+class LoadLoRARequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body (``lora_path``: a PEFT directory on the worker's host)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; ignored (names identify adapters here)

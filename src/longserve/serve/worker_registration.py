@@ -63,6 +63,22 @@ class ControllerLink:
             self._client = httpx.AsyncClient(timeout=CONTROLLER_TIMEOUT_S)
             self._task = asyncio.create_task(self._run(), name="worker-controller-link")
 
+    async def update(self) -> None:
+        """Send the worker's status now (the models it serves changed), so the controller routes by it at
+        once; a controller out of reach hears it when this link registers again."""
+        if self._client is None or not self.registered.is_set():
+            return  # the first registration will carry it
+        body = RegisterWorkerRequest(worker_address=self.worker_address, worker_status=self.status())
+        try:
+            response = await self._client.post(
+                f"{self.controller_address}/register_worker", json=body.model_dump()
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning(
+                "cannot tell controller %s about this worker's models: %r", self.controller_address, exc
+            )
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -127,10 +143,12 @@ class ControllerLink:
 
     async def _heart_beat_until_forgotten(self) -> bool:
         """Heartbeat every interval, and at once when readiness changes; returns False when forgotten."""
-        ready = self.status().ready
+        ready, names = self.status().ready, self.status().model_names
         last = time.monotonic()
         while True:
             await asyncio.sleep(min(READY_POLL_S, self.heart_beat_interval_s))
+            if self.status().model_names != names:
+                return False  # adapters came or went: register again, with the new names
             now_ready = self.status().ready
             if now_ready == ready and time.monotonic() - last < self.heart_beat_interval_s:
                 continue
