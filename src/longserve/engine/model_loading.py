@@ -128,9 +128,17 @@ def build_lora(
     from longserve.lora.slots import LoRASlots
 
     max_rows = max(config.max_num_batched_tokens, BUCKETS[-1])  # a step's rows, a padded graph's too
+    kernels = None
+    if device.type == "cpu" and config.torch_dtype == torch.float32:
+        from longserve.layers.cpu_kernels import cpu_kernels
+
+        try:
+            kernels = cpu_kernels()
+        except RuntimeError as exc:
+            log.warning("LoRA updates run as torch matmuls over every slot (slower): %s", exc)
     slots = LoRASlots(
         loaded.model.weight_targets(), config.max_loras, config.max_lora_rank, max_rows, device,
-        config.torch_dtype,
+        config.torch_dtype, kernels,
     )  # fmt: skip
     manager = LoRAManager(slots, config.max_loras, config.max_cpu_loras or config.max_loras)
     for name, path in config.lora_paths().items():

@@ -5,7 +5,8 @@ reallocated), so a step mixes rows of any resident adapters and of none. A step'
 matmuls per projection whatever the mix: the rows' products with every slot's A at once, masked to each row's
 own slot by a one-hot [rows, slots], then B. At decode this reads each resident adapter's weights once per
 step, as a gathered (BGMV) kernel does when the resident adapters are in use; its shapes are static, so CUDA
-graphs capture it, with the one-hot a static buffer refreshed every step.
+graphs capture it, with the one-hot a static buffer refreshed every step. On the CPU, where FLOPs rather than
+bytes bound a step, one compiled call per projection (``lora_add_``) runs each row with its own slot only.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from longserve.lora.adapter import LoRAAdapter, LoRAError
 class LoRARows:
     """The current step's slot of each row, one-hot: [rows, slots] (all zeros: the base model)."""
 
-    def __init__(self, num_slots: int, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, num_slots: int, max_rows: int, device: torch.device, dtype: torch.dtype, kernels=None
+    ) -> None:
         self.num_slots = num_slots
         self.onehot = torch.zeros(max_rows, num_slots, dtype=dtype, device=device)  # [max_rows, slots]
+        # The compiled CPU kernels (fp32 on the CPU): each row's slot, int32 [max_rows], instead of the one-hot.
+        self.kernels = kernels
+        self.row_slots = torch.full((max_rows,), -1, dtype=torch.int32)
         # On the CPU a step without adapter rows skips the update; on CUDA it always runs (graph-safe).
         self.always = device.type == "cuda"
         self.active = self.always
@@ -33,6 +39,12 @@ class LoRARows:
             raise ValueError(f"a step of {rows} rows exceeds the {self.onehot.shape[0]} LoRA rows allocated")
         self.active = self.always or any(slot >= 0 for slot in slots)
         if not self.active:
+            return
+        if self.kernels is not None:
+            self.row_slots[:rows] = torch.tensor(
+                [slot for slot, count in zip(slots, counts, strict=True) for _ in range(count)],
+                dtype=torch.int32,
+            )
             return
         host = torch.zeros(self.onehot.shape, dtype=self.onehot.dtype)
         row = 0
@@ -74,6 +86,11 @@ class LoRALinear:
         """y + each row's own adapter update; x [rows, in], y [rows, out]."""
         if not self.rows.active:
             return y
+        if self.rows.kernels is not None:
+            self.rows.kernels.lora_add_(
+                y, x, self.a, self.b, self.rows.row_slots, self.rows.num_slots, self.max_rank
+            )
+            return y
         rows, shards, slots = x.shape[0], len(self.b), self.rows.num_slots
         t = x.to(self.a.dtype) @ self.a.T  # [rows, shards * slots * rank]
         onehot = self.rows.onehot[:rows].view(rows, 1, slots, 1)
@@ -98,9 +115,10 @@ class LoRASlots:
         max_rows: int,
         device: torch.device,
         dtype: torch.dtype,
+        kernels=None,  # the compiled CPU kernels (layers/cpu_kernels.py), for fp32 rows on the CPU
     ) -> None:
         self.max_rank = max_rank
-        self.rows = LoRARows(num_slots, max_rows, device, dtype)
+        self.rows = LoRARows(num_slots, max_rows, device, dtype, kernels)
         self.targets: dict[str, tuple[LoRALinear, int]] = {}  # weight name -> (slots, shard)
         for name, target in targets.items():
             if isinstance(target, ShardTarget) and name.endswith(".weight"):

@@ -21,6 +21,11 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 void rotary_(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
+// lora_cpu.cpp: each row's own LoRA adapter update, added into y in place.
+void lora_add_(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a,
+               const std::vector<torch::Tensor>& bs, const torch::Tensor& row_slots, int64_t num_slots,
+               int64_t rank);
+
 // attention/csrc/paged_decode_cpu.cpp: decode attention over the paged KV cache.
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t page_size,
