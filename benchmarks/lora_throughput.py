@@ -30,42 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _bench_util import default_model, machine_info  # noqa: E402
-from gpu_generate import SHAPES, build_checkpoint  # noqa: E402
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def write_random_adapter(config, directory: Path, rank: int, seed: int) -> str:
-    """A PEFT adapter with rank ``rank`` on every projection of a model of ``config`` (DecoderConfig)."""
-    from safetensors.torch import save_file
-
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {  # (out, in) of each projection
-        "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
-    }  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for name in PROJECTIONS:
-            part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            prefix = f"base_model.model.model.layers.{layer}.{part}.{name}"
-            out_features, in_features = shapes[name]
-            tensors[f"{prefix}.lora_A.weight"] = (
-                torch.randn(rank, in_features, generator=generator) * in_features**-0.5
-            )
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    config_json = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": list(PROJECTIONS),
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config_json))
-    return str(directory)
+from gpu_generate import SHAPES, build_checkpoint  # noqa: E402 - also puts tests/ on the path
+from lora_adapters import write_random_adapter  # noqa: E402
 
 
 def measure(llm, prompts, loras, new_tokens: int, repeats: int, device: str) -> list[float]:

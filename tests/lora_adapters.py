@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -49,3 +51,37 @@ def peft_logits(base_dir: str, adapter_dir: str, prompt: list[int]) -> torch.Ten
     model = PeftModel.from_pretrained(load_hf_model(base_dir), adapter_dir).eval()
     with torch.no_grad():
         return model(torch.tensor([prompt])).logits[0].float()
+
+
+def write_random_adapter(config, directory: Path, rank: int, seed: int) -> str:
+    """A PEFT adapter with rank ``rank`` on every projection of a model of ``config`` (DecoderConfig), written
+    directly (no ``peft``, any base: GGUF files too); A ~ N(0, 1/in), B ~ N(0, 0.01^2)."""
+    from safetensors.torch import save_file
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {  # (out, in) of each projection
+        "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+    }  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for name in ALL_TARGETS:
+            part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{name}"
+            out_features, in_features = shapes[name]
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(rank, in_features, generator=generator) * in_features**-0.5
+            )
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config_json = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ALL_TARGETS,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config_json))
+    return str(directory)
