@@ -140,3 +140,18 @@ def test_bench_measures_a_real_server(tiny_llama_dir, tmp_path):
     assert doc["config"]["model"] == "tiny" and summary["token_count_source"] == "usage"
     assert summary["output_tokens"] == 24 and summary["ttft"]["count"] == 4
     assert all(r["finish_reason"] == "length" for r in doc["requests"])
+
+
+def test_lora_flags_reach_the_engine_config():
+    argv = ["serve", "--lora-modules", "a=/x/a", '{"name": "b", "path": "/x/b"}', "--max-loras", "3",
+            "--max-lora-rank", "32", "--max-cpu-loras", "5"]  # fmt: skip
+    config = engine_config_from_args(build_parser().parse_args(argv))
+    assert config.lora_paths() == {"a": "/x/a", "b": "/x/b"} and config.lora_enabled
+    assert (config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (3, 32, 5)
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).lora_enabled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-modules", "no-path"])
+    with pytest.raises(ValueError, match="max_cpu_loras"):
+        engine_config_from_args(
+            build_parser().parse_args(["serve", "--max-loras", "4", "--max-cpu-loras", "2"])
+        )
