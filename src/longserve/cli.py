@@ -87,10 +87,27 @@ def _worker_admission_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests that may wait for a worker slot; more get 429 (default 256)",
     )
     parser.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        dest="engine_stall_timeout_s",
+        help="seconds the engine may run requests without completing a step before it is restarted "
+        "(default 60)",
+    )
+    parser.add_argument(
         "--worker-stream-keepalive",
         type=float,
         dest="worker_stream_keepalive_s",
         help="seconds between keep-alive lines on a silent stream (default 5)",
+    )
+
+
+def _shutdown_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        dest="shutdown_timeout_s",
+        help="on SIGTERM/Ctrl-C, seconds running requests may take to finish before they end with an error "
+        "(default 30; 0 stops at once; a second signal stops at once)",
     )
 
 
@@ -178,6 +195,7 @@ def _serve_config(args: argparse.Namespace, **extra):
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")
     keys += ("worker_address", "engine_in_process", "tool_call_parser", "reasoning_parser", "web_ui")
+    keys += ("shutdown_timeout_s", "engine_stall_timeout_s")
     values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if isinstance(values.get("model_name"), list):
         values["model_name"] = ",".join(values["model_name"])
@@ -244,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(serve)
     _serve_arguments(serve, api=True, worker=True, controller=True)
+    _shutdown_arguments(serve)
     serve.set_defaults(handler=_run_server)
     controller = commands.add_parser("controller", help="the controller alone (workers register with it)")
     _serve_arguments(controller, api=False, worker=False, controller=False)
@@ -256,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one model worker that registers with a controller")
     add_engine_arguments(worker)
     _serve_arguments(worker, api=False, worker=False, controller=False)
+    _shutdown_arguments(worker)
     worker.add_argument("--port", type=int, dest="worker_port", help="worker port (default 21002)")
     worker.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
     worker.add_argument("--worker-address", help="URL the controller uses to reach this worker")
@@ -268,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_run_server)
     api = commands.add_parser("api", help="the OpenAI-compatible API server alone")
     _serve_arguments(api, api=True, worker=False, controller=False)
+    _shutdown_arguments(api)
     api.add_argument("--controller-address", help="controller URL (default http://127.0.0.1:21001)")
     api.set_defaults(handler=_run_server)
     gen = commands.add_parser(

@@ -328,6 +328,12 @@ class ServeConfig:
     # The model's reasoning format (a serve/reasoning_parsers name); None: detected from its chat template.
     reasoning_parser: str | None = None
     web_ui: bool = True  # the API server's web chat page at / (serve/static/); False: / is a 404
+    # Drain on SIGTERM / Ctrl-C: stop admitting (/health 503 "draining"), let running requests finish for up to
+    # this long, then end what is left with an error event and exit 0; a second signal stops at once. 0: at once.
+    shutdown_timeout_s: float = 30.0
+    # A worker whose engine core has requests but completes no step for this long (a hung kernel, a deadlock)
+    # fails them, kills the core and starts another, as for a core that died.
+    engine_stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.dispatch_method not in ("shortest_queue", "lottery", "cache_aware"):
@@ -344,7 +350,10 @@ class ServeConfig:
             raise ValueError(f"max_queue_len must be >= 0, got {self.max_queue_len}")
         # The keep-alive is the workers' setting and the timeout the API server's, often in other processes:
         # keep the timeout well above the workers' keep-alive.
-        for name in ("worker_stream_timeout_s", "worker_stream_keepalive_s", "sse_keepalive_s"):
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
+        for name in ("worker_stream_timeout_s", "worker_stream_keepalive_s", "sse_keepalive_s",
+                     "engine_stall_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:

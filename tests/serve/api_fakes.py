@@ -87,6 +87,7 @@ class AlphabetEngine:
         self.finished = 0
         self._running: dict[str, tuple[asyncio.Task, set[int]]] = {}  # request -> (task, aborted seqs)
         self.lora_names: list[str] = []  # no LoRA adapters
+        self.num_stalls = self.num_restarts = 0
 
     def stats(self) -> EngineStats:
         return EngineStats(running=2, waiting=1, kv_cache_usage=0.25)

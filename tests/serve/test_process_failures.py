@@ -194,9 +194,12 @@ def test_a_frozen_worker_fails_only_its_streams_within_the_read_timeout(tiny_lla
 
 
 def test_ctrl_c_with_8_streams_in_flight_ends_each_and_exits_within_seconds(tiny_llama_dir):
+    """--shutdown-timeout 0: no drain, every open stream ends with an error event at once."""
     ports = {name: unused_port() for name in ("port", "controller-port", "worker-port")}
     args = [f"--{name}={port}" for name, port in ports.items()]
-    process = _start("serve", "--model", tiny_llama_dir, "--model-name", MODEL, *args)
+    process = _start(
+        "serve", "--model", tiny_llama_dir, "--model-name", MODEL, "--shutdown-timeout", "0", *args
+    )
     url = f"http://127.0.0.1:{ports['port']}"
     try:
 

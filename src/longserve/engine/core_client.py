@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -67,9 +68,16 @@ _Delivery = list[tuple[DeltaSink, RequestDelta | Exception]]
 class EngineCoreClient:
     """``submit(request, sink)`` runs one request on the engine core; ``stream`` is the same as an iterator."""
 
-    def __init__(self, config: EngineConfig, *, in_process: bool = False) -> None:
+    def __init__(
+        self, config: EngineConfig, *, in_process: bool = False, stall_timeout_s: float | None = None
+    ) -> None:
         self.config = config
         self.in_process = in_process
+        # A core process with requests that sends nothing for this long is stalled: killed and replaced.
+        self.stall_timeout_s = stall_timeout_s
+        self.num_restarts = 0  # cores replaced (died or stalled)
+        self.num_stalls = 0  # of those, stalled
+        self._last_heard = time.monotonic()  # the core's last message (it sends one at least every second)
         self.tokenizer: Tokenizer | None = None  # the model's, as the core sent it when ready
         # In-process only: the LLMEngine the loop's thread drives, for tests and debugging to look inside
         # (racy to read while it steps); None for a core process.
@@ -99,9 +107,11 @@ class EngineCoreClient:
         self._generation = itertools.count()
 
     @classmethod
-    async def create(cls, config: EngineConfig, *, in_process: bool = False) -> EngineCoreClient:
+    async def create(
+        cls, config: EngineConfig, *, in_process: bool = False, stall_timeout_s: float | None = None
+    ) -> EngineCoreClient:
         """Start the core and wait until its engine is built; raises what building it raised."""
-        client = cls(config, in_process=in_process)
+        client = cls(config, in_process=in_process, stall_timeout_s=stall_timeout_s)
         try:
             await asyncio.to_thread(client._start_core)
         except BaseException:
@@ -181,9 +191,12 @@ class EngineCoreClient:
             except zmq.ZMQError:
                 return  # closed by ashutdown
             if has_message:
+                self._last_heard = time.monotonic()
                 self._handle(self._decode(socket.recv()))
             elif not self._stopping and self._exit_code() is not None:
-                self._replace_dead_core()
+                self._replace_dead_core(f"the engine core process died (exit code {self._exit_code()})")
+            elif not self._stopping and self._stalled():
+                self._replace_stalled_core()
 
     def _handle(self, message) -> None:
         if isinstance(message, StepOutputs):
@@ -215,18 +228,34 @@ class EngineCoreClient:
                 error = {"ValueError": ValueError, "CacheBusyError": CacheBusyError}.get(message.error_type)
                 future.set_exception((error or RuntimeError)(message.message))
 
-    def _replace_dead_core(self) -> None:
-        code = self._exit_code()
+    def _stalled(self) -> bool:
+        """Requests are open, and the core process has sent nothing for the stall timeout."""
+        if self.stall_timeout_s is None or self._process is None or not self._sinks:
+            return False
+        return time.monotonic() - self._last_heard > self.stall_timeout_s
+
+    def _replace_stalled_core(self) -> None:
+        """A step that never ends (a hung kernel, a deadlock): kill the core; its requests fail and another core
+        starts, as for a core that died."""
+        self.num_stalls += 1
+        log.error("the engine core completed no step in %.0f s with %d requests open: killing it",
+                  self.stall_timeout_s, len(self._sinks))  # fmt: skip
+        self._process.kill()
+        self._process.wait()
+        self._replace_dead_core(f"the engine stalled: no step completed in {self.stall_timeout_s:.0f} s")
+
+    def _replace_dead_core(self, reason: str) -> None:
         self._ready = False
-        log.error("the engine core died (exit code %s): failing its %d requests", code, len(self._sinks))
-        self._fail_everything(RequestFailed(f"the engine core process died (exit code {code})"))
+        log.error("%s: failing its %d requests", reason, len(self._sinks))
+        self._fail_everything(RequestFailed(reason))
         self._close_sockets()
         if self._restarts >= MAX_RESTARTS:
-            self.failure = f"the engine core died {self._restarts + 1} times in a row (last exit code {code})"
+            self.failure = f"the engine core failed {self._restarts + 1} times in a row ({reason})"
             log.error("%s: not restarting it", self.failure)
             self._stopping = True
             return
         self._restarts += 1
+        self.num_restarts += 1
         try:
             self._start_core()
             log.warning("engine core restarted")
@@ -285,6 +314,8 @@ class EngineCoreClient:
                 raise EngineShutDown("the engine is shut down")
             if request.request_id in self._sinks:
                 raise ValueError(f"request_id {request.request_id!r} is already running")
+            if not self._sinks:
+                self._last_heard = time.monotonic()  # an idle core sends nothing: the silence counts from now
             self._send(request)
             self._sinks[request.request_id] = (loop, sink)
 

@@ -13,7 +13,9 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
+import time
 
 import msgspec
 
@@ -37,6 +39,7 @@ from longserve.engine.protocol import (
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent still exists
+PROGRESS_S = 1.0  # a busy core sends something at least this often (its client's stall watchdog listens)
 
 
 def main() -> None:
@@ -47,6 +50,9 @@ def main() -> None:
     parser.add_argument("--outbox", required=True)
     parser.add_argument("--log-level", type=int, default=logging.WARNING)
     args = parser.parse_args()
+    # Ctrl-C in a terminal reaches the whole process group: the client stops this core (a traceback here
+    # would be noise on every stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=EngineConfig)
     run_engine_core(config, args.inbox, args.outbox, args.log_level)
 
@@ -120,6 +126,7 @@ class EngineCoreLoop:
         self.parent_pid = parent_pid
         self.decode = to_core_decoder().decode
         self.encode = encoder().encode
+        self.last_sent = time.monotonic()
 
     def run(self) -> None:
         while True:
@@ -142,8 +149,10 @@ class EngineCoreLoop:
             except Exception as exc:  # a bug outside any one request's part of the step: logged, never hidden
                 log.exception("engine step failed: failing every request")
                 outputs = self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-            if outputs:
+            now = time.monotonic()
+            if outputs or now - self.last_sent > PROGRESS_S:
                 self.outbox.send(self.encode(StepOutputs(outputs, self.engine.stats())))
+                self.last_sent = now
 
     def handle(self, message) -> None:
         engine = self.engine

@@ -1,4 +1,5 @@
-"""ASGI middleware of the API server: API-key check, request-body size limit, in-flight request limit.
+"""ASGI middleware of the API server: API-key check, request-body size limit, in-flight request limit (and the
+refusal of new requests while draining).
 
 Both are plain ASGI (not Starlette's BaseHTTPMiddleware), so streamed responses pass through untouched and a
 client disconnect still reaches the route.
@@ -9,11 +10,12 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from longserve.serve.errors import APIError, too_many_requests
+from longserve.serve.errors import APIError, service_unavailable, too_many_requests
 
 # A body declared too large is still read (and dropped) up to this much before answering 413: most HTTP/1.1
 # clients write the whole body before they read a response, and would see a reset instead of the 413.
@@ -119,18 +121,28 @@ class BodySizeLimitMiddleware:
         await send_error(send, error, scope, close=more)
 
 
-class InFlightLimitMiddleware:
-    """429 at once for a ``POST /v1/...`` beyond ``max_in_flight`` being handled (streams count until they end).
+@dataclass
+class ServerLoad:
+    """The API server's ``POST /v1/...`` requests being handled (streams count until they end), and whether
+    it is draining (``api_server.drain``)."""
 
-    Without it a burst queues without bound in the API server itself, holding sockets and memory, and every
-    client waits for minutes instead of hearing "retry later".
+    in_flight: int = 0
+    draining: bool = False
+
+
+class InFlightLimitMiddleware:
+    """429 at once for a ``POST /v1/...`` beyond ``max_in_flight`` being handled; 503 with Retry-After for a new
+    one while the server drains (its load balancer sends it elsewhere).
+
+    Without the limit a burst queues without bound in the API server itself, holding sockets and memory, and
+    every client waits for minutes instead of hearing "retry later".
     """
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, rejected: Counter) -> None:
+    def __init__(self, app: ASGIApp, max_in_flight: int, rejected: Counter, load: ServerLoad) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.rejected = rejected  # longserve:api_requests_rejected, labelled by reason
-        self.in_flight = 0
+        self.load = load
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limited = (
@@ -141,15 +153,21 @@ class InFlightLimitMiddleware:
         if not limited:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        load = self.load
+        if load.draining:
+            self.rejected.labels("draining").inc()
+            error = service_unavailable("the server is shutting down (draining); retry", code="draining")
+            await send_error(send, error, scope, close=True)
+            return
+        if load.in_flight >= self.max_in_flight:
             self.rejected.labels("api_in_flight_limit").inc()
             error = too_many_requests(
-                f"the server is handling {self.in_flight} requests, its limit; retry later"
+                f"the server is handling {load.in_flight} requests, its limit; retry later"
             )
             await send_error(send, error, scope, close=True)  # the body was not read
             return
-        self.in_flight += 1
+        load.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            load.in_flight -= 1

@@ -3,8 +3,9 @@ its own event loop and its own stream to every worker.
 
 Each process binds its own socket with ``SO_REUSEPORT``, so the kernel spreads new connections over them and
 a process that dies takes only its own connections with it; the others keep serving. The parent starts them
-(fresh interpreters: no torch or engine state is inherited), waits until each listens, asks them to stop (SIGTERM: each
-ends its open streams with an error event, as one API server does on Ctrl-C) and reaps them. A child whose
+(fresh interpreters: no torch or engine state is inherited), waits until each listens, asks them to stop (SIGTERM: the
+first drains, a second ends the open streams with an error event at once, as one API server does on Ctrl-C) and
+reaps them. A child whose
 parent is gone stops by itself.
 """
 
@@ -87,14 +88,16 @@ class ApiServerProcesses:
         return None
 
     def begin_shutdown(self) -> None:
-        """Ask each live process to stop: it ends its open streams with an error event, then exits."""
+        """Ask each live process to stop (SIGTERM): the first time it drains (refuses new requests, finishes its
+        streams for up to the shutdown timeout), a second time it ends its open streams with an error event at
+        once; then it exits."""
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + self.config.shutdown_timeout_s + STOP_TIMEOUT_S
         for process in self.processes:
             try:
                 await asyncio.to_thread(process.wait, max(0.0, deadline - time.monotonic()))
@@ -121,14 +124,14 @@ def main() -> None:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args()
-    # Ctrl-C in a terminal reaches the whole process group: until it serves, the parent decides (SIGTERM).
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides, and asks with SIGTERM (the
+    # first drains, a second stops at once).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = msgspec.json.decode(sys.stdin.buffer.readline(), type=ServeConfig)
     from longserve.serve import api_server, launcher  # noqa: F401 - the slow part, done while waiting
 
     if sys.stdin.buffer.readline().strip() != b"go":  # EOF: the parent is gone before we served anything
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def started() -> None:
         os.write(args.ready_fd, b"ready\n")
@@ -137,7 +140,7 @@ def main() -> None:
     async def serve() -> None:
         watch = asyncio.create_task(_exit_with_parent(args.parent))
         try:
-            await launcher.serve_api_process(config, started)
+            await launcher.serve_api_process(config, started, signals=(signal.SIGTERM,))
         finally:
             watch.cancel()
 

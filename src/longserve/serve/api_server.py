@@ -12,6 +12,7 @@ stopping never waits on a long generation.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from longserve.serve.api_middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     InFlightLimitMiddleware,
+    ServerLoad,
 )
 from longserve.serve.errors import install_error_handlers, model_not_found, service_unavailable
 from longserve.serve.metrics import ApiMetrics
@@ -49,6 +51,7 @@ from longserve.serve.upstream import Upstream, make_session
 from longserve.serve.web_ui import mount_web_ui
 from longserve.serve.worker_protocol import ListModelsResponse, LoadLoRARequest, UnloadLoRARequest
 
+DRAIN_POLL_S = 0.05  # how often a drain checks whether the last request has ended
 log = logging.getLogger(__name__)
 
 # A body sent without Content-Type (curl --data-binary) is still read as JSON, as older FastAPI always did;
@@ -87,6 +90,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="longserve OpenAI-compatible API", lifespan=lifespan, **_LENIENT_JSON)
     app.state.config = config
     app.state.metrics = ApiMetrics()
+    app.state.load = ServerLoad()  # requests being handled; draining
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)
     # Added last = outermost: the key is checked before the body is read, and the limit before either.
@@ -96,6 +100,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
         InFlightLimitMiddleware,
         max_in_flight=config.max_in_flight_requests,
         rejected=app.state.metrics.rejected,
+        load=app.state.load,
     )
 
     def upstream(request: Request) -> Upstream:
@@ -104,6 +109,8 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     @app.get("/health", responses=ERROR_RESPONSES)
     async def health(request: Request) -> dict:
         # Readiness, as vLLM's: 200 means a request sent now would be dispatched to a worker.
+        if request.app.state.load.draining:
+            raise service_unavailable("the server is shutting down (draining)", code="draining")
         models = await upstream(request).list_models()
         if not models:
             raise service_unavailable(
@@ -179,6 +186,15 @@ def create_api_app(config: ServeConfig) -> FastAPI:
     return app
 
 
+async def drain(app: FastAPI) -> None:
+    """Refuse new requests (503 "draining", /health 503) and return once the open ones have ended."""
+    load: ServerLoad = app.state.load
+    load.draining = True
+    app.state.metrics.draining.set(1)
+    while load.in_flight:
+        await asyncio.sleep(DRAIN_POLL_S)
+
+
 def begin_shutdown(app: FastAPI) -> None:
     """The server is stopping: every open generation ends now with an error event (and [DONE])."""
     upstream = getattr(app.state, "upstream", None)
@@ -214,4 +230,4 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-__all__ = ["begin_shutdown", "create_api_app"]
+__all__ = ["begin_shutdown", "create_api_app", "drain"]

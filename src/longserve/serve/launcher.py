@@ -1,9 +1,11 @@
 """Launcher: runs controller, worker and API server apps under Uvicorn, alone or (``serve``) the controller and
 a worker in one process and the API server in processes of its own (``api_processes``).
 
-Signals are handled here once for every server in the process: Ctrl-C (or SIGTERM) first ends every open
-stream with an error (the engine stops taking work, the API server closes its streams with an error event and
-[DONE]), then asks each server to stop, then waits for the engine thread off the event loop.
+Signals are handled here once for every server in the process. The first SIGTERM (or Ctrl-C) drains: each
+part that can stops admitting and lets its running requests finish, for up to ``shutdown_timeout_s``. Then,
+or at once on a second signal (or with a timeout of 0), every open stream ends with an error (the engine stops
+taking work, the API server closes its streams with an error event and [DONE]), each server is asked to stop,
+and the engine is waited for off the event loop.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class AppSpec:
     host: str
     port: int
     on_stop: Callable[[], None] | None = None  # called on the loop when stopping begins; must not block
+    # Drain: stop admitting and return once nothing runs (cut short at the shutdown timeout); None: nothing to
+    # drain (the controller).
+    drain: Callable[[], Awaitable[None]] | None = None
     reuse_port: bool = False  # bind with SO_REUSEPORT: several processes serve this port (api_processes)
 
 
@@ -71,33 +76,60 @@ async def run_apps(
     specs: list[AppSpec],
     on_started: Callable[[], Awaitable[None] | None] | None = None,
     fatal: Callable[[], str | None] | None = None,
+    shutdown_timeout_s: float = 0.0,
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
     """Serve every app until a signal (or one server failing) stops them all.
 
     ``on_started`` runs once every server listens (it may be a coroutine function: the ready line waits for
     it). ``fatal`` is polled while serving; a reason from it stops everything and is raised as RuntimeError.
+    The first of ``signals`` drains for up to ``shutdown_timeout_s`` (see the module's docstring).
     """
-    # An open stream must not hold a shutdown forever: in-flight requests get this long to finish.
+    # An open stream must not hold a shutdown forever: once stopping, in-flight requests get this long.
     configs = [
         uvicorn.Config(s.app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=10)
         for s in specs
     ]
     servers = [_Server(config) for config in configs]
     loop = asyncio.get_running_loop()
-    stopping = False
+    stopping = False  # a signal came: parts ending now (API processes asked to stop) are no failure
+    stopped = False
+    drains = [spec.drain for spec in specs if spec.drain is not None]
+    draining: list[asyncio.Task] = []
 
     def stop_all() -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, stopped
+        if stopped:
+            return
+        stopping = stopped = True
         for spec in specs:
             if spec.on_stop is not None:
                 spec.on_stop()
         for server in servers:
             server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    async def drain_then_stop() -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(drain() for drain in drains)), shutdown_timeout_s)
+            log.info("drained: every running request finished")
+        except TimeoutError:
+            log.info(
+                "shutdown timeout (%.0f s) reached: ending the requests still running", shutdown_timeout_s
+            )
+        stop_all()
+
+    def on_signal() -> None:
+        nonlocal stopping
+        if stopping or not drains or shutdown_timeout_s <= 0:
+            stop_all()  # a second signal, or nothing to drain: stop now
+            return
+        stopping = True
+        log.info("draining (up to %.0f s; a second signal stops at once)", shutdown_timeout_s)
+        draining.append(loop.create_task(drain_then_stop(), name="drain"))
+
+    for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop_all)
+            loop.add_signal_handler(sig, on_signal)
     tasks: list[asyncio.Task] = []
     try:
         # One after another, in the order given: the controller listens before a worker registers with it and
@@ -129,8 +161,10 @@ async def run_apps(
         await serving
     finally:
         stop_all()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for task in draining:
+            task.cancel()
+        await asyncio.gather(*tasks, *draining, return_exceptions=True)
+        for sig in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 
@@ -160,7 +194,11 @@ async def start_engine(engine_config: EngineConfig, serve_config: ServeConfig):
     (``engine_in_process``), behind one ``EngineCoreClient``."""
     from longserve.engine.core_client import EngineCoreClient
 
-    return await EngineCoreClient.create(engine_config, in_process=serve_config.engine_in_process)
+    return await EngineCoreClient.create(
+        engine_config,
+        in_process=serve_config.engine_in_process,
+        stall_timeout_s=serve_config.engine_stall_timeout_s,
+    )
 
 
 async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
@@ -184,13 +222,19 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
     try:
         worker_app = create_worker_app(engine, serve_config, names)
 
+        worker = worker_app.state.worker
+
         def begin_shutdown() -> None:
             api.begin_shutdown()  # the API servers end their streams with an error event
-            engine.begin_shutdown()
+            worker.begin_shutdown()
+
+        async def drain() -> None:
+            api.begin_shutdown()  # the API servers drain too: they refuse new requests, finish their streams
+            await worker.drain()
 
         specs = [
             AppSpec("controller", create_controller_app(serve_config), host, serve_config.controller_port),
-            AppSpec("worker", worker_app, host, serve_config.worker_port, begin_shutdown),
+            AppSpec("worker", worker_app, host, serve_config.worker_port, begin_shutdown, drain),
         ]
 
         async def announce() -> None:
@@ -203,7 +247,10 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
             if serve_config.web_ui:
                 print(f"longserve: web chat at {url}/", flush=True)
 
-        await run_apps(specs, announce, fatal=lambda: engine.failure or api.failure())
+        await run_apps(
+            specs, announce, fatal=lambda: engine.failure or api.failure(),
+            shutdown_timeout_s=serve_config.shutdown_timeout_s,
+        )  # fmt: skip
     finally:
         await api.stop()
         await engine.ashutdown()
@@ -233,11 +280,15 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
     engine = await start_engine(engine_config, serve_config)
     try:
         app = create_worker_app(engine, serve_config, names)
-        spec = AppSpec("worker", app, serve_config.host, serve_config.worker_port, engine.begin_shutdown)
+        worker = app.state.worker
+        spec = AppSpec(
+            "worker", app, serve_config.host, serve_config.worker_port, worker.begin_shutdown, worker.drain
+        )
         await run_apps(
             [spec],
             lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}", flush=True),
             fatal=lambda: engine.failure,
+            shutdown_timeout_s=serve_config.shutdown_timeout_s,
         )
     finally:
         await engine.ashutdown()
@@ -281,10 +332,14 @@ async def serve_api(serve_config: ServeConfig) -> None:
 
 
 async def serve_api_process(
-    serve_config: ServeConfig, on_started: Callable[[], None], reuse_port: bool = True
+    serve_config: ServeConfig,
+    on_started: Callable[[], None],
+    reuse_port: bool = True,
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
-    """One API server: the app on ``api_port`` until a signal stops it."""
-    from longserve.serve.api_server import begin_shutdown, create_api_app
+    """One API server: the app on ``api_port`` until one of ``signals`` drains and stops it (a process of
+    ``api_processes`` takes SIGTERM only: its parent decides, Ctrl-C reaches the parent)."""
+    from longserve.serve.api_server import begin_shutdown, create_api_app, drain
 
     app = create_api_app(serve_config)
     spec = AppSpec(
@@ -294,8 +349,9 @@ async def serve_api_process(
         serve_config.api_port,
         lambda: begin_shutdown(app),
         reuse_port=reuse_port,
+        drain=lambda: drain(app),
     )
-    await run_apps([spec], on_started)
+    await run_apps([spec], on_started, shutdown_timeout_s=serve_config.shutdown_timeout_s, signals=signals)
 
 
 def run(coro) -> int:

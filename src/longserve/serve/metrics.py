@@ -162,6 +162,25 @@ class ApiMetrics:
             ["model_name", "worker"],
             registry=r,
         )
+        self.draining = Gauge(
+            "longserve:draining", "1 while this API server drains (shutting down).", registry=r
+        )
+        per_worker = ["model_name", "worker"]
+        self.worker_draining = Gauge(
+            "longserve:worker_draining", "1 while a worker drains (shutting down).", per_worker, registry=r
+        )
+        self.engine_stalls = Gauge(
+            "longserve:engine_stalls_total",
+            "Engine cores each worker restarted because no step completed within the stall timeout.",
+            per_worker,
+            registry=r,
+        )
+        self.engine_restarts = Gauge(
+            "longserve:engine_restarts_total",
+            "Engine cores each worker restarted (died or stalled) since it started.",
+            per_worker,
+            registry=r,
+        )
         self.engine_counters = _EngineCounters()
         r.register(self.engine_counters)
         self.rejected = Counter(
@@ -179,7 +198,8 @@ class ApiMetrics:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             workers = []
         statuses = await asyncio.gather(*(_live_status(session, w) for w in workers))
-        per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected)
+        per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected, self.worker_draining,
+                      self.engine_stalls, self.engine_restarts)  # fmt: skip
         for gauge in (self.running, self.waiting, self.workers, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
         counters = _EngineCounters()
@@ -191,6 +211,9 @@ class ApiMetrics:
             self.kv_cache_usage.labels(name, info.worker_address).set(status.kv_cache_usage)
             self.worker_queue_length.labels(name, info.worker_address).set(status.queue_length)
             self.worker_rejected.labels(name, info.worker_address).set(status.rejected)
+            self.worker_draining.labels(name, info.worker_address).set(float(status.draining))
+            self.engine_stalls.labels(name, info.worker_address).set(status.engine_stalls)
+            self.engine_restarts.labels(name, info.worker_address).set(status.engine_restarts)
             self.workers.labels(name).inc()
             counters.add(name, status)
         self.engine_counters.prefix, self.engine_counters.spec = counters.prefix, counters.spec

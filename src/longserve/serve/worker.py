@@ -76,6 +76,7 @@ from longserve.serve.worker_protocol import (
 from longserve.serve.worker_registration import ControllerLink
 from longserve.serve.worker_stream import WorkerStreamServer
 
+DRAIN_POLL_S = 0.05  # how often a drain checks whether the last request has ended
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +119,7 @@ class ModelWorker:
         self.num_aborted = 0  # streams closed before their last output: the client went away
         self.num_rejected = 0  # turned away with 429: the queue was full
         self.controller_link: ControllerLink | None = None  # while started with a controller
+        self.draining = False  # shutting down: nothing new is admitted, what runs finishes
         # The API servers' door: bound now, so frontend_info can say where it is before anything connects.
         self.stream_server = WorkerStreamServer(
             self,
@@ -188,7 +190,10 @@ class ModelWorker:
             spec_decode=None
             if stats.spec_decode is None
             else SpecDecodeCounts(**msgspec.structs.asdict(stats.spec_decode)),
-            ready=self.engine.ready,
+            ready=self.engine.ready and not self.draining,
+            draining=self.draining,
+            engine_stalls=self.engine.num_stalls,
+            engine_restarts=self.engine.num_restarts,
             embedding=self.embedding_details(),
         )
 
@@ -219,6 +224,10 @@ class ModelWorker:
 
         Every ``reserve`` is matched by one ``release``, however the request ends.
         """
+        if self.draining:
+            raise WorkerError(
+                _shutting_down("the worker is shutting down (draining): another worker may serve it")
+            )
         if self.in_flight >= self.config.worker_concurrency + self.config.max_queue_len:
             self.num_rejected += 1
             raise WorkerError(
@@ -410,6 +419,23 @@ class ModelWorker:
             embeddings = [truncate_embedding(v, dimensions, normalize) for v in embeddings]
         return EmbeddingsResponse(embeddings=embeddings, prompt_tokens=prompt_tokens)
 
+    async def drain(self) -> None:
+        """Stop admitting (new requests get 503 and go to other workers), tell the controller at once, and
+        return once every admitted request has ended."""
+        self.draining = True
+        if self.controller_link is not None:
+            await self.controller_link.update()
+        while self.in_flight:
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    def begin_shutdown(self) -> None:
+        """Stopping now: the engine ends every open request, and heartbeats go quiet (the controller may stop
+        first)."""
+        self.draining = True
+        if self.controller_link is not None:
+            self.controller_link.closing = True
+        self.engine.begin_shutdown()
+
     # ---- controller link ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -548,6 +574,8 @@ def create_worker_app(engine: EngineCoreClient, config: ServeConfig, model_name:
     @app.get("/health", response_model=None)
     async def health() -> dict | JSONResponse:
         # Ready means a request sent now would be served: the engine core is up (not restarting or stopped).
+        if worker.draining:
+            return JSONResponse({"status": "draining", "model_names": worker.model_names}, status_code=503)
         if not engine.ready:
             body = {"status": "unavailable", "reason": engine.failure or "the engine core is not running"}
             return JSONResponse(body | {"model_names": worker.model_names}, status_code=503)

@@ -63,6 +63,9 @@ class WorkerStatus(BaseModel):
     prefix_cache_hits: int = 0  # of those, found cached
     spec_decode: SpecDecodeCounts | None = None  # None: the engine does not speculate
     ready: bool = True  # False while the engine core is down (restarting): dispatch and list_models skip it
+    draining: bool = False  # shutting down: admits nothing new, finishes what runs (ready is False too)
+    engine_stalls: int = 0  # engine cores restarted because no step completed within the stall timeout
+    engine_restarts: int = 0  # engine cores restarted (died or stalled)
     embedding: EmbeddingDetails | None = None  # None from workers that do not say
 
 

@@ -57,6 +57,7 @@ class ControllerLink:
         self.registered = asyncio.Event()  # set by the first successful registration
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
+        self.closing = False  # the worker is stopping: a controller that went first is no news
 
     async def start(self) -> None:
         if self._task is None:
@@ -169,7 +170,7 @@ class ControllerLink:
             exist = HeartBeatResponse.model_validate(response.json()).exist
         except Exception as exc:  # unreachable for now: keep beating; once back, it answers exist=False
             # A worker going down tells the controller if it can; in `serve` the controller stops meanwhile.
-            level = logging.WARNING if ready else logging.INFO
+            level = logging.DEBUG if self.closing else logging.WARNING if ready else logging.INFO
             log.log(level, "heartbeat to controller %s failed: %r", self.controller_address, exc)
             return True
         self.num_heart_beats += 1
