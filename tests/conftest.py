@@ -131,3 +131,13 @@ def tiny_bert_mean_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return embedding_models.write_tiny_bert(
         tmp_path_factory.mktemp("tiny_bert_mean"), pooling="mean", normalize=False
     )
+
+
+@pytest.fixture(autouse=True)
+def _small_default_kv_pool(monkeypatch):
+    """Engines built in this process default to a 64 MiB CPU pool instead of 1 GiB: the pool is committed
+    (zeroed) at start, and hundreds of test engines would each write a GiB. Tests that size the cache say
+    so; processes a test starts keep the real default."""
+    from longserve.engine import kv_sizing
+
+    monkeypatch.setattr(kv_sizing, "CPU_DEFAULT_MB", 64)

@@ -111,7 +111,7 @@ class EngineConfig:
         True  # full KV blocks stay cached by content and are reused by later prompts
     )
     # KV cache size per rank; the number of blocks follows from it. None: on a GPU, what gpu_memory_utilization
-    # leaves (kv_sizing.py); on the CPU 1 GiB, committed only as blocks are first used (it holds 64 streams
+    # leaves (kv_sizing.py); on the CPU 1 GiB, committed (zeroed) at start (it holds 64 streams
     # of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt).
     kv_cache_memory_mb: int | None = None
     gpu_memory_utilization: float = (

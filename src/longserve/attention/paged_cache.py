@@ -46,16 +46,16 @@ def allocate_kv_cache(
     device: torch.device | str = "cpu",
     gate_keys: bool = False,  # also keep MoBA's per-block mean keys
 ) -> list[LayerKVCache]:
-    """Cache for every layer, as views of one allocation.
+    """Cache for every layer, as views of one allocation, zeroed.
 
-    One large allocation is mapped lazily by the OS, so memory is committed only as blocks are first used.
-    Block 0 (the pad block) is zeroed: padded gathers read it, and garbage there (NaN) would leak through a
-    masked softmax.
+    Zeroing commits the whole pool now: left untouched, the OS would map it lazily and the process's memory
+    would climb by up to the pool's size as blocks are first used, which a dashboard cannot tell from a leak
+    and which fails late on a box without the memory. Block 0 (the pad block) must be zero anyway: padded
+    gathers read it, and garbage there (NaN) would leak through a masked softmax.
     """
-    storage = torch.empty(
+    storage = torch.zeros(
         2, num_layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device
     )
-    storage[:, :, :block_size].zero_()
     gates = (
         torch.zeros(num_layers, num_blocks, kv_heads, head_dim, dtype=torch.float32, device=device)
         if gate_keys

@@ -80,11 +80,38 @@ def allocate_caches(
     num_blocks = config.num_kv_blocks or max(
         2, kv_cache_bytes(config, loaded, device, tp) // (bytes_per_token * config.block_size)
     )
+    pool = num_blocks * config.block_size * bytes_per_token
+    if device.type == "cpu":
+        check_host_memory(pool)
     caches = allocate_kv_cache(
         mc.num_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, config.torch_dtype,
         device=device, gate_keys=config.attention == "moba" and device.type == "cuda",
     )  # fmt: skip
+    log.info("KV cache: %.0f MiB allocated and committed on %s", pool / 2**20, device)
     return num_blocks, caches
+
+
+def check_host_memory(pool_bytes: int) -> None:
+    """``ValueError`` at start when the KV cache cannot fit in the memory the machine has free now (rather
+    than the process being killed later, as blocks are first used)."""
+    available = host_memory_available()
+    if available is not None and pool_bytes > available:
+        raise ValueError(
+            f"the KV cache needs {pool_bytes / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB of memory is "
+            "available: lower --kv-cache-memory-mb"
+        )
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def build_graphs(

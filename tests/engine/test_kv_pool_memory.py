@@ -1,0 +1,26 @@
+"""The KV pool is committed at start (memory does not climb by the pool's size as blocks are first used, which
+looks like a leak), and a pool that cannot fit in the machine's free memory fails at start, saying so."""
+
+import psutil
+import pytest
+
+from longserve import LLM
+from longserve.engine.model_loading import host_memory_available
+
+
+def test_the_pool_is_resident_once_the_engine_is_built(tiny_llama_dir):
+    process = psutil.Process()
+    before = process.memory_info().rss
+    llm = LLM(tiny_llama_dir, kv_cache_memory_mb=96)
+    grown = process.memory_info().rss - before
+    assert grown > 90 * 2**20, f"only {grown / 2**20:.0f} MiB resident after building a 96 MiB pool"
+    assert llm.engine.cache_capacity > 0
+
+
+def test_a_pool_larger_than_free_memory_fails_at_start(tiny_llama_dir):
+    available = host_memory_available()
+    if available is None:
+        pytest.skip("no /proc/meminfo here")
+    too_big = available // 2**20 * 2
+    with pytest.raises(ValueError, match=r"KV cache needs .* MiB .* available: lower --kv-cache-memory-mb"):
+        LLM(tiny_llama_dir, kv_cache_memory_mb=too_big)
