@@ -140,6 +140,13 @@ def _serve_arguments(parser: argparse.ArgumentParser, *, api: bool, worker: bool
             help="seconds a whole request may take before it ends with a timeout error (default: none)",
         )
         parser.add_argument(
+            "--request-stall-timeout",
+            type=float,
+            dest="request_stall_timeout_s",
+            help="seconds a request's stream may bring no token before it ends with a timeout error "
+            "(default: none)",
+        )
+        parser.add_argument(
             "--no-web-ui",
             action="store_false",
             dest="web_ui",
@@ -191,6 +198,7 @@ def _serve_config(args: argparse.Namespace, **extra):
         "worker_stream_timeout_s",
         "worker_stream_keepalive_s",
         "request_timeout_s",
+        "request_stall_timeout_s",
         "controller_port",
     )
     keys += ("dispatch_method", "heart_beat_expiration_s", "heart_beat_interval_s", "controller_address")

@@ -319,6 +319,9 @@ class ServeConfig:
     worker_stream_timeout_s: float = 60.0
     worker_stream_keepalive_s: float = 5.0
     request_timeout_s: float | None = None  # a whole generation request; None: no limit
+    # A generation request whose stream has brought no token for this long ends with a 504 error (a worker
+    # that answers keep-alives but makes no progress); None: no limit.
+    request_stall_timeout_s: float | None = None
     sse_keepalive_s: float = 15.0  # an SSE comment to a client whose stream has been silent this long
     # The worker runs its engine core in a child process (its forward passes never share the worker's GIL);
     # True keeps it on a thread of the worker process instead (tests, debugging).
@@ -356,8 +359,9 @@ class ServeConfig:
                      "engine_stall_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "request_stall_timeout_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if isinstance(self.api_keys, str):
             self.api_keys = tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 

@@ -290,3 +290,30 @@ def test_a_silent_stream_gets_sse_keepalive_comments_that_clients_ignore(tiny_ll
             assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         finally:
             del engine.step
+
+
+def test_request_stall_timeout_ends_a_stream_that_stops_bringing_tokens(tiny_llama_dir):
+    with Stack(tiny_llama_dir, 1, request_stall_timeout_s=0.5) as stack:
+        engine = stack.engines[0].engine
+        step, calls = engine.step, []
+
+        def stalling_step():
+            calls.append(1)
+            if len(calls) > 5:
+                time.sleep(0.3 if len(calls) < 12 else 1.5)  # slow but flowing, then stalled
+            return step()
+
+        engine.step = stalling_step
+        try:
+            start, texts = time.monotonic(), []
+            with pytest.raises(openai.APIError, match="request stall timeout"):
+                stream = stack.client.completions.create(
+                    model=MODEL, prompt="x", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+                )
+                for chunk in stream:
+                    texts += [choice.text for choice in chunk.choices]
+            assert time.monotonic() - start < 8
+            assert len(texts) > 5  # tokens flowed, slowly, before the stall: slow is not stalled
+        finally:
+            del engine.step
+        wait_until(lambda: _idle(stack), timeout=30, what="the stalled request to be aborted")

@@ -79,6 +79,7 @@ def create_api_app(config: ServeConfig) -> FastAPI:
             config.worker_stream_timeout_s,
             config.worker_stream_keepalive_s,
             request_timeout_s=config.request_timeout_s,
+            request_stall_timeout_s=config.request_stall_timeout_s,
             sse_keepalive_s=config.sse_keepalive_s,
         )
         try:

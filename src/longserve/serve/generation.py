@@ -81,7 +81,8 @@ class Generation:
         self._fatal: APIError | None = None  # a rejection, the deadline, or shutdown: the whole request ends
         self._disconnected = False
         self._accepted = 0
-        self._last_news = time.monotonic()
+        self._last_news = time.monotonic()  # the last delta or keep-alive
+        self._last_delta = time.monotonic()  # the last delta (the stall timeout counts from it)
         self._keepalive_due = False
         self._waiter: asyncio.Future[None] | None = None
         self._done: set[int] = set()  # prompts whose last chunk was yielded
@@ -94,6 +95,8 @@ class Generation:
         self._watch(self._watch_disconnect(), self._watch_stop(), self._watch_silence())
         if self.upstream.request_timeout_s is not None:
             self._watch(self._watch_deadline())
+        if self.upstream.request_stall_timeout_s is not None:
+            self._watch(self._watch_stall())
         try:
             frontend = self.frontend or await self.upstream.frontend(self.model)
             for payload in self.payloads:
@@ -206,6 +209,7 @@ class Generation:
             if self._broken is None:
                 self._broken = (prompt, APIError.from_info(item))
         else:
+            self._last_delta = self._last_news
             pending = self._news.get(prompt)
             if pending is None:
                 self._news[prompt] = item
@@ -248,6 +252,13 @@ class Generation:
         await asyncio.sleep(timeout)
         message = f"the request did not finish within the server's request timeout ({timeout:g} s)"
         self._end(APIError(message, status=504, code="request_timeout"))
+
+    async def _watch_stall(self) -> None:
+        timeout = self.upstream.request_stall_timeout_s
+        while time.monotonic() - self._last_delta < timeout:
+            await asyncio.sleep(max(0.0, self._last_delta + timeout - time.monotonic()) + 0.01)
+        message = f"no new token within the server's request stall timeout ({timeout:g} s)"
+        self._end(APIError(message, status=504, code="request_stalled"))
 
     async def _watch_silence(self) -> None:
         interval = self.upstream.sse_keepalive_s

@@ -94,6 +94,7 @@ class Upstream:
         worker_timeout_s: float,
         worker_keepalive_s: float,
         request_timeout_s: float | None = None,
+        request_stall_timeout_s: float | None = None,
         sse_keepalive_s: float = 15.0,
     ) -> None:
         self.session = session
@@ -106,6 +107,7 @@ class Upstream:
         self.controller_address = controller_address.rstrip("/")
         self.connect_retries = max(0, connect_retries)
         self.request_timeout_s = request_timeout_s  # a whole generation request; None: no limit
+        self.request_stall_timeout_s = request_stall_timeout_s  # between a request's deltas; None: no limit
         self.sse_keepalive_s = sse_keepalive_s  # SSE comment to the client after this long without an event
         # Set when the API server begins to stop: open generations end with an error event, then [DONE].
         self.stopping = asyncio.Event()
