@@ -453,7 +453,7 @@ def real_server() -> str:
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=45)  # a drain of up to 30 s (requests of the killed clients may still run)
         except subprocess.TimeoutExpired:
             process.kill()
             raise

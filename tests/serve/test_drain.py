@@ -1,6 +1,7 @@
 """Operating a fleet, with real processes on loopback: SIGTERM drains (running streams finish, new requests go
 to the other worker, /health 503 while /live 200, exit 0), a short shutdown timeout ends what is left with an
-error event and [DONE], a stalled engine core is killed and replaced, and start and stop log nothing alarming."""
+error event and [DONE], ``serve`` drains the same way, a stalled engine core is killed and replaced, and start
+and stop log nothing alarming."""
 
 from __future__ import annotations
 
@@ -66,6 +67,32 @@ def test_sigterm_drains_a_worker_its_streams_finish_and_new_requests_go_elsewher
     finally:
         for process in reversed(processes):
             _stop(process)
+
+
+def test_serve_under_sigterm_drains_its_streams_to_the_end(tiny_llama_dir):
+    ports = {name: unused_port() for name in ("port", "controller-port", "worker-port")}
+    args = [f"--{name}={port}" for name, port in ports.items()]
+    process = _start("serve", "--model", tiny_llama_dir, "--model-name", MODEL, *args)
+    url = f"http://127.0.0.1:{ports['port']}"
+    try:
+        wait_until(lambda: _serving(url), timeout=60, what="the model to be served")
+        results, threads = _start_streams(url, 8)
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: _health(url) == 503, timeout=5, what="/health to say draining")
+        for thread in threads:
+            thread.join(60)
+        assert process.wait(timeout=30) == 0
+    finally:
+        _stop(process)
+    assert [(r.finish_reason, r.error, r.done) for r in results] == [("length", None, True)] * 8
+    log = process.stderr.read()
+    assert not any(word in log for word in ALARMING), log
+
+
+def _health(url: str) -> int:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/health", timeout=2).status_code
+    return 0
 
 
 def test_a_short_shutdown_timeout_ends_what_is_left_with_an_error_event(tiny_llama_dir):

@@ -127,6 +127,29 @@ def test_a_full_worker_rejects_with_429_and_an_abort_frees_the_slot(engine) -> N
     assert len(tokens["third"]) == 8
 
 
+def test_an_abort_right_behind_its_request_frees_the_slot(engine) -> None:
+    """The abort is handled before the request's task first runs (both frames read in one go): the slot still
+    frees, or a drain would wait for it for ever."""
+    from longserve.serve.worker_stream import _Peer
+
+    async def main():
+        worker = _worker(engine)
+        await worker.start()
+        try:
+            server, peer = worker.stream_server, _Peer(b"front")
+            for i in range(5):
+                server._admit(peer, EngineRequest(f"r{i}", [5, 6, 7], GREEDY))
+                server._abort(peer, AbortRequest(f"r{i}"))  # no await in between: the task has not started
+            deadline = time.monotonic() + 10
+            while worker.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return worker.in_flight, peer.requests
+        finally:
+            await worker.stop()
+
+    assert asyncio.run(main()) == (0, {})
+
+
 def test_a_silent_front_end_has_its_requests_aborted(engine, monkeypatch) -> None:
     long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
     step = engine.engine.step

@@ -45,6 +45,7 @@ class AppSpec:
     # Drain: stop admitting and return once nothing runs (cut short at the shutdown timeout); None: nothing to
     # drain (the controller).
     drain: Callable[[], Awaitable[None]] | None = None
+    in_flight: Callable[[], int] | None = None  # requests running now (logged when a drain times out)
     reuse_port: bool = False  # bind with SO_REUSEPORT: several processes serve this port (api_processes)
 
 
@@ -113,9 +114,11 @@ async def run_apps(
             await asyncio.wait_for(asyncio.gather(*(drain() for drain in drains)), shutdown_timeout_s)
             log.info("drained: every running request finished")
         except TimeoutError:
-            log.info(
-                "shutdown timeout (%.0f s) reached: ending the requests still running", shutdown_timeout_s
+            left = ", ".join(
+                f"{spec.name}: {spec.in_flight()}" for spec in specs if spec.in_flight is not None
             )
+            log.info("shutdown timeout (%.0f s) reached: ending the requests still running (%s)",
+                     shutdown_timeout_s, left or "unknown")  # fmt: skip
         stop_all()
 
     def on_signal() -> None:
@@ -234,7 +237,15 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
 
         specs = [
             AppSpec("controller", create_controller_app(serve_config), host, serve_config.controller_port),
-            AppSpec("worker", worker_app, host, serve_config.worker_port, begin_shutdown, drain),
+            AppSpec(
+                "worker",
+                worker_app,
+                host,
+                serve_config.worker_port,
+                begin_shutdown,
+                drain,
+                lambda: worker.in_flight,
+            ),
         ]
 
         async def announce() -> None:
@@ -282,8 +293,9 @@ async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -
         app = create_worker_app(engine, serve_config, names)
         worker = app.state.worker
         spec = AppSpec(
-            "worker", app, serve_config.host, serve_config.worker_port, worker.begin_shutdown, worker.drain
-        )
+            "worker", app, serve_config.host, serve_config.worker_port, worker.begin_shutdown, worker.drain,
+            lambda: worker.in_flight,
+        )  # fmt: skip
         await run_apps(
             [spec],
             lambda: print(f"longserve worker: {name!r} at {serve_config.own_worker_address}", flush=True),
@@ -350,6 +362,7 @@ async def serve_api_process(
         lambda: begin_shutdown(app),
         reuse_port=reuse_port,
         drain=lambda: drain(app),
+        in_flight=lambda: app.state.load.in_flight,
     )
     await run_apps([spec], on_started, shutdown_timeout_s=serve_config.shutdown_timeout_s, signals=signals)
 

@@ -120,8 +120,18 @@ class WorkerStreamServer:
             )
             return
         worker.in_flight += 1
-        peer.requests[request_id] = asyncio.create_task(self._run(peer, request), name=f"stream-{request_id}")
+        task = peer.requests[request_id] = asyncio.create_task(
+            self._run(peer, request), name=f"stream-{request_id}"
+        )
+        # Released when the task is done, however: a task cancelled before it first ran (an abort in the same
+        # read as its request) never enters its body, so a finally there would leak the slot.
+        task.add_done_callback(lambda _: self._release(peer, request_id))
         self._send(peer.identity, Accepted(request_id))
+
+    def _release(self, peer: _Peer, request_id: str) -> None:
+        peer.requests.pop(request_id, None)
+        peer.running.discard(request_id)
+        self.worker.in_flight -= 1
 
     async def _run(self, peer: _Peer, request: EngineRequest) -> None:
         """Hold one of the worker's slots for the request's whole life, as its HTTP endpoints do."""
@@ -137,18 +147,13 @@ class WorkerStreamServer:
             if (isinstance(item, Exception) or item.finished) and not done.done():
                 done.set_result(None)
 
-        try:
-            async with self.worker.semaphore:
-                peer.running.add(request_id)
-                try:
-                    self.worker.engine.submit(request, sink)
-                except (EngineShutDown, ValueError) as exc:
-                    sink(exc)
-                await done
-        finally:
-            peer.requests.pop(request_id, None)
-            peer.running.discard(request_id)
-            self.worker.in_flight -= 1
+        async with self.worker.semaphore:
+            peer.running.add(request_id)
+            try:
+                self.worker.engine.submit(request, sink)
+            except (EngineShutDown, ValueError) as exc:
+                sink(exc)
+            await done
 
     def _abort(self, peer: _Peer, message: AbortRequest) -> None:
         task = peer.requests.get(message.request_id)
