@@ -82,3 +82,42 @@ def test_the_readme_deploy_steps_match_the_files():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     torch_line = dockerfile.index("torch==")
     assert torch_line < dockerfile.index("pip install --no-cache-dir . ")  # the CPU torch before the package
+
+
+def _merge(base, patch):
+    """A strategic merge as kubectl does it for these files: maps merge, containers merge by name, other
+    lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
+        merged = {x["name"]: x for x in base}
+        for x in patch:
+            merged[x["name"]] = _merge(merged[x["name"]], x) if x["name"] in merged else x
+        return list(merged.values())
+    return patch
+
+
+def test_the_gpu_overlay_gives_workers_a_gpu_and_stays_valid():
+    overlay = K8S / "overlays" / "gpu"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../.."] and kustomization["images"][0]["newTag"] == "cuda"
+    (patch_file,) = [p["path"] for p in kustomization["patches"]]
+    patch = yaml.safe_load((overlay / patch_file).read_text())
+    base = next(
+        doc
+        for _, doc in _documents()
+        if doc["metadata"]["name"] == "longserve-worker" and doc["kind"] == "Deployment"
+    )
+    worker = _merge(base, patch)
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(worker, KUBERNETES_VERSION, strict=True)
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--device=cuda" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/live"  # kept from the base
+    from longserve.cli import build_parser
+
+    build_parser().parse_args([a.replace("$(POD_IP)", "10.0.0.1") for a in container["args"]])
