@@ -14,7 +14,13 @@ from longserve.config import EngineConfig
 from longserve.distributed.launch import RankDiedError
 from longserve.engine.embeddings import Embedder
 from longserve.engine.kv_cache import BlockManager
-from longserve.engine.model_loading import allocate_caches, build_graphs, build_lora, load_model
+from longserve.engine.model_loading import (
+    allocate_caches,
+    build_graphs,
+    build_lora,
+    load_model,
+    model_max_len,
+)
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.protocol import (
     EngineRequest,
@@ -27,7 +33,7 @@ from longserve.engine.sampled_rows import SampledRows
 from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from longserve.engine.sequence import FinishReason, Sequence
-from longserve.engine.spec_decode.speculator import Speculator, build_speculator
+from longserve.engine.spec_decode.speculator import build_speculator
 from longserve.engine.structured_output import GrammarCompiler, GrammarRejected, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
@@ -66,7 +72,11 @@ class LLMEngine:
         try:
             loaded = load_model(config, self.device, self.ranks.tp)
             # A draft model and its cache come first: on a GPU the target's cache takes what is left.
-            self.speculator = _speculator(config, loaded)
+            self.speculator = (
+                build_speculator(config, loaded, model_max_len(config, loaded.model_config))
+                if config.speculative_config is not None and loaded.family.can_generate
+                else None
+            )
             num_blocks, caches = allocate_caches(config, loaded, self.device, self.ranks.tp)
         except (ValueError, RuntimeError, OSError) as exc:
             self.ranks.report_loaded(f"{type(exc).__name__}: {exc}")
@@ -85,9 +95,7 @@ class LLMEngine:
         self.model_name = config.model or "SmolLM2-135M-Instruct"
 
         mc = self.model_config
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
+        self.max_model_len = model_max_len(config, mc)
         self.cache_capacity = self.max_model_len if self.is_encoder else (num_blocks - 1) * config.block_size
         if not self.is_encoder:
             log.info(
@@ -427,12 +435,3 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
-
-
-def _speculator(config: EngineConfig, loaded) -> Speculator | None:
-    """The speculator for a generating model with ``speculative_config`` set, else None."""
-    if config.speculative_config is None or not loaded.family.can_generate:
-        return None
-    mc = loaded.model_config
-    max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return build_speculator(config, loaded, max_len)

@@ -67,6 +67,12 @@ def load_model(config: EngineConfig, device: torch.device, tp: TensorParallel) -
     )
 
 
+def model_max_len(config: EngineConfig, model_config) -> int:
+    """The longest context (prompt + completion) the engine serves: ``max_model_len``, within the model's."""
+    limit = model_config.max_position_embeddings
+    return min(config.max_model_len or limit, limit)
+
+
 def allocate_caches(
     config: EngineConfig, loaded: LoadedModel, device: torch.device, tp: TensorParallel
 ) -> tuple[int, list[LayerKVCache]]:
