@@ -117,6 +117,8 @@ def test_adapters_load_and_unload_at_run_time_while_requests_run(tiny_llama_dir,
     tokens: list[int] = []
     for delta in engine.step():
         tokens += delta.seqs[0].token_ids
+    stats = engine.stats()
+    assert (stats.running_loras, stats.waiting_loras, stats.max_loras) == (["a"], [], 1)
     engine.remove_lora("a")
     with pytest.raises(ValueError, match="not loaded"):
         llm.generate([[5, 6, 7]], params, lora="a")

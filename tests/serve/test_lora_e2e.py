@@ -56,6 +56,8 @@ def test_adapters_are_models_with_a_parent_and_answer_each_api(tiny_llama_dir, a
             json={"model": "a", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
         )
         assert messages.status_code == 200 and messages.json()["model"] == "a", messages.text
+        metrics = httpx.get(f"{stack.api_url}/metrics").text
+        assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",' in metrics, metrics[-2000:]
 
 
 def test_load_and_unload_at_run_time_while_streams_run(tiny_llama_dir, adapters, expected):

@@ -214,6 +214,11 @@ class LLMEngine:
             spec_decode=msgspec.structs.replace(spec, accepted_per_position=list(spec.accepted_per_position))
             if spec is not None
             else None,
+            **(
+                self.lora.stats(self.scheduler.running, self.scheduler.waiting)
+                if self.lora is not None
+                else {}
+            ),
         )
 
     def close(self) -> None:

@@ -180,6 +180,10 @@ class EngineStats(msgspec.Struct):
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since the engine started
     prefix_cache_hits: int = 0  # of those, found cached
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
+    # LoRA adapters with running / waiting sequences (names, sorted), and the device slots; 0: LoRA is off
+    running_loras: list[str] = msgspec.field(default_factory=list)
+    waiting_loras: list[str] = msgspec.field(default_factory=list)
+    max_loras: int = 0
 
 
 class StepOutputs(msgspec.Struct, tag=True, array_like=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from longserve.engine.sequence import Sequence
@@ -71,6 +72,19 @@ class LoRAManager:
         for index, slot in enumerate(self.device_slots):
             if slot.lora_id == lora_id and slot.users == 0:
                 self._empty(index)
+
+    def stats(self, running: Iterable[Sequence], waiting: Iterable[Sequence]) -> dict:
+        """``EngineStats``' LoRA fields: the adapters of running and of waiting sequences, and the slots."""
+        names = {lora_id: name for name, lora_id in self.ids.items()}
+
+        def adapters(seqs: Iterable[Sequence]) -> list[str]:
+            return sorted({names.get(s.lora_id, f"unloaded-{s.lora_id}") for s in seqs if s.lora_id})
+
+        return {
+            "running_loras": adapters(running),
+            "waiting_loras": adapters(waiting),
+            "max_loras": len(self.device_slots),
+        }
 
     def hold(self, name: str) -> int:
         """For a new sequence: the id of registered adapter ``name``, read again if it left host memory;

@@ -181,6 +181,12 @@ class ApiMetrics:
             per_worker,
             registry=r,
         )
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "LoRA adapters with running and waiting requests, per worker (the value: when it was read).",
+            ["worker", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
         self.engine_counters = _EngineCounters()
         r.register(self.engine_counters)
         self.rejected = Counter(
@@ -200,7 +206,7 @@ class ApiMetrics:
         statuses = await asyncio.gather(*(_live_status(session, w) for w in workers))
         per_worker = (self.kv_cache_usage, self.worker_queue_length, self.worker_rejected, self.worker_draining,
                       self.engine_stalls, self.engine_restarts)  # fmt: skip
-        for gauge in (self.running, self.waiting, self.workers, *per_worker):
+        for gauge in (self.running, self.waiting, self.workers, self.lora_info, *per_worker):
             gauge.clear()  # workers that left must not linger with their last value
         counters = _EngineCounters()
         for info, status in zip(workers, statuses, strict=True):
@@ -214,6 +220,11 @@ class ApiMetrics:
             self.worker_draining.labels(name, info.worker_address).set(float(status.draining))
             self.engine_stalls.labels(name, info.worker_address).set(status.engine_stalls)
             self.engine_restarts.labels(name, info.worker_address).set(status.engine_restarts)
+            if status.max_loras:
+                running, waiting = ",".join(status.running_loras), ",".join(status.waiting_loras)
+                self.lora_info.labels(info.worker_address, running, waiting, str(status.max_loras)).set(
+                    time.time()
+                )
             self.workers.labels(name).inc()
             counters.add(name, status)
         self.engine_counters.prefix, self.engine_counters.spec = counters.prefix, counters.spec

@@ -194,6 +194,9 @@ class ModelWorker:
             draining=self.draining,
             engine_stalls=self.engine.num_stalls,
             engine_restarts=self.engine.num_restarts,
+            running_loras=stats.running_loras,
+            waiting_loras=stats.waiting_loras,
+            max_loras=stats.max_loras,
             embedding=self.embedding_details(),
         )
 

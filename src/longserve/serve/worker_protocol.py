@@ -66,6 +66,9 @@ class WorkerStatus(BaseModel):
     draining: bool = False  # shutting down: admits nothing new, finishes what runs (ready is False too)
     engine_stalls: int = 0  # engine cores restarted because no step completed within the stall timeout
     engine_restarts: int = 0  # engine cores restarted (died or stalled)
+    running_loras: list[str] = Field(default_factory=list)  # LoRA adapters with running sequences
+    waiting_loras: list[str] = Field(default_factory=list)
+    max_loras: int = 0  # adapter slots; 0: LoRA off
     embedding: EmbeddingDetails | None = None  # None from workers that do not say
 
 
