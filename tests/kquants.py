@@ -29,3 +29,12 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(rows, -1, 128)
     header = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8)], -1)
     return np.concatenate([header.reshape(rows, -1, 4), packed, qs], -1).reshape(rows, -1)
+
+
+def random_q6_k(rows: int, supers: int, seed: int = 0) -> np.ndarray:
+    """Raw Q6_K rows of random bytes, with finite fp16 d (every bit pattern of codes and scales occurs)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, supers, 210), dtype=np.uint8)
+    d = (rng.uniform(1e-4, 1e-2, (rows, supers)) * rng.choice([-1, 1], (rows, supers))).astype(np.float16)
+    raw[..., 208:210] = d.view(np.uint8).reshape(rows, supers, 2)
+    return raw.reshape(rows, supers * 210)

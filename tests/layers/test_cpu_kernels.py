@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import quantize
+from kquants import random_q6_k
 
 from longserve.layers.matmul import PreparedMatmul
 from longserve.loading.gguf_blocks import read_blocks
@@ -35,6 +36,18 @@ def test_block_matmul_equals_the_dequantized_product(qtype, rows: int, out: int,
     # The q4 direct path sums scale * (codes . x) + minimum * sum(x): the two terms may nearly cancel, so float32
     # rounding reaches ~1e-5 absolute on outputs of size ~10 (AVX2 builds measured up to 1.6e-5).
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13])
+def test_q6_k_blocks_equal_the_dequantized_product(rows: int) -> None:
+    """Q6_K's int8 codes with a scale per 16 weights, on both paths (direct up to 4 rows, tiles beyond)."""
+    blocks = read_blocks(random_q6_k(37, 2, seed=rows), Q.Q6_K)
+    matmul = PreparedMatmul(None, None, "gguf", blocks=blocks)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    expected = x.double() @ blocks.dequantize().double().t()
+    torch.testing.assert_close(matmul(x).double(), expected, rtol=1e-5, atol=1e-4)
+    q8 = PreparedMatmul(None, None, "gguf-q8", blocks=blocks)  # no integer kernel: the fp32 one, same values
+    torch.testing.assert_close(q8(x).double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_each_row_is_independent_of_the_threads() -> None:
@@ -98,11 +111,14 @@ def test_other_instruction_sets_compute_the_same(march: str) -> None:
     if march == "haswell" and not {"avx2", "fma"} <= _cpu_flags():
         pytest.skip("this CPU cannot run AVX2 code")
     kernels = cpu_kernels(march)
-    for qtype in (Q.Q4_1, Q.Q8_0):
+    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q6_K):
         for rows in (1, 4, 9):
-            blocks = _blocks(37, 96, qtype, seed=rows)
-            x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
-            if qtype == Q.Q8_0:
+            if qtype == Q.Q6_K:  # int8 codes with a scale per 16 weights
+                blocks, inp = read_blocks(random_q6_k(37, 1, seed=rows), Q.Q6_K), 256
+            else:
+                blocks, inp = _blocks(37, 96, qtype, seed=rows), 96
+            x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
+            if qtype != Q.Q4_1:
                 y = kernels.q8_linear(x, blocks.codes, blocks.scale)
             else:
                 y = kernels.q4_linear(x, blocks.codes, blocks.scale, blocks.minimum)

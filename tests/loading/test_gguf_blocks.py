@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize, quantize
-from kquants import quantize_q4_k
+from kquants import quantize_q4_k, random_q6_k
 
-from longserve.loading.gguf_blocks import Q4Blocks, cat_blocks, read_blocks
+from longserve.loading.gguf_blocks import Q4Blocks, Q8Blocks, cat_blocks, read_blocks
 
 Q = gguf.GGMLQuantizationType
 
@@ -48,6 +48,16 @@ def test_rearranged_formats_reproduce_the_dequantized_file(qtype) -> None:
     assert np.array_equal(read_blocks(raw, qtype).dequantize().numpy(), want)
 
 
+def test_q6_k_becomes_int8_blocks_with_a_scale_per_16_weights() -> None:
+    raw = random_q6_k(5, 3)
+    blocks = read_blocks(raw, Q.Q6_K)
+    assert isinstance(blocks, Q8Blocks) and blocks.group == 16 and blocks.codes.shape == (5, 768)
+    assert int(blocks.codes.min()) >= -32 and int(blocks.codes.max()) <= 31
+    assert np.array_equal(blocks.dequantize().numpy(), dequantize(raw, Q.Q6_K))
+    with pytest.raises(ValueError, match="different block formats"):  # 16- and 32-weight scales do not fuse
+        cat_blocks([blocks, read_blocks(quantize(_weights(2, 768), Q.Q8_0), Q.Q8_0)])
+
+
 def test_other_formats_are_refused() -> None:
-    with pytest.raises(ValueError, match="Q6_K has no low-bit kernel"):
-        read_blocks(np.zeros((1, 210), dtype=np.uint8), Q.Q6_K)
+    with pytest.raises(ValueError, match="Q5_K has no low-bit kernel"):
+        read_blocks(np.zeros((1, 176), dtype=np.uint8), Q.Q5_K)

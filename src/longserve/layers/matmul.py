@@ -105,7 +105,10 @@ class PreparedMatmul:
     def _block_linear(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float().contiguous()
         b = self.blocks
-        int8_dot = self.int8_dot and x32.shape[0] <= INT8_DOT_MAX_ROWS
+        # (Q6_K's 16-weight scales have no integer kernel: those blocks run with fp32 activations)
+        int8_dot = (
+            self.int8_dot and x32.shape[0] <= INT8_DOT_MAX_ROWS and (isinstance(b, Q4Blocks) or b.group == 32)
+        )
         if isinstance(b, Q4Blocks):
             linear = self._kernels.q4_linear_int8 if int8_dot else self._kernels.q4_linear
             y = linear(x32, b.codes, b.scale, b.minimum)

@@ -4,7 +4,8 @@
 //
 //   q4: 32 weights per block as 16 bytes of nibbles (weight j in the low nibble of byte j, weight j + 16 in the
 //       high nibble, as in the file), value = scale * code + minimum  (Q4_0: minimum = -8 scale; Q4_1: m).
-//   q8: 32 int8 codes per block, value = scale * code  (Q8_0).
+//   q8: 32 int8 codes per block, value = scale * code  (Q8_0, Q5_0); or a scale per 16 codes (Q6_K), told
+//       apart by the scales' shape.
 //
 // AVX-512 or AVX2 + FMA where the CPU has them (a scalar loop otherwise). Each output is summed in a fixed
 // order that does not depend on the number of threads; steps of at most kRowTile rows and larger steps take
@@ -59,7 +60,7 @@ inline float horizontal_sum(__m256 v) {
 // FMA latency). The minimum term of q4 (minimum * sum(x_r) per block) is added by the caller.
 #if defined(__AVX512F__)
 // AVX-512: a block's 32 codes as two 16-float vectors (codes 0-15, 16-31): half the instructions of AVX2.
-template <bool kQ4, int kCols, int rows>
+template <bool kQ4, int kScales, int kCols, int rows>
 void dot_rows_512(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
                   int64_t groups, float* out) {
   // Two accumulator chains per row and column (even and odd blocks). Rows and columns are template constants so
@@ -80,11 +81,16 @@ void dot_rows_512(const uint8_t* codes, int64_t column_bytes, const float* scale
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
       }
-      const __m512 d = _mm512_set1_ps(scale[c * groups + g]);
+      const float* ds = scale + (c * groups + g) * kScales;
+      if constexpr (kScales == 2) {  // a scale per 16 weights (Q6_K): scaled codes, then one block sum
+        lo = _mm512_mul_ps(lo, _mm512_set1_ps(ds[0]));
+        hi = _mm512_mul_ps(hi, _mm512_set1_ps(ds[1]));
+      }
+      const __m512 d = _mm512_set1_ps(kScales == 2 ? 1.f : ds[0]);
       for (int r = 0; r < rows; ++r) {
         const float* xs = x + r * in + g * kGroup;
         const __m512 block = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + kHalf), _mm512_mul_ps(lo, _mm512_loadu_ps(xs)));
-        acc[r][c][g & 1] = _mm512_fmadd_ps(d, block, acc[r][c][g & 1]);
+        acc[r][c][g & 1] = kScales == 2 ? _mm512_add_ps(block, acc[r][c][g & 1]) : _mm512_fmadd_ps(d, block, acc[r][c][g & 1]);
       }
     }
   }
@@ -93,7 +99,7 @@ void dot_rows_512(const uint8_t* codes, int64_t column_bytes, const float* scale
 }
 #endif
 
-template <bool kQ4, int kCols, int rows>
+template <bool kQ4, int kScales, int kCols, int rows>
 void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
               int64_t groups, float* out) {
   __m256 acc[kRowTile][kCols][2];  // two accumulator chains per row and column, as in dot_rows_512
@@ -107,14 +113,18 @@ void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, co
       } else {
         q8_codes(reinterpret_cast<const int8_t*>(codes + c * column_bytes) + g * kGroup, v);
       }
-      const __m256 d = _mm256_set1_ps(scale[c * groups + g]);
+      const float* ds = scale + (c * groups + g) * kScales;
+      if constexpr (kScales == 2) {  // a scale per 16 weights (Q6_K): scaled codes, then one block sum
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], _mm256_set1_ps(ds[i / 2]));
+      }
+      const __m256 d = _mm256_set1_ps(kScales == 2 ? 1.f : ds[0]);
       for (int r = 0; r < rows; ++r) {
         const float* xs = x + r * in + g * kGroup;
         __m256 block = _mm256_mul_ps(v[0], _mm256_loadu_ps(xs));
         block = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xs + 8), block);
         block = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xs + 16), block);
         block = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xs + 24), block);
-        acc[r][c][g & 1] = _mm256_fmadd_ps(d, block, acc[r][c][g & 1]);
+        acc[r][c][g & 1] = kScales == 2 ? _mm256_add_ps(block, acc[r][c][g & 1]) : _mm256_fmadd_ps(d, block, acc[r][c][g & 1]);
       }
     }
   }
@@ -122,7 +132,7 @@ void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, co
     for (int c = 0; c < kCols; ++c) out[r * kCols + c] = horizontal_sum(_mm256_add_ps(acc[r][c][0], acc[r][c][1]));
 }
 #else
-template <bool kQ4, int kCols, int rows>
+template <bool kQ4, int kScales, int kCols, int rows>
 void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
               int64_t groups, float* out) {
   for (int r = 0; r < rows; ++r) {
@@ -132,6 +142,7 @@ void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, co
       for (int64_t g = 0; g < groups; ++g) {
         const float* xs = x + r * in + g * kGroup;
         float block = 0.f;
+        const float* ds = scale + (c * groups + g) * kScales;
         for (int j = 0; j < kGroup; ++j) {
           float code;
           if constexpr (kQ4) {
@@ -140,9 +151,9 @@ void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, co
           } else {
             code = static_cast<float>(reinterpret_cast<const int8_t*>(column)[g * kGroup + j]);
           }
-          block += code * xs[j];
+          block += (kScales == 2 ? ds[j / kHalf] * code : code) * xs[j];
         }
-        total += scale[c * groups + g] * block;
+        total += kScales == 2 ? block : ds[0] * block;
       }
       out[r * kCols + c] = total;
     }
@@ -150,24 +161,24 @@ void dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, co
 }
 #endif
 
-template <bool kQ4, int kCols, int kRows>
+template <bool kQ4, int kScales, int kCols, int kRows>
 void direct_dot_rows(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
                      int64_t groups, float* out) {
 #if defined(__AVX512F__)
-  dot_rows_512<kQ4, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
+  dot_rows_512<kQ4, kScales, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
 #else
-  dot_rows<kQ4, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
+  dot_rows<kQ4, kScales, kCols, kRows>(codes, column_bytes, scale, x, in, groups, out);
 #endif
 }
 
-template <bool kQ4, int kCols>
+template <bool kQ4, int kScales, int kCols>
 void direct_dot(const uint8_t* codes, int64_t column_bytes, const float* scale, const float* x, int64_t in,
                 int64_t groups, int rows, float* out) {
   switch (rows) {
-    case 1: return direct_dot_rows<kQ4, kCols, 1>(codes, column_bytes, scale, x, in, groups, out);
-    case 2: return direct_dot_rows<kQ4, kCols, 2>(codes, column_bytes, scale, x, in, groups, out);
-    case 3: return direct_dot_rows<kQ4, kCols, 3>(codes, column_bytes, scale, x, in, groups, out);
-    default: return direct_dot_rows<kQ4, kCols, 4>(codes, column_bytes, scale, x, in, groups, out);
+    case 1: return direct_dot_rows<kQ4, kScales, kCols, 1>(codes, column_bytes, scale, x, in, groups, out);
+    case 2: return direct_dot_rows<kQ4, kScales, kCols, 2>(codes, column_bytes, scale, x, in, groups, out);
+    case 3: return direct_dot_rows<kQ4, kScales, kCols, 3>(codes, column_bytes, scale, x, in, groups, out);
+    default: return direct_dot_rows<kQ4, kScales, kCols, 4>(codes, column_bytes, scale, x, in, groups, out);
   }
 }
 
@@ -177,7 +188,7 @@ void direct_dot(const uint8_t* codes, int64_t column_bytes, const float* scale, 
 // rate instead of re-decoding the codes for every row.
 constexpr int kTileColumns = 16;
 
-template <bool kQ4>
+template <bool kQ4, int kScales>
 void expand_column(const uint8_t* codes, const float* scale, const float* minimum, int64_t groups, float* out) {
   for (int64_t g = 0; g < groups; ++g) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -187,10 +198,9 @@ void expand_column(const uint8_t* codes, const float* scale, const float* minimu
     } else {
       q8_codes(reinterpret_cast<const int8_t*>(codes) + g * kGroup, c);
     }
-    const __m256 d = _mm256_set1_ps(scale[g]);
     const __m256 m = _mm256_set1_ps(kQ4 ? minimum[g] : 0.f);
     for (int i = 0; i < 4; ++i) {
-      const __m256 value = _mm256_mul_ps(c[i], d);
+      const __m256 value = _mm256_mul_ps(c[i], _mm256_set1_ps(scale[g * kScales + (kScales == 2 ? i / 2 : 0)]));
       _mm256_storeu_ps(out + g * kGroup + 8 * i, kQ4 ? _mm256_add_ps(value, m) : value);
     }
 #else
@@ -202,7 +212,8 @@ void expand_column(const uint8_t* codes, const float* scale, const float* minimu
       } else {
         code = static_cast<float>(reinterpret_cast<const int8_t*>(codes)[g * kGroup + j]);
       }
-      out[g * kGroup + j] = kQ4 ? scale[g] * code + minimum[g] : scale[g] * code;
+      const float d = scale[g * kScales + (kScales == 2 ? j / kHalf : 0)];
+      out[g * kGroup + j] = kQ4 ? d * code + minimum[g] : d * code;
     }
 #endif
   }
@@ -267,22 +278,23 @@ void tile_matmul(const float* x, int64_t rows, int64_t in, const float* w, int c
 #endif
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, int64_t bytes_per_group) {
+void check(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, int64_t bytes_per_group,
+           int64_t scales_per_group = 1) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be [rows, in] fp32");
   TORCH_CHECK(x.size(1) % kGroup == 0, "in_features must be a multiple of 32");
   const int64_t groups = x.size(1) / kGroup;
   TORCH_CHECK(codes.dim() == 2 && codes.size(1) == groups * bytes_per_group && codes.is_contiguous(),
               "codes must be [out, in / 32 * bytes per block]");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == codes.size(0) && scale.size(1) == groups &&
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == codes.size(0) && scale.size(1) == groups * scales_per_group &&
                   scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(),
-              "scales must be [out, in / 32] fp32");
+              "scales must be [out, in / 32] (or [out, in / 16]) fp32");
 }
 
 // Output columns are split into chunks across threads; each thread runs every activation row over its chunk
 // (kRowTile rows per decoded block), so a weight block is read from memory once per call whatever the batch.
 constexpr int64_t kColumnsPerTask = 16;
 
-template <bool kQ4>
+template <bool kQ4, int kScales>
 torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
                            const float* minimum, int64_t bytes_per_group) {
   const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = in / kGroup;
@@ -307,8 +319,8 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, c
         const int columns = static_cast<int>(std::min<int64_t>(kTileColumns, out - n0));
         for (int c = 0; c < columns; ++c) {
           const int64_t n = n0 + c;
-          expand_column<kQ4>(cp + n * groups * bytes_per_group, dp + n * groups, kQ4 ? minimum + n * groups : nullptr,
-                             groups, tile.data() + c * in);
+          expand_column<kQ4, kScales>(cp + n * groups * bytes_per_group, dp + n * groups * kScales,
+                                      kQ4 ? minimum + n * groups : nullptr, groups, tile.data() + c * in);
         }
         tile_matmul(xp, rows, in, tile.data(), columns, yp + n0, out);
       }
@@ -325,9 +337,11 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, c
         const int tile_rows = static_cast<int>(std::min<int64_t>(kRowTile, rows - r0));
         const uint8_t* column_codes = cp + n * column_bytes;
         if (columns == 2) {
-          direct_dot<kQ4, 2>(column_codes, column_bytes, dp + n * groups, xp + r0 * in, in, groups, tile_rows, tile);
+          direct_dot<kQ4, kScales, 2>(column_codes, column_bytes, dp + n * groups * kScales, xp + r0 * in, in, groups,
+                                      tile_rows, tile);
         } else {
-          direct_dot<kQ4, 1>(column_codes, column_bytes, dp + n * groups, xp + r0 * in, in, groups, tile_rows, tile);
+          direct_dot<kQ4, kScales, 1>(column_codes, column_bytes, dp + n * groups * kScales, xp + r0 * in, in, groups,
+                                      tile_rows, tile);
         }
         for (int r = 0; r < tile_rows; ++r) {
           for (int c = 0; c < columns; ++c) {
@@ -351,11 +365,14 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8, "q4 codes must be uint8");
   TORCH_CHECK(minimum.sizes() == scale.sizes() && minimum.scalar_type() == torch::kFloat32 && minimum.is_contiguous(),
               "minimums must match the scales");
-  return block_linear<true>(x, codes, scale, minimum.data_ptr<float>(), kHalf);
+  return block_linear<true, 1>(x, codes, scale, minimum.data_ptr<float>(), kHalf);
 }
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale) {
-  check(x, codes, scale, kGroup);
+  // A scale per 32 weights (Q8_0, Q5_0), or per 16 (Q6_K): told apart by the scales' shape.
+  const int64_t scales_per_group = x.dim() == 2 && scale.dim() == 2 && scale.size(1) * 16 == x.size(1) ? 2 : 1;
+  check(x, codes, scale, kGroup, scales_per_group);
   TORCH_CHECK(codes.scalar_type() == torch::kInt8, "q8 codes must be int8");
-  return block_linear<false>(x, codes, scale, nullptr, kGroup);
+  return scales_per_group == 2 ? block_linear<false, 2>(x, codes, scale, nullptr, kGroup)
+                               : block_linear<false, 1>(x, codes, scale, nullptr, kGroup);
 }
