@@ -108,7 +108,7 @@ def test_a_dead_core_fails_its_streams_and_is_replaced(tiny_llama_dir) -> None:
             params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
             stream = client.generate([5, 6, 7], params, "doomed")
             await anext(stream)
-            os.kill(client._process.pid, signal.SIGKILL)
+            os.kill(client._core.process.pid, signal.SIGKILL)
             started = time.monotonic()
             with pytest.raises(RequestFailed, match="died"):
                 async for _ in stream:

@@ -5,7 +5,7 @@ The loop runs in a child process (the default: its forward passes never share th
 local mode); either way the same code drives ``LLMEngine``. Requests go in tokenized and validated
 (``EngineRequest``); each comes back as the core's token deltas, handed to the request's sink as they arrive.
 
-A reader thread receives the core's frames and hands each step's deltas to the event loop that submitted each
+Where the core runs (process or thread) is ``core_handle``'s. A reader thread receives the core's frames and hands each step's deltas to the event loop that submitted each
 request, one wake-up per loop per step; so one client serves any event loop (a worker's, a test's). The same
 thread watches the core: if it dies, its requests end with ``RequestFailed`` within a poll interval and a new
 core starts; requests arriving meanwhile get ``EngineShutDown`` (a 503 from the worker) until it is ready.
@@ -18,18 +18,16 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from longserve.config import EngineConfig
+from longserve.engine.core_handle import CoreHandle
 from longserve.engine.outputs import OutputBuilder, RequestOutput
 from longserve.engine.protocol import (
     AbortRequest,
@@ -93,8 +91,7 @@ class EngineCoreClient:
         self._decode = from_core_decoder().decode
         self._dir = tempfile.TemporaryDirectory(prefix="longserve-core-")
         self._context = zmq.Context()  # an in-process core shares it: inproc addresses live in one context
-        self._process: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
+        self._core: CoreHandle | None = None  # where the current core runs
         self._to_core: zmq.Socket | None = None
         self._from_core: zmq.Socket | None = None
         self._reader: threading.Thread | None = None
@@ -139,31 +136,10 @@ class EngineCoreClient:
         from_core.bind(outbox)
         with self._lock:
             self._to_core, self._from_core = to_core, from_core
-        if self.in_process:
-            from longserve.engine.core_process import run_engine_core
-
-            self._thread = threading.Thread(
-                target=run_engine_core,
-                args=(self.config, inbox, outbox),
-                kwargs={"context": self._context, "on_built": lambda e: setattr(self, "engine", e)},
-                name="longserve-engine",
-                daemon=True,
-            )
-            self._thread.start()
-        else:
-            level = logging.getLogger("longserve").getEffectiveLevel()
-            command = [
-                sys.executable,
-                "-m",
-                "longserve.engine.core_process",
-                "--inbox",
-                inbox,
-                "--outbox",
-                outbox,
-            ]
-            self._process = subprocess.Popen([*command, "--log-level", str(level)], stdin=subprocess.PIPE)
-            self._process.stdin.write(msgspec.json.encode(self.config))
-            self._process.stdin.close()
+        self._core = CoreHandle(
+            self.config, inbox, outbox, in_process=self.in_process, context=self._context,
+            on_built=lambda engine: setattr(self, "engine", engine),
+        )  # fmt: skip
         while not from_core.poll(int(WATCH_INTERVAL_S * 1000)):
             if self._exit_code() is not None:
                 raise RuntimeError(f"the engine core exited with code {self._exit_code()}")
@@ -178,9 +154,7 @@ class EngineCoreClient:
 
     def _exit_code(self) -> int | None:
         """None while the core runs; its exit code once it is gone (1 for a thread that ended)."""
-        if self._thread is not None:
-            return None if self._thread.is_alive() else 1
-        return None if self._process is None else self._process.poll()
+        return None if self._core is None else self._core.exit_code()
 
     def _read(self) -> None:
         """The reader thread: deliver each step's deltas; restart a core that died."""
@@ -230,7 +204,7 @@ class EngineCoreClient:
 
     def _stalled(self) -> bool:
         """Requests are open, and the core process has sent nothing for the stall timeout."""
-        if self.stall_timeout_s is None or self._process is None or not self._sinks:
+        if self.stall_timeout_s is None or self._core is None or not self._core.killable or not self._sinks:
             return False
         return time.monotonic() - self._last_heard > self.stall_timeout_s
 
@@ -240,8 +214,7 @@ class EngineCoreClient:
         self.num_stalls += 1
         log.error("the engine core completed no step in %.0f s with %d requests open: killing it",
                   self.stall_timeout_s, len(self._sinks))  # fmt: skip
-        self._process.kill()
-        self._process.wait()
+        self._core.kill()
         self._replace_dead_core(f"the engine stalled: no step completed in {self.stall_timeout_s:.0f} s")
 
     def _replace_dead_core(self, reason: str) -> None:
@@ -427,16 +400,8 @@ class EngineCoreClient:
         """``begin_shutdown``, wait for the core to exit (a process is killed after ``timeout``), release
         sockets. Blocking: from a coroutine, await ``ashutdown``."""
         self.begin_shutdown()
-        process = self._process
-        if process is not None:
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the engine core did not stop in %.0f s: killing it", timeout)
-                process.kill()
-                process.wait(5)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._core is not None:
+            self._core.join(timeout)
         if self._reader is not None:
             self._reader.join(timeout)
         self._close_sockets()
