@@ -84,10 +84,10 @@ def test_a_detokenizer_error_fails_only_its_request(core, monkeypatch):
     expected = _alone(core, [5, 6, 7], GREEDY)
     append = LLMEngine._append_token
 
-    def failing(self, request, seq, token, logprob):
-        if request.request_id == "bad" and len(seq.output_token_ids) == 2:
+    def failing(self, seq, token, logprob):
+        if seq.request_id == "bad" and len(seq.output_token_ids) == 2:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return append(self, request, seq, token, logprob)
+        return append(self, seq, token, logprob)
 
     monkeypatch.setattr(LLMEngine, "_append_token", failing)
     last = _run(core, {"good": [5, 6, 7], "bad": [4, 4]}, {"good": GREEDY, "bad": GREEDY})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,9 +31,9 @@ from longserve.engine.request import Request, build_request
 from longserve.engine.sampled_rows import SampledRows
 from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from longserve.engine.sequence import FinishReason, Sequence
+from longserve.engine.sequence import FinishReason, GrammarRejected, Sequence
 from longserve.engine.spec_decode.speculator import build_speculator
-from longserve.engine.structured_output import GrammarCompiler, GrammarRejected, GrammarWaitlist
+from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
 
 log = logging.getLogger(__name__)
@@ -341,10 +340,10 @@ class LLMEngine:
             token, logprob = sampled.token_ids[row], sampled.logprobs[row]
             if step.num_drafts is not None and step.num_drafts[row]:
                 accepted, emit = sampled.accepted.get(row, []), self.speculator.emit
-                args = (seq, accepted, step.num_drafts[row], token, logprob, partial(append, request, seq))
+                args = (seq, accepted, step.num_drafts[row], token, logprob, partial(append, seq))
                 done = self._guarded(seq, outputs, emit, *args, self.block_manager)
             else:
-                done = self._guarded(seq, outputs, append, request, seq, token, logprob)
+                done = self._guarded(seq, outputs, append, seq, token, logprob)
             if done:
                 touched[request.request_id] = request
         for request in touched.values():
@@ -415,28 +414,7 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.finish(seq)
 
-    def _append_token(self, request: Request, seq: Sequence, token: int, logprob) -> None:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        seq.output_token_ids.append(token)
-        if logprob is not None:
-            seq.output_logprobs.append(logprob)
-        params = seq.params
-        reason: FinishReason | None = None
-        grammar_done = False
-        if seq.grammar is not None:
-            if not seq.grammar.consume_token(token):
-                raise GrammarRejected(
-                    f"structured output: the grammar rejected token {token}: {seq.grammar.get_error()}"
-                )
-            grammar_done = seq.grammar.is_stopped()  # complete, and nothing (not even EOS) may follow
-        if token in seq.eos_token_ids and (not params.ignore_eos or grammar_done):
-            reason = FinishReason.STOP
-        elif token in params.stop_token_ids:
-            reason, seq.stop_reason = FinishReason.STOP, token
-        elif grammar_done:
-            reason = FinishReason.STOP
-        if reason is None and seq.num_known_tokens >= seq.max_total_tokens:
-            reason = FinishReason.LENGTH
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        reason = seq.append_token(token, logprob)
         if reason is not None:
             self._finish(seq, reason)

@@ -19,6 +19,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class GrammarRejected(ValueError):
+    """A request's grammar refused the token its own mask allowed: that grammar cannot go on."""
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length reached
@@ -119,3 +123,30 @@ class Sequence:
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def append_token(self, token: int, logprob: TokenLogprob | None) -> FinishReason | None:
+        """Take a sampled token (through the grammar, if any); why the sequence ends with it, or None.
+        ``GrammarRejected`` if the grammar refuses it."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_token_ids.append(token)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+        params = self.params
+        grammar_done = False
+        if self.grammar is not None:
+            if not self.grammar.consume_token(token):
+                raise GrammarRejected(
+                    f"structured output: the grammar rejected token {token}: {self.grammar.get_error()}"
+                )
+            grammar_done = self.grammar.is_stopped()  # complete, and nothing (not even EOS) may follow
+        if token in self.eos_token_ids and (not params.ignore_eos or grammar_done):
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
+            self.stop_reason = token
+            return FinishReason.STOP
+        if grammar_done:
+            return FinishReason.STOP
+        if self.num_known_tokens >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None

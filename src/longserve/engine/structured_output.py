@@ -121,10 +121,6 @@ class GrammarWaitlist:
         return ready
 
 
-class GrammarRejected(ValueError):
-    """A request's grammar refused the token its own mask allowed: that grammar cannot go on."""
-
-
 class GrammarMasker:
     """Per step: one bitmask row per constrained sequence, applied to that row's logits."""
 
