@@ -1,5 +1,5 @@
 """LoRA behind the API as users drive it: ``--lora-modules`` adapters listed in /v1/models with their parent,
-selected by ``model`` in completions, chat and messages; adapters loaded and unloaded at run time through
+selected by ``model`` in completions, chat, responses and messages; adapters loaded and unloaded at run time through
 ``/v1/load_lora_adapter`` while streams run; bad adapters refused with 400; routing to the workers that have
 an adapter."""
 
@@ -56,6 +56,8 @@ def test_adapters_are_models_with_a_parent_and_answer_each_api(tiny_llama_dir, a
             json={"model": "a", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
         )
         assert messages.status_code == 200 and messages.json()["model"] == "a", messages.text
+        response = stack.client.responses.create(model="a", input="hi", max_output_tokens=5)
+        assert response.model == "a" and response.status in ("completed", "incomplete")
         metrics = httpx.get(f"{stack.api_url}/metrics").text
         assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",' in metrics, metrics[-2000:]
 
