@@ -69,14 +69,14 @@ SERVER_SYSTEMS = (
 ENGINE_SYSTEMS = ("engine", "engine-int8")
 ALL_SYSTEMS = SERVER_SYSTEMS + ENGINE_SYSTEMS
 LABELS = {
-    "longserve": "longserve (default: GGUF blocks)",
+    "longserve": "longserve (default: GGUF blocks, 16-bit activations)",
     "longserve-nocache": "longserve --no-enable-prefix-caching",
     "longserve-2w": "longserve, 2 workers, shortest_queue",
     "longserve-2w-cache": "longserve, 2 workers, cache_aware",
     "longserve-none": "longserve exact fp32",
     "longserve-int8": "longserve int8",
     "longserve-gguf": "longserve (GGUF blocks)",
-    "longserve-gguf-q8": "longserve (GGUF blocks, int8 activations)",
+    "longserve-gguf-q8": "longserve gguf-q8 (8-bit activation blocks)",
     "llama-server": "llama.cpp llama-server (C++)",
     "llamacpp": "llama.cpp server (as installed)",
     "llamacpp-1t": "llama.cpp server (1 thread/call, no logits_all)",

@@ -1,6 +1,8 @@
 """Perplexity of a GGUF (default: SmolLM2-135M-Instruct Q4_1; ``--model`` another, e.g. a Q4_K_M made by
-``llama-quantize``) on a fixed text: llama.cpp's own ``llama-perplexity`` against longserve's exact (fp32),
-low-bit (``--quantization gguf``) and integer-dot (``gguf-q8``) paths, same file, same method, in one run. Decides whether the low-bit path may be the CPU default (within 1% of llama.cpp's).
+``llama-quantize``) on a fixed text: llama.cpp's own ``llama-perplexity`` against longserve's exact (fp32,
+``--quantization none``) and low-bit paths (the file's blocks with 16-bit activation blocks, ``gguf``, the
+default; with 8-bit ones, ``gguf-q8``), same file, same method, in one run. Each should be within 1% of
+llama.cpp's.
 
 Method (llama-perplexity's): the text's tokens are cut into windows of ``--ctx`` tokens; each window is scored
 over its second half (the first half is context), and perplexity is exp(mean negative log-likelihood) over all

@@ -45,7 +45,7 @@ SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "longserve": ("longserve", ()),
     "longserve-ngram": ("longserve", ("--speculative-config", json.dumps(NGRAM))),
     "longserve-suffix": ("longserve", ("--speculative-config", json.dumps(SUFFIX))),
-    # the same on the integer dot-product kernels (issue 29)
+    # the same with 8-bit activation blocks (llama.cpp's arithmetic; issue 29)
     "longserve-q8": ("longserve", ("--quantization", "gguf-q8")),
     "longserve-q8-ngram": (
         "longserve",

@@ -93,10 +93,10 @@ class EngineConfig:
     revision: str | None = None  # the hub repo's branch, tag or commit (hub ids only; default main)
     device: str = "cpu"  # where the weights, the KV cache and the step run: "cpu" or "cuda" ("cuda:1", ...)
     dtype: str = "float32"  # weights and activations; float32 is the exact mode
-    # None (auto): "gguf" for a GGUF with Q4_0/Q4_1/Q8_0 projections on the CPU, else exact. "none": exact
-    # fp32 (the file's values expanded). "gguf-q8": "gguf" with decode steps' activations quantized to int8
-    # blocks for integer dot products (llama.cpp's arithmetic). "gguf": the file's own blocks kept low-bit (its exact values, a fifth
-    # of the bytes). "int8": dynamic int8 matmuls on CPU (approximate).
+    # None (auto): "gguf" for a GGUF with projections in block formats on the CPU, else exact. "none": exact
+    # fp32 (the file's values expanded). "gguf": the file's own blocks kept low-bit, integer dot products with
+    # activations rounded to 16-bit blocks; "gguf-q8": 8-bit blocks (llama.cpp's arithmetic). "int8": dynamic
+    # int8 matmuls on CPU.
     quantization: str | None = None
     attention: str = "dense"  # attention backend: dense | reference | moba
     moba_chunk_size: int = 4096  # moba: tokens per key block (a multiple of 16 and of block_size)
@@ -151,10 +151,9 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in (None, "none", "int8", "gguf", "gguf-q8"):
+        if self.quantization not in (None, "none", "int8", "gguf"):
             raise ValueError(
-                "quantization must be None (auto), 'none', 'int8', 'gguf' or 'gguf-q8', "
-                f"got {self.quantization!r}"
+                f"quantization must be None (auto), 'none', 'int8' or 'gguf', got {self.quantization!r}"
             )
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)

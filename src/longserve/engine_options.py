@@ -27,11 +27,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
         choices=["none", "gguf", "gguf-q8", "int8"],
-        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0/Q4_K/Q5_0 weights, else none. "
-        "gguf = the file's own low-bit blocks (its exact values, fastest decode); gguf-q8 = the same with "
-        "decode activations quantized to int8 blocks for integer dot products (llama.cpp's arithmetic, "
-        "approximate); none = exact fp32; "
-        "int8 = dynamic-int8 decode matmuls (approximate)",
+        help="CPU matmuls. Default: gguf for a GGUF with Q4_0/Q4_1/Q8_0/Q4_K/Q5_0/Q6_K weights, else none. "
+        "gguf = the file's own low-bit blocks, integer dot products with activations rounded to 16-bit blocks "
+        "(near-exact); gguf-q8 = the same with 8-bit activation blocks (llama.cpp's arithmetic, fastest); "
+        "none = exact fp32 (the file's values expanded); int8 = dynamic-int8 decode matmuls (approximate)",
     )
     parser.add_argument("--attention", choices=["dense", "reference", "moba"], help="attention backend")
     parser.add_argument("--moba-chunk-size", type=int, help="moba: tokens per key block (default 4096)")

@@ -1,12 +1,15 @@
-"""``quantization="gguf"``: a GGUF's own Q4_0/Q4_1/Q8_0 (and Q4_K, Q5_0) projections run low-bit and give what the exact (fp32)
-path gives on the same file; a projection fused from shards of different formats falls back to the exact
-values; the low-bit path keeps no float copy of the weights it serves."""
+"""``quantization="gguf"``: a GGUF's own Q4_0/Q4_1/Q8_0 (and Q4_K, Q5_0) projections run low-bit, with 16-bit
+activation blocks, and stay close to the exact (fp32) path on the same file (the kernels'
+own arithmetic is checked exactly in tests/layers/test_packed_kernels.py); a projection fused from shards of
+different formats falls back to the exact values; the low-bit path keeps no float copy of the weights it
+serves."""
 
 from __future__ import annotations
 
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from longserve import LLM, SamplingParams
 from longserve.layers.matmul import PreparedMatmul
@@ -42,20 +45,31 @@ def _tensors(k_type, vocab: int) -> dict:
 METADATA = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN}
 
 
-@pytest.mark.parametrize("k_type", [Q.Q4_0, Q.F32], ids=["all-blocks", "mixed-qkv"])
-def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) -> None:
-    path = write_gguf(_tensors(k_type, len(tiny_tokens)), metadata=METADATA)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
-    prompt = "hello 12345 world"
-    exact = LLM(path, quantization="none").generate(prompt, params)[0]
+def _logprob_gaps(path: str) -> tuple[LLM, torch.Tensor]:
+    """The low-bit engine, and how far its logprobs of the exact path's greedy text (prompt + 12 tokens) are
+    from the exact path's own, position by position."""
+    exact = LLM(path, quantization="none")
+    greedy = exact.generate(
+        "hello 12345 world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )[0]
+    ids = [*greedy.prompt_token_ids, *greedy.outputs[0].token_ids]
+    score = SamplingParams(max_tokens=1, prompt_logprobs=0)
     llm = LLM(path, quantization="gguf")
-    low_bit = llm.generate(prompt, params)[0]
+    theirs, ours = (engine.generate([ids], score)[0].prompt_logprobs[1:] for engine in (exact, llm))
+    return llm, torch.tensor([a.logprob - b.logprob for a, b in zip(ours, theirs, strict=True)]).abs()
 
-    assert low_bit.outputs[0].token_ids == exact.outputs[0].token_ids
-    for ours, theirs in zip(low_bit.outputs[0].logprobs, exact.outputs[0].logprobs, strict=True):
-        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
-    for ours, theirs in zip(low_bit.prompt_logprobs[1:], exact.prompt_logprobs[1:], strict=True):
-        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+
+def _assert_close_to_exact(gaps: torch.Tensor) -> None:
+    # Rounding activations to 16-bit blocks moves this 1-layer random model's logprobs by ~1e-4 on average and
+    # 3e-4 at most (8-bit blocks, gguf-q8: 0.02 and 0.11); a wrong code, scale or tile moves them by whole nats.
+    assert gaps.mean() < 5e-4 and gaps.max() < 2e-3, gaps
+
+
+@pytest.mark.parametrize("k_type", [Q.Q4_0, Q.F32], ids=["all-blocks", "mixed-qkv"])
+def test_low_bit_path_stays_close_to_the_exact_path(write_gguf, tiny_tokens, k_type) -> None:
+    path = write_gguf(_tensors(k_type, len(tiny_tokens)), metadata=METADATA)
+    llm, gaps = _logprob_gaps(path)
+    _assert_close_to_exact(gaps)
 
     layer = llm.engine.model.layers[0]
     on_blocks = lambda linear: linear.kernel.blocks is not None  # noqa: E731
@@ -65,12 +79,12 @@ def test_low_bit_path_matches_the_exact_path(write_gguf, tiny_tokens, k_type) ->
         and on_blocks(layer.self_attn.o_proj)
     )
     assert on_blocks(layer.self_attn.qkv_proj) == (k_type != Q.F32)
-    # decode attention and rotary ran through the compiled kernels (tokens above equal the exact path's)
+    # decode attention and rotary ran through the compiled kernels
     assert layer.self_attn.cpu_kernels is not None and layer.self_attn.backend.cpu_kernels is not None
     assert layer.mlp.gate_up_proj.weight is None  # no float copy beside the blocks
     head = llm.engine.model.lm_head_kernel
     assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None
-    assert llm.engine.model.embed_blocks is head.blocks  # tied: lookups read the same Q8_0 blocks
+    assert llm.engine.model.embed_blocks is head.blocks  # tied: lookups read the head's Q8_0 tiles
 
 
 def test_auto_picks_the_low_bit_path_for_block_files_only(write_gguf, tiny_tokens) -> None:
@@ -97,14 +111,9 @@ def test_k_quant_file_runs_on_its_own_blocks(write_gguf, tiny_tokens) -> None:
     tensors["blk.0.attn_q.weight"] = (tensors["blk.0.attn_q.weight"][0], Q.Q5_0)
     tensors["blk.0.attn_v.weight"] = (tensors["blk.0.attn_v.weight"][0], Q.Q8_0)
     path = write_gguf(tensors, metadata={**METADATA, "llama.feed_forward_length": ffn})
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
-    exact = LLM(path, quantization="none").generate("hello 12345 world", params)[0]
-    llm = LLM(path)
+    llm, gaps = _logprob_gaps(path)
     assert llm.engine.quantization == "gguf"
-    low_bit = llm.generate("hello 12345 world", params)[0]
-    assert low_bit.outputs[0].token_ids == exact.outputs[0].token_ids
-    for ours, theirs in zip(low_bit.prompt_logprobs[1:], exact.prompt_logprobs[1:], strict=True):
-        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+    _assert_close_to_exact(gaps)
     layer = llm.engine.model.layers[0]
     for linear in (
         layer.self_attn.qkv_proj,

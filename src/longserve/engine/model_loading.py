@@ -193,8 +193,8 @@ def resolve_quantization(
     requested: str | None, checkpoint, device: torch.device, tp: TensorParallel | None = None
 ) -> str | None:
     """The matmul mode for ``requested`` (None = auto): ``"none"`` -> None (exact fp32); auto -> ``"gguf"`` on
-    the CPU for a GGUF whose projections come in blocks the kernels run (``gguf_blocks``: their exact values at a fifth of the
-    bytes; perplexity within 0.01% of the exact path on the default model), else exact.
+    the CPU for a GGUF whose projections come in blocks the kernels run (``gguf_blocks``; llama.cpp's
+    arithmetic at a fifth of fp32's bytes), else exact.
 
     Auto falls back to exact, with a warning that says why, when the low-bit kernels cannot be built here
     (no C++ compiler) or the model is split across ranks (each rank slices float rows); an explicit ``"gguf"``

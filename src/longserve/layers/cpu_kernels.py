@@ -1,6 +1,6 @@
 """The CPU kernels, compiled for this machine's CPU into one extension module on first use and cached by torch's
 extension builder (~1-2 min once; later starts load the cached library): the matmuls over GGUF block weights
-(``layers/csrc/ggml_linear.cpp``), the small per-layer ops (``layers/csrc/cpu_ops.cpp``), LoRA updates
+(``layers/csrc/ggml_packed.cpp``), the small per-layer ops (``layers/csrc/cpu_ops.cpp``), LoRA updates
 (``layers/csrc/lora_cpu.cpp``) and paged decode attention (``attention/csrc/paged_decode_cpu.cpp``).
 
 Built with ``-march=native``: the machines we run on differ (AVX2, AVX-512), and the cache directory is
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 _PACKAGE = Path(__file__).resolve().parent.parent
 HEADERS = _PACKAGE / "layers" / "csrc"  # cpu_kernels.h (the module's functions), vec_math.h (exp, dot)
 SOURCES = (
-    HEADERS / "ggml_linear.cpp",
-    HEADERS / "ggml_int8dot.cpp",
+    HEADERS / "ggml_packed.cpp",
     HEADERS / "cpu_ops.cpp",
     HEADERS / "lora_cpu.cpp",
     _PACKAGE / "attention" / "csrc" / "paged_decode_cpu.cpp",
@@ -34,7 +33,7 @@ SOURCES = (
 
 @functools.cache
 def cpu_kernels(march: str = "native") -> ModuleType:
-    """The compiled module (``q4_linear``, ``q8_linear``, ``rms_norm``, ``silu_mul``, ``rotary_``,
+    """The compiled module (``packed_linear``, ``rms_norm``, ``silu_mul``, ``rotary_``,
     ``lora_add_``, ``paged_decode``); raises RuntimeError if it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
     check the AVX2 and the scalar paths on an AVX-512 machine)."""
     from torch.utils.cpp_extension import load

@@ -37,6 +37,10 @@ class Q4Blocks:
     def dequantize_shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * 2
 
+    def select_rows(self, rows: torch.Tensor) -> Q4Blocks:
+        """The blocks of ``rows`` ([n] indices), in that order (an embedding lookup)."""
+        return _select_rows(self, rows)
+
     def dequantize(self) -> torch.Tensor:
         """[rows, cols] float32, the file's values."""
         rows = self.codes.shape[0]
@@ -58,6 +62,10 @@ class Q8Blocks:
     def dequantize_shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def select_rows(self, rows: torch.Tensor) -> Q8Blocks:
+        """The blocks of ``rows`` ([n] indices), in that order (an embedding lookup)."""
+        return _select_rows(self, rows)
+
     def dequantize(self) -> torch.Tensor:
         rows = self.codes.shape[0]
         return (self.codes.view(rows, -1, self.group).float() * self.scale[..., None]).view(rows, -1)
@@ -75,8 +83,7 @@ def cat_blocks(parts: list[Blocks]) -> Blocks:
     return kind(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(kind)))
 
 
-def select_rows(blocks: Blocks, rows: torch.Tensor) -> Blocks:
-    """The blocks of ``rows`` ([n] indices), in that order (an embedding lookup)."""
+def _select_rows(blocks: Blocks, rows: torch.Tensor) -> Blocks:
     return type(blocks)(*(getattr(blocks, f.name).index_select(0, rows) for f in fields(blocks)))
 
 

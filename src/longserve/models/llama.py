@@ -26,7 +26,6 @@ from longserve.layers.mlp import SwiGLUMLP
 from longserve.layers.norm import RMSNorm
 from longserve.layers.rotary import RotaryEmbedding
 from longserve.layers.weight_loading import Loader, copier, load_into
-from longserve.loading.gguf_blocks import select_rows
 from longserve.models.config import DecoderConfig
 
 
@@ -167,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states, [tokens, hidden]."""
         if self.embed_blocks is not None:
-            hidden = select_rows(self.embed_blocks, input_ids).dequantize().to(self.dtype)  # [tokens, hidden]
+            hidden = self.embed_blocks.select_rows(input_ids).dequantize().to(self.dtype)  # [tokens, hidden]
         else:
             hidden = self.tp.embedding(input_ids, self.embed_tokens, self.config.vocab_size)
         rope = self.rotary.lookup(positions, hidden.dtype)
@@ -213,6 +212,8 @@ class LlamaForCausalLM(nn.Module):
             repack=quantization != "int8",
             blocks=head_blocks,
         )
+        if head_blocks is not None and self.embed_blocks is head_blocks:
+            self.embed_blocks = self.lm_head_kernel.blocks  # tied: lookups read the head's tiles, one copy
         self.head_blocks = None
         if not self.config.tie_word_embeddings and self.lm_head_kernel.weight is None:
             self.lm_head = None  # repacked: the plain copy would only take memory

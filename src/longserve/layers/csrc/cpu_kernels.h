@@ -5,15 +5,11 @@
 
 #include <vector>
 
-// ggml_linear.cpp: y = x W^T over GGUF blocks.
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
-                        const torch::Tensor& minimum);
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale);
-
-// ggml_int8dot.cpp: the same with the activations quantized to int8 blocks and integer dot products.
-torch::Tensor q4_linear_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
-                             const torch::Tensor& minimum);
-torch::Tensor q8_linear_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale);
+// ggml_packed.cpp: y = x W^T over GGUF blocks repacked in tiles of 16 columns (layers/packed_blocks.py), with
+// int8 activation blocks and integer dot products; a minimum marks q4 blocks.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                            const c10::optional<torch::Tensor>& minimum, int64_t out_features,
+                            int64_t activation_bits);
 
 // cpu_ops.cpp: the small per-layer ops of a decode step.
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,

@@ -109,10 +109,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up over [rows, 2 * width] fp32");
   m.def("rotary_", &rotary_, "rotate x [tokens, heads, d] in place by cos/sin [tokens, 1, d / 2] (rotate-half)");
   m.def("lora_add_", &lora_add_, "y += each row's own LoRA update (rows with slot -1 unchanged)");
-  m.def("q4_linear", &q4_linear, "x [rows, in] fp32 @ q4 blocks^T -> [rows, out]");
-  m.def("q8_linear", &q8_linear, "x [rows, in] fp32 @ q8 blocks^T -> [rows, out]");
-  m.def("q4_linear_int8", &q4_linear_int8, "q4_linear with int8 activation blocks and integer dot products");
-  m.def("q8_linear_int8", &q8_linear_int8, "q8_linear with int8 activation blocks and integer dot products");
+  m.def("packed_linear", &packed_linear, "x [rows, in] fp32 @ tiled blocks^T -> [rows, out], integer dot products",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("minimum"), py::arg("out_features"),
+        py::arg("activation_bits"));
   m.def("paged_decode", &paged_decode,
         "q [batch, heads, d] attends its paged context: caches [slots, kv_heads, d], int32 block tables and lengths");
 }
