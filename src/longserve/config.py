@@ -151,9 +151,10 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in (None, "none", "int8", "gguf"):
+        if self.quantization not in (None, "none", "int8", "gguf", "gguf-q8"):
             raise ValueError(
-                f"quantization must be None (auto), 'none', 'int8' or 'gguf', got {self.quantization!r}"
+                "quantization must be None (auto), 'none', 'int8', 'gguf' or 'gguf-q8', "
+                f"got {self.quantization!r}"
             )
         for name in ("block_size", "kv_cache_memory_mb", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
