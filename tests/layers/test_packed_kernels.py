@@ -94,14 +94,15 @@ def test_every_path_and_format_equals_the_quantized_arithmetic(march: str) -> No
             assert torch.equal(torch.cat(alone), y), f"{qtype.name}: a row's result depends on the batch"
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q6_K])
 def test_tiles_hold_the_files_values_and_give_rows_back(qtype) -> None:
     blocks = _blocks(*_shape(qtype, 37, 96), qtype, seed=0)
     tiles = pack(blocks)
     assert torch.equal(tiles.dequantize(), blocks.dequantize())
     rows = torch.tensor([36, 0, 17, 17])
     assert torch.equal(tiles.select_rows(rows).dequantize(), blocks.dequantize()[rows])
-    assert tiles.codes.numel() == 3 * 16 * blocks.codes.numel() // 37  # the file's bytes, padded to 3 tiles
+    bits = {Q.Q4_1: 4, Q.Q5_0: 5}.get(qtype, 8)  # bits a weight's code takes in the tiles, as in the file
+    assert tiles.codes.numel() * 8 == 3 * 16 * blocks.dequantize_shape()[1] * bits  # 37 rows: 3 tiles of 16
 
 
 def test_prepared_matmul_adds_the_bias_and_is_independent_of_the_threads() -> None:

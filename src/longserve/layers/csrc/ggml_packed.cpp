@@ -15,7 +15,8 @@
 // order whatever else is in the step (results are batch-invariant and do not depend on thread counts).
 // Layout per (tile, block): 8 quads (weights 4j..4j+3 of the block) x 16 columns x 4 bytes. Q8 codes are
 // stored as unsigned w + 128 (vpdpbusd takes unsigned bytes; the row's code sum takes the 128 back off);
-// q4 packs quads j and j + 4 into one byte's low and high nibbles (256 bytes a block).
+// q4 packs quads j and j + 4 into one byte's low and high nibbles (256 bytes a block); q5 (Q5_0) is q4's
+// nibbles of w + 16 and, per quad, a 64-bit mask of the fifth bits (320 bytes: 5 bits a weight, as the file).
 #include <torch/types.h>
 
 #include <ATen/Parallel.h>
@@ -37,6 +38,14 @@ constexpr int kHalf = 16;
 constexpr int kTile = 16;
 constexpr int kQuads = kGroup / 4;
 constexpr int kMaxRows = 4;
+constexpr int64_t kNibbleBytes = kQuads * kTile * 2;  // q4 and q5: quads j and j + 4 in one byte's nibbles
+
+// Tile formats, told apart by their bytes per (tile, block): q4 (Q4_0, Q4_1, Q4_K) codes 0-15 with a minimum;
+// q5 (Q5_0) codes w + 16 as q4's nibbles plus a 64-bit mask of fifth bits per quad; q8 (Q8_0, Q6_K) codes w + 128.
+enum class Format { kQ4, kQ5, kQ8 };
+constexpr int64_t block_bytes(Format format) {
+  return format == Format::kQ8 ? kQuads * kTile * 4 : format == Format::kQ5 ? kNibbleBytes + kQuads * 8 : kNibbleBytes;
+}
 
 // Each row's blocks as integer codes (int8, or int16 for the wide form) and scales, the blocks' quantized sums
 // d_x sum(q_x) (q4 minimums) and the code sums of each 16-value half (the Q8 offset).
@@ -97,11 +106,13 @@ QuantizedRows<Code> quantize_rows(const float* x, int64_t rows, int64_t in) {
 // One tile (16 columns) against kRows rows from r0: out[r * 16 + c]. kSub: weight scales per block (Q6_K: 2).
 // Code: int8_t (a quad of activations per 32-bit broadcast, vpdpbusd) or int16_t (a pair, vpdpwssd: the weight
 // quads are spread to 16-bit pairs in registers, half the multiply-adds per instruction).
-template <typename Code, bool kQ4, int kSub, int kRows>
+template <typename Code, Format kFormat, int kSub, int kRows>
 void tile_rows(const uint8_t* w, const float* d, const float* m, const QuantizedRows<Code>& q, int64_t r0,
                int64_t in, int64_t groups, float* out) {
   constexpr bool kWide = sizeof(Code) == 2;
-  constexpr int64_t kBlockBytes = kQ4 ? kQuads * kTile * 2 : kQuads * kTile * 4;
+  constexpr bool kQ4 = kFormat == Format::kQ4, kNibbles = kFormat != Format::kQ8;
+  constexpr int32_t kOffset = kFormat == Format::kQ8 ? 128 : kFormat == Format::kQ5 ? 16 : 0;  // stored w + offset
+  constexpr int64_t kBlockBytes = block_bytes(kFormat);
   const int32_t* xq[kRows];  // each row's codes, 4 bytes at a time: a quad of int8 or a pair of int16
   for (int r = 0; r < kRows; ++r) xq[r] = reinterpret_cast<const int32_t*>(q.codes.data() + (r0 + r) * in);
   constexpr int kWordsPerBlock = kGroup * sizeof(Code) / 4;
@@ -118,12 +129,17 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* wb = w + g * kBlockBytes;
     __m512i wq[kQuads];
-    if constexpr (kQ4) {
+    if constexpr (kNibbles) {
       const __m512i nibble = _mm512_set1_epi8(15);
       for (int h = 0; h < kQuads / 2; ++h) {
         const __m512i bytes = _mm512_loadu_si512(wb + 64 * h);
         wq[h] = _mm512_and_si512(bytes, nibble);
         wq[h + kQuads / 2] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+      }
+      if constexpr (kFormat == Format::kQ5) {  // the fifth bits: one 64-bit mask per quad register
+        const uint64_t* fifth = reinterpret_cast<const uint64_t*>(wb + kNibbleBytes);
+        for (int j = 0; j < kQuads; ++j)
+          wq[j] = _mm512_mask_add_epi8(wq[j], _cvtu64_mask64(fifth[j]), wq[j], _mm512_set1_epi8(16));
       }
     } else {
       for (int j = 0; j < kQuads; ++j) wq[j] = _mm512_loadu_si512(wb + 64 * j);
@@ -149,10 +165,10 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
       const __m512 dxr = _mm512_set1_ps(dx[r * groups + g]);
       for (int s = 0; s < kSub; ++s) {
         __m512i v = dot[r][s];
-        if constexpr (!kQ4) {
+        if constexpr (kOffset != 0) {
           const int32_t* hs = half_sums + r * groups * 2 + g * 2;
           const int32_t code_sum = kSub == 1 ? hs[0] + hs[1] : hs[s];
-          v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * code_sum));
+          v = _mm512_sub_epi32(v, _mm512_set1_epi32(kOffset * code_sum));
         }
         const __m512 dw = _mm512_loadu_ps(d + (g * kSub + s) * kTile);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dw, dxr), acc[r]);
@@ -173,12 +189,24 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* wb = w + g * kBlockBytes + 32 * half;
       __m256i wq[kQuads];
-      if constexpr (kQ4) {
+      if constexpr (kNibbles) {
         const __m256i nibble = _mm256_set1_epi8(15);
         for (int h = 0; h < kQuads / 2; ++h) {
           const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * h));
           wq[h] = _mm256_and_si256(bytes, nibble);
           wq[h + kQuads / 2] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+        }
+        if constexpr (kFormat == Format::kQ5) {  // this half's 32 bits of each quad's mask, one per byte
+          const uint64_t* fifth = reinterpret_cast<const uint64_t*>(w + g * kBlockBytes + kNibbleBytes);
+          const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
+                                                  2, 3, 3, 3, 3, 3, 3, 3, 3);
+          const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+          for (int j = 0; j < kQuads; ++j) {
+            const __m256i bytes = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(static_cast<int32_t>(fifth[j] >> (32 * half))), spread);
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+            wq[j] = _mm256_or_si256(wq[j], _mm256_and_si256(set, _mm256_set1_epi8(16)));
+          }
         }
       } else {
         for (int j = 0; j < kQuads; ++j) wq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
@@ -197,11 +225,11 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
           }
         } else {
           // Q8 back to signed codes: vpmaddubsw's pairs of 255 * 127 would saturate int16
-          const __m256i wj = kQ4 ? wq[j] : _mm256_xor_si256(wq[j], _mm256_set1_epi8(static_cast<char>(0x80)));
+          const __m256i wj = kNibbles ? wq[j] : _mm256_xor_si256(wq[j], _mm256_set1_epi8(static_cast<char>(0x80)));
           for (int r = 0; r < kRows; ++r) {
             const __m256i x = _mm256_set1_epi32(xq[r][g * kWordsPerBlock + j]);
             // |w| <= 128 and |x| <= 127: a pair of products fits int16 (2 * 128 * 127 < 32768)
-            const __m256i pairs = kQ4 ? _mm256_maddubs_epi16(wj, x)
+            const __m256i pairs = kNibbles ? _mm256_maddubs_epi16(wj, x)
                                       : _mm256_maddubs_epi16(_mm256_sign_epi8(wj, wj), _mm256_sign_epi8(x, wj));
             dot[r][s] = _mm256_add_epi32(dot[r][s], _mm256_madd_epi16(pairs, ones));
           }
@@ -211,10 +239,11 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
         const __m256 dxr = _mm256_set1_ps(dx[r * groups + g]);
         for (int s = 0; s < kSub; ++s) {
           __m256i v = dot[r][s];
-          if constexpr (!kQ4 && kWide) {
+          // the stored offset comes off the unsigned products (the 8-bit Q8 path multiplied signed codes)
+          if constexpr (kOffset != 0 && (kWide || kNibbles)) {
             const int32_t* hs = half_sums + r * groups * 2 + g * 2;
             const int32_t code_sum = kSub == 1 ? hs[0] + hs[1] : hs[s];
-            v = _mm256_sub_epi32(v, _mm256_set1_epi32(128 * code_sum));
+            v = _mm256_sub_epi32(v, _mm256_set1_epi32(kOffset * code_sum));
           }
           const __m256 dw = _mm256_loadu_ps(d + (g * kSub + s) * kTile + 8 * half);
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, dxr), acc[r]);
@@ -239,8 +268,11 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
           int32_t dot = 0;
           for (int k = s * kGroup / kSub; k < (s + 1) * kGroup / kSub; ++k) {
             const int quad = k / 4, lane = k % 4;
-            const int32_t weight = kQ4 ? (wb[64 * (quad % 4) + 4 * c + lane] >> (quad < 4 ? 0 : 4)) & 15
-                                       : static_cast<int32_t>(wb[64 * quad + 4 * c + lane]) - 128;
+            int32_t weight = kNibbles ? (wb[64 * (quad % 4) + 4 * c + lane] >> (quad < 4 ? 0 : 4)) & 15
+                                      : wb[64 * quad + 4 * c + lane];
+            if constexpr (kFormat == Format::kQ5)
+              weight |= ((reinterpret_cast<const uint64_t*>(wb + kNibbleBytes)[quad] >> (4 * c + lane)) & 1) << 4;
+            weight -= kOffset;
             dot += weight * xr[g * kGroup + k];
           }
           acc = std::fma(static_cast<float>(dot), d[(g * kSub + s) * kTile + c] * dx[r * groups + g], acc);
@@ -253,14 +285,14 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
 #endif
 }
 
-template <typename Code, bool kQ4, int kSub>
+template <typename Code, Format kFormat, int kSub>
 void tile(const uint8_t* w, const float* d, const float* m, const QuantizedRows<Code>& q, int64_t r0, int rows,
           int64_t in, int64_t groups, float* out) {
   switch (rows) {
-    case 1: return tile_rows<Code, kQ4, kSub, 1>(w, d, m, q, r0, in, groups, out);
-    case 2: return tile_rows<Code, kQ4, kSub, 2>(w, d, m, q, r0, in, groups, out);
-    case 3: return tile_rows<Code, kQ4, kSub, 3>(w, d, m, q, r0, in, groups, out);
-    default: return tile_rows<Code, kQ4, kSub, kMaxRows>(w, d, m, q, r0, in, groups, out);
+    case 1: return tile_rows<Code, kFormat, kSub, 1>(w, d, m, q, r0, in, groups, out);
+    case 2: return tile_rows<Code, kFormat, kSub, 2>(w, d, m, q, r0, in, groups, out);
+    case 3: return tile_rows<Code, kFormat, kSub, 3>(w, d, m, q, r0, in, groups, out);
+    default: return tile_rows<Code, kFormat, kSub, kMaxRows>(w, d, m, q, r0, in, groups, out);
   }
 }
 
@@ -279,9 +311,10 @@ void run_tiles(const float* x, int64_t rows, int64_t in, const uint8_t* cp, int6
       const float* m = mp != nullptr ? mp + t * groups * kTile : nullptr;
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
         const int n = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
-        if (m != nullptr) tile<Code, true, 1>(w, d, m, q, r0, n, in, groups, buffer);
-        else if (sub == 1) tile<Code, false, 1>(w, d, m, q, r0, n, in, groups, buffer);
-        else tile<Code, false, 2>(w, d, m, q, r0, n, in, groups, buffer);
+        if (m != nullptr) tile<Code, Format::kQ4, 1>(w, d, m, q, r0, n, in, groups, buffer);
+        else if (block_bytes == 320) tile<Code, Format::kQ5, 1>(w, d, m, q, r0, n, in, groups, buffer);
+        else if (sub == 1) tile<Code, Format::kQ8, 1>(w, d, m, q, r0, n, in, groups, buffer);
+        else tile<Code, Format::kQ8, 2>(w, d, m, q, r0, n, in, groups, buffer);
         for (int r = 0; r < n; ++r)
           std::memcpy(yp + (r0 + r) * out_features + t * kTile, buffer + r * kTile, columns * sizeof(float));
       }
@@ -300,14 +333,15 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& codes, 
               "codes must be [tiles, groups, block bytes] uint8");
   const int64_t rows = x.size(0), in = x.size(1), tiles = codes.size(0), groups = codes.size(1);
   const bool q4 = minimum.has_value();
-  TORCH_CHECK(codes.size(2) == (q4 ? 256 : 512), "a block of 16 columns has 256 (q4) or 512 (q8) bytes");
+  TORCH_CHECK(codes.size(2) == (q4 ? 256 : 512) || (!q4 && codes.size(2) == 320),
+              "a block of 16 columns has 256 (q4), 320 (q5) or 512 (q8) bytes");
   TORCH_CHECK(in == groups * kGroup, "x has ", in, " columns, the weights ", groups * kGroup);
   TORCH_CHECK(out_features <= tiles * kTile && out_features > (tiles - 1) * kTile, "out_features does not fit the tiles");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.dim() == 3 &&
                   scale.size(0) == tiles && scale.size(2) == kTile && scale.size(1) % groups == 0,
               "scales must be [tiles, groups * sub-blocks, 16] fp32");
   const int64_t sub = scale.size(1) / groups;
-  TORCH_CHECK(sub == 1 || (sub == 2 && !q4), "one scale per block, or two for q8 (Q6_K)");
+  TORCH_CHECK(sub == 1 || (sub == 2 && codes.size(2) == 512), "one scale per block, or two for q8 (Q6_K)");
   if (q4) TORCH_CHECK(minimum->sizes() == scale.sizes() && minimum->is_contiguous(), "minimums must match the scales");
   auto y = torch::empty({rows, out_features}, x.options());
   const float* mp = q4 ? minimum->data_ptr<float>() : nullptr;
