@@ -72,3 +72,23 @@ def test_paged_decode_rejects_tables_outside_the_cache() -> None:
         cpu_kernels().paged_decode(
             q, key_cache, value_cache, bad, torch.tensor([33], dtype=torch.int32), 16, 1.0
         )
+
+
+def test_a_sequence_attends_the_same_alone_and_in_a_batch() -> None:
+    """Each (sequence, KV head) is one task over its own context, so a row's output never depends on what else
+    decodes with it (the low-bit matmuls are batch-invariant too: greedy output alone equals batched)."""
+    from longserve.layers.cpu_kernels import cpu_kernels
+
+    lengths = [128, 129, 256, 700, 3]
+    q, key_cache, value_cache, tables, dense = _paged_case(lengths, 9, 3, 64, 16, seed=7)
+    metadata = build_attention_metadata(tables, [n - 1 for n in lengths], [1] * len(lengths), 16)
+    run = lambda rows: cpu_kernels().paged_decode(  # noqa: E731
+        q[rows], key_cache, value_cache, metadata.decode_block_tables[rows],
+        metadata.decode_seq_lens[rows], 16, 0.125,
+    )  # fmt: skip
+    batched = run(slice(None))
+    for i, (keys, values) in enumerate(dense):
+        assert torch.equal(run(slice(i, i + 1))[0], batched[i])
+        torch.testing.assert_close(
+            batched[i].double(), _softmax_attention(q[i], keys, values, 0.125), rtol=2e-5, atol=2e-6
+        )
