@@ -69,7 +69,7 @@ class PreparedMatmul:
         bias: torch.Tensor | None = None,  # [out]
         quantization: str | None = None,
         repack: bool = True,  # False: larger steps use ``weight`` as given, sparing a repacked copy
-        blocks: Blocks | None = None,  # the file's low-bit blocks (``quantization="gguf"``); weight unused
+        blocks: Blocks | None = None,  # the file's blocks (gguf, gguf-q8), packed into tiles; weight unused
     ) -> None:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
