@@ -156,9 +156,11 @@ def test_an_unreachable_server_and_two_ctrl_c_at_the_prompt() -> None:
 
 
 def test_local_model(tiny_llama_dir: str) -> None:
+    # greedy: the random tiny model sampled at the default temperature sometimes ends early on its EOS token
     child = spawn(
-        "--local", tiny_llama_dir, "--kv-cache-memory-mb", "16", "--max-tokens", "5", "--show-usage"
-    )
+        "--local", tiny_llama_dir, "--kv-cache-memory-mb", "16", "--max-tokens", "5", "--show-usage",
+        "--temperature", "0",
+    )  # fmt: skip
     prompt_tokens, completion_tokens, finish = ask(child, "Hello there")
     assert completion_tokens == 5 and finish == "length" and prompt_tokens > 3
     leave(child)
