@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from longserve.cli import build_parser
+from longserve.config import EngineConfig
 from longserve.engine_options import engine_config_from_args
 
 
@@ -79,6 +80,16 @@ def test_engine_flags_reach_the_engine_config():
     assert (
         engine_config_from_args(build_parser().parse_args(["serve"])).max_num_batched_tokens is None
     )  # by device
+
+
+def test_kv_cache_dtype_reaches_the_engine_config_and_bad_values_are_refused():
+    args = build_parser().parse_args(["serve", "--kv-cache-dtype", "float32"])
+    assert engine_config_from_args(args).kv_cache_dtype == "float32"
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        EngineConfig(kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="on a GPU the cache holds --dtype"):
+        EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype="float16")
 
 
 def test_unknown_arguments_are_still_errors_outside_bench():

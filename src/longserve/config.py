@@ -10,6 +10,7 @@ from longserve.attention.moba_params import validate_moba_params
 
 # Torch-free on purpose: the API server and the controller read ServeConfig without loading torch.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+KV_CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model", "mtp")
@@ -111,9 +112,12 @@ class EngineConfig:
         True  # full KV blocks stay cached by content and are reused by later prompts
     )
     # KV cache size per rank; the number of blocks follows from it. None: on a GPU, what gpu_memory_utilization
-    # leaves (kv_sizing.py); on the CPU 1 GiB, committed (zeroed) at start (it holds 64 streams
+    # leaves (kv_sizing.py); on the CPU 512 MiB, committed (zeroed) at start (in fp16 it holds 64 streams
     # of ~350 tokens of the default model, so 32-64 concurrent requests do not preempt).
     kv_cache_memory_mb: int | None = None
+    # What the KV cache stores: "auto" is fp16 for the CPU's low-bit GGUF modes (as llama.cpp's cache: half the
+    # bytes decode attention reads), else --dtype. On a GPU only auto or --dtype itself.
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = (
         0.9  # share of the GPU's memory the engine may hold, its KV cache included
     )
@@ -162,6 +166,15 @@ class EngineConfig:
                 continue  # chosen by device once the engine has placed the model
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' or one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.device.startswith("cuda") and self.kv_cache_dtype not in ("auto", self.dtype):
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} runs on the CPU; on a GPU the cache holds --dtype "
+                f"({self.dtype}): leave it auto"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
@@ -235,6 +248,14 @@ class EngineConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+    def cache_dtype(self, low_bit_on_cpu: bool):  # -> torch.dtype
+        """The KV cache's element type; ``low_bit_on_cpu``: the matmuls run GGUF blocks on the CPU."""
+        import torch
+
+        if self.kv_cache_dtype != "auto":
+            return getattr(torch, self.kv_cache_dtype)
+        return torch.float16 if low_bit_on_cpu else self.torch_dtype
 
     def overlaps_steps(self, device_type: str) -> bool:
         """Whether steps overlap (``async_scheduling``) for a model on ``device_type``."""

@@ -61,7 +61,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-memory-mb",
         type=int,
-        help="KV cache size in MiB per rank (default: 1024 on CPU; on a GPU what --gpu-memory-utilization leaves)",
+        help="KV cache size in MiB per rank (default: 512 on CPU; on a GPU what --gpu-memory-utilization leaves)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="what the KV cache stores (default auto: float16 for GGUF blocks on the CPU, as llama.cpp; else "
+        "--dtype; a GPU takes auto only)",
     )
     parser.add_argument(
         "--gpu-memory-utilization",
@@ -125,6 +131,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         moba_window=args.moba_window,
         max_model_len=args.max_model_len,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
+        kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         async_scheduling=args.async_scheduling,
         speculative_config=args.speculative_config,

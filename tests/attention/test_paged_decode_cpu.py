@@ -8,13 +8,16 @@ import torch
 from longserve.attention.metadata import build_attention_metadata
 
 
-def _paged_case(lengths: list[int], heads: int, kv_heads: int, dim: int, block: int, seed: int):
-    """Caches holding each sequence's keys/values in shuffled blocks, and each sequence's dense keys/values."""
+def _paged_case(
+    lengths: list[int], heads: int, kv_heads: int, dim: int, block: int, seed: int, dtype=torch.float32
+):
+    """Caches (of ``dtype``) holding each sequence's keys/values in shuffled blocks, and each sequence's dense
+    keys/values."""
     gen = torch.Generator().manual_seed(seed)
     need = sum(-(-n // block) for n in lengths)
     order = (torch.randperm(need, generator=gen) + 1).tolist()  # block 0 stays the pad block
-    key_cache = torch.randn((need + 1) * block, kv_heads, dim, generator=gen)
-    value_cache = torch.randn((need + 1) * block, kv_heads, dim, generator=gen)
+    key_cache = torch.randn((need + 1) * block, kv_heads, dim, generator=gen).to(dtype)
+    value_cache = torch.randn((need + 1) * block, kv_heads, dim, generator=gen).to(dtype)
     tables, dense = [], []
     for n in lengths:
         table = [order.pop() for _ in range(-(-n // block))]
@@ -36,19 +39,22 @@ def _softmax_attention(
     return torch.einsum("hn,nhd->hd", weights, v)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["fp32-cache", "fp16-cache"])
 @pytest.mark.parametrize(
     ("lengths", "heads", "kv_heads", "dim", "block"),
     [
         ([2, 17, 160, 5], 9, 3, 64, 16),  # the default model's shape, ragged contexts
         ([3000, 40], 4, 4, 32, 16),  # long enough to run in parallel; no grouping
         ([33, 7], 8, 2, 24, 8),  # a head size that is not a multiple of the vector width
+        ([50, 300], 16, 2, 128, 16),  # head size 128, groups of 8
     ],
 )
-def test_paged_decode_matches_softmax_attention(lengths, heads, kv_heads, dim, block) -> None:
+def test_paged_decode_matches_softmax_attention(lengths, heads, kv_heads, dim, block, cache_dtype) -> None:
+    """Against float64 attention over the cache's own values (an fp16 cache's rows are widened exactly)."""
     from longserve.layers.cpu_kernels import cpu_kernels
 
     q, key_cache, value_cache, tables, dense = _paged_case(
-        lengths, heads, kv_heads, dim, block, seed=len(lengths)
+        lengths, heads, kv_heads, dim, block, seed=len(lengths), dtype=cache_dtype
     )
     metadata = build_attention_metadata(tables, [n - 1 for n in lengths], [1] * len(lengths), block)
     scale = dim**-0.5

@@ -45,16 +45,18 @@ def _tensors(k_type, vocab: int) -> dict:
 METADATA = {"llama.embedding_length": HIDDEN, "llama.feed_forward_length": FFN}
 
 
-def _logprob_gaps(path: str, quantization: str = "gguf") -> tuple[LLM, torch.Tensor]:
+def _logprob_gaps(
+    path: str, quantization: str = "gguf", kv_cache_dtype: str = "float32"
+) -> tuple[LLM, torch.Tensor]:
     """The low-bit engine, and how far its logprobs of the exact path's greedy text (prompt + 12 tokens) are
-    from the exact path's own, position by position."""
+    from the exact path's own, position by position. The cache stays fp32 unless asked: the matmuls alone."""
     exact = LLM(path, quantization="none")
     greedy = exact.generate(
         "hello 12345 world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     )[0]
     ids = [*greedy.prompt_token_ids, *greedy.outputs[0].token_ids]
     score = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    llm = LLM(path, quantization=quantization)
+    llm = LLM(path, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     theirs, ours = (engine.generate([ids], score)[0].prompt_logprobs[1:] for engine in (exact, llm))
     return llm, torch.tensor([a.logprob - b.logprob for a, b in zip(ours, theirs, strict=True)]).abs()
 
@@ -89,6 +91,16 @@ def test_low_bit_path_stays_close_to_the_exact_path(write_gguf, tiny_tokens, k_t
     head = llm.engine.model.lm_head_kernel
     assert isinstance(head, PreparedMatmul) and head.blocks is not None and head.weight is None
     assert llm.engine.model.embed_blocks is head.blocks  # tied: lookups read the head's Q8_0 tiles
+
+
+def test_low_bit_path_caches_fp16_by_default_and_stays_close(write_gguf, tiny_tokens) -> None:
+    """auto stores the KV cache in fp16 on the low-bit path (llama.cpp's f16 cache), the exact path in fp32;
+    rounding keys and values to fp16 moves this model's logprobs by ~1e-3 (a wrong cache by nats)."""
+    path = write_gguf(_tensors(Q.Q4_0, len(tiny_tokens)), metadata=METADATA)
+    llm, gaps = _logprob_gaps(path, kv_cache_dtype="auto")
+    assert llm.engine.runner.caches[0].key.dtype == torch.float16
+    assert gaps.mean() < 2e-3 and gaps.max() < 1e-2, gaps
+    assert LLM(path, quantization="none").engine.runner.caches[0].key.dtype == torch.float32
 
 
 def test_auto_picks_the_low_bit_path_for_block_files_only(write_gguf, tiny_tokens) -> None:

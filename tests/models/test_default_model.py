@@ -32,14 +32,20 @@ def llm():
 
 
 @pytest.mark.parametrize(
-    ("quantization", "tolerance"),
-    [("none", 1e-3), ("gguf", 1e-2)],  # gguf: 16-bit activation blocks, ~5e-3 after 30 layers
-    ids=["exact", "blocks"],
+    ("quantization", "kv_cache_dtype", "tolerance"),
+    [
+        ("none", "auto", 1e-3),
+        ("gguf", "float32", 1e-2),  # 16-bit activation blocks, ~5e-3 after 30 layers
+        ("gguf", "auto", 5e-2),  # as served: plus keys and values rounded to fp16, ~2e-2
+    ],
+    ids=["exact", "blocks", "blocks-fp16-cache"],
 )
-def test_logits_match_transformers_on_the_default_gguf(llm, hf_model_and_tokenizer, quantization, tolerance):
+def test_logits_match_transformers_on_the_default_gguf(
+    llm, hf_model_and_tokenizer, quantization, kv_cache_dtype, tolerance
+):
     model, tokenizer = hf_model_and_tokenizer
-    if quantization != "gguf":  # the default (auto) mode is gguf
-        llm = LLM(None, dtype="float32", quantization=quantization)
+    if (quantization, kv_cache_dtype) != ("gguf", "auto"):  # the llm fixture is the default (auto) setup
+        llm = LLM(None, dtype="float32", quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     assert llm.tokenizer.encode(prompt) == ids

@@ -52,9 +52,11 @@ class DenseAttention:
         for span in metadata.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
-                out[rows] = _sdpa(q[rows], k[rows], v[rows], scale, causal=True)
+                out[rows] = _sdpa(
+                    q[rows], cache.as_stored(k[rows]), cache.as_stored(v[rows]), scale, causal=True
+                )
             else:
-                keys, values = cache.key[span.context_slots], cache.value[span.context_slots]
+                keys, values = cache.gather(span.context_slots, q.dtype)
                 mask = _offset_causal_mask(span.query_len, span.context_len, q.device)
                 out[rows] = _sdpa(q[rows], keys, values, scale, mask=mask)
         return out
@@ -64,7 +66,7 @@ class DenseAttention:
     ) -> torch.Tensor:
         if cuda_path_available(q, any_head_dim=True):  # split-K Triton kernel over the paged cache: no gather
             return cuda_dense_decode(q, cache, metadata, scale)
-        if self.cpu_kernels is not None and q.dtype == cache.key.dtype == torch.float32 and not q.is_cuda:
+        if self.cpu_kernels is not None and _cpu_kernel_takes(q, cache):
             return self.cpu_kernels.paged_decode(
                 q,
                 cache.key,
@@ -74,19 +76,22 @@ class DenseAttention:
                 metadata.block_size,
                 scale,
             )  # [batch, heads, d], read through the block tables: no gathered copy either
-        slots = metadata.decode_slots  # [batch, max_context]
-        shape = (*slots.shape, *cache.key.shape[1:])
-        flat = slots.view(-1)
-        # index_select on flattened slots: the same gather as cache.key[slots], with less dispatch overhead.
-        keys = (
-            cache.key.index_select(0, flat).view(shape).transpose(1, 2)
-        )  # [batch, kv_heads, max_context, d]
-        values = cache.value.index_select(0, flat).view(shape).transpose(1, 2)
+        keys, values = cache.gather(metadata.decode_slots, q.dtype)  # [batch, max_context, kv_heads, d]
         mask = metadata.decode_mask  # None when every context has the same length
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            q.unsqueeze(2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )  # [batch, heads, 1, d]
-        return out.squeeze(2).to(q.dtype)
+        return out.squeeze(2)
+
+
+def _cpu_kernel_takes(q: torch.Tensor, cache: LayerKVCache) -> bool:
+    """fp32 CPU queries over an fp32 or fp16 CPU cache (the compiled kernel widens fp16 rows as it reads)."""
+    return q.dtype == torch.float32 and cache.key.dtype in (torch.float32, torch.float16) and not q.is_cuda
 
 
 def _paged_prefill_pays(metadata: AttentionMetadata) -> bool:

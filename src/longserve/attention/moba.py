@@ -154,9 +154,9 @@ class MobaAttention:
         for span in metadata.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
-                keys, values = k[rows], v[rows]
+                keys, values = cache.as_stored(k[rows]), cache.as_stored(v[rows])
             else:
-                keys, values = cache.key[span.context_slots], cache.value[span.context_slots]
+                keys, values = cache.gather(span.context_slots, q.dtype)
             out[rows] = self._prefill_span(q[rows], keys, values, scale)
         return out
 
@@ -186,9 +186,8 @@ class MobaAttention:
             return cuda_decode(q, cache, metadata, self.chunk_size, self.topk, scale, self.sink, self.window)
         slots = metadata.decode_slots  # [batch, max_context]; padding reads the zeroed pad block
         batch, max_context = slots.shape
-        shape = (batch, max_context, *cache.key.shape[1:])
-        keys = cache.key.index_select(0, slots.reshape(-1)).view(shape)  # [batch, max_context, kv_heads, d]
-        values = cache.value.index_select(0, slots.reshape(-1)).view(shape)
+        keys, values = cache.gather(slots, q.dtype)  # [batch, max_context, kv_heads, d]
+        shape = keys.shape
         positions = torch.tensor(metadata.decode_context_lens, device=q.device) - 1  # [batch]
         # Gate keys of each context's complete chunks; a padded chunk only ever lies at or after the
         # query's own block, which gating never scores.

@@ -35,6 +35,19 @@ class LayerKVCache:
         self.key.index_copy_(0, slot_mapping, key.to(self.key.dtype))
         self.value.index_copy_(0, slot_mapping, value.to(self.value.dtype))
 
+    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` (any shape) as ``dtype``: [*slots.shape, kv_heads, head_dim] each."""
+        flat, shape = slots.reshape(-1), (*slots.shape, *self.key.shape[1:])
+        return (
+            self.key.index_select(0, flat).view(shape).to(dtype),
+            self.value.index_select(0, flat).view(shape).to(dtype),
+        )
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """This step's keys or values as a later step will read them back (rounded to a narrower cache
+        dtype), so a prompt attends the same whether its prefix was cached or computed in this step."""
+        return x if x.dtype == self.key.dtype else x.to(self.key.dtype).to(x.dtype)
+
 
 def allocate_kv_cache(
     num_layers: int,

@@ -93,7 +93,8 @@ class ReferenceAttention:
         for span in metadata.prefills:
             rows = slice(span.query_start, span.query_start + span.query_len)
             if span.context_slots is None:
-                keys, values = k[rows].to(compute_dtype), v[rows].to(compute_dtype)
+                keys = cache.as_stored(k[rows]).to(compute_dtype)
+                values = cache.as_stored(v[rows]).to(compute_dtype)
                 out[rows] = self._attend_keys(q[rows].to(compute_dtype), keys, values, 0, scale).to(q.dtype)
             else:
                 out[rows] = self._attend(
@@ -110,8 +111,7 @@ class ReferenceAttention:
         scale: float,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        keys = cache.key[slots].to(dtype)  # [context_len, kv_heads, d]
-        values = cache.value[slots].to(dtype)
+        keys, values = cache.gather(slots, dtype)  # [context_len, kv_heads, d]
         return self._attend_keys(q.to(dtype), keys, values, context_len - q.shape[0], scale).to(q.dtype)
 
     def _attend_keys(

@@ -1,6 +1,6 @@
 """KV cache sizing: how many cache blocks a rank gets. On a GPU, what ``gpu_memory_utilization`` leaves once the
 weights and the largest step's activations are counted (measured by one profile step, as vLLM does);
-``kv_cache_memory_mb`` overrides it; on the CPU it is ``kv_cache_memory_mb`` or 1 GiB."""
+``kv_cache_memory_mb`` overrides it; on the CPU it is ``kv_cache_memory_mb`` or 512 MiB."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from longserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_MB = 1024
+CPU_DEFAULT_MB = 512
 
 
 def kv_cache_bytes(config: EngineConfig, loaded, device: torch.device, tp: TensorParallel) -> int:

@@ -82,7 +82,8 @@ def allocate_caches(
         # One bidirectional pass per input, nothing cached: two blocks (never used) keep the scheduler whole.
         return 2, []
     kv_heads = tp.local_kv_heads(mc.num_kv_heads)
-    bytes_per_token = 2 * mc.num_layers * kv_heads * mc.head_dim * config.torch_dtype.itemsize
+    dtype = config.cache_dtype(runs_blocks(loaded.quantization) and device.type == "cpu")
+    bytes_per_token = 2 * mc.num_layers * kv_heads * mc.head_dim * dtype.itemsize
     num_blocks = config.num_kv_blocks or max(
         2, kv_cache_bytes(config, loaded, device, tp) // (bytes_per_token * config.block_size)
     )
@@ -90,10 +91,10 @@ def allocate_caches(
     if device.type == "cpu":
         check_host_memory(pool)
     caches = allocate_kv_cache(
-        mc.num_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, config.torch_dtype,
+        mc.num_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, dtype,
         device=device, gate_keys=config.attention == "moba" and device.type == "cuda",
     )  # fmt: skip
-    log.info("KV cache: %.0f MiB allocated and committed on %s", pool / 2**20, device)
+    log.info("KV cache: %.0f MiB of %s allocated and committed on %s", pool / 2**20, dtype, device)
     return num_blocks, caches
 
 
