@@ -125,6 +125,11 @@ def print_report(results: dict, summary: dict, config: dict) -> None:
             label = ""
     console.print(table)
     console.print("; ".join(f"{s} = {LABELS.get(s, s)}" for s in results))
+    for system, res in results.items():
+        if res.get("ok") and "startup_s" in res:
+            rss = res.get("peak_rss_mb")
+            rss_txt = f", peak RSS of all its processes {rss:.0f} MiB" if rss is not None else ""
+            console.print(f"  {system}: start to ready {res['startup_s']:.2f} s{rss_txt}")
 
     conc = summary["reference_concurrency"]
     best = summary["llamacpp_best"]

@@ -131,6 +131,27 @@ def proc_cpu_s(pid: int, descendants: bool = True) -> float:
     return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a server: the sum of VmHWM (each process's own peak) over the process and its
+    live descendants, in MiB. An upper bound of their joint peak: the processes need not peak together."""
+    stats = _proc_stats()
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _) in stats.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total_kb = 0
+    for member in tree:
+        try:
+            with open(f"/proc/{member}/status") as f:
+                total_kb += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
 def role_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of a server and its live children by role: "server" (the process itself; for longserve the
     controller and the worker), "api" (longserve's API server processes), "core" (its engine core) and

@@ -44,6 +44,7 @@ from _serve_systems import (
     discount,
     least_contended,
     missing_requirement,
+    peak_rss_mb,
     proc_cpu_s,
     role_cpu_s,
     run_engine_phases,
@@ -132,6 +133,7 @@ def measure_server(system: str, args: argparse.Namespace, model_path: Path, log_
             res["phases"].append(measure_phase(system, config, args, server.proc.pid))
             if server.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {server.proc.returncode}")
+        res["peak_rss_mb"] = peak_rss_mb(server.proc.pid)
         res["ok"] = True
     except (RuntimeError, OSError) as exc:
         res |= {"ok": False, "error": f"{type(exc).__name__}: {exc}", "log_tail": server.log_tail()}
