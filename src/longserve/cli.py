@@ -228,9 +228,10 @@ def _run_server(args: argparse.Namespace) -> int:
 
         if follows_only(engine_config):  # a node (or torchrun process) that runs ranks but not the engine
             return run_follower_node(engine_config)
+    core = launcher.launch_engine(engine_config, serve_config)  # first: it loads while the rest starts
     if args.command == "worker":
-        return launcher.run(launcher.serve_worker(engine_config, serve_config))
-    return launcher.run(launcher.serve_all(engine_config, serve_config))
+        return launcher.run(launcher.serve_worker(core, serve_config))
+    return launcher.run(launcher.serve_all(core, serve_config))
 
 
 def _bench(args: argparse.Namespace) -> int:

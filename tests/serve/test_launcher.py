@@ -46,7 +46,8 @@ def test_worker_serves_until_cancelled_without_a_controller(tiny_llama_dir):
     config = ServeConfig(worker_port=unused_port(), controller_address="")
     engine_config = EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4)
     url = f"http://127.0.0.1:{config.worker_port}"
-    assert asyncio.run(_serve_then_cancel(launcher.serve_worker(engine_config, config), url))
+    core = launcher.launch_engine(engine_config, config)
+    assert asyncio.run(_serve_then_cancel(launcher.serve_worker(core, config), url))
 
 
 def test_a_port_in_use_is_a_clear_startup_error():

@@ -108,19 +108,36 @@ class EngineCoreClient:
         cls, config: EngineConfig, *, in_process: bool = False, stall_timeout_s: float | None = None
     ) -> EngineCoreClient:
         """Start the core and wait until its engine is built; raises what building it raised."""
+        return await cls.launch(config, in_process=in_process, stall_timeout_s=stall_timeout_s).wait_started()
+
+    @classmethod
+    def launch(
+        cls, config: EngineConfig, *, in_process: bool = False, stall_timeout_s: float | None = None
+    ) -> EngineCoreClient:
+        """Start the core and return at once: its model loads while the caller sets up the rest (``serve``
+        launches it before importing the web stack); ``wait_started`` then waits for it."""
         client = cls(config, in_process=in_process, stall_timeout_s=stall_timeout_s)
-        try:
-            await asyncio.to_thread(client._start_core)
-        except BaseException:
-            await client.ashutdown()
-            raise
-        client._reader = threading.Thread(target=client._read, name="engine-core-reader", daemon=True)
-        client._reader.start()
+        client._spawn_core()
         return client
 
-    # ---- the core (on the reader thread, or create()'s) -----------------------------------------------------
+    async def wait_started(self) -> EngineCoreClient:
+        """Wait until the launched core's engine is built; raises what building it raised."""
+        try:
+            await asyncio.to_thread(self._await_core)
+        except BaseException:
+            await self.ashutdown()
+            raise
+        self._reader = threading.Thread(target=self._read, name="engine-core-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    # ---- the core (on the reader thread, or launch()'s and wait_started()'s) --------------------------------
 
     def _start_core(self) -> None:
+        self._spawn_core()
+        self._await_core()
+
+    def _spawn_core(self) -> None:
         generation = next(self._generation)
         if self.in_process:
             inbox, outbox = (
@@ -140,6 +157,9 @@ class EngineCoreClient:
             self.config, inbox, outbox, in_process=self.in_process, context=self._context,
             on_built=lambda engine: setattr(self, "engine", engine),
         )  # fmt: skip
+
+    def _await_core(self) -> None:
+        from_core = self._from_core
         while not from_core.poll(int(WATCH_INTERVAL_S * 1000)):
             if self._exit_code() is not None:
                 raise RuntimeError(f"the engine core exited with code {self._exit_code()}")

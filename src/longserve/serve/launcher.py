@@ -21,13 +21,18 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 import uvloop
-from fastapi import FastAPI
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.loading.model_resolution import is_hub_id
+
+if TYPE_CHECKING:  # the web stack is imported where apps are built, after the engine core is launched
+    from fastapi import FastAPI
+
+    from longserve.engine.core_client import EngineCoreClient
 
 log = logging.getLogger(__name__)
 
@@ -192,25 +197,27 @@ async def _serve(server: _Server, spec: AppSpec) -> None:
         ) from exc
 
 
-async def start_engine(engine_config: EngineConfig, serve_config: ServeConfig):
-    """The worker's engine core: a child process (the default) or a thread of this process
-    (``engine_in_process``), behind one ``EngineCoreClient``."""
+def launch_engine(engine_config: EngineConfig, serve_config: ServeConfig) -> EngineCoreClient:
+    """Start the worker's engine core, a child process (the default) or a thread of this process
+    (``engine_in_process``), behind one ``EngineCoreClient``; ``serve_all``/``serve_worker`` wait for it.
+    The CLI calls this first, so the core's torch import and model load overlap this process's start."""
     from longserve.engine.core_client import EngineCoreClient
 
-    return await EngineCoreClient.create(
+    return EngineCoreClient.launch(
         engine_config,
         in_process=serve_config.engine_in_process,
         stall_timeout_s=serve_config.engine_stall_timeout_s,
     )
 
 
-async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
-    """``longserve serve``: the controller and one worker with the model in this process, the API server in
-    ``api_server_count`` processes of its own (``api_processes``)."""
+async def serve_all(core: EngineCoreClient, serve_config: ServeConfig) -> None:
+    """``longserve serve``: the controller and one worker with the model (its engine core ``launch_engine``d)
+    in this process, the API server in ``api_server_count`` processes of its own (``api_processes``)."""
     from longserve.serve.api_processes import ApiServerProcesses
     from longserve.serve.controller import create_controller_app
     from longserve.serve.worker import create_worker_app
 
+    engine_config = core.config
     host = serve_config.host
     serve_config.controller_address = f"http://{host}:{serve_config.controller_port}"
     names = served_names(serve_config, engine_config)
@@ -218,7 +225,7 @@ async def serve_all(engine_config: EngineConfig, serve_config: ServeConfig) -> N
     api = ApiServerProcesses(serve_config, serve_config.api_server_count)
     api.spawn()  # their start-up overlaps the engine's; they listen once the controller is up
     try:
-        engine = await start_engine(engine_config, serve_config)
+        engine = await core.wait_started()
     except BaseException:
         await api.stop()
         raise
@@ -282,13 +289,14 @@ async def wait_until_listed(controller_address: str, model: str) -> None:
     raise RuntimeError(f"the worker did not register with the controller within {READY_TIMEOUT_S:.0f} s")
 
 
-async def serve_worker(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
-    """``longserve worker``: one model worker that registers with a controller."""
+async def serve_worker(core: EngineCoreClient, serve_config: ServeConfig) -> None:
+    """``longserve worker``: one model worker (its engine core ``launch_engine``d) that registers with a
+    controller."""
     from longserve.serve.worker import create_worker_app
 
-    names = served_names(serve_config, engine_config)
+    names = served_names(serve_config, core.config)
     name = names[0] if len(names) == 1 else ", ".join(names)
-    engine = await start_engine(engine_config, serve_config)
+    engine = await core.wait_started()
     try:
         app = create_worker_app(engine, serve_config, names)
         worker = app.state.worker
