@@ -1,7 +1,8 @@
 """The CPU kernels, compiled for this machine's CPU into one extension module on first use and cached by torch's
 extension builder (~1-2 min once; later starts load the cached library): the matmuls over GGUF block weights
 (``layers/csrc/ggml_packed.cpp``), the small per-layer ops (``layers/csrc/cpu_ops.cpp``), LoRA updates
-(``layers/csrc/lora_cpu.cpp``) and paged decode attention (``attention/csrc/paged_decode_cpu.cpp``).
+(``layers/csrc/lora_cpu.cpp``), paged decode attention (``attention/csrc/paged_decode_cpu.cpp``) and a whole
+decoder layer of a decode step built from them (``layers/csrc/decoder_layer_cpu.cpp``).
 
 Built with ``-march=native``: the machines we run on differ (AVX2, AVX-512), and the cache directory is
 keyed by the source and flags, so a different host rebuilds instead of loading code for the wrong CPU.
@@ -27,6 +28,7 @@ SOURCES = (
     HEADERS / "ggml_packed.cpp",
     HEADERS / "cpu_ops.cpp",
     HEADERS / "lora_cpu.cpp",
+    HEADERS / "decoder_layer_cpu.cpp",
     _PACKAGE / "attention" / "csrc" / "paged_decode_cpu.cpp",
 )
 
@@ -34,7 +36,7 @@ SOURCES = (
 @functools.cache
 def cpu_kernels(march: str = "native") -> ModuleType:
     """The compiled module (``packed_linear``, ``rms_norm``, ``silu_mul``, ``rotary_``,
-    ``lora_add_``, ``paged_decode``); raises RuntimeError if it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
+    ``lora_add_``, ``paged_decode``, ``DecoderLayerCpu``); raises RuntimeError if it cannot be built. ``march`` other than native builds another instruction set's code paths (the tests
     check the AVX2 and the scalar paths on an AVX-512 machine)."""
     from torch.utils.cpp_extension import load
 

@@ -20,6 +20,7 @@ from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.distributed.parallel import TensorParallel
 from longserve.layers.attention import SelfAttention
+from longserve.layers.cpu_decoder_layer import CpuDecodeLayer
 from longserve.layers.linear import Linear
 from longserve.layers.matmul import PreparedMatmul, runs_blocks
 from longserve.layers.mlp import SwiGLUMLP
@@ -42,6 +43,7 @@ class PreNormDecoderLayer(nn.Module):
     self_attn: nn.Module
     mlp: nn.Module
     tp: TensorParallel  # a shard's blocks give partial sums: reduced here (identity on one device)
+    cpu_step: CpuDecodeLayer | None = None  # the whole layer as one compiled call for CPU decode steps
 
     def forward(
         self,
@@ -51,6 +53,8 @@ class PreNormDecoderLayer(nn.Module):
         cache: LayerKVCache,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cpu_step is not None and self.cpu_step.runs(cache, metadata):
+            return self.cpu_step(hidden, residual, rope, cache, metadata)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -199,6 +203,9 @@ class LlamaForCausalLM(nn.Module):
             for module in self.modules():
                 if isinstance(module, (RMSNorm, SwiGLUMLP, SelfAttention)):
                     module.use_cpu_kernels(kernels)
+            for layer in self.layers:
+                if isinstance(layer, PreNormDecoderLayer):
+                    layer.cpu_step = CpuDecodeLayer.build(layer, kernels)
         if not self.has_output_head:
             self.lm_head_kernel, self.head_blocks = None, None
             return

@@ -26,3 +26,37 @@ void lora_add_(const torch::Tensor& y, const torch::Tensor& x, const torch::Tens
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t page_size,
                            double scale);
+
+// decoder_layer_cpu.cpp: a projection's tiles (packed_linear's arguments) and optional bias.
+struct PackedProjection {
+  PackedProjection(torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> minimum,
+                   int64_t out_features, c10::optional<torch::Tensor> bias);
+  torch::Tensor apply(const torch::Tensor& x, int64_t activation_bits) const;  // [rows, in] -> [rows, out]
+
+  torch::Tensor codes, scale;
+  c10::optional<torch::Tensor> minimum;
+  int64_t out_features;
+  c10::optional<torch::Tensor> bias;
+};
+
+// decoder_layer_cpu.cpp: one pre-norm decoder layer of a decode step (GQA attention, SwiGLU) in one call.
+class DecoderLayerCpu {
+ public:
+  DecoderLayerCpu(torch::Tensor input_norm, torch::Tensor post_norm, double eps, PackedProjection qkv,
+                  PackedProjection o, PackedProjection gate_up, PackedProjection down, int64_t heads,
+                  int64_t kv_heads, int64_t head_dim, double scale, int64_t activation_bits);
+  // [feed-forward output, residual stream], as PreNormDecoderLayer.forward returns them.
+  std::vector<torch::Tensor> forward(const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual,
+                                     const torch::Tensor& cos, const torch::Tensor& sin,
+                                     const torch::Tensor& slot_mapping, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& context_lens, int64_t page_size) const;
+
+ private:
+  torch::Tensor input_norm_, post_norm_;
+  double eps_;
+  PackedProjection qkv_, o_, gate_up_, down_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double scale_;
+  int64_t activation_bits_;
+};

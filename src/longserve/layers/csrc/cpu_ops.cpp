@@ -114,4 +114,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("activation_bits"));
   m.def("paged_decode", &paged_decode,
         "q [batch, heads, d] attends its paged context: caches [slots, kv_heads, d], int32 block tables and lengths");
+  // module_local: the tests load builds for other instruction sets beside this one, each with these types.
+  py::class_<PackedProjection>(m, "PackedProjection", py::module_local())
+      .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, c10::optional<torch::Tensor>>(),
+           py::arg("codes"), py::arg("scale"), py::arg("minimum"), py::arg("out_features"), py::arg("bias"));
+  py::class_<DecoderLayerCpu>(m, "DecoderLayerCpu", py::module_local())
+      .def(py::init<torch::Tensor, torch::Tensor, double, PackedProjection, PackedProjection, PackedProjection,
+                    PackedProjection, int64_t, int64_t, int64_t, double, int64_t>(),
+           py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("qkv"), py::arg("o"),
+           py::arg("gate_up"), py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("scale"), py::arg("activation_bits"))
+      .def("forward", &DecoderLayerCpu::forward, "a decode step's layer: [feed-forward output, residual]");
 }
