@@ -11,6 +11,9 @@ from longserve.attention.paged_cache import LayerKVCache
 from longserve.attention.paged_decode import cuda_dense_decode, cuda_path_available
 from longserve.attention.paged_prefill import paged_prefill
 
+# What the compiled CPU decode attention reads: fp32 rows, or fp16 rows it widens as it reads them.
+CPU_KERNEL_CACHE_DTYPES = (torch.float32, torch.float16)
+
 
 class DenseAttention:
     """Full causal attention through ``F.scaled_dot_product_attention`` (GQA without repeating K/V)."""
@@ -90,8 +93,8 @@ class DenseAttention:
 
 
 def _cpu_kernel_takes(q: torch.Tensor, cache: LayerKVCache) -> bool:
-    """fp32 CPU queries over an fp32 or fp16 CPU cache (the compiled kernel widens fp16 rows as it reads)."""
-    return q.dtype == torch.float32 and cache.key.dtype in (torch.float32, torch.float16) and not q.is_cuda
+    """fp32 CPU queries over a CPU cache the compiled kernel reads."""
+    return q.dtype == torch.float32 and cache.key.dtype in CPU_KERNEL_CACHE_DTYPES and not q.is_cuda
 
 
 def _paged_prefill_pays(metadata: AttentionMetadata) -> bool:

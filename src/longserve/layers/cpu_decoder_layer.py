@@ -13,14 +13,12 @@ from types import ModuleType
 
 import torch
 
-from longserve.attention.dense import DenseAttention
+from longserve.attention.dense import CPU_KERNEL_CACHE_DTYPES, DenseAttention
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.layers.attention import SelfAttention
 from longserve.layers.linear import Linear
 from longserve.layers.mlp import SwiGLUMLP
-
-_CACHE_DTYPES = (torch.float32, torch.float16)  # what the compiled decode attention reads
 
 
 class CpuDecodeLayer:
@@ -72,7 +70,7 @@ class CpuDecodeLayer:
         """Decodes only, no adapter on any projection, a cache the compiled attention reads."""
         return (
             not metadata.prefills
-            and cache.key.dtype in _CACHE_DTYPES
+            and cache.key.dtype in CPU_KERNEL_CACHE_DTYPES
             and all(linear.lora is None for linear in self.projections)
         )
 
