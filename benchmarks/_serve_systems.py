@@ -321,7 +321,7 @@ def start_server(system: str, model_path: Path, threads: int, log_dir: Path, **o
             if _ready(server):
                 server.startup_s = time.perf_counter() - t0
                 return server
-            time.sleep(0.5)
+            time.sleep(0.05)  # start-to-ready is reported: poll finely
         raise RuntimeError(f"{system} not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
     except BaseException:
         # its own session gets no Ctrl-C from the terminal: a failed or interrupted start must not leave it running
