@@ -36,6 +36,31 @@ def test_compiled_layers_equal_the_modules(monkeypatch, quantization, kv_cache_d
         assert ours.outputs[0].logprobs == theirs.outputs[0].logprobs
 
 
+def test_compiled_layers_add_each_rows_lora_update_as_the_modules_do(tmp_path) -> None:
+    """Rows of two adapters and of none in one decode step: the compiled layers run each row's update with
+    the modules' own kernel, so adapters change the text and the result equals the modules' bit for bit."""
+    from lora_adapters import write_random_adapter
+
+    base = LLM(max_num_seqs=8)
+    adapters = [
+        f"ad{i}={write_random_adapter(base.engine.model_config, tmp_path / f'ad{i}', 8, i)}" for i in (0, 1)
+    ]
+    llm = LLM(lora_modules=tuple(adapters), max_loras=2, max_num_batched_tokens=128)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    loras = ["ad0", None, "ad1"]
+    compiled = llm.generate(PROMPTS, params, lora=loras)
+    assert all(layer.cpu_step.lora_rows is not None for layer in llm.engine.model.layers)
+    for layer in llm.engine.model.layers:
+        layer.cpu_step = None
+    modules = llm.generate(PROMPTS, params, lora=loras)
+    for ours, theirs in zip(compiled, modules, strict=True):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        assert ours.outputs[0].logprobs == theirs.outputs[0].logprobs
+    plain = base.generate(PROMPTS, params)
+    assert plain[1].outputs[0].token_ids == compiled[1].outputs[0].token_ids  # no adapter: the base model
+    assert plain[0].outputs[0].logprobs != compiled[0].outputs[0].logprobs  # an adapter moves its row
+
+
 def test_exact_mode_keeps_the_modules() -> None:
     llm = LLM(quantization="none")
     assert all(layer.cpu_step is None for layer in llm.engine.model.layers)

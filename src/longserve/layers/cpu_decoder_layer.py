@@ -3,8 +3,9 @@ every projection runs on packed GGUF tiles, with dense attention and a SwiGLU fe
 Qwen2 on ``gguf``/``gguf-q8``). It calls the modules' own kernels in their order, so its output equals theirs
 bit for bit; what it saves is the ~100 µs of Python and dispatch a layer costs at a few rows a step.
 
-Steps with prompt chunks (prefill, speculative verification) and layers with LoRA adapters attached go
-through the modules.
+Steps with prompt chunks (prefill, speculative verification) go through the modules. LoRA slots, once the
+engine attaches them, are handed to the compiled layer, which adds each row's update with the modules' own
+kernel (``lora_add_``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,27 @@ class CpuDecodeLayer:
 
     def __init__(self, compiled, projections: tuple[Linear, ...]) -> None:
         self.compiled = compiled
-        self.projections = projections
+        self.projections = projections  # qkv, o, gate_up, down: the compiled layer's order
+        self.lora_rows = None  # the adapters' LoRARows once handed over
+
+    def _lora_ready(self) -> bool:
+        """No adapter slots, or slots already handed to the compiled layer (they are allocated once and
+        never move); False where the slots use the torch path (not fp32 on the CPU)."""
+        if self.lora_rows is not None:
+            return True
+        loras = [linear.lora for linear in self.projections]
+        attached = [lora for lora in loras if lora is not None]
+        if not attached:
+            return True
+        rows = attached[0].rows
+        if rows.kernels is None:
+            return False
+        self.compiled.set_lora_rows(rows.row_slots, rows.num_slots, attached[0].max_rank)
+        for index, lora in enumerate(loras):
+            if lora is not None:
+                self.compiled.set_lora(index, lora.a, lora.bt)
+        self.lora_rows = rows
+        return True
 
     @classmethod
     def build(cls, layer, kernels: ModuleType) -> CpuDecodeLayer | None:
@@ -67,12 +88,8 @@ class CpuDecodeLayer:
         return cls(compiled, linears)
 
     def runs(self, cache: LayerKVCache, metadata: AttentionMetadata) -> bool:
-        """Decodes only, no adapter on any projection, a cache the compiled attention reads."""
-        return (
-            not metadata.prefills
-            and cache.key.dtype in CPU_KERNEL_CACHE_DTYPES
-            and all(linear.lora is None for linear in self.projections)
-        )
+        """Decodes only, a cache the compiled attention reads, adapter slots (if any) it can run."""
+        return not metadata.prefills and cache.key.dtype in CPU_KERNEL_CACHE_DTYPES and self._lora_ready()
 
     def __call__(
         self,
@@ -85,5 +102,6 @@ class CpuDecodeLayer:
         out, residual = self.compiled.forward(
             hidden, residual, *rope, metadata.slot_mapping, cache.key, cache.value,
             metadata.decode_block_tables, metadata.decode_seq_lens, metadata.block_size,
+            self.lora_rows is not None and self.lora_rows.active,
         )  # fmt: skip
         return out, residual

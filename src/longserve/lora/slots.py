@@ -57,7 +57,8 @@ class LoRARows:
 
 class LoRALinear:
     """One projection's slots: A of every (shard, slot) stacked [shards * slots * rank, in], and per shard B
-    [shard rows, slots * rank], scaled. A rank below ``max_rank`` is padded with zeros."""
+    transposed, [slots * rank, shard rows], scaled (a rank's weights for every output contiguous: the CPU
+    kernel's update vectorizes over the outputs). A rank below ``max_rank`` is padded with zeros."""
 
     def __init__(self, linear: Linear, rows: LoRARows, max_rank: int) -> None:
         device, dtype = rows.onehot.device, rows.onehot.dtype
@@ -68,19 +69,19 @@ class LoRALinear:
         self.a = torch.zeros(
             len(self.shard_sizes) * slots_rank, linear.in_features, dtype=dtype, device=device
         )
-        self.b = [torch.zeros(size, slots_rank, dtype=dtype, device=device) for size in self.shard_sizes]
+        self.bt = [torch.zeros(slots_rank, size, dtype=dtype, device=device) for size in self.shard_sizes]
 
     def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Put one shard's A [r, in] and scaled B [shard rows, r] into ``slot``."""
         rank, start = a.shape[0], (shard * self.rows.num_slots + slot) * self.max_rank
         self.a[start : start + rank].copy_(a)
-        self.b[shard][:, slot * self.max_rank : slot * self.max_rank + rank].copy_(b)
+        self.bt[shard][slot * self.max_rank : slot * self.max_rank + rank].copy_(b.T)
 
     def clear(self, slot: int) -> None:
-        for shard, b in enumerate(self.b):
+        for shard, bt in enumerate(self.bt):
             start = (shard * self.rows.num_slots + slot) * self.max_rank
             self.a[start : start + self.max_rank].zero_()
-            b[:, slot * self.max_rank : (slot + 1) * self.max_rank].zero_()
+            bt[slot * self.max_rank : (slot + 1) * self.max_rank].zero_()
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + each row's own adapter update; x [rows, in], y [rows, out]."""
@@ -88,18 +89,18 @@ class LoRALinear:
             return y
         if self.rows.kernels is not None:
             self.rows.kernels.lora_add_(
-                y, x, self.a, self.b, self.rows.row_slots, self.rows.num_slots, self.max_rank
+                y, x, self.a, self.bt, self.rows.row_slots, self.rows.num_slots, self.max_rank
             )
             return y
-        rows, shards, slots = x.shape[0], len(self.b), self.rows.num_slots
+        rows, shards, slots = x.shape[0], len(self.bt), self.rows.num_slots
         t = x.to(self.a.dtype) @ self.a.T  # [rows, shards * slots * rank]
         onehot = self.rows.onehot[:rows].view(rows, 1, slots, 1)
         t = (t.view(rows, shards, slots, self.max_rank) * onehot).view(rows, shards, slots * self.max_rank)
         if shards == 1:
-            return y + (t[:, 0] @ self.b[0].T).to(y.dtype)
-        for shard, b in enumerate(self.b):
+            return y + (t[:, 0] @ self.bt[0]).to(y.dtype)
+        for shard, bt in enumerate(self.bt):
             start = self.shard_offsets[shard]
-            y[:, start : start + self.shard_sizes[shard]] += (t[:, shard] @ b.T).to(y.dtype)
+            y[:, start : start + self.shard_sizes[shard]] += (t[:, shard] @ bt).to(y.dtype)
         return y
 
 

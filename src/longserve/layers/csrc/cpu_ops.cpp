@@ -124,5 +124,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("scale"), py::arg("activation_bits"))
+      .def("set_lora_rows", &DecoderLayerCpu::set_lora_rows, "each row's adapter slot (int32), slots, rank")
+      .def("set_lora", &DecoderLayerCpu::set_lora, "a projection's (0 qkv, 1 o, 2 gate_up, 3 down) LoRA A and Bs")
       .def("forward", &DecoderLayerCpu::forward, "a decode step's layer: [feed-forward output, residual]");
 }
