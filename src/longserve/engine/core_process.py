@@ -93,12 +93,13 @@ def run_engine_core(
         return
     if on_built is not None:
         on_built(engine)
+    outbox.send(send(CoreReady(engine.limits, engine.quantization, engine.tokenizer.spec())))
     if not in_process:
         # The model's many long-lived objects leave the collector's view, so a full collection never pauses
-        # a step to scan them (vLLM does the same).
+        # a step to scan them (vLLM does the same). After the ready message: it overlaps the client's own
+        # start (its tokenizer, the servers' handshake) instead of adding to it.
         gc.collect()
         gc.freeze()
-    outbox.send(send(CoreReady(engine.limits, engine.quantization, engine.tokenizer.spec())))
     try:
         EngineCoreLoop(engine, inbox, outbox, parent).run()
     finally:
