@@ -62,6 +62,22 @@ def test_block_table_rows_follow_tables_that_grow_restart_and_leave():
     assert rows.fill([], 1).shape == (0, 1) and not rows._rows  # those that stopped decoding are dropped
 
 
+def test_block_table_rows_equal_fresh_copies_as_sequences_come_grow_and_go():
+    import random
+
+    from longserve.attention.metadata import BlockTableRows, padded_tables
+
+    rng, rows, live = random.Random(0), BlockTableRows(), []
+    for _ in range(300):
+        live = [t for t in live if rng.random() > 0.1]  # some stop decoding (their rows are reused)
+        live += [[rng.randrange(1, 99)] for _ in range(rng.randrange(3))]  # some join
+        for table in live:
+            table.extend(rng.randrange(1, 99) for _ in range(rng.choice([0, 0, 0, 1, 40])))
+        rng.shuffle(live)
+        width = rng.randrange(1, 60)
+        assert rows.fill(live, width).tolist() == padded_tables(live, width).tolist()
+
+
 def test_prefills_carry_block_tables_row_offsets_and_context_lengths():
     # A decode, then two chunks: a fresh prompt of 5 tokens and 3 tokens after a cached prefix of 6.
     meta = build_attention_metadata([[9, 1], [4, 2], [7, 5, 3]], [5, 0, 6], [1, 5, 3], BLOCK)

@@ -14,6 +14,7 @@ from longserve import EngineConfig, EngineCoreClient, SamplingParams
 from longserve.engine.engine import LLMEngine
 from longserve.engine.protocol import EngineShutDown, RequestFailed
 from longserve.engine.sampler import Sampler
+from longserve.engine.sequence import Sequence
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=3)
@@ -82,14 +83,14 @@ def test_a_sampler_bug_costs_only_the_row_that_hits_it(core, monkeypatch):
 
 def test_a_detokenizer_error_fails_only_its_request(core, monkeypatch):
     expected = _alone(core, [5, 6, 7], GREEDY)
-    append = LLMEngine._append_token
+    append = Sequence.append_token
 
-    def failing(self, seq, token, logprob):
+    def failing(seq, token, logprob):
         if seq.request_id == "bad" and len(seq.output_token_ids) == 2:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return append(self, seq, token, logprob)
+        return append(seq, token, logprob)
 
-    monkeypatch.setattr(LLMEngine, "_append_token", failing)
+    monkeypatch.setattr(Sequence, "append_token", failing)
     last = _run(core, {"good": [5, 6, 7], "bad": [4, 4]}, {"good": GREEDY, "bad": GREEDY})
     assert "UnicodeDecodeError" in last["bad"].error and len(last["bad"].outputs[0].token_ids) == 2
     assert last["good"].error is None and last["good"].outputs[0].token_ids == expected

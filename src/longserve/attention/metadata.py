@@ -122,7 +122,7 @@ MAX_DECODE_ROWS = 16
 class AttentionPlan:
     """The step's layout in plain ints (no tensors yet): the CUDA runner uploads these lists in one copy."""
 
-    decode_new_slots: list[int]  # one per decode
+    decode_new_slots: np.ndarray  # int64 [num_decodes]: the slot each decode row writes
     decode_tables: np.ndarray  # int64 [num_decodes, width], padded with block 0
     decode_lens: list[int]  # [num_decodes] context lengths, the new token included
     prefill_new_slots: list[torch.Tensor]  # per prefill: [query_len] slots written
@@ -174,33 +174,58 @@ class AttentionPlan:
 
 
 class BlockTableRows:
-    """Numpy copies of the block tables of the last step's decodes, kept between steps: a table only ever
-    grows in place (a preempted or restarted sequence gets a new list), so each step copies just the blocks
-    added since, not the whole table (a 32K context holds 2,048 blocks)."""
+    """The decode block tables as rows of one numpy array kept from step to step: a table only ever grows in
+    place (a preempted or restarted sequence gets a new list), so each step copies just the blocks added
+    since, and the step's tables come out of the array in one gather (a 32K context holds 2,048 blocks)."""
 
     def __init__(self) -> None:
-        self._rows: dict[int, tuple[list[int], np.ndarray, int]] = {}  # id -> (the list, its copy, synced)
+        self._array = np.zeros((0, 0), dtype=np.int64)  # [rows, capacity]; past a table's end: block 0
+        self._rows: dict[int, tuple[list[int], int, int]] = {}  # id -> (the list, its row, blocks copied)
+        self._spare: list[int] = []  # rows no table holds
 
     def fill(self, tables: list[list[int]], width: int) -> np.ndarray:
-        """``tables`` as one int64 array [len(tables), width], each row padded with block 0 or cut."""
-        out = np.zeros((len(tables), width), dtype=np.int64)
-        kept: dict[int, tuple[list[int], np.ndarray, int]] = {}
-        for row, table in enumerate(tables):
-            entry = self._rows.get(id(table))
+        """``tables`` (distinct lists) as one int64 array [len(tables), width], each padded with block 0 or cut."""
+        rows, kept, index, reused = self._rows, {}, [], 0
+        for table in tables:
+            key, n = id(table), len(table)
+            entry = rows.get(key)
             if entry is not None and entry[0] is table:
-                _, copy, synced = entry
+                reused += 1
+                if n == entry[2]:  # most steps: nothing new to copy
+                    kept[key] = entry
+                    index.append(entry[1])
+                    continue
+                row, synced = entry[1], entry[2]
             else:
-                copy, synced = np.empty(max(16, 2 * len(table)), dtype=np.int64), 0
-            n = len(table)
-            if n > copy.shape[0]:
-                copy = np.concatenate([copy[:synced], np.empty(2 * n - synced, dtype=np.int64)])
-            if n > synced:
-                copy[synced:n] = table[synced:n]
-            kept[id(table)] = (table, copy, n)
-            used = min(n, width)
-            out[row, :used] = copy[:used]
-        self._rows = kept  # tables of sequences that stopped decoding are dropped
-        return out
+                row, synced = self._take_row(), 0
+            if n > self._array.shape[1]:
+                self._widen(n)
+            self._array[row, synced:n] = table[synced:n]
+            kept[key] = (table, row, n)
+            index.append(row)
+        if reused != len(rows):  # tables of sequences that stopped decoding give their rows back
+            for key, (table, row, _) in rows.items():
+                if kept.get(key, (None,))[0] is not table:
+                    self._array[row] = 0
+                    self._spare.append(row)
+        self._rows = kept
+        if width > self._array.shape[1]:
+            self._widen(width)
+        return self._array[index, :width]
+
+    def _take_row(self) -> int:
+        if not self._spare:
+            old = self._array.shape[0]
+            grown = np.zeros((max(16, 2 * old), self._array.shape[1]), dtype=np.int64)
+            grown[:old] = self._array
+            self._array = grown
+            self._spare = list(range(grown.shape[0] - 1, old - 1, -1))
+        return self._spare.pop()
+
+    def _widen(self, columns: int) -> None:
+        grown = np.zeros((self._array.shape[0], max(columns, 2 * self._array.shape[1])), dtype=np.int64)
+        grown[:, : self._array.shape[1]] = self._array
+        self._array = grown
 
 
 def plan_attention(
@@ -212,40 +237,64 @@ def plan_attention(
 ) -> AttentionPlan:
     """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached. ``rows``
     keeps the decode tables' copies from step to step (the runner's); None: copied whole."""
-    plan = AttentionPlan([], np.zeros((0, 0), dtype=np.int64), [], [], [], block_size)
-    decode_tables: list[list[int]] = []
+    if not len(block_tables) == len(computed_lens) == len(query_lens):
+        raise ValueError("one block table, computed length and query length per sequence")
+    plan = AttentionPlan(
+        np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64), [], [], [], block_size
+    )
+    # The leading plain decodes (one new token after a cached prefix) take no per-sequence work beyond this
+    # scan: their tables, lengths and slots are computed over arrays below.
+    num_plain = 0
+    for computed, qlen in zip(computed_lens, query_lens, strict=True):
+        if qlen != 1 or computed == 0:
+            break
+        num_plain += 1
+    decode_tables = block_tables[:num_plain]  # distinct lists, one per decoding sequence
+    positions = computed_lens[:num_plain]  # per decode row: the position of its new token
+    table_of_row: list[int] | None = None  # per decode row, its table (None: row i is table i)
     prefill_tables: list[list[int]] = []
-    query_start = 0
-    for table, computed, qlen in zip(block_tables, computed_lens, query_lens, strict=True):
+    query_start = num_plain
+    for index in range(num_plain, len(block_tables)):
+        table, computed, qlen = block_tables[index], computed_lens[index], query_lens[index]
         context_len = computed + qlen
-        if qlen == 1 and computed > 0:  # plain ints per decoding sequence: no tensor ops
-            if plan.prefills:
-                raise ValueError("decode sequences must come before prefill sequences")
-            decode_tables.append(table)
-            plan.decode_lens.append(context_len)
-            plan.decode_new_slots.append(table[computed // block_size] * block_size + computed % block_size)
-        elif computed > 0 and qlen <= MAX_DECODE_ROWS and not plan.prefills:
+        if qlen == 1 and computed > 0 and plan.prefills:
+            raise ValueError("decode sequences must come before prefill sequences")
+        if computed > 0 and qlen <= MAX_DECODE_ROWS and not plan.prefills:
             # A few tokens after a cached prefix (speculative drafts to verify): one decode row per token,
             # each attending the prefix and the rows before it (their keys are cached first).
-            for position in range(computed, context_len):
-                decode_tables.append(table)
-                plan.decode_lens.append(position + 1)
-                plan.decode_new_slots.append(
-                    table[position // block_size] * block_size + position % block_size
-                )
+            if table_of_row is None:
+                table_of_row = list(range(len(decode_tables)))
+            table_of_row.extend([len(decode_tables)] * qlen)
+            decode_tables.append(table)
+            positions.extend(range(computed, context_len))
         else:
             slots = context_slots(table, context_len, block_size)
             plan.prefill_new_slots.append(slots[computed:])
             plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
             prefill_tables.append(table)
         query_start += qlen
-    if plan.decode_lens:
-        width = (max(plan.decode_lens) + block_size - 1) // block_size
-        plan.decode_tables = (rows or BlockTableRows()).fill(decode_tables, width)
+    if decode_tables:
+        plan.decode_lens = [position + 1 for position in positions]
+        width = max(positions) // block_size + 1
+        tables = rows.fill(decode_tables, width) if rows is not None else padded_tables(decode_tables, width)
+        if table_of_row is not None:
+            tables = tables[table_of_row]
+        at = np.asarray(positions, dtype=np.int64)  # [decode rows]
+        plan.decode_tables = tables  # [decode rows, width]
+        plan.decode_new_slots = tables[np.arange(len(at)), at // block_size] * block_size + at % block_size
     if prefill_tables:
         width = max(-(-span.context_len // block_size) for span in plan.prefills)
-        plan.prefill_tables = BlockTableRows().fill(prefill_tables, width)
+        plan.prefill_tables = padded_tables(prefill_tables, width)
     return plan
+
+
+def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
+    """``tables`` as one int64 array [len(tables), width], each padded with block 0 or cut."""
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    for row, table in enumerate(tables):
+        used = min(len(table), width)
+        out[row, :used] = table[:used]
+    return out
 
 
 def build_attention_metadata(
@@ -264,7 +313,7 @@ def host_metadata(plan: AttentionPlan) -> AttentionMetadata:
     if plan.num_decodes:
         tables = torch.from_numpy(plan.decode_tables).to(torch.int32)  # [num_decodes, width]
         lens = torch.tensor(plan.decode_lens, dtype=torch.int32)  # [num_decodes]
-    slots = torch.cat([torch.tensor(plan.decode_new_slots, dtype=torch.long), *plan.prefill_new_slots])
+    slots = torch.cat([torch.from_numpy(plan.decode_new_slots), *plan.prefill_new_slots])
     ints = [torch.as_tensor(np.asarray(part, dtype=np.int64)) for part in plan.prefill_ints()]
     paged = plan.paged_prefills(torch.cat(ints).to(torch.int32))
     return plan.metadata(slots, tables, lens, paged_prefills=paged)

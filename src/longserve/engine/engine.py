@@ -31,7 +31,7 @@ from longserve.engine.request import Request, build_request
 from longserve.engine.sampled_rows import SampledRows
 from longserve.engine.sampler import Sampler, needs_host_state
 from longserve.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
-from longserve.engine.sequence import FinishReason, GrammarRejected, Sequence
+from longserve.engine.sequence import FinishReason, GrammarRejected, Sequence, SequenceStatus
 from longserve.engine.spec_decode.speculator import build_speculator
 from longserve.engine.structured_output import GrammarCompiler, GrammarWaitlist
 from longserve.engine.tensor_parallel import start_ranks
@@ -320,32 +320,40 @@ class LLMEngine:
             self._guarded(
                 item.seq, outputs, self.sampler.record_prompt_logprobs, item.seq, logits, step.starts[index]
             )
-        if self.block_manager.enable_prefix_caching:
+        blocks = self.block_manager
+        if blocks.enable_prefix_caching:
+            size = blocks.block_size
             for item in step.scheduled:
-                if not item.seq.is_finished:
-                    self.block_manager.cache_computed(item.seq)
+                seq = item.seq  # (a block may have filled only if the computed tokens passed its end)
+                if seq.num_computed_tokens >= (len(seq.block_keys) + 1) * size and not seq.is_finished:
+                    blocks.cache_computed(seq)
         touched: dict[str, Request] = {}
         sampled = step.sampled.to_host() if step.sampled is not None else None
-        requests, append = self.requests, self._append_token
+        requests, finish, num_drafts = self.requests, self._finish, step.num_drafts
         for row, seq in enumerate(step.sampled_seqs):
             seq.num_pending_tokens -= 1
-            request = requests.get(seq.request_id)
-            if request is None or seq.is_finished:  # failed, aborted or ended meanwhile: the token is moot
+            if seq.status is SequenceStatus.FINISHED:  # failed, aborted or ended meanwhile: the token is moot
                 continue
+            request = requests[seq.request_id]  # (a request leaves only once all its sequences finished)
             if sampled.errors and row in sampled.errors:
                 # A matcher in its error state: the request's grammar cannot go on (not the engine's fault).
                 grammar_broke = seq.grammar is not None and seq.grammar.is_error()
                 outputs.append(self._fail(request, sampled.errors[row], client_error=grammar_broke))
                 continue
             token, logprob = sampled.token_ids[row], sampled.logprobs[row]
-            if step.num_drafts is not None and step.num_drafts[row]:
-                accepted, emit = sampled.accepted.get(row, []), self.speculator.emit
-                args = (seq, accepted, step.num_drafts[row], token, logprob, partial(append, seq))
-                done = self._guarded(seq, outputs, emit, *args, self.block_manager)
-            else:
-                done = self._guarded(seq, outputs, append, seq, token, logprob)
-            if done:
-                touched[request.request_id] = request
+            try:
+                if num_drafts is not None and num_drafts[row]:
+                    accepted = sampled.accepted.get(row, [])
+                    append = partial(self._append_token, seq)
+                    self.speculator.emit(seq, accepted, num_drafts[row], token, logprob, append, blocks)
+                else:
+                    reason = seq.append_token(token, logprob)
+                    if reason is not None:
+                        finish(seq, reason)
+            except Exception as exc:  # this request fails; the rest of the step goes on
+                self._row_failed(seq, outputs, exc)
+                continue
+            touched[seq.request_id] = request
         for request in touched.values():
             if request.request_id not in requests:
                 continue  # failed after an earlier row touched it
@@ -380,18 +388,21 @@ class LLMEngine:
         try:
             work(*args)
             return True
-        except GrammarRejected as exc:  # the grammar's own mask and parser disagree: it cannot go on
+        except Exception as exc:
+            self._row_failed(seq, outputs, exc)
+            return False
+
+    def _row_failed(self, seq: Sequence, outputs: list[RequestDelta], exc: Exception) -> None:
+        """Fail ``seq``'s request because processing its step output raised ``exc`` (logged); the others go on."""
+        if isinstance(exc, GrammarRejected):  # the grammar's own mask and parser disagree: it cannot go on
             log.warning("request %s: %s", seq.request_id, exc)
-            request = self.requests.get(seq.request_id)
-            if request is not None:
-                outputs.append(self._fail(request, str(exc), client_error=True))
-            return False
-        except Exception as exc:  # a bug in one request's post-processing must not end the others
-            log.exception("request %s failed while processing its step output", seq.request_id)
-            request = self.requests.get(seq.request_id)
-            if request is not None:
-                outputs.append(self._fail(request, f"{type(exc).__name__}: {exc}"))
-            return False
+            error, client_error = str(exc), True
+        else:  # a bug in one request's post-processing must not end the others
+            log.error("request %s failed while processing its step output", seq.request_id, exc_info=exc)
+            error, client_error = f"{type(exc).__name__}: {exc}", False
+        request = self.requests.get(seq.request_id)
+        if request is not None:
+            outputs.append(self._fail(request, error, client_error=client_error))
 
     def _fail(self, request: Request, error: str, client_error: bool = False) -> RequestDelta:
         """End ``request`` now with ``error`` (``client_error``: the request's own doing, e.g. its grammar):

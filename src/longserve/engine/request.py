@@ -36,29 +36,30 @@ class Request:
         """What the request gained since its last delta: new tokens (and logprobs) and new finishes only."""
         seqs = []
         all_finished = True
+        reported, reported_finish = self.reported_tokens, self.reported_finish
         for seq in self.seqs:
             i, output = seq.seq_index, seq.output_token_ids
-            start, finished = self.reported_tokens[i], seq.status is SequenceStatus.FINISHED
+            start, end, finished = reported[i], len(output), seq.status is _FINISHED
             all_finished &= finished
-            if start == len(output) and (not finished or self.reported_finish[i]):
+            if start == end and (not finished or reported_finish[i]):
                 continue
             logprobs = seq.output_logprobs[start:] if seq.params.logprobs is not None else None
             reason = seq.finish_reason.value if finished and seq.finish_reason else None
             seqs.append(SequenceDelta(i, output[start:], logprobs, reason, seq.stop_reason))
-            self.reported_tokens[i] = len(output)
-            self.reported_finish[i] = finished
+            reported[i] = end
+            reported_finish[i] = finished
         prompt_logprobs = None
         if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
             if self.seqs[0].num_computed_tokens >= len(self.prompt_token_ids) or all_finished:
                 prompt_logprobs = self.seqs[0].prompt_logprobs
                 self.prompt_logprobs_sent = True
+        # (positional: error, then prompt_logprobs and num_cached_tokens)
         return RequestDelta(
-            self.request_id,
-            seqs,
-            all_finished,
-            prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=self.seqs[0].num_cached_tokens,
+            self.request_id, seqs, all_finished, None, prompt_logprobs, self.seqs[0].num_cached_tokens
         )
+
+
+_FINISHED = SequenceStatus.FINISHED
 
 
 def build_request(limits: RequestLimits, request: EngineRequest) -> Request:

@@ -24,7 +24,6 @@ from longserve.engine.sampling_ops import (
     sample_rows,
     target_probs,
 )
-from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence
 from longserve.engine.spec_decode.rejection import accepted_runs, verify_rows
 from longserve.engine.structured_output import GrammarMasker
@@ -53,7 +52,7 @@ class Sampler:
         unless a row needs host state (a grammar's mask, penalties over its output)."""
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab], got {tuple(logits.shape)}")
-        if not any(_needs_processing(seq) for seq in seqs):
+        if all(seq.plain_greedy for seq in seqs) or not any(_needs_processing(seq) for seq in seqs):
             # The common decode step: plain greedy, nothing to mask or report.
             return SampledRows(greedy_argmax(logits))
         try:
@@ -145,7 +144,7 @@ class Sampler:
             out.token_ids[i] = host_tokens[run.token_row]
             if entries is not None and wants[run.token_row] is not None:
                 out.logprobs[i] = entries[run.token_row]
-            if _has_penalty(seqs[i].params):  # what the run emits counts from the next step on
+            if seqs[i].params.has_penalty:  # what the run emits counts from the next step on
                 self._penalties.add([seqs[i]], [[*run.accepted, out.token_ids[i]]])
             if run.accepted:
                 out.accepted[i] = [
@@ -230,7 +229,7 @@ class Sampler:
         applies); the rows whose grammar broke; and the penalised rows to count the chosen tokens for.
         ``drafted[i]``: the drafts verified before row i (its grammar's mask is the one after them)."""
         params = [seq.params for seq in seqs]
-        penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
+        penalised = [i for i, p in enumerate(params) if p.has_penalty]
         # (a verification's row j comes after j drafts: j more output tokens)
         masked = [
             i
@@ -349,10 +348,6 @@ def _put_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     x[slice(None) if len(rows) == x.shape[0] else torch.tensor(rows, device=x.device)] = values
 
 
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 def needs_host_state(seq: Sequence) -> bool:
     """Sampling this sequence reads its output tokens on the host (a grammar's matcher), so its step must be
     read back before the next one samples it. (Penalties count them on the device; min_tokens needs only
@@ -365,7 +360,7 @@ def _needs_processing(seq: Sequence) -> bool:
     return (
         not p.greedy
         or p.logprobs is not None
-        or _has_penalty(p)
+        or p.has_penalty
         or bool(p.logit_bias)
         or seq.num_output_tokens < p.min_tokens
         or seq.grammar is not None

@@ -138,6 +138,22 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def has_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax is all there is to sampling: greedy, nothing to mask, penalise or report."""
+        return (
+            self.greedy
+            and self.logprobs is None
+            and not self.has_penalty
+            and not self.logit_bias
+            and not self.min_tokens
+            and self.structured_output is None
+        )
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from longserve.lora.manager import LoRAManager
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
@@ -87,34 +87,50 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSequence] = []
+        # The step's order: decodes, then verifications of drafts (decode rows too), then prompt chunks, each
+        # group in arrival order (running first, then those joining).
+        decodes: list[ScheduledSequence] = []
+        verifications: list[ScheduledSequence] = []
+        chunks: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
 
         index = 0
         block_size = self.blocks.block_size
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
+        running = self.running
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            index += 1
             total = seq.num_tokens
             if seq.num_pending_tokens and total >= seq.max_total_tokens:
-                index += 1  # its last token is still on the device: it ends when the host reads it
+                continue  # its last token is still on the device: it ends when the host reads it
+            computed, drafts = seq.num_computed_tokens, len(seq.draft_token_ids)
+            uncomputed = total - computed
+            if (
+                uncomputed == 1
+                and not drafts
+                and budget
+                and computed
+                and computed < len(seq.block_table) * block_size
+            ):
+                decodes.append(ScheduledSequence(seq, 1))  # the common case: a decode in the blocks it holds
+                budget -= 1
                 continue
             # A decode may bring drafts to verify: they run as extra query tokens, as far as the budget goes.
-            uncomputed = total - seq.num_computed_tokens
-            count = min(uncomputed + len(seq.draft_token_ids), budget)
-            target = seq.num_computed_tokens + count
+            count = min(uncomputed + drafts, budget)
+            target = computed + count
             if count > uncomputed and not self.blocks.can_grow(seq, target):
                 count = min(uncomputed, budget)  # drafts never push another sequence out
-                target = seq.num_computed_tokens + count
-            if target > len(seq.block_table) * block_size:  # (most decodes fit the blocks they hold)
-                while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
-                    preempted.append(self._preempt(self.running.pop()))
+                target = computed + count
+            if target > len(seq.block_table) * block_size:
+                while not self.blocks.can_grow(seq, target) and running[-1] is not seq:
+                    preempted.append(self._preempt(running.pop()))
                 if not self.blocks.can_grow(seq, target):
-                    preempted.append(self._preempt(self.running.pop()))  # seq itself: nothing else to take
+                    preempted.append(self._preempt(running.pop()))  # seq itself: nothing else to take
                     break
                 self.blocks.grow(seq, target)
-            scheduled.append(ScheduledSequence(seq, count, max(0, count - uncomputed)))
+            item = ScheduledSequence(seq, count, max(0, count - uncomputed))
+            (decodes if item.is_decode else verifications if item.num_draft_tokens else chunks).append(item)
             budget -= count
-            index += 1
 
         # New or preempted work joins only when nobody was pushed out this step, so nothing thrashes. It starts
         # from its longest cached prefix (a preempted sequence recomputes only what was evicted meanwhile).
@@ -143,13 +159,10 @@ class Scheduler:
             self.blocks.grow(seq, cached + count)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, count))
+            item = ScheduledSequence(seq, count)
+            (decodes if item.is_decode else chunks).append(item)
             budget -= count
-
-        # Stable: decodes first, then verifications of drafts (decode rows too), then prompt chunks, each group
-        # in arrival order.
-        scheduled.sort(key=lambda s: 0 if s.is_decode else 1 if s.num_draft_tokens else 2)
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(decodes + verifications + chunks, preempted)
 
     def _waits_for_leader(self, seq: Sequence) -> bool:
         """Completions 1.. of an n > 1 request start once the first has cached the shared prompt blocks."""

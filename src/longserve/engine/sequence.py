@@ -75,8 +75,12 @@ class Sequence:
     # the device slot holding it (-1: none).
     lora_id: int = 0
     lora_slot: int = -1
+    # Sampling is the argmax and nothing else (``SamplingParams.plain_greedy``, fixed for the request): the
+    # sampler's common step checks only this.
+    plain_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.plain_greedy = self.params.plain_greedy
         if self.params.seed is not None:
             # Masked to 64 bits, as torch reads a negative seed: seed + index never overflows manual_seed.
             self.generator = torch.Generator().manual_seed((self.params.seed + self.seq_index) % 2**64)
