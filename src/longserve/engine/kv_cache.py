@@ -171,10 +171,10 @@ class BlockManager:
         full = (computed if computed < known else known) // self.block_size
         if len(seq.block_keys) >= full:
             return
-        tokens = seq.token_ids()
+        size = self.block_size
         for index in range(len(seq.block_keys), full):
             parent = hash(seq.block_keys[-1]) if seq.block_keys else self._root(seq)
-            key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
+            key = (parent, tuple(seq.token_slice(index * size, (index + 1) * size)))
             seq.block_keys.append(key)
             block = seq.block_table[index]
             if key not in self._block_of and block not in self._key_of:
