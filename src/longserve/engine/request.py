@@ -10,7 +10,7 @@ from longserve.engine.sampling_params import SamplingParams
 from longserve.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """The engine's state of one request; ``reported_*`` say how much of each sequence was handed out."""
 

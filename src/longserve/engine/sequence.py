@@ -29,7 +29,7 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"  # cancelled by the caller
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """One completion stream. ``num_computed_tokens`` counts tokens whose KV is in the cache.
 
