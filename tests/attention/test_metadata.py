@@ -3,7 +3,7 @@ table derived from them once per step, prefill spans with their context slots.""
 
 import torch
 
-from longserve.attention.metadata import build_attention_metadata, context_slots
+from longserve.attention.metadata import build_attention_metadata, context_slots, plan_attention
 
 BLOCK = 4
 
@@ -48,34 +48,44 @@ def test_a_few_tokens_after_a_cached_prefix_run_as_decode_rows():
     assert later.num_decodes == 0 and len(later.prefills) == 2
 
 
-def test_block_table_rows_follow_tables_that_grow_restart_and_leave():
-    from longserve.attention.metadata import BlockTableRows
-
-    rows = BlockTableRows()
-    a, b = [3, 4], list(range(10, 30))
-    assert rows.fill([a, b], 3).tolist() == [[3, 4, 0], [10, 11, 12]]
-    a.append(5)  # grown in place: only the new block is copied
-    b.extend(range(30, 60))  # past the copy's capacity
-    assert rows.fill([a, b], 50).tolist() == [[3, 4, 5] + [0] * 47, list(range(10, 60))]
-    a = [7]  # preempted and restarted: a new list with the same length as before or not
-    assert rows.fill([b, a], 2).tolist() == [[10, 11], [7, 0]]
-    assert rows.fill([], 1).shape == (0, 1) and not rows._rows  # those that stopped decoding are dropped
-
-
-def test_block_table_rows_equal_fresh_copies_as_sequences_come_grow_and_go():
+def test_decode_tables_gathered_from_the_block_managers_rows_equal_the_lists():
     import random
 
-    from longserve.attention.metadata import BlockTableRows, padded_tables
+    from longserve.engine.kv_cache import BlockManager
+    from longserve.engine.sampling_params import SamplingParams
+    from longserve.engine.sequence import Sequence
 
-    rng, rows, live = random.Random(0), BlockTableRows(), []
-    for _ in range(300):
-        live = [t for t in live if rng.random() > 0.1]  # some stop decoding (their rows are reused)
-        live += [[rng.randrange(1, 99)] for _ in range(rng.randrange(3))]  # some join
-        for table in live:
-            table.extend(rng.randrange(1, 99) for _ in range(rng.choice([0, 0, 0, 1, 40])))
+    rng, manager, live = random.Random(0), BlockManager(3000, BLOCK), []
+    for step in range(150):
+        for seq in [s for s in live if rng.random() < 0.1]:  # some finish (their rows are reused)
+            manager.free(seq)
+            live.remove(seq)
+        for _ in range(rng.randrange(3)):  # some join, with a cached prefix or none
+            seq = Sequence(f"r{step}", 0, [1] * 8, SamplingParams(), frozenset(), 10_000)
+            manager.start_from(seq, [])
+            manager.grow(seq, rng.randrange(1, 40))
+            live.append(seq)
+        for seq in live:  # they grow, and some lose blocks again (rejected drafts)
+            manager.grow(seq, len(seq.block_table) * BLOCK + rng.choice([0, 0, 1, 60]))
+            if rng.random() < 0.1:
+                manager.trim(seq, rng.randrange(1, len(seq.block_table) * BLOCK + 1))
+        manager.check_invariants(live)  # (each row equals its list, padded with the pad block)
         rng.shuffle(live)
-        width = rng.randrange(1, 60)
-        assert rows.fill(live, width).tolist() == padded_tables(live, width).tolist()
+        # Decodes, then 3-token verifications: each writes positions inside the blocks it holds.
+        query = [1 if i % 4 else 3 for i in range(len(live))]
+        order = sorted(range(len(live)), key=lambda i: query[i])
+        seqs = [live[i] for i in order]
+        lens = [query[i] for i in order]
+        computed = [
+            rng.randrange(1, len(s.block_table) * BLOCK - q + 1) for s, q in zip(seqs, lens, strict=True)
+        ]
+        tables = [s.block_table for s in seqs]
+        rows = [s.table_row for s in seqs]
+        gathered = plan_attention(tables, computed, lens, BLOCK, manager.tables.array, rows)
+        copied = plan_attention(tables, computed, lens, BLOCK)
+        assert gathered.decode_tables.tolist() == copied.decode_tables.tolist()
+        assert gathered.decode_new_slots.tolist() == copied.decode_new_slots.tolist()
+        assert gathered.decode_lens == copied.decode_lens
 
 
 def test_prefills_carry_block_tables_row_offsets_and_context_lengths():

@@ -173,70 +173,18 @@ class AttentionPlan:
         )
 
 
-class BlockTableRows:
-    """The decode block tables as rows of one numpy array kept from step to step: a table only ever grows in
-    place (a preempted or restarted sequence gets a new list), so each step copies just the blocks added
-    since, and the step's tables come out of the array in one gather (a 32K context holds 2,048 blocks)."""
-
-    def __init__(self) -> None:
-        self._array = np.zeros((0, 0), dtype=np.int64)  # [rows, capacity]; past a table's end: block 0
-        self._rows: dict[int, tuple[list[int], int, int]] = {}  # id -> (the list, its row, blocks copied)
-        self._spare: list[int] = []  # rows no table holds
-
-    def fill(self, tables: list[list[int]], width: int) -> np.ndarray:
-        """``tables`` (distinct lists) as one int64 array [len(tables), width], each padded with block 0 or cut."""
-        rows, kept, index, reused = self._rows, {}, [], 0
-        for table in tables:
-            key, n = id(table), len(table)
-            entry = rows.get(key)
-            if entry is not None and entry[0] is table:
-                reused += 1
-                if n == entry[2]:  # most steps: nothing new to copy
-                    kept[key] = entry
-                    index.append(entry[1])
-                    continue
-                row, synced = entry[1], entry[2]
-            else:
-                row, synced = self._take_row(), 0
-            if n > self._array.shape[1]:
-                self._widen(n)
-            self._array[row, synced:n] = table[synced:n]
-            kept[key] = (table, row, n)
-            index.append(row)
-        if reused != len(rows):  # tables of sequences that stopped decoding give their rows back
-            for key, (table, row, _) in rows.items():
-                if kept.get(key, (None,))[0] is not table:
-                    self._array[row] = 0
-                    self._spare.append(row)
-        self._rows = kept
-        if width > self._array.shape[1]:
-            self._widen(width)
-        return self._array[index, :width]
-
-    def _take_row(self) -> int:
-        if not self._spare:
-            old = self._array.shape[0]
-            grown = np.zeros((max(16, 2 * old), self._array.shape[1]), dtype=np.int64)
-            grown[:old] = self._array
-            self._array = grown
-            self._spare = list(range(grown.shape[0] - 1, old - 1, -1))
-        return self._spare.pop()
-
-    def _widen(self, columns: int) -> None:
-        grown = np.zeros((self._array.shape[0], max(columns, 2 * self._array.shape[1])), dtype=np.int64)
-        grown[:, : self._array.shape[1]] = self._array
-        self._array = grown
-
-
 def plan_attention(
     block_tables: list[list[int]],
     computed_lens: list[int],
     query_lens: list[int],
     block_size: int,
-    rows: BlockTableRows | None = None,
+    table_array: np.ndarray | None = None,
+    table_rows: list[int] | None = None,
 ) -> AttentionPlan:
-    """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached. ``rows``
-    keeps the decode tables' copies from step to step (the runner's); None: copied whole."""
+    """The layout of sequences ordered decodes-first; ``computed_lens`` counts tokens already cached.
+
+    ``table_array`` [rows, pages] holds the same tables as rows (the block manager's ``BlockTableArray``),
+    ``table_rows`` each sequence's row: the decode tables are then gathered from it, not copied from lists."""
     if not len(block_tables) == len(computed_lens) == len(query_lens):
         raise ValueError("one block table, computed length and query length per sequence")
     plan = AttentionPlan(
@@ -249,7 +197,8 @@ def plan_attention(
         if qlen != 1 or computed == 0:
             break
         num_plain += 1
-    decode_tables = block_tables[:num_plain]  # distinct lists, one per decoding sequence
+    decode_tables = block_tables[:num_plain]  # one per decoding sequence
+    verifying: list[int] = []  # the indices of those after the plain decodes
     positions = computed_lens[:num_plain]  # per decode row: the position of its new token
     table_of_row: list[int] | None = None  # per decode row, its table (None: row i is table i)
     prefill_tables: list[list[int]] = []
@@ -266,6 +215,7 @@ def plan_attention(
                 table_of_row = list(range(len(decode_tables)))
             table_of_row.extend([len(decode_tables)] * qlen)
             decode_tables.append(table)
+            verifying.append(index)
             positions.extend(range(computed, context_len))
         else:
             slots = context_slots(table, context_len, block_size)
@@ -276,7 +226,12 @@ def plan_attention(
     if decode_tables:
         plan.decode_lens = [position + 1 for position in positions]
         width = max(positions) // block_size + 1
-        tables = rows.fill(decode_tables, width) if rows is not None else padded_tables(decode_tables, width)
+        if table_array is not None:
+            rows = table_rows[:num_plain] + [table_rows[index] for index in verifying]
+            tables = table_array[rows, :width]
+            assert tables.shape[1] == width, "a decode's table is longer than the array holding it"
+        else:
+            tables = padded_tables(decode_tables, width)
         if table_of_row is not None:
             tables = tables[table_of_row]
         at = np.asarray(positions, dtype=np.int64)  # [decode rows]

@@ -120,6 +120,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, caches, config.block_size, self.device, graphs, max_context=self.max_model_len,
             ranks=self.ranks, lora_rows=self.lora.slots.rows if self.lora is not None else None,
+            block_tables=self.block_manager.tables,
         )  # fmt: skip
         self.runner.keep_hidden = self.speculator is not None and self.speculator.proposer.needs_hidden_states
         self.sampler = Sampler()

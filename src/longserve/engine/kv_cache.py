@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from longserve.engine.sequence import Sequence
 
 PAD_BLOCK = 0  # never handed out: padded gathers read it, so it stays zero
@@ -50,6 +52,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recent first
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of those, found cached
+        self.tables = BlockTableArray()  # every holder's table as an array row, for the runner's steps
 
     @property
     def num_usable_blocks(self) -> int:
@@ -81,20 +84,23 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
+        first = len(seq.block_table)
         for _ in range(needed):
             block = self._free.pop() if self._free else self._evict()
             self._refs[block] = 1
             seq.block_table.append(block)
+        if needed:
+            self.tables.write(seq, first)
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
-        """Release the blocks past the first ``num_tokens`` positions (rejected drafts' KV). The table becomes
-        a new list (``BlockTableRows`` copies tables that only grow in place)."""
+        """Release the blocks past the first ``num_tokens`` positions (rejected drafts' KV)."""
         keep = -(-num_tokens // self.block_size)
         if keep >= len(seq.block_table):
             return
         for block in reversed(seq.block_table[keep:]):
             self._release(block)
-        seq.block_table = seq.block_table[:keep]
+        del seq.block_table[keep:]
+        self.tables.cut(seq, keep)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finished, aborted or preempted); cached ones stay cached.
@@ -106,6 +112,7 @@ class BlockManager:
             self._release(block)
         seq.block_table = []
         seq.block_keys = []
+        self.tables.release(seq)
 
     def _release(self, block: int) -> None:
         self._refs[block] -= 1
@@ -154,6 +161,7 @@ class BlockManager:
                 del self._evictable[block]
             self._refs[block] += 1
         seq.block_table = list(hits)
+        self.tables.write(seq, 0)
         seq.block_keys = [self._key_of[block] for block in hits]
         seq.num_computed_tokens = len(hits) * self.block_size
         if self.enable_prefix_caching:
@@ -205,6 +213,11 @@ class BlockManager:
         for seq in holders:
             for block in seq.block_table:
                 counts[block] += 1
+            row = self.tables.array[seq.table_row] if seq.table_row >= 0 else np.zeros(0, dtype=np.int64)
+            assert (
+                row[: len(seq.block_table)].tolist() == seq.block_table
+                and not row[len(seq.block_table) :].any()
+            )
         assert counts == self._refs, "reference counts differ from the sequences' block tables"
         free, evictable = set(self._free), set(self._evictable)
         assert len(free) == len(self._free) and not free & evictable, "a block is free twice"
@@ -215,3 +228,41 @@ class BlockManager:
             )
             assert (block in evictable) <= (block in self._key_of), "an evictable block is not cached"
         assert all(self._block_of[key] == block for block, key in self._key_of.items())
+
+
+class BlockTableArray:
+    """Every sequence's block table also kept as a row of one int64 array, written only when its blocks
+    change: a step's [sequences, pages] table for the paged kernels is then one gather of rows (vLLM's
+    persistent block table), not rebuilt from lists. Past a table's end a row holds the pad block."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros((16, 16), dtype=np.int64)  # [rows, pages]
+        self._spare = list(range(15, -1, -1))  # rows no sequence holds (all pad)
+
+    def write(self, seq: Sequence, first: int) -> None:
+        """Copy ``seq.block_table[first:]`` into its row, giving it a row if it has none."""
+        table = seq.block_table
+        if seq.table_row < 0:
+            seq.table_row = self._take_row()
+        if len(table) > self.array.shape[1]:
+            grown = np.zeros((self.array.shape[0], max(len(table), 2 * self.array.shape[1])), np.int64)
+            grown[:, : self.array.shape[1]] = self.array
+            self.array = grown
+        self.array[seq.table_row, first : len(table)] = table[first:]
+
+    def cut(self, seq: Sequence, keep: int) -> None:
+        """The table was cut to its first ``keep`` blocks."""
+        self.array[seq.table_row, keep:] = PAD_BLOCK
+
+    def release(self, seq: Sequence) -> None:
+        if seq.table_row >= 0:
+            self.array[seq.table_row] = PAD_BLOCK
+            self._spare.append(seq.table_row)
+            seq.table_row = -1
+
+    def _take_row(self) -> int:
+        if not self._spare:
+            old = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self._spare = list(range(2 * old - 1, old - 1, -1))
+        return self._spare.pop()

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from longserve.attention.metadata import AttentionMetadata, BlockTableRows, plan_attention
+from longserve.attention.metadata import AttentionMetadata, plan_attention
 from longserve.attention.paged_cache import LayerKVCache
 from longserve.engine.cuda_graphs import DecodeGraphs
+from longserve.engine.kv_cache import BlockTableArray
 from longserve.engine.scheduler import ScheduledSequence
 from longserve.engine.uploads import StepUploader
 from longserve.lora.slots import LoRARows
@@ -35,6 +36,9 @@ class StepDescription:
     fed_rows: list[int] = field(default_factory=list)
     fed_from: list[int] = field(default_factory=list)
     lora_slots: list[int] | None = None  # per sequence: its LoRA adapter's slot (-1: none); None: no LoRA
+    # Per sequence: its table's row in the leading rank's BlockTableArray (None: none; other ranks read the
+    # tables themselves)
+    table_rows: list[int] | None = None
 
 
 @dataclass
@@ -71,7 +75,9 @@ class ModelRunner:
         max_context: int | None = None,  # the engine's longest context (sizes the decode kernel's splits)
         ranks=None,  # EngineRanks (tensor_parallel.py): rank 0 sends each step to the others; None: one device
         lora_rows: LoRARows | None = None,  # where each step says which rows run which adapter (lora/)
+        block_tables: BlockTableArray | None = None,  # the scheduler's sequences' tables as array rows
     ) -> None:
+        self.block_tables = block_tables
         self.lora_rows = lora_rows
         self.max_context = max_context
         self.graphs = graphs
@@ -81,7 +87,6 @@ class ModelRunner:
         self.device = torch.device(device)
         self.ranks = ranks
         self.uploader = StepUploader(self.device)
-        self.block_rows = BlockTableRows()
         self.keep_hidden = False  # RunnerOutput.hidden: every row's final hidden state (MTP drafts)
 
     def describe(
@@ -128,17 +133,19 @@ class ModelRunner:
                 last = min(end, seq.num_prompt_tokens - 1)
                 prompt_rows[index] = range(first_row, first_row + last - start)
         logit_rows = sample_rows + [row for rows in prompt_rows.values() for row in rows]
+        single = len(ids) == len(scheduled)  # one token each: each position is its sequence's computed count
         description = StepDescription(
             ids,
             positions,
             logit_rows,
             [s.seq.block_table for s in scheduled],
-            [s.seq.num_computed_tokens for s in scheduled],
-            [s.num_new_tokens for s in scheduled],
+            positions if single else [s.seq.num_computed_tokens for s in scheduled],
+            [1] * len(scheduled) if single else [s.num_new_tokens for s in scheduled],
             may_replay=not prompt_rows,
             fed_rows=fed_rows,
             fed_from=fed_from,
             lora_slots=[s.seq.lora_slot for s in scheduled] if self.lora_rows is not None else None,
+            table_rows=[s.seq.table_row for s in scheduled] if self.block_tables is not None else None,
         )
         return description, sample_index, prompt_rows
 
@@ -148,8 +155,10 @@ class ModelRunner:
         on the device, that ``step.fed_rows`` take as their input."""
         if step.fed_rows and fed_tokens is None:
             raise ValueError("the step feeds tokens from the previous step, but none were given")
+        rows = step.table_rows if self.block_tables is not None else None
+        array = self.block_tables.array if rows is not None else None
         plan = plan_attention(
-            step.block_tables, step.num_computed, step.num_new, self.block_size, self.block_rows
+            step.block_tables, step.num_computed, step.num_new, self.block_size, array, rows
         )
         logit_rows = step.logit_rows or []
         flat_tables = plan.decode_tables.reshape(-1) if plan.num_decodes else []

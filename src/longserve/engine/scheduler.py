@@ -105,13 +105,7 @@ class Scheduler:
                 continue  # its last token is still on the device: it ends when the host reads it
             computed, drafts = seq.num_computed_tokens, len(seq.draft_token_ids)
             uncomputed = total - computed
-            if (
-                uncomputed == 1
-                and not drafts
-                and budget
-                and computed
-                and computed < len(seq.block_table) * block_size
-            ):
+            if uncomputed == 1 and not drafts and computed and computed < len(seq.block_table) * block_size:
                 decodes.append(ScheduledSequence(seq, 1))  # the common case: a decode in the blocks it holds
                 budget -= 1
                 continue

@@ -47,6 +47,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1  # the block table's row in its block manager's array (``BlockTableArray``); -1: none
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None  # the stop token id that ended it (stop strings: the reader matches them)
@@ -151,6 +152,6 @@ class Sequence:
             return FinishReason.STOP
         if grammar_done:
             return FinishReason.STOP
-        if self.num_known_tokens >= self.max_total_tokens:
+        if len(self.prompt_token_ids) + len(self.output_token_ids) >= self.max_total_tokens:  # (known tokens)
             return FinishReason.LENGTH
         return None

@@ -46,8 +46,9 @@ class DraftModelProposer(DraftProposer):
         # Its k decode passes a step are plain decodes: on CUDA they replay captured graphs as the target's do.
         graphs = build_graphs(config, loaded, caches, device, TensorParallel(), max_model_len)
         self.runner = ModelRunner(
-            loaded.model, caches, config.block_size, device, graphs=graphs, max_context=max_model_len
-        )
+            loaded.model, caches, config.block_size, device, graphs=graphs, max_context=max_model_len,
+            block_tables=self.blocks.tables,
+        )  # fmt: skip
         self._shadows: dict[Sequence, Sequence] = {}
 
     def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[list[int]]:

@@ -75,8 +75,9 @@ class MTPProposer(DraftProposer):
         self.blocks = BlockManager(num_blocks, target.block_size, enable_prefix_caching=False)
         # Only its step preparation is used (inputs and attention metadata); the MTP layer runs here.
         self.runner = ModelRunner(
-            self.model, [self.cache], target.block_size, device, max_context=max_model_len
-        )
+            self.model, [self.cache], target.block_size, device, max_context=max_model_len,
+            block_tables=self.blocks.tables,
+        )  # fmt: skip
         self._states: dict[Sequence, _MTPState] = {}
 
     def observe(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor) -> None:
