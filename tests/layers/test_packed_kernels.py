@@ -1,7 +1,7 @@
 """The integer dot-product kernel over GGUF blocks in tiles (``layers/packed_blocks``, ``csrc/ggml_packed.cpp``)
 equals a float64 reference of the same quantized arithmetic, on every instruction-set path built on this machine
 (AVX-512 VNNI where this CPU has it, AVX2, scalar), for every block format (Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q6_K),
-1 to 13 rows and shapes that leave a partial tile; each row's result is the same alone or in a batch, with one
+1 to 15 rows and shapes that leave a partial tile; each row's result is the same alone or in a batch, with one
 thread or many; the tiles hold the file's values exactly."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from longserve.layers.packed_blocks import pack
 from longserve.loading.gguf_blocks import Q4Blocks, read_blocks
 
 Q = gguf.GGMLQuantizationType
-SHAPES = ((1, 37, 96), (3, 8, 64), (4, 50, 160), (5, 16, 256), (13, 5, 32))  # rows, out, in
+SHAPES = ((1, 37, 96), (3, 8, 64), (4, 50, 160), (5, 16, 256), (6, 21, 64), (15, 5, 32))  # rows, out, in
 
 
 def _blocks(out: int, inp: int, qtype, seed: int):

@@ -10,9 +10,9 @@
 //
 // The tile layout puts 16 columns' 4 consecutive weights side by side, so one instruction multiplies a
 // broadcast quad of x against 16 columns: AVX-512 VNNI's vpdpbusd does 64 multiply-adds per row at once (with
-// int16 activations vpdpwssd does 32, the weight quads spread to pairs in registers), the
-// weights are unpacked once per tile and reused by up to kMaxRows rows, and every row's sum runs in the same
-// order whatever else is in the step (results are batch-invariant and do not depend on thread counts).
+// int16 activations vpdpwssd does 32, the weight quads spread to pairs in registers), the weights are unpacked
+// once per tile and reused by up to kMaxRows rows (8 with AVX-512), and every row's sum runs in the same order
+// whatever else is in the step (results are batch-invariant and do not depend on thread counts).
 // Layout per (tile, block): 8 quads (weights 4j..4j+3 of the block) x 16 columns x 4 bytes. Q8 codes are
 // stored as unsigned w + 128 (vpdpbusd takes unsigned bytes; the row's code sum takes the 128 back off);
 // q4 packs quads j and j + 4 into one byte's low and high nibbles (256 bytes a block); q5 (Q5_0) is q4's
@@ -37,7 +37,13 @@ constexpr int kGroup = 32;
 constexpr int kHalf = 16;
 constexpr int kTile = 16;
 constexpr int kQuads = kGroup / 4;
-constexpr int kMaxRows = 4;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 32 registers hold 8 rows' sums and dot products beside a block's unpacked weights (one weight scale per
+// block; Q6_K's two take 4 rows a pass). A verification step's 5-8 rows then read the weights once.
+constexpr int kMaxRows = 8;
+#else
+constexpr int kMaxRows = 4;  // 16 registers
+#endif
 constexpr int64_t kNibbleBytes = kQuads * kTile * 2;  // q4 and q5: quads j and j + 4 in one byte's nibbles
 
 // Tile formats, told apart by their bytes per (tile, block): q4 (Q4_0, Q4_1, Q4_K) codes 0-15 with a minimum;
@@ -285,6 +291,8 @@ void tile_rows(const uint8_t* w, const float* d, const float* m, const Quantized
 #endif
 }
 
+constexpr int rows_per_pass(int64_t sub) { return sub == 1 ? kMaxRows : 4; }
+
 template <typename Code, Format kFormat, int kSub>
 void tile(const uint8_t* w, const float* d, const float* m, const QuantizedRows<Code>& q, int64_t r0, int rows,
           int64_t in, int64_t groups, float* out) {
@@ -292,8 +300,17 @@ void tile(const uint8_t* w, const float* d, const float* m, const QuantizedRows<
     case 1: return tile_rows<Code, kFormat, kSub, 1>(w, d, m, q, r0, in, groups, out);
     case 2: return tile_rows<Code, kFormat, kSub, 2>(w, d, m, q, r0, in, groups, out);
     case 3: return tile_rows<Code, kFormat, kSub, 3>(w, d, m, q, r0, in, groups, out);
-    default: return tile_rows<Code, kFormat, kSub, kMaxRows>(w, d, m, q, r0, in, groups, out);
+    case 4: return tile_rows<Code, kFormat, kSub, 4>(w, d, m, q, r0, in, groups, out);
   }
+  if constexpr (kMaxRows == 8 && kSub == 1) {
+    switch (rows) {
+      case 5: return tile_rows<Code, kFormat, kSub, 5>(w, d, m, q, r0, in, groups, out);
+      case 6: return tile_rows<Code, kFormat, kSub, 6>(w, d, m, q, r0, in, groups, out);
+      case 7: return tile_rows<Code, kFormat, kSub, 7>(w, d, m, q, r0, in, groups, out);
+      case 8: return tile_rows<Code, kFormat, kSub, 8>(w, d, m, q, r0, in, groups, out);
+    }
+  }
+  TORCH_CHECK(false, "a tile pass takes 1 to ", rows_per_pass(kSub), " rows, not ", rows);
 }
 
 template <typename Code>
@@ -309,8 +326,8 @@ void run_tiles(const float* x, int64_t rows, int64_t in, const uint8_t* cp, int6
       const uint8_t* w = cp + t * tile_bytes;
       const float* d = dp + t * tile_scales;
       const float* m = mp != nullptr ? mp + t * groups * kTile : nullptr;
-      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-        const int n = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
+      for (int64_t r0 = 0; r0 < rows; r0 += rows_per_pass(sub)) {
+        const int n = static_cast<int>(std::min<int64_t>(rows_per_pass(sub), rows - r0));
         if (m != nullptr) tile<Code, Format::kQ4, 1>(w, d, m, q, r0, n, in, groups, buffer);
         else if (block_bytes == 320) tile<Code, Format::kQ5, 1>(w, d, m, q, r0, n, in, groups, buffer);
         else if (sub == 1) tile<Code, Format::kQ8, 1>(w, d, m, q, r0, n, in, groups, buffer);
