@@ -229,7 +229,7 @@ def plan_attention(
         if table_array is not None:
             rows = table_rows[:num_plain] + [table_rows[index] for index in verifying]
             tables = table_array[rows, :width]
-            assert tables.shape[1] == width, "a decode's table is longer than the array holding it"
+            assert tables.shape[1] == width, "the table array is narrower than a decode's context"
         else:
             tables = padded_tables(decode_tables, width)
         if table_of_row is not None:
