@@ -123,12 +123,12 @@ class AttentionPlan:
     """The step's layout in plain ints (no tensors yet): the CUDA runner uploads these lists in one copy."""
 
     decode_new_slots: np.ndarray  # int64 [num_decodes]: the slot each decode row writes
-    decode_tables: np.ndarray  # int64 [num_decodes, width], padded with block 0
+    decode_tables: np.ndarray  # int32 [num_decodes, width], padded with block 0
     decode_lens: list[int]  # [num_decodes] context lengths, the new token included
     prefill_new_slots: list[torch.Tensor]  # per prefill: [query_len] slots written
     prefills: list[PrefillSpan]
     block_size: int
-    prefill_tables: np.ndarray | None = None  # int64 [num_prefills, width], padded with block 0
+    prefill_tables: np.ndarray | None = None  # int32 [num_prefills, width], padded with block 0
 
     def prefill_ints(self) -> list[np.ndarray | list[int]]:
         """The prefills' block tables (flat), row offsets and context lengths, for ``PagedPrefills``."""
@@ -188,7 +188,7 @@ def plan_attention(
     if not len(block_tables) == len(computed_lens) == len(query_lens):
         raise ValueError("one block table, computed length and query length per sequence")
     plan = AttentionPlan(
-        np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64), [], [], [], block_size
+        np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int32), [], [], [], block_size
     )
     # The leading plain decodes (one new token after a cached prefix) take no per-sequence work beyond this
     # scan: their tables, lengths and slots are computed over arrays below.
@@ -236,7 +236,8 @@ def plan_attention(
             tables = tables[table_of_row]
         at = np.asarray(positions, dtype=np.int64)  # [decode rows]
         plan.decode_tables = tables  # [decode rows, width]
-        plan.decode_new_slots = tables[np.arange(len(at)), at // block_size] * block_size + at % block_size
+        blocks = tables[np.arange(len(at)), at // block_size].astype(np.int64)  # [decode rows]
+        plan.decode_new_slots = blocks * block_size + at % block_size
     if prefill_tables:
         width = max(-(-span.context_len // block_size) for span in plan.prefills)
         plan.prefill_tables = padded_tables(prefill_tables, width)
@@ -244,8 +245,8 @@ def plan_attention(
 
 
 def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
-    """``tables`` as one int64 array [len(tables), width], each padded with block 0 or cut."""
-    out = np.zeros((len(tables), width), dtype=np.int64)
+    """``tables`` as one int32 array [len(tables), width], each padded with block 0 or cut."""
+    out = np.zeros((len(tables), width), dtype=np.int32)
     for row, table in enumerate(tables):
         used = min(len(table), width)
         out[row, :used] = table[:used]

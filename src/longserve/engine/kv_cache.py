@@ -213,7 +213,7 @@ class BlockManager:
         for seq in holders:
             for block in seq.block_table:
                 counts[block] += 1
-            row = self.tables.array[seq.table_row] if seq.table_row >= 0 else np.zeros(0, dtype=np.int64)
+            row = self.tables.array[seq.table_row] if seq.table_row >= 0 else np.zeros(0, dtype=np.int32)
             assert (
                 row[: len(seq.block_table)].tolist() == seq.block_table
                 and not row[len(seq.block_table) :].any()
@@ -231,12 +231,12 @@ class BlockManager:
 
 
 class BlockTableArray:
-    """Every sequence's block table also kept as a row of one int64 array, written only when its blocks
+    """Every sequence's block table also kept as a row of one int32 array, written only when its blocks
     change: a step's [sequences, pages] table for the paged kernels is then one gather of rows (vLLM's
     persistent block table), not rebuilt from lists. Past a table's end a row holds the pad block."""
 
     def __init__(self) -> None:
-        self.array = np.zeros((16, 16), dtype=np.int64)  # [rows, pages]
+        self.array = np.zeros((16, 16), dtype=np.int32)  # [rows, pages], as the paged kernels read tables
         self._spare = list(range(15, -1, -1))  # rows no sequence holds (all pad)
 
     def write(self, seq: Sequence, first: int) -> None:
@@ -245,7 +245,7 @@ class BlockTableArray:
         if seq.table_row < 0:
             seq.table_row = self._take_row()
         if len(table) > self.array.shape[1]:
-            grown = np.zeros((self.array.shape[0], max(len(table), 2 * self.array.shape[1])), np.int64)
+            grown = np.zeros((self.array.shape[0], max(len(table), 2 * self.array.shape[1])), np.int32)
             grown[:, : self.array.shape[1]] = self.array
             self.array = grown
         self.array[seq.table_row, first : len(table)] = table[first:]

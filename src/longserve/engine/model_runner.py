@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -161,7 +162,10 @@ class ModelRunner:
             step.block_tables, step.num_computed, step.num_new, self.block_size, array, rows
         )
         logit_rows = step.logit_rows or []
-        flat_tables = plan.decode_tables.reshape(-1) if plan.num_decodes else []
+        # The decode tables are int32 already: they ride as int64 pairs (no cast, half the bytes).
+        flat_tables = plan.decode_tables.reshape(-1)
+        if len(flat_tables) % 2:
+            flat_tables = np.append(flat_tables, np.int32(0))
         uploaded = self.uploader.upload(
             [
                 [step.ids],
@@ -169,21 +173,22 @@ class ModelRunner:
                 [step.fed_rows, step.fed_from],
                 [logit_rows],
                 [plan.decode_new_slots, *plan.prefill_new_slots],
-                [flat_tables, plan.decode_lens, *plan.prefill_ints()],
+                [flat_tables.view(np.int64)],
+                [plan.decode_lens, *plan.prefill_ints()],
                 *([span.context_slots] for span in plan.prefills if span.context_slots is not None),
             ]
         )
-        input_ids, positions_t, fed, rows, slots, tables_and_lens, *context = uploaded
+        input_ids, positions_t, fed, rows, slots, table_pairs, lens_and_prefills, *context = uploaded
         if step.fed_rows:
             count = len(step.fed_rows)
             input_ids.index_copy_(0, fed[:count], fed_tokens.index_select(0, fed[count:]))
         tables = lens = None
-        small = tables_and_lens.to(torch.int32)  # one cast for every int32 tensor
-        decode_ints = len(flat_tables) + plan.num_decodes
+        small = lens_and_prefills.to(torch.int32)  # one cast for the other int32 tensors
         if plan.num_decodes:
-            tables = small[: len(flat_tables)].view(plan.num_decodes, -1)  # [num_decodes, width]
-            lens = small[len(flat_tables) : decode_ints]  # [num_decodes]
-        paged = plan.paged_prefills(small[decode_ints:])
+            num, width = plan.decode_tables.shape
+            tables = table_pairs.view(torch.int32)[: num * width].view(num, width)  # [num_decodes, width]
+            lens = small[:num]  # [num_decodes]
+        paged = plan.paged_prefills(small[plan.num_decodes :])
         contexts = iter(context)
         prefills = [
             span if span.context_slots is None else replace(span, context_slots=next(contexts))
