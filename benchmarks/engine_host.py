@@ -4,7 +4,10 @@ On a GPU this is what must stay under the device's step time for overlapped step
 target: 3 µs per sequence at batch 256). Runs on the CPU, on a tiny Llama checkpoint it writes itself; prints
 a table and writes benchmarks/results/engine_host.json.
 
-    python benchmarks/engine_host.py [--batches 64,256] [--contexts 128,4096] [--repeats 3]
+With ``--sampling greedy,sampled`` it also times sampled requests (temperature 0.8, top-p 0.95). The logits
+stay one column wide, so the sampling ops cost about what issuing them costs, not their arithmetic.
+
+    python benchmarks/engine_host.py [--batches 64,256] [--contexts 128,4096] [--repeats 3] [--sampling ...]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))  # tiny_models: the checkpoint writer shared with the tests
 
 
-def host_us_per_sequence(path: str, batch: int, context: int, overlapped: bool, steps: int) -> float:
+def host_us_per_sequence(
+    path: str, batch: int, context: int, overlapped: bool, steps: int, sampled: bool = False
+) -> float:
     from longserve import LLM, SamplingParams
     from longserve.engine.model_runner import RunnerOutput
     from longserve.engine.protocol import EngineRequest
@@ -50,7 +55,8 @@ def host_us_per_sequence(path: str, batch: int, context: int, overlapped: bool, 
     # collector's view, so a full collection scans only the requests' state.
     gc.collect()
     gc.freeze()
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    sampling = dict(temperature=0.8, top_p=0.95) if sampled else dict(temperature=0)
+    params = SamplingParams(**sampling, max_tokens=new_tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(
@@ -76,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="128,4096")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sampling", default="greedy", help="greedy and/or sampled (temperature 0.8, top-p 0.95)"
+    )
     args = parser.parse_args(argv)
     import tiny_models
 
@@ -87,22 +96,24 @@ def main(argv: list[str] | None = None) -> int:
         path = tiny_models.write_tiny_model("llama", directory)
         config = Path(path) / "config.json"  # long contexts: more positions (the numbers do not matter here)
         config.write_text(json.dumps(dict(json.loads(config.read_text()), max_position_embeddings=65536)))
-        for overlapped in (True, False):
-            for batch in batches:
-                for context in contexts:
-                    runs = [host_us_per_sequence(path, batch, context, overlapped, args.steps)
-                            for _ in range(args.repeats)]  # fmt: skip
-                    rows.append(dict(overlapped=overlapped, batch=batch, context=context, runs_us=runs,
-                                     median_us=statistics.median(runs)))  # fmt: skip
+        for sampling in args.sampling.split(","):
+            for overlapped in (True, False):
+                for batch in batches:
+                    for context in contexts:
+                        runs = [host_us_per_sequence(path, batch, context, overlapped, args.steps,
+                                                     sampled=sampling == "sampled")
+                                for _ in range(args.repeats)]  # fmt: skip
+                        rows.append(dict(sampling=sampling, overlapped=overlapped, batch=batch, context=context,
+                                         runs_us=runs, median_us=statistics.median(runs)))  # fmt: skip
     cpu = platform.processor() or platform.machine()
     print(
         f"host µs per sequence per step (mean of {args.steps} steps; [min-max] of {args.repeats} runs); {cpu}"
     )
-    print(f"{'steps':<12}{'batch':>7}{'context':>9}{'µs/seq':>10}   runs")
+    print(f"{'sampling':<10}{'steps':<12}{'batch':>7}{'context':>9}{'µs/seq':>10}   runs")
     for row in rows:
         runs = row["runs_us"]
-        print(f"{'overlapped' if row['overlapped'] else 'sync':<12}{row['batch']:>7}{row['context']:>9}"
-              f"{row['median_us']:>10.2f}   [{min(runs):.2f}-{max(runs):.2f}]")  # fmt: skip
+        print(f"{row['sampling']:<10}{'overlapped' if row['overlapped'] else 'sync':<12}{row['batch']:>7}"
+              f"{row['context']:>9}{row['median_us']:>10.2f}   [{min(runs):.2f}-{max(runs):.2f}]")  # fmt: skip
     out = ROOT / "results" / "engine_host.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "steps": args.steps, "rows": rows}, indent=2))
