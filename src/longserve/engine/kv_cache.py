@@ -217,7 +217,7 @@ class BlockManager:
             assert (
                 row[: len(seq.block_table)].tolist() == seq.block_table
                 and not row[len(seq.block_table) :].any()
-            )
+            ), "a block table's array row differs from its list"
         assert counts == self._refs, "reference counts differ from the sequences' block tables"
         free, evictable = set(self._free), set(self._evictable)
         assert len(free) == len(self._free) and not free & evictable, "a block is free twice"
