@@ -4,6 +4,7 @@ wrong acceptance rule fails it), through ``verify_rows`` and through the sampler
 
 import pytest
 import torch
+from chi_square import p_value
 
 from longserve.engine.sampler import Sampler
 from longserve.engine.sampling_params import SamplingParams
@@ -11,16 +12,6 @@ from longserve.engine.sequence import Sequence
 from longserve.engine.spec_decode.rejection import accepted_runs, verify_rows
 
 SAMPLES = 40_000
-
-
-def _p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit of ``counts`` to ``probs`` over the tokens of positive probability."""
-    assert counts[probs == 0].sum() == 0, "a token of probability zero was emitted"
-    keep = probs > 0
-    expected = probs[keep].double() * counts.sum()
-    stat = ((counts[keep].double() - expected) ** 2 / expected).sum()
-    dof = torch.tensor(keep.sum().item() - 1, dtype=torch.float64)
-    return torch.special.gammaincc(dof / 2, stat / 2).item()
 
 
 def _emitted_first(probs: torch.Tensor, draft: int, rule: str = "exact") -> torch.Tensor:
@@ -42,11 +33,11 @@ def test_point_mass_drafts_keep_the_target_distribution(draft):
     torch.manual_seed(0)
     probs = torch.tensor([0.35, 0.05, 0.25, 0.1, 0.15, 0.0, 0.07, 0.03])
     counts = torch.bincount(_emitted_first(probs, draft), minlength=8)
-    assert _p_value(counts, probs) > 1e-3
+    assert p_value(counts, probs) > 1e-3
     if draft != 5:  # the check is strong enough to catch a wrong rule
         for rule in ("accept_always", "no_residual"):
             wrong = torch.bincount(_emitted_first(probs, draft, rule), minlength=8)
-            assert wrong[5] == 0 and _p_value(wrong, probs) < 1e-6, rule
+            assert wrong[5] == 0 and p_value(wrong, probs) < 1e-6, rule
 
 
 def test_a_draft_with_all_the_mass_is_always_accepted():
@@ -94,7 +85,7 @@ def test_the_sampler_keeps_filtered_distributions_over_a_run_of_drafts():
         nucleus = torch.zeros(vocab, dtype=torch.bool)
         nucleus[order[: int((cum - within[order] < 0.9 - 1e-6).sum())]] = True
         target = logits.masked_fill(~(kept & nucleus), float("-inf")).softmax(-1)
-        assert _p_value(torch.bincount(emitted, minlength=vocab), target) > 1e-3, row
+        assert p_value(torch.bincount(emitted, minlength=vocab), target) > 1e-3, row
 
 
 def test_greedy_rows_accept_only_the_argmax_and_seeds_reproduce():

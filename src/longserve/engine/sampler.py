@@ -203,11 +203,7 @@ class Sampler:
         if all(p.greedy for p in params):
             token_ids = greedy_argmax(logits)  # [num_seqs]
         else:
-            row_params = self._row_params(seqs, logits.shape[1], logits.device)
-            token_ids, invalid = sample_rows(logits, row_params)
-            if any(p.greedy for p in params):
-                token_ids = torch.where(row_params.greedy, greedy_argmax(logits), token_ids)
-                invalid &= ~row_params.greedy
+            token_ids, invalid = sample_rows(logits, self._row_params(seqs, logits.shape[1], logits.device))
 
         if penalty_rows is not None:  # the chosen tokens count from the next step on, on the device
             rows, slots = penalty_rows
@@ -287,9 +283,11 @@ class Sampler:
             else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
             for seq, g in zip(seqs, greedy, strict=True)
         ]
+        # On a GPU the other rows' noise comes from one seed a step, drawn from torch's default generator.
+        step_seed = [int(torch.randint(1 << 62, ()))] if device.type == "cuda" else []
         parts = self._uploader(device).upload(
             [[float_bits(temperature)], [top_k], [float_bits(top_p)], [float_bits(min_p)],
-             [float_bits(uniform)], [greedy]]
+             [float_bits(uniform)], [greedy], [step_seed]]
         )  # fmt: skip
         return RowParams(
             temperature=as_floats(parts[0]),
@@ -302,6 +300,8 @@ class Sampler:
             host_top_p=top_p,
             any_min_p=any(m > 0.0 for m in min_p),
             any_seeded=any(not math.isnan(u) for u in uniform),
+            any_greedy=any(greedy),
+            step_seed=parts[6] if step_seed else None,
         )
 
     def release(self, seq: Sequence) -> None:

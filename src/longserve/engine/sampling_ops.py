@@ -36,6 +36,8 @@ class RowParams:
     host_top_p: list[float]
     any_min_p: bool
     any_seeded: bool
+    any_greedy: bool = False
+    step_seed: torch.Tensor | None = None  # [1] int64 on a GPU: the noise of the rows that bring no uniform
 
 
 def apply_top_k_top_p(
@@ -127,11 +129,24 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of penalised ``logits`` ``[m, vocab]``: ``[m]`` tokens, and ``[m]`` bool rows
-    whose probabilities are no distribution (NaN, or nothing left). Those draw from uniform instead, so the
-    batch's other rows still get theirs and every token is a valid id; the caller fails them."""
+    """Sample one token per row of penalised ``logits`` ``[m, vocab]`` (greedy rows: their argmax): ``[m]``
+    tokens, and ``[m]`` bool rows whose probabilities are no distribution (NaN, or nothing left). Those get
+    some valid id, so the batch's other rows still get theirs; the caller fails them.
+
+    On a GPU one Triton launch does it all (``sampling_kernel.py``); elsewhere these torch ops."""
+    if logits.is_cuda and params.step_seed is not None:
+        from longserve.engine.sampling_kernel import fused_sample_rows
+
+        return fused_sample_rows(
+            logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform,
+            params.greedy, params.step_seed,
+        )  # fmt: skip
     probs, invalid = target_probs(logits, params)
-    return draw_tokens(probs, params.uniform, params.any_seeded), invalid
+    tokens = draw_tokens(probs, params.uniform, params.any_seeded)
+    if params.any_greedy:
+        tokens = torch.where(params.greedy, greedy_argmax(logits), tokens)
+        invalid &= ~params.greedy
+    return tokens, invalid
 
 
 def target_probs(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:

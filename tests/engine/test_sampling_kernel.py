@@ -1,0 +1,30 @@
+"""The one-launch sampling kernel keeps the reference's filtered distributions, greedy rows, seeds and invalid
+rows: on a GPU, and through Triton's interpreter on the CPU (fewer samples there: it runs ~20 ms a row)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sampling_kernel_checks
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_kernel_on_cuda() -> None:
+    sampling_kernel_checks.check_all("cuda")
+
+
+def test_sampling_kernel_in_triton_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    code = "import sampling_kernel_checks; sampling_kernel_checks.check_all('cpu', rows=120); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
