@@ -38,7 +38,9 @@ _PROMPT_LOGPROB_CHUNK = 256
 class Sampler:
     """Batched sampler the engine calls once per step on the rows that produce a token."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused_kernel: bool = True) -> None:
+        # fused_kernel: on a GPU, sample in one Triton launch (sampling_kernel.py) rather than ~120 torch ops
+        self._fused_kernel = fused_kernel
         self._penalties: PenaltyState | None = None  # built with the first penalized row
         self._grammar_masker: GrammarMasker | None = None  # built with the first constrained row
         self._uploaders: dict[torch.device, StepUploader] = {}
@@ -284,7 +286,8 @@ class Sampler:
             for seq, g in zip(seqs, greedy, strict=True)
         ]
         # On a GPU the other rows' noise comes from one seed a step, drawn from torch's default generator.
-        step_seed = [int(torch.randint(1 << 62, ()))] if device.type == "cuda" else []
+        fused = self._fused_kernel and device.type == "cuda"
+        step_seed = [int(torch.randint(1 << 62, ()))] if fused else []
         parts = self._uploader(device).upload(
             [[float_bits(temperature)], [top_k], [float_bits(top_p)], [float_bits(min_p)],
              [float_bits(uniform)], [greedy], [step_seed]]
