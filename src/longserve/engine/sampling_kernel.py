@@ -44,8 +44,7 @@ def _kth_largest_key(base, offs, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
     bins = tl.arange(0, 256)
     prefix = tl.full([], 0, tl.int64)  # the chosen high bits of the unsigned key
     remaining = k.to(tl.int32)  # how many of the matching logits lie at or above the answer
-    for step in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * step
+    for shift in tl.static_range(24, -1, -8):
         hist = tl.zeros([256], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             index = start + offs
@@ -94,11 +93,10 @@ def _sample_rows_kernel(
         better = block_best > best
         best_index = tl.where(better, block_index, best_index)
         best = tl.where(better, block_best, best)
-    greedy = tl.load(greedy_ptr + row) != 0
     invalid = (bad > 0) | (best == -float("inf"))
     token = tl.where(invalid, 0, best_index).to(tl.int64)
 
-    if (not greedy) & (not invalid):
+    if (tl.load(greedy_ptr + row) == 0) & (~invalid):
         inv_t = 1.0 / tl.load(temperature_ptr + row)
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
@@ -140,7 +138,7 @@ def _sample_rows_kernel(
                 win = tl.where(won, block_win, win)
                 win_score = tl.where(won, block_score, win_score)
             token = win.to(tl.int64)
-            searching = 0
+            searching = tl.full([], 0, tl.int32)
             if top_p < 1.0:
                 win_key = _ordered_keys(tl.load(base + win))
                 above = tl.full([], 0.0, tl.float32)
@@ -152,7 +150,7 @@ def _sample_rows_kernel(
                     above += tl.sum(tl.where(strictly, tl.exp((x - best) * inv_t), 0.0), axis=0)
                 # Outside the nucleus: so is every token at or below the winner (the best always survives).
                 if (above >= threshold * k_mass) & (win_key < best_key):
-                    searching = 1
+                    searching = tl.full([], 1, tl.int32)
                     floor = win_key + 1
                     attempt += 1
     tl.store(token_ptr + row, token)
