@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from longserve.engine.penalties import PenaltyState
@@ -24,6 +25,7 @@ from longserve.engine.sampling_ops import (
     sample_rows,
     target_probs,
 )
+from longserve.engine.sampling_table import GREEDY, MIN_P, SEEDED, TEMPERATURE, TOP_K, TOP_P, SamplingTable
 from longserve.engine.sequence import Sequence
 from longserve.engine.spec_decode.rejection import accepted_runs, verify_rows
 from longserve.engine.structured_output import GrammarMasker
@@ -41,6 +43,7 @@ class Sampler:
     def __init__(self, fused_kernel: bool = True) -> None:
         # fused_kernel: on a GPU, sample in one Triton launch (sampling_kernel.py) rather than ~120 torch ops
         self._fused_kernel = fused_kernel
+        self._table: SamplingTable | None = None  # built with the first sampled row
         self._penalties: PenaltyState | None = None  # built with the first penalized row
         self._grammar_masker: GrammarMasker | None = None  # built with the first constrained row
         self._uploaders: dict[torch.device, StepUploader] = {}
@@ -269,28 +272,23 @@ class Sampler:
         return logits, errors, penalty_rows
 
     def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:
-        params = [seq.params for seq in seqs]
-        greedy = [p.greedy for p in params]
-        top_k = [
-            vocab if g or not 0 < p.top_k < vocab else p.top_k for p, g in zip(params, greedy, strict=True)
-        ]
-        top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
-        min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
-        temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+        if self._table is None or self._table.vocab != vocab:
+            self._table = SamplingTable(vocab)
+        values = self._table.values[self._table.rows(seqs)]  # [n, columns]
+        greedy, top_k, top_p, min_p = (values[:, GREEDY] != 0, values[:, TOP_K].astype(np.int64),
+                                       values[:, TOP_P], values[:, MIN_P])  # fmt: skip
         # A seeded row draws its uniform from its own generator, so it reproduces whatever else is in the
         # batch; drawn on the host (a CPU generator) and uploaded with the rest.
-        uniform = [
-            math.nan
-            if g or seq.generator is None
-            else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
-            for seq, g in zip(seqs, greedy, strict=True)
-        ]
+        uniform = np.full(len(seqs), math.nan)
+        seeded = np.flatnonzero(values[:, SEEDED])
+        for row in seeded.tolist():
+            uniform[row] = torch.rand(1, dtype=torch.float64, generator=seqs[row].generator).item()
         # On a GPU the other rows' noise comes from one seed a step, drawn from torch's default generator.
         fused = self._fused_kernel and device.type == "cuda"
         step_seed = [int(torch.randint(1 << 62, ()))] if fused else []
         parts = self._uploader(device).upload(
-            [[float_bits(temperature)], [top_k], [float_bits(top_p)], [float_bits(min_p)],
-             [float_bits(uniform)], [greedy], [step_seed]]
+            [[values[:, TEMPERATURE].view(np.int64)], [top_k], [top_p.view(np.int64)],
+             [min_p.view(np.int64)], [uniform.view(np.int64)], [greedy], [step_seed]]
         )  # fmt: skip
         return RowParams(
             temperature=as_floats(parts[0]),
@@ -299,16 +297,18 @@ class Sampler:
             min_p=as_floats(parts[3]),
             uniform=parts[4].view(torch.float64),
             greedy=parts[5].bool(),
-            host_top_k=top_k,
-            host_top_p=top_p,
-            any_min_p=any(m > 0.0 for m in min_p),
-            any_seeded=any(not math.isnan(u) for u in uniform),
-            any_greedy=any(greedy),
+            host_top_k=top_k.tolist(),
+            host_top_p=top_p.tolist(),
+            any_min_p=bool((min_p > 0.0).any()),
+            any_seeded=len(seeded) > 0,
+            any_greedy=bool(greedy.any()),
             step_seed=parts[6] if step_seed else None,
         )
 
     def release(self, seq: Sequence) -> None:
-        """Forget a sequence that has ended (its penalty counts' row is reused)."""
+        """Forget a sequence that has ended (its parameters' and penalty counts' rows are reused)."""
+        if self._table is not None:
+            self._table.release(seq)
         if self._penalties is not None:
             self._penalties.release(seq)
 

@@ -1,0 +1,56 @@
+"""Each sampling sequence's parameters as one row of host arrays (vLLM's persistent batch idea): written once,
+when the sequence first samples, and freed when it ends. A step gathers its rows with one numpy index
+instead of rebuilding per-parameter lists from every sequence's ``SamplingParams``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from longserve.engine.sequence import Sequence
+
+# Columns of the float64 table (top_k is an integer below 2^53, exact in a float64).
+TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY, SEEDED = range(6)
+
+
+class SamplingTable:
+    """Rows of temperature, top-k, top-p, min-p and the greedy and seeded flags; greedy rows hold the neutral
+    values (1.0, vocab, 1.0, 0.0), so a batch of mixed rows samples every row the same way."""
+
+    def __init__(self, vocab: int, capacity: int = 256) -> None:
+        self.vocab = vocab
+        self.values = np.zeros((capacity, 6))  # [rows, columns]
+        self._free = list(range(capacity - 1, -1, -1))
+        self._rows: dict[Sequence, int] = {}  # (the rows' owners: release finds a row by its sequence)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self, seqs: list[Sequence]) -> np.ndarray:
+        """The rows of ``seqs`` (written for any seen for the first time), in order: ``[len(seqs)]`` int64."""
+        rows = self._rows
+        index = [rows.get(seq, -1) for seq in seqs]
+        if -1 in index:
+            index = [row if row >= 0 else self._write(seq) for seq, row in zip(seqs, index, strict=True)]
+        return np.asarray(index, dtype=np.int64)
+
+    def release(self, seq: Sequence) -> None:
+        row = self._rows.pop(seq, None)
+        if row is not None:
+            self._free.append(row)
+
+    def _write(self, seq: Sequence) -> int:
+        row = self._rows.get(seq)  # (a sequence met twice in one step: verification rows)
+        if row is not None:
+            return row
+        if not self._free:
+            grown = len(self.values)
+            self.values = np.concatenate([self.values, np.zeros_like(self.values)])
+            self._free = list(range(2 * grown - 1, grown - 1, -1))
+        row = self._rows[seq] = self._free.pop()
+        p = seq.params
+        if p.greedy:
+            self.values[row] = (1.0, self.vocab, 1.0, 0.0, 1.0, 0.0)
+        else:
+            top_k = p.top_k if 0 < p.top_k < self.vocab else self.vocab
+            self.values[row] = (p.temperature, top_k, p.top_p, p.min_p, 0.0, seq.generator is not None)
+        return row
