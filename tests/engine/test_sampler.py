@@ -191,6 +191,16 @@ def test_sampled_frequencies_match_the_tempered_distribution(temperature):
     assert chi_square(hist, expected, n) < 16.27
 
 
+@pytest.mark.parametrize("params", [dict(top_p=0.7), dict(top_p=0.9, min_p=0.6)])
+def test_top_p_draws_follow_the_nucleus_distribution(params):
+    # A quarter of first draws land outside {0, 1, 2} and draw again: the redraws keep the proportions.
+    probs = [0.3, 0.25, 0.2, 0.15, 0.1]
+    n = 20_000
+    hist = sample_support(logits_from_probs(probs), num_samples=n, **params)
+    assert set(hist) == {0, 1, 2}
+    assert chi_square(hist, [0.3 / 0.75, 0.25 / 0.75, 0.2 / 0.75], n) < 13.82  # df = 2, P = 0.001
+
+
 def test_sampled_frequencies_match_across_vocab_blocks():
     # Mass spread over block edges and the short last block of a 1000-token vocabulary.
     ids = [0, 255, 256, 300, 511, 767, 768, 990, 999]

@@ -37,3 +37,11 @@ def test_a_released_row_is_reused_and_rewritten():
     assert table.rows([second]).tolist() == [row] and len(table) == 1
     assert table.values[row, TEMPERATURE] == 0.25
     assert np.array_equal(table.rows([second]), [row])
+
+
+def test_the_sampler_samples_more_rows_than_the_table_first_holds_in_one_batch(caplog):
+    from longserve.engine.sampler import Sampler
+
+    seqs = [_seq(f"s{i}", temperature=0.7, top_p=0.9) for i in range(600)]
+    out = Sampler()(torch.zeros(600, 50), seqs)
+    assert not out.errors and "failed" not in caplog.text  # no row-by-row fallback

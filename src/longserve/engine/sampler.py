@@ -274,7 +274,8 @@ class Sampler:
     def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:
         if self._table is None or self._table.vocab != vocab:
             self._table = SamplingTable(vocab)
-        values = self._table.values[self._table.rows(seqs)]  # [n, columns]
+        rows = self._table.rows(seqs)  # (first: it may grow the table)
+        values = self._table.values[rows]  # [n, columns]
         greedy, top_k, top_p, min_p = (values[:, GREEDY] != 0, values[:, TOP_K].astype(np.int64),
                                        values[:, TOP_P], values[:, MIN_P])  # fmt: skip
         # A seeded row draws its uniform from its own generator, so it reproduces whatever else is in the

@@ -4,6 +4,7 @@ host-side arguments are given (``Sampler`` queues them so)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,12 +142,71 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
             logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform,
             params.greedy, params.step_seed,
         )  # fmt: skip
-    probs, invalid = target_probs(logits, params)
-    tokens = draw_tokens(probs, params.uniform, params.any_seeded)
+    vocab = logits.shape[1]
+    if logits.device.type == "cpu" and all(k >= vocab for k in params.host_top_k):
+        tokens, invalid = _sample_nucleus_by_rejection(logits, params)
+    else:
+        probs, invalid = target_probs(logits, params)
+        tokens = draw_tokens(probs, params.uniform, params.any_seeded)
     if params.any_greedy:
         tokens = torch.where(params.greedy, greedy_argmax(logits), tokens)
         invalid &= ~params.greedy
     return tokens, invalid
+
+
+def _sample_nucleus_by_rejection(
+    logits: torch.Tensor, params: RowParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_rows`` on the CPU for rows without top-k, with no sort and no top-k search: draw from the
+    softmax (min-p applied), then keep a row's token if the mass strictly more likely than it is under top_p.
+    A row that drew outside its nucleus drops every token no more likely than the one drawn (all outside
+    too) and draws again; given acceptance a draw follows the nucleus, so the result is exactly
+    ``target_probs``' distribution. A round accepts with probability >= top_p, so few rows redraw.
+    The GPU kernel (``sampling_kernel.py``) samples by the same rule."""
+    probs = (logits / params.temperature.unsqueeze(1)).softmax(dim=-1)  # [m, vocab]
+    weights = apply_min_p(probs, params.min_p) if params.any_min_p else probs  # what a draw picks from
+    invalid = ~(weights.sum(dim=-1) > 0)  # [m]; a NaN anywhere makes the sum NaN
+    if invalid.any():
+        weights = weights.masked_fill(invalid.unsqueeze(1), 1.0)
+    tokens = draw_tokens(weights, params.uniform, params.any_seeded)  # [m]
+    threshold = params.top_p - _TOP_P_TOLERANCE  # [m]
+    # The mass above a token is at most 1 - its probability: a likely draw is in its nucleus without a pass.
+    # (1e-5: the softmax's sum is 1 only up to float32 rounding)
+    sure = probs.gather(1, tokens.unsqueeze(1)).squeeze(1) > 1.0 - threshold + 1e-5  # [m]
+    rows = [i for i in (~sure).nonzero().flatten().tolist() if params.host_top_p[i] < 1.0]
+    redraws = 0
+    while rows:
+        index = torch.tensor(rows)
+        row_probs = probs.index_select(0, index)  # [r, vocab]
+        chosen = row_probs.gather(1, tokens.index_select(0, index).unsqueeze(1))  # [r, 1]
+        below = row_probs <= chosen  # [r, vocab]
+        above = row_probs.masked_fill(below, 0.0).sum(dim=-1)  # [r]
+        outside = (above >= threshold.index_select(0, index)) & ~invalid.index_select(0, index)
+        if not outside.any():
+            break
+        redraws += 1
+        rows = [rows[j] for j in outside.nonzero().flatten().tolist()]
+        index = torch.tensor(rows)
+        if weights is probs:  # (edited in place below; probs must stay whole for the next round's check)
+            weights = probs.clone()
+        kept = weights.index_select(0, index).masked_fill(below[outside], 0.0)
+        weights.index_copy_(0, index, kept)
+        uniform = _redraw_uniforms(params.uniform.index_select(0, index), redraws)
+        tokens = tokens.index_copy(0, index, draw_tokens(kept, uniform, any_seeded=True))
+    return tokens, invalid
+
+
+def _redraw_uniforms(uniform: torch.Tensor, redraws: int) -> torch.Tensor:
+    """Fresh uniforms ``[r]`` float64 for rows drawing again: a seeded row's from a generator seeded by its
+    step's uniform (so it reproduces), the others' from torch's default generator."""
+    fresh = torch.rand(uniform.shape[0], dtype=torch.float64)
+    for i, u in enumerate(uniform.tolist()):
+        if not math.isnan(u):
+            bits = int(torch.tensor(u, dtype=torch.float64).view(torch.int64)) + redraws
+            fresh[i] = torch.rand(
+                1, dtype=torch.float64, generator=torch.Generator().manual_seed(bits)
+            ).item()
+    return fresh
 
 
 def target_probs(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
