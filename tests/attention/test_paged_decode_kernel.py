@@ -5,14 +5,12 @@ inside), GQA groups 1 to 8."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import paged_decode_checks
 import pytest
 import torch
+import triton_interpreter
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,12 +29,8 @@ def test_dense_decode_matches_float64_attention_on_cuda() -> None:
 
 def test_dense_decode_in_triton_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    code = (
-        "import triton_interpreter; triton_interpreter.allow_loaded_loop_bounds(); "
+    triton_interpreter.run_checks(
         "import torch, paged_decode_checks as c; "
-        "c.check_dense_decode('cpu', [1, 17, 130], (24, 64, 192), (1, 4), (1, 3), torch.float32); print('ok')"
+        "c.check_dense_decode('cpu', [1, 17, 130], (24, 64, 192), (1, 4), (1, 3), torch.float32)",
+        HERE,
     )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

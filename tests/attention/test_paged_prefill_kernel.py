@@ -3,14 +3,12 @@ interpreter on the CPU in float32 (CI has no GPU; the interpreter mishandles bf1
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import paged_prefill_checks
 import pytest
 import torch
+import triton_interpreter
 
 HERE = Path(__file__).resolve().parent
 # (cached prefix, chunk): a fresh prompt, prefixes ending inside and at the end of a block, a one-query
@@ -28,12 +26,7 @@ def test_paged_prefill_matches_float64_attention_on_cuda() -> None:
 
 def test_paged_prefill_in_triton_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    code = (
-        "import torch, triton_interpreter; triton_interpreter.allow_loaded_loop_bounds(); "
-        "import paged_prefill_checks as c; "
-        f"c.check_paged_prefill('cpu', {CHUNKS!r}, (64, 24), (1, 4), torch.float32); print('ok')"
+    triton_interpreter.run_checks(
+        f"import torch, paged_prefill_checks as c; c.check_paged_prefill('cpu', {CHUNKS!r}, (64, 24), (1, 4), torch.float32)",
+        HERE,
     )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
