@@ -7,11 +7,12 @@ Each program samples one row by passes over its logits:
    histogram passes); ties with it are kept, as vLLM keeps them;
 3. with top-p: the mass of what top-k keeps;
 4. the draw: an exponential race (argmax of weight / Exp(1) noise, so no normalising pass) over the
-   candidates, which start as what top-k and min-p keep. With top-p one more pass sums the mass of tokens
-   strictly more likely than the winner. Under ``top_p`` of the top-k mass, the winner is in the nucleus and
-   is taken; otherwise every token at or below it is outside the nucleus and leaves the candidates, and the
-   race runs again. Conditioned on acceptance a round's winner is distributed as the nucleus, so the result
-   is exactly the filtered distribution; a round accepts with probability >= top_p.
+   candidates, which start as what top-k and min-p keep. With top-p, one more pass sums the mass of tokens
+   strictly more likely than the winner (no pass when the winner alone holds more than 1 - top_p of the
+   top-k mass). Under top_p of the top-k mass, the winner is in the nucleus and is taken. Otherwise every
+   token at or below it is outside the nucleus too; they leave the candidates and the race runs again.
+   Conditioned on acceptance, a round's winner is distributed as the nucleus, so the result is exactly the
+   filtered distribution; a round accepts with probability >= top_p.
 
 Which tokens survive matches ``sampling_ops.target_probs`` (the reference, used on the CPU) except among
 exactly tied logits. The noise is counter-based (Philox): a seeded row's comes from the uniform its generator
@@ -139,8 +140,10 @@ def _sample_rows_kernel(
                 win_score = tl.where(won, block_score, win_score)
             token = win.to(tl.int64)
             searching = tl.full([], 0, tl.int32)
-            if top_p < 1.0:
-                win_key = _ordered_keys(tl.load(base + win))
+            win_logit = tl.load(base + win)
+            # The mass above the winner is at most the rest of the top-k mass: a likely winner needs no pass.
+            if (top_p < 1.0) & (tl.exp((win_logit - best) * inv_t) <= (1.0 - threshold + 1e-5) * k_mass):
+                win_key = _ordered_keys(win_logit)
                 above = tl.full([], 0.0, tl.float32)
                 for start in range(0, VOCAB, BLOCK):
                     index = start + offs
