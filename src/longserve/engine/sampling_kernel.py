@@ -14,12 +14,12 @@ Each program samples one row by passes over its logits:
    Conditioned on acceptance, a round's winner is distributed as the nucleus, so the result is exactly the
    filtered distribution; a round accepts with probability >= top_p.
 
-Which tokens survive matches ``sampling_ops.target_probs`` (the reference, used on the CPU) except among
-exactly tied logits. The noise is counter-based (Philox): a seeded row's comes from the uniform its generator
+Which tokens survive matches ``sampling_ops.target_probs`` (the reference) except among exactly tied
+logits; the CPU samples rows without top-k by the same nucleus rule (``sampling_ops``). The noise is counter-based (Philox): a seeded row's comes from the uniform its generator
 drew on the host, so it reproduces whatever else is in the batch; the others' from the step's seed.
 
-Importing this module needs Triton; ``sampling_ops.sample_rows`` imports it only for CUDA logits (or under
-``TRITON_INTERPRET=1``, how the CPU tests run it).
+Importing this module needs Triton; ``sampling_ops.sample_rows`` imports it only for CUDA logits (the CPU
+tests run the kernel under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
