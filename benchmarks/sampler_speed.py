@@ -5,6 +5,7 @@ host and device, until the tokens are on the host; also the host time alone (enq
 Prints a table and writes benchmarks/results/sampler_speed.json.
 
     python benchmarks/sampler_speed.py [--device cuda] [--batches 1,64,256] [--vocab 128256] [--repeats 3]
+    python benchmarks/sampler_speed.py --kernel-configs 1024x4,2048x8,4096x8   # GPU: the kernel's tiles
 """
 
 from __future__ import annotations
@@ -88,6 +89,27 @@ def hf_call(logits: torch.Tensor, setting: dict):
     return call
 
 
+def kernel_call(logits: torch.Tensor, setting: dict, block: int, num_warps: int):
+    """The GPU kernel alone, with one tile size (``block`` logits a load, ``num_warps`` warps a row)."""
+    from longserve.engine.sampling_kernel import fused_sample_rows
+
+    n, vocab = logits.shape
+
+    def full(value, dtype=torch.float32) -> torch.Tensor:
+        return torch.full((n,), value, dtype=dtype, device=logits.device)
+
+    args = (full(setting["temperature"]), full(setting.get("top_k", vocab), torch.int64),
+            full(setting.get("top_p", 1.0)), full(setting.get("min_p", 0.0)),
+            full(float("nan"), torch.float64), full(False, torch.bool),
+            torch.tensor([1234], device=logits.device))  # fmt: skip
+
+    def call():
+        tokens, _ = fused_sample_rows(logits, *args, block=block, num_warps=num_warps)
+        return tokens.tolist
+
+    return call
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--kernel-configs", help="GPU: also the kernel alone at BLOCKxWARPS tiles, e.g. 1024x4"
+    )
     args = parser.parse_args(argv)
+    configs = (
+        [tuple(int(v) for v in c.split("x")) for c in args.kernel_configs.split(",")]
+        if args.kernel_configs
+        else []
+    )
     rows = []
     for name, setting in SETTINGS.items():
         for batch in (int(b) for b in args.batches.split(",")):
@@ -106,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if args.device == "cuda":
                 systems["longserve --torch-ops"] = longserve_call(logits, setting, torch_ops=True)
+                for block, warps in configs:
+                    systems[f"kernel {block}x{warps}"] = kernel_call(logits, setting, block, warps)
             for system, call in systems.items():
                 time_call(call, args.device, 3)  # warm-up (the kernel compiles)
                 runs = [time_call(call, args.device, args.steps) for _ in range(args.repeats)]

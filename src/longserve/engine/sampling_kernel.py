@@ -169,6 +169,9 @@ def fused_sample_rows(
     uniform: torch.Tensor,  # [n] float64
     greedy: torch.Tensor,  # [n] bool
     step_seed: torch.Tensor,  # [1] int64
+    *,
+    block: int = _BLOCK,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n]`` tokens and ``[n]`` bool rows that were no distribution (their token is the argmax, or 0)."""
     logits = logits.float()
@@ -181,6 +184,6 @@ def fused_sample_rows(
         _sample_rows_kernel[(n,)](
             logits, logits.stride(0), temperature, top_k, top_p, min_p, uniform,
             greedy, step_seed,
-            tokens, invalid, VOCAB=vocab, BLOCK=_BLOCK,
+            tokens, invalid, VOCAB=vocab, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return tokens, invalid.bool()
