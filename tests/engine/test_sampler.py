@@ -201,6 +201,13 @@ def test_top_p_draws_follow_the_nucleus_distribution(params):
     assert chi_square(hist, [0.3 / 0.75, 0.25 / 0.75, 0.2 / 0.75], n) < 13.82  # df = 2, P = 0.001
 
 
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2))
+    seqs = [make_seq(temperature=2.0, top_p=1e-300) for _ in range(4)]  # 0.0 as a float32
+    out = Sampler()(logits, seqs)
+    assert not out.errors and out.token_ids == logits.argmax(dim=-1).tolist()
+
+
 def test_sampled_frequencies_match_across_vocab_blocks():
     # Mass spread over block edges and the short last block of a 1000-token vocabulary.
     ids = [0, 255, 256, 300, 511, 767, 768, 990, 999]

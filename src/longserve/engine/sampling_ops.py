@@ -181,7 +181,8 @@ def _sample_nucleus_by_rejection(
         chosen = row_probs.gather(1, tokens.index_select(0, index).unsqueeze(1))  # [r, 1]
         below = row_probs <= chosen  # [r, vocab]
         above = row_probs.masked_fill(below, 0.0).sum(dim=-1)  # [r]
-        outside = (above >= threshold.index_select(0, index)) & ~invalid.index_select(0, index)
+        # (nothing above: the most likely token, which every nucleus keeps, even a top_p below float32's range)
+        outside = (above >= threshold.index_select(0, index)) & (above > 0) & ~invalid.index_select(0, index)
         if not outside.any():
             break
         redraws += 1
