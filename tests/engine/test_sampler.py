@@ -191,9 +191,19 @@ def test_sampled_frequencies_match_the_tempered_distribution(temperature):
     assert chi_square(hist, expected, n) < 16.27
 
 
-@pytest.mark.parametrize("params", [dict(top_p=0.7), dict(top_p=0.9, min_p=0.6)])
-def test_top_p_draws_follow_the_nucleus_distribution(params):
-    # A quarter of first draws land outside {0, 1, 2} and draw again: the redraws keep the proportions.
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(top_p=0.7),
+        dict(top_p=0.9, min_p=0.6),
+        dict(top_k=3),
+        dict(top_k=4, top_p=0.7),
+        dict(top_k=4, min_p=0.6),
+    ],
+)
+def test_filtered_draws_follow_the_filtered_distribution(params):
+    # Without top-k a quarter of first draws land outside {0, 1, 2} and draw again; with it the draw is among
+    # the ranked best alone. Either way the proportions are the filtered distribution's.
     probs = [0.3, 0.25, 0.2, 0.15, 0.1]
     n = 20_000
     hist = sample_support(logits_from_probs(probs), num_samples=n, **params)
@@ -206,6 +216,21 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token():
     seqs = [make_seq(temperature=2.0, top_p=1e-300) for _ in range(4)]  # 0.0 as a float32
     out = Sampler()(logits, seqs)
     assert not out.errors and out.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_rows_mixed_with_greedy_and_broken_rows():
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(4))
+    logits[2, 5] = float("nan")
+    seqs = [
+        make_seq(temperature=0.0),
+        make_seq(top_k=1),
+        make_seq(top_k=5),
+        make_seq(top_k=2, temperature=3.0),
+    ]
+    out = Sampler()(logits, seqs)
+    best = logits.argmax(dim=-1).tolist()
+    assert out.token_ids[:2] == best[:2] and list(out.errors) == [2]
+    assert out.token_ids[3] in logits[3].topk(2).indices.tolist()
 
 
 def test_sampled_frequencies_match_across_vocab_blocks():

@@ -143,8 +143,11 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
             params.greedy, params.step_seed,
         )  # fmt: skip
     vocab = logits.shape[1]
-    if logits.device.type == "cpu" and all(k >= vocab for k in params.host_top_k):
+    cpu = logits.device.type == "cpu"
+    if cpu and all(k >= vocab for k in params.host_top_k):
         tokens, invalid = _sample_nucleus_by_rejection(logits, params)
+    elif cpu and all(k < vocab or g for k, g in zip(params.host_top_k, params.greedy.tolist(), strict=True)):
+        tokens, invalid = _sample_ranked(logits, params)
     else:
         probs, invalid = target_probs(logits, params)
         tokens = draw_tokens(probs, params.uniform, params.any_seeded)
@@ -195,6 +198,26 @@ def _sample_nucleus_by_rejection(
         uniform = _redraw_uniforms(params.uniform.index_select(0, index), redraws)
         tokens = tokens.index_copy(0, index, draw_tokens(kept, uniform, any_seeded=True))
     return tokens, invalid
+
+
+def _sample_ranked(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_rows`` on the CPU when every sampled row has top-k: rank each row's best max(k) logits (the
+    temperature keeps their order), filter and draw among them alone, never over the whole vocabulary.
+    Greedy rows (k = vocab) draw among the best max(k) too; the caller replaces their token."""
+    vocab = logits.shape[1]
+    width = max((k for k in params.host_top_k if k < vocab), default=1)
+    ranked, order = _topk(logits, width)  # [m, width] each, best first
+    ranked = ranked / params.temperature.unsqueeze(1)
+    remove = _ranked_removal(ranked, order, None, params.top_k, params.top_p, vocab, complete=True)
+    weights = (ranked - ranked[:, :1]).exp().masked_fill(remove, 0.0)  # [m, width]: the best weighs 1
+    if params.any_min_p:  # below min_p times the best's probability, i.e. a weight below min_p
+        weights = weights.masked_fill(weights < params.min_p.unsqueeze(1), 0.0)
+    invalid = ~(weights.sum(dim=-1) > 0)  # [m]; NaN or infinite logits rank first and make it NaN
+    weights = weights.masked_fill(invalid.unsqueeze(1), 1.0).double()
+    fresh = torch.rand(weights.shape[0], dtype=torch.float64)
+    uniform = torch.where(params.uniform.isnan(), fresh, params.uniform) if params.any_seeded else fresh
+    index, _ = _invert_cdf(weights, uniform.unsqueeze(1))  # [m, 1]
+    return order.gather(1, index).squeeze(1), invalid
 
 
 def _redraw_uniforms(uniform: torch.Tensor, redraws: int) -> torch.Tensor:
