@@ -218,18 +218,15 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token():
     assert not out.errors and out.token_ids == logits.argmax(dim=-1).tolist()
 
 
-def test_top_k_rows_mixed_with_greedy_and_broken_rows():
-    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(4))
+def test_top_k_rows_mixed_with_greedy_nucleus_and_broken_rows():
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(4))
     logits[2, 5] = float("nan")
-    seqs = [
-        make_seq(temperature=0.0),
-        make_seq(top_k=1),
-        make_seq(top_k=5),
-        make_seq(top_k=2, temperature=3.0),
-    ]
+    logits[4, 7] = float("nan")
+    seqs = [make_seq(temperature=0.0), make_seq(top_k=1), make_seq(top_k=5), make_seq(top_k=2, temperature=3.0),
+            make_seq(top_p=0.5), make_seq(top_p=1e-9)]  # fmt: skip
     out = Sampler()(logits, seqs)
     best = logits.argmax(dim=-1).tolist()
-    assert out.token_ids[:2] == best[:2] and list(out.errors) == [2]
+    assert out.token_ids[:2] == best[:2] and out.token_ids[5] == best[5] and sorted(out.errors) == [2, 4]
     assert out.token_ids[3] in logits[3].topk(2).indices.tolist()
 
 

@@ -134,7 +134,8 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
     tokens, and ``[m]`` bool rows whose probabilities are no distribution (NaN, or nothing left). Those get
     some valid id, so the batch's other rows still get theirs; the caller fails them.
 
-    On a GPU one Triton launch does it all (``sampling_kernel.py``); elsewhere these torch ops."""
+    On a GPU one Triton launch does it all (``sampling_kernel.py``); on the CPU, draws that never touch the
+    whole vocabulary more than a softmax does (``_sample_on_cpu``); otherwise the reference's torch ops."""
     if logits.is_cuda and params.step_seed is not None:
         from longserve.engine.sampling_kernel import fused_sample_rows
 
@@ -142,12 +143,8 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
             logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform,
             params.greedy, params.step_seed,
         )  # fmt: skip
-    vocab = logits.shape[1]
-    cpu = logits.device.type == "cpu"
-    if cpu and all(k >= vocab for k in params.host_top_k):
-        tokens, invalid = _sample_nucleus_by_rejection(logits, params)
-    elif cpu and all(k < vocab or g for k, g in zip(params.host_top_k, params.greedy.tolist(), strict=True)):
-        tokens, invalid = _sample_ranked(logits, params)
+    if logits.device.type == "cpu":
+        tokens, invalid = _sample_on_cpu(logits, params)
     else:
         probs, invalid = target_probs(logits, params)
         tokens = draw_tokens(probs, params.uniform, params.any_seeded)
@@ -157,15 +154,54 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
     return tokens, invalid
 
 
+def _sample_on_cpu(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with top-k draw among their ranked best (``_sample_ranked``), the others from the softmax with a
+    nucleus check (``_sample_nucleus_by_rejection``): neither sorts nor masks the whole vocabulary."""
+    vocab = logits.shape[1]
+    ranked = [i for i, k in enumerate(params.host_top_k) if k < vocab]
+    if not ranked:
+        return _sample_nucleus_by_rejection(logits, params)
+    if len(ranked) == len(params.host_top_k):
+        return _sample_ranked(logits, params)
+    ranked_set = set(ranked)
+    rest = [i for i in range(len(params.host_top_k)) if i not in ranked_set]
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    invalid = torch.empty(logits.shape[0], dtype=torch.bool)
+    for rows, sample in ((ranked, _sample_ranked), (rest, _sample_nucleus_by_rejection)):
+        index = torch.tensor(rows)
+        part_tokens, part_invalid = sample(
+            logits.index_select(0, index), _params_of_rows(params, rows, index)
+        )
+        tokens.index_copy_(0, index, part_tokens)
+        invalid.index_copy_(0, index, part_invalid)
+    return tokens, invalid
+
+
+def _params_of_rows(params: RowParams, rows: list[int], index: torch.Tensor) -> RowParams:
+    """The parameters of ``rows`` (``index`` as a tensor) alone."""
+    return RowParams(
+        temperature=params.temperature.index_select(0, index),
+        top_k=params.top_k.index_select(0, index),
+        top_p=params.top_p.index_select(0, index),
+        min_p=params.min_p.index_select(0, index),
+        uniform=params.uniform.index_select(0, index),
+        greedy=params.greedy.index_select(0, index),
+        host_top_k=[params.host_top_k[i] for i in rows],
+        host_top_p=[params.host_top_p[i] for i in rows],
+        any_min_p=params.any_min_p,
+        any_seeded=params.any_seeded,
+    )
+
+
 def _sample_nucleus_by_rejection(
     logits: torch.Tensor, params: RowParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_rows`` on the CPU for rows without top-k, with no sort and no top-k search: draw from the
-    softmax (min-p applied), then keep a row's token if the mass strictly more likely than it is under top_p.
-    A row that drew outside its nucleus drops every token no more likely than the one drawn (all outside
-    too) and draws again; given acceptance a draw follows the nucleus, so the result is exactly
-    ``target_probs``' distribution. A round accepts with probability >= top_p, so few rows redraw.
-    The GPU kernel (``sampling_kernel.py``) samples by the same rule."""
+    """Rows without top-k, with no sort and no top-k search: draw from the softmax (min-p applied), then keep
+    a row's token if the mass strictly more likely than it is under top_p. A row that drew outside its
+    nucleus drops every token no more likely than the one drawn (all outside too) and draws again; given
+    acceptance a draw follows the nucleus, so the result is exactly ``target_probs``' distribution. A round
+    accepts with probability >= top_p, so few rows redraw. The GPU kernel (``sampling_kernel.py``) samples
+    by the same rule."""
     probs = (logits / params.temperature.unsqueeze(1)).softmax(dim=-1)  # [m, vocab]
     weights = apply_min_p(probs, params.min_p) if params.any_min_p else probs  # what a draw picks from
     invalid = ~(weights.sum(dim=-1) > 0)  # [m]; a NaN anywhere makes the sum NaN
@@ -201,11 +237,10 @@ def _sample_nucleus_by_rejection(
 
 
 def _sample_ranked(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_rows`` on the CPU when every sampled row has top-k: rank each row's best max(k) logits (the
-    temperature keeps their order), filter and draw among them alone, never over the whole vocabulary.
-    Greedy rows (k = vocab) draw among the best max(k) too; the caller replaces their token."""
+    """Rows that all have top-k: rank each row's best max(k) logits (the temperature keeps their order),
+    filter and draw among them alone, never over the whole vocabulary."""
     vocab = logits.shape[1]
-    width = max((k for k in params.host_top_k if k < vocab), default=1)
+    width = max(params.host_top_k)
     ranked, order = _topk(logits, width)  # [m, width] each, best first
     ranked = ranked / params.temperature.unsqueeze(1)
     remove = _ranked_removal(ranked, order, None, params.top_k, params.top_p, vocab, complete=True)
