@@ -31,11 +31,13 @@ def _params(n: int, vocab: int, device: str, *, temperature=1.0, top_k=None, top
     )
 
 
-def _sample(logits: torch.Tensor, params: RowParams, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, params: RowParams, seed: int = 7, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     step_seed = torch.tensor([seed], device=logits.device)
     return fused_sample_rows(
         logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform, params.greedy,
-        step_seed,
+        step_seed, block=block,
     )  # fmt: skip
 
 
@@ -75,25 +77,32 @@ def check_filtered_distributions(device: str, rows: int) -> None:
 
 
 def check_large_vocabulary(device: str) -> None:
-    """A vocabulary of several loads with a short last one: greedy, top-k and a tight nucleus stay exact."""
+    for block in (1024, None):  # several loads with a short last one; the batch's own tiles
+        _check_large_vocabulary(device, block)
+
+
+def _check_large_vocabulary(device: str, block: int | None) -> None:
+    """Greedy, top-k and a tight nucleus stay exact over a 2,500-token vocabulary."""
     g = torch.Generator().manual_seed(5)
     vocab, n = 2500, 8
     logits = (torch.randn(n, vocab, generator=g) * 2).to(device)
     logits[:, 2499] += 12  # the best token in the short last load
     logits[3, 1100] += 20
     best = logits.argmax(-1)
-    tokens, _ = _sample(logits, _params(n, vocab, device, greedy=True))
+    tokens, _ = _sample(logits, _params(n, vocab, device, greedy=True), block=block)
     assert torch.equal(tokens, best)
     for tight in (dict(top_p=1e-3), dict(top_p=0.05, top_k=7)):
-        tokens, _ = _sample(logits, _params(n, vocab, device, **tight))
+        tokens, _ = _sample(logits, _params(n, vocab, device, **tight), block=block)
         assert torch.equal(tokens, best), tight
-    tokens, _ = _sample(logits, _params(n, vocab, device, top_k=1, temperature=2.0))
+    tokens, _ = _sample(logits, _params(n, vocab, device, top_k=1, temperature=2.0), block=block)
     assert torch.equal(tokens, best)
     top3 = logits.topk(3, dim=-1).indices
     for seed in range(4):
-        tokens, _ = _sample(logits, _params(n, vocab, device, top_k=3, temperature=5.0), seed=seed)
+        tokens, _ = _sample(
+            logits, _params(n, vocab, device, top_k=3, temperature=5.0), seed=seed, block=block
+        )
         assert (top3 == tokens.unsqueeze(1)).any(dim=1).all()
-    tokens, _ = _sample(logits, _params(n, vocab, device, min_p=0.999))
+    tokens, _ = _sample(logits, _params(n, vocab, device, min_p=0.999), block=block)
     assert torch.equal(tokens, best)
 
 

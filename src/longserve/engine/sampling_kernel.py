@@ -28,12 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024  # logits per load: a 128K vocabulary is 128 loads per pass
+
+def default_tiles(rows: int) -> tuple[int, int]:
+    """(logits per load, warps) for a batch of ``rows``. A program walks its row alone, so a small batch
+    leaves most SMs idle and each pass is bound by load latency: wider loads with more warps take fewer
+    trips. A large batch fills the GPU with programs and wants fewer registers each. (A first guess, not yet
+    swept on a GPU: ``benchmarks/sampler_speed.py --kernel-configs``.)"""
+    return (4096, 8) if rows <= 64 else (1024, 4)
 
 
 @triton.jit
 def _ordered_keys(x):
-    """float32 -> int32 whose signed order is the floats' order (for bisection over values)."""
+    """float32 -> int32 whose signed order is the floats' order (to select and compare by value as ints)."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -170,14 +176,17 @@ def fused_sample_rows(
     greedy: torch.Tensor,  # [n] bool
     step_seed: torch.Tensor,  # [1] int64
     *,
-    block: int = _BLOCK,
-    num_warps: int = 4,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n]`` tokens and ``[n]`` bool rows that were no distribution (their token is the argmax, or 0)."""
+    """``[n]`` tokens and ``[n]`` bool rows that were no distribution (their token is the argmax, or 0).
+    ``block`` / ``num_warps``: the tiles (default: ``default_tiles``)."""
     logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     n, vocab = logits.shape
+    default_block, default_warps = default_tiles(n)
+    block, num_warps = block or default_block, num_warps or default_warps
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     invalid = torch.empty(n, dtype=torch.int8, device=logits.device)
     if n:
