@@ -34,11 +34,16 @@ def _params(n: int, vocab: int, device: str, *, temperature=1.0, top_k=None, top
 def _sample(
     logits: torch.Tensor, params: RowParams, seed: int = 7, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on ``params``' rows, laid out as the sampling table's device mirror (shuffled, so a row's
+    parameters are found by its index, not its position)."""
+    n = logits.shape[0]
+    columns = [params.temperature.double(), params.top_k.double(), params.top_p.double(),
+               params.min_p.double(), params.greedy.double(), (~params.uniform.isnan()).double()]  # fmt: skip
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(n)).to(logits.device)
+    table = torch.empty(n, 6, dtype=torch.float64, device=logits.device)
+    table[rows] = torch.stack(columns, dim=1)
     step_seed = torch.tensor([seed], device=logits.device)
-    return fused_sample_rows(
-        logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform, params.greedy,
-        step_seed, block=block,
-    )  # fmt: skip
+    return fused_sample_rows(logits, table, rows, params.uniform, step_seed, block=block)
 
 
 def check_filtered_distributions(device: str, rows: int) -> None:

@@ -111,7 +111,10 @@ class Sampler:
             tokens = greedy_argmax(processed)  # [rows]
             accepted = draft_ids == tokens
         else:
-            row_params = self._row_params(row_seqs, raw.shape[1], raw.device)
+            table = self._sampling_table(raw.shape[1])
+            rows = table.rows(row_seqs)  # (first: it may grow the table)
+            uniform = self._uniforms(table.values[rows], row_seqs)
+            row_params = self._row_params(table.values[rows], uniform, raw.device)
             accept_uniform = [
                 math.nan if seq.generator is None or token < 0 or g
                 else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
@@ -122,6 +125,15 @@ class Sampler:
             accepted, tokens = verify_rows(
                 probs, draft_ids, accept_bits.view(torch.float64), row_params.uniform, row_params.any_seeded
             )
+            # A bonus row (after the last draft) samples as a plain step would at that position, with the
+            # same uniform: a seeded sequence then draws the same token with or without others' drafts.
+            bonus = [row for row, token in enumerate(row_drafts) if token < 0]
+            index = torch.tensor(bonus, device=raw.device)
+            bonus_tokens, bonus_invalid = self._draw(
+                processed.index_select(0, index), [row_seqs[row] for row in bonus], uniform[bonus]
+            )
+            tokens = tokens.index_copy(0, index, bonus_tokens)
+            invalid = invalid.index_copy(0, index, invalid.index_select(0, index) | bonus_invalid)
             if any(greedy):
                 best = greedy_argmax(processed)
                 tokens = torch.where(row_params.greedy, best, tokens)
@@ -208,7 +220,7 @@ class Sampler:
         if all(p.greedy for p in params):
             token_ids = greedy_argmax(logits)  # [num_seqs]
         else:
-            token_ids, invalid = sample_rows(logits, self._row_params(seqs, logits.shape[1], logits.device))
+            token_ids, invalid = self._draw(logits, seqs)
 
         if penalty_rows is not None:  # the chosen tokens count from the next step on, on the device
             rows, slots = penalty_rows
@@ -271,25 +283,39 @@ class Sampler:
             )
         return logits, errors, penalty_rows
 
-    def _row_params(self, seqs: list[Sequence], vocab: int, device: torch.device) -> RowParams:
-        if self._table is None or self._table.vocab != vocab:
-            self._table = SamplingTable(vocab)
-        rows = self._table.rows(seqs)  # (first: it may grow the table)
-        values = self._table.values[rows]  # [n, columns]
+    def _draw(
+        self, logits: torch.Tensor, seqs: list[Sequence], uniform: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row of processed ``logits``, as every plain step samples (so a seeded row draws the
+        same token whichever path it takes): the kernel on a GPU, ``sample_rows`` elsewhere. ``uniform``:
+        the seeded rows' draws when the caller made them already (a verification's bonus rows)."""
+        table = self._sampling_table(logits.shape[1])
+        rows = table.rows(seqs)  # (first: it may grow the table)
+        values = table.values[rows]  # [n, columns]
+        if uniform is None:
+            uniform = self._uniforms(values, seqs)
+        if not (self._fused_kernel and logits.is_cuda):
+            return sample_rows(logits, self._row_params(values, uniform, logits.device))
+        from longserve.engine.sampling_kernel import fused_sample_rows
+
+        # One upload: the rows' table indices, seeded rows' uniforms, the step's seed and the rows written
+        # since the last step, which go into the table's device mirror.
+        mirror, unsynced = table.mirror(logits.device)
+        row_index, uniform_bits, step_seed, written, written_values = self._uploader(logits.device).upload(
+            [[rows], [uniform.view(np.int64)], [[int(torch.randint(1 << 62, ()))]], [unsynced],
+             [table.values[unsynced].reshape(-1).view(np.int64)]]
+        )  # fmt: skip
+        if unsynced:
+            mirror.index_copy_(0, written, written_values.view(torch.float64).view(len(unsynced), -1))
+        return fused_sample_rows(logits, mirror, row_index, uniform_bits.view(torch.float64), step_seed)
+
+    def _row_params(self, values: np.ndarray, uniform: np.ndarray, device: torch.device) -> RowParams:
+        """The torch ops' view of rows of the sampling table (``values`` ``[n, columns]``)."""
         greedy, top_k, top_p, min_p = (values[:, GREEDY] != 0, values[:, TOP_K].astype(np.int64),
                                        values[:, TOP_P], values[:, MIN_P])  # fmt: skip
-        # A seeded row draws its uniform from its own generator, so it reproduces whatever else is in the
-        # batch; drawn on the host (a CPU generator) and uploaded with the rest.
-        uniform = np.full(len(seqs), math.nan)
-        seeded = np.flatnonzero(values[:, SEEDED])
-        for row in seeded.tolist():
-            uniform[row] = torch.rand(1, dtype=torch.float64, generator=seqs[row].generator).item()
-        # On a GPU the other rows' noise comes from one seed a step, drawn from torch's default generator.
-        fused = self._fused_kernel and device.type == "cuda"
-        step_seed = [int(torch.randint(1 << 62, ()))] if fused else []
         parts = self._uploader(device).upload(
             [[values[:, TEMPERATURE].view(np.int64)], [top_k], [top_p.view(np.int64)],
-             [min_p.view(np.int64)], [uniform.view(np.int64)], [greedy], [step_seed]]
+             [min_p.view(np.int64)], [uniform.view(np.int64)], [greedy]]
         )  # fmt: skip
         return RowParams(
             temperature=as_floats(parts[0]),
@@ -301,10 +327,23 @@ class Sampler:
             host_top_k=top_k.tolist(),
             host_top_p=top_p.tolist(),
             any_min_p=bool((min_p > 0.0).any()),
-            any_seeded=len(seeded) > 0,
+            any_seeded=bool(values[:, SEEDED].any()),
             any_greedy=bool(greedy.any()),
-            step_seed=parts[6] if step_seed else None,
         )
+
+    def _sampling_table(self, vocab: int) -> SamplingTable:
+        if self._table is None or self._table.vocab != vocab:
+            self._table = SamplingTable(vocab)
+        return self._table
+
+    @staticmethod
+    def _uniforms(values: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+        """``[n]`` float64: a seeded row's uniform from its own generator (so it reproduces whatever else is in
+        the batch; a CPU generator, drawn on the host), NaN for the others (drawn on the device)."""
+        uniform = np.full(len(seqs), math.nan)
+        for row in np.flatnonzero(values[:, SEEDED]).tolist():
+            uniform[row] = torch.rand(1, dtype=torch.float64, generator=seqs[row].generator).item()
+        return uniform
 
     def release(self, seq: Sequence) -> None:
         """Forget a sequence that has ended (its parameters' and penalty counts' rows are reused)."""

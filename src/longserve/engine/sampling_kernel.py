@@ -18,8 +18,9 @@ Which tokens survive matches ``sampling_ops.target_probs`` (the reference) excep
 logits; the CPU samples rows without top-k by the same nucleus rule (``sampling_ops``). The noise is counter-based (Philox): a seeded row's comes from the uniform its generator
 drew on the host, so it reproduces whatever else is in the batch; the others' from the step's seed.
 
-Importing this module needs Triton; ``sampling_ops.sample_rows`` imports it only for CUDA logits (the CPU
-tests run the kernel under ``TRITON_INTERPRET=1``).
+Each row's parameters come from the device mirror of the sampling table, by row index. Importing this module
+needs Triton; the sampler imports it only for CUDA logits (the CPU tests run the kernel under
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from longserve.engine.sampling_table import GREEDY, MIN_P, TEMPERATURE, TOP_K, TOP_P
 
 
 def default_tiles(rows: int) -> tuple[int, int]:
@@ -70,12 +73,9 @@ def _kth_largest_key(base, offs, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
 def _sample_rows_kernel(
     logits_ptr,  # [n, vocab] float32
     stride_row,
-    temperature_ptr,  # [n] float32
-    top_k_ptr,  # [n] int64, >= vocab: off
-    top_p_ptr,  # [n] float32, 1.0: off
-    min_p_ptr,  # [n] float32, 0.0: off
+    table_ptr,  # [table rows, 6] float64: temperature, top_k, top_p, min_p, greedy, seeded (sampling_table.py)
+    rows_ptr,  # [n] int64: each logits row's row of the table
     uniform_ptr,  # [n] float64: a seeded row's host draw; NaN: use the step's seed
-    greedy_ptr,  # [n] bool
     step_seed_ptr,  # [1] int64
     token_ptr,  # [n] int64 out
     invalid_ptr,  # [n] int8 out: no distribution to draw from (NaN or +inf logits)
@@ -103,11 +103,12 @@ def _sample_rows_kernel(
     invalid = (bad > 0) | (best == -float("inf"))
     token = tl.where(invalid, 0, best_index).to(tl.int64)
 
-    if (tl.load(greedy_ptr + row) == 0) & (~invalid):
-        inv_t = 1.0 / tl.load(temperature_ptr + row)
-        top_k = tl.load(top_k_ptr + row)
-        top_p = tl.load(top_p_ptr + row)
-        min_p = tl.load(min_p_ptr + row)
+    params = table_ptr + tl.load(rows_ptr + row) * 6
+    if (tl.load(params + 4) == 0.0) & (~invalid):
+        inv_t = 1.0 / tl.load(params).to(tl.float32)
+        top_k = tl.load(params + 1).to(tl.int64)
+        top_p = tl.load(params + 2).to(tl.float32)
+        min_p = tl.load(params + 3).to(tl.float32)
         best_key = _ordered_keys(best)
         # Candidates: logits whose ordered key is >= floor. min-p keeps weight exp((x - best) / T) >= min_p.
         floor = lowest_key
@@ -168,12 +169,9 @@ def _sample_rows_kernel(
 
 def fused_sample_rows(
     logits: torch.Tensor,  # [n, vocab]
-    temperature: torch.Tensor,  # [n] float32
-    top_k: torch.Tensor,  # [n] int64
-    top_p: torch.Tensor,  # [n] float32
-    min_p: torch.Tensor,  # [n] float32
+    table: torch.Tensor,  # [table rows, 6] float64, columns as sampling_table.py's
+    rows: torch.Tensor,  # [n] int64
     uniform: torch.Tensor,  # [n] float64
-    greedy: torch.Tensor,  # [n] bool
     step_seed: torch.Tensor,  # [1] int64
     *,
     block: int | None = None,
@@ -181,6 +179,7 @@ def fused_sample_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n]`` tokens and ``[n]`` bool rows that were no distribution (their token is the argmax, or 0).
     ``block`` / ``num_warps``: the tiles (default: ``default_tiles``)."""
+    assert (TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY) == (0, 1, 2, 3, 4) and table.shape[1] == 6
     logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -191,8 +190,7 @@ def fused_sample_rows(
     invalid = torch.empty(n, dtype=torch.int8, device=logits.device)
     if n:
         _sample_rows_kernel[(n,)](
-            logits, logits.stride(0), temperature, top_k, top_p, min_p, uniform,
-            greedy, step_seed,
-            tokens, invalid, VOCAB=vocab, BLOCK=block, num_warps=num_warps,
+            logits, logits.stride(0), table, rows, uniform, step_seed, tokens, invalid,
+            VOCAB=vocab, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return tokens, invalid.bool()

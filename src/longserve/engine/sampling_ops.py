@@ -38,7 +38,6 @@ class RowParams:
     any_min_p: bool
     any_seeded: bool
     any_greedy: bool = False
-    step_seed: torch.Tensor | None = None  # [1] int64 on a GPU: the noise of the rows that bring no uniform
 
 
 def apply_top_k_top_p(
@@ -134,15 +133,8 @@ def sample_rows(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, 
     tokens, and ``[m]`` bool rows whose probabilities are no distribution (NaN, or nothing left). Those get
     some valid id, so the batch's other rows still get theirs; the caller fails them.
 
-    On a GPU one Triton launch does it all (``sampling_kernel.py``); on the CPU, draws that never touch the
-    whole vocabulary more than a softmax does (``_sample_on_cpu``); otherwise the reference's torch ops."""
-    if logits.is_cuda and params.step_seed is not None:
-        from longserve.engine.sampling_kernel import fused_sample_rows
-
-        return fused_sample_rows(
-            logits, params.temperature, params.top_k, params.top_p, params.min_p, params.uniform,
-            params.greedy, params.step_seed,
-        )  # fmt: skip
+    On the CPU, draws that never touch the whole vocabulary more than a softmax does (``_sample_on_cpu``);
+    elsewhere the reference's torch ops. (The sampler's usual GPU path is one kernel: ``sampling_kernel.py``.)"""
     if logits.device.type == "cpu":
         tokens, invalid = _sample_on_cpu(logits, params)
     else:

@@ -1,10 +1,12 @@
-"""Each sampling sequence's parameters as one row of host arrays (vLLM's persistent batch idea): written once,
-when the sequence first samples, and freed when it ends. A step gathers its rows with one numpy index
-instead of rebuilding per-parameter lists from every sequence's ``SamplingParams``."""
+"""Each sampling sequence's parameters as one row of a table (vLLM's persistent batch idea): written once,
+when the sequence first samples, and freed when it ends. On the CPU a step gathers its rows with one numpy
+index; on a GPU the table has a device mirror, written only where rows changed, that the sampling kernel
+reads by row index, so a step uploads its rows' indices and nothing per parameter."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from longserve.engine.sequence import Sequence
 
@@ -21,6 +23,8 @@ class SamplingTable:
         self.values = np.zeros((capacity, 6))  # [rows, columns]
         self._free = list(range(capacity - 1, -1, -1))
         self._rows: dict[Sequence, int] = {}  # (the rows' owners: release finds a row by its sequence)
+        self._mirror: torch.Tensor | None = None  # [rows, columns] float64 on the device, once asked for
+        self._unsynced: list[int] = []  # rows written since the mirror last took them
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -32,6 +36,15 @@ class SamplingTable:
         if -1 in index:
             index = [row if row >= 0 else self._write(seq) for seq, row in zip(seqs, index, strict=True)]
         return np.asarray(index, dtype=np.int64)
+
+    def mirror(self, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """The device mirror, and the rows written since the last call (the caller copies them in, on the
+        stream, behind the kernels that read the old values). A new or grown mirror is copied whole."""
+        if self._mirror is None or self._mirror.shape[0] != len(self.values):
+            self._mirror = torch.from_numpy(self.values).to(device)
+            self._unsynced = []
+        unsynced, self._unsynced = self._unsynced, []
+        return self._mirror, unsynced
 
     def release(self, seq: Sequence) -> None:
         row = self._rows.pop(seq, None)
@@ -53,4 +66,6 @@ class SamplingTable:
         else:
             top_k = p.top_k if 0 < p.top_k < self.vocab else self.vocab
             self.values[row] = (p.temperature, top_k, p.top_p, p.min_p, 0.0, seq.generator is not None)
+        if self._mirror is not None:
+            self._unsynced.append(row)
         return row
