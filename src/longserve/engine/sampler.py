@@ -17,7 +17,6 @@ from longserve.engine.penalties import PenaltyState
 from longserve.engine.protocol import TokenLogprob
 from longserve.engine.sampled_rows import LogprobRows, SampledRows, SamplerOutput
 from longserve.engine.sampling_ops import (
-    RowParams,
     compute_logprobs,
     greedy_argmax,
     logprob_entries,
@@ -25,7 +24,7 @@ from longserve.engine.sampling_ops import (
     sample_rows,
     target_probs,
 )
-from longserve.engine.sampling_table import GREEDY, MIN_P, SEEDED, TEMPERATURE, TOP_K, TOP_P, SamplingTable
+from longserve.engine.sampling_table import SamplingTable, draw_uniforms, rows_as_params
 from longserve.engine.sequence import Sequence
 from longserve.engine.spec_decode.rejection import accepted_runs, verify_rows
 from longserve.engine.structured_output import GrammarMasker
@@ -113,8 +112,8 @@ class Sampler:
         else:
             table = self._sampling_table(raw.shape[1])
             rows = table.rows(row_seqs)  # (first: it may grow the table)
-            uniform = self._uniforms(table.values[rows], row_seqs)
-            row_params = self._row_params(table.values[rows], uniform, raw.device)
+            uniform = draw_uniforms(table.values[rows], row_seqs)
+            row_params = rows_as_params(table.values[rows], uniform, self._uploader(raw.device))
             accept_uniform = [
                 math.nan if seq.generator is None or token < 0 or g
                 else torch.rand(1, dtype=torch.float64, generator=seq.generator).item()
@@ -293,9 +292,9 @@ class Sampler:
         rows = table.rows(seqs)  # (first: it may grow the table)
         values = table.values[rows]  # [n, columns]
         if uniform is None:
-            uniform = self._uniforms(values, seqs)
+            uniform = draw_uniforms(values, seqs)
         if not (self._fused_kernel and logits.is_cuda):
-            return sample_rows(logits, self._row_params(values, uniform, logits.device))
+            return sample_rows(logits, rows_as_params(values, uniform, self._uploader(logits.device)))
         from longserve.engine.sampling_kernel import fused_sample_rows
 
         # One upload: the rows' table indices, seeded rows' uniforms, the step's seed and the rows written
@@ -309,41 +308,10 @@ class Sampler:
             mirror.index_copy_(0, written, written_values.view(torch.float64).view(len(unsynced), -1))
         return fused_sample_rows(logits, mirror, row_index, uniform_bits.view(torch.float64), step_seed)
 
-    def _row_params(self, values: np.ndarray, uniform: np.ndarray, device: torch.device) -> RowParams:
-        """The torch ops' view of rows of the sampling table (``values`` ``[n, columns]``)."""
-        greedy, top_k, top_p, min_p = (values[:, GREEDY] != 0, values[:, TOP_K].astype(np.int64),
-                                       values[:, TOP_P], values[:, MIN_P])  # fmt: skip
-        parts = self._uploader(device).upload(
-            [[values[:, TEMPERATURE].view(np.int64)], [top_k], [top_p.view(np.int64)],
-             [min_p.view(np.int64)], [uniform.view(np.int64)], [greedy]]
-        )  # fmt: skip
-        return RowParams(
-            temperature=as_floats(parts[0]),
-            top_k=parts[1],
-            top_p=as_floats(parts[2]),
-            min_p=as_floats(parts[3]),
-            uniform=parts[4].view(torch.float64),
-            greedy=parts[5].bool(),
-            host_top_k=top_k.tolist(),
-            host_top_p=top_p.tolist(),
-            any_min_p=bool((min_p > 0.0).any()),
-            any_seeded=bool(values[:, SEEDED].any()),
-            any_greedy=bool(greedy.any()),
-        )
-
     def _sampling_table(self, vocab: int) -> SamplingTable:
         if self._table is None or self._table.vocab != vocab:
             self._table = SamplingTable(vocab)
         return self._table
-
-    @staticmethod
-    def _uniforms(values: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
-        """``[n]`` float64: a seeded row's uniform from its own generator (so it reproduces whatever else is in
-        the batch; a CPU generator, drawn on the host), NaN for the others (drawn on the device)."""
-        uniform = np.full(len(seqs), math.nan)
-        for row in np.flatnonzero(values[:, SEEDED]).tolist():
-            uniform[row] = torch.rand(1, dtype=torch.float64, generator=seqs[row].generator).item()
-        return uniform
 
     def release(self, seq: Sequence) -> None:
         """Forget a sequence that has ended (its parameters' and penalty counts' rows are reused)."""

@@ -5,10 +5,14 @@ reads by row index, so a step uploads its rows' indices and nothing per paramete
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from longserve.engine.sampling_ops import RowParams
 from longserve.engine.sequence import Sequence
+from longserve.engine.uploads import StepUploader, as_floats
 
 # Columns of the float64 table (top_k is an integer below 2^53, exact in a float64).
 TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY, SEEDED = range(6)
@@ -69,3 +73,36 @@ class SamplingTable:
         if self._mirror is not None:
             self._unsynced.append(row)
         return row
+
+
+def draw_uniforms(values: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+    """``[n]`` float64 for rows ``values`` ``[n, columns]`` of ``seqs``: a seeded row's uniform from its own
+    generator (so it reproduces whatever else is in the batch; a CPU generator, drawn on the host), NaN for
+    the others (drawn on the device)."""
+    uniform = np.full(len(seqs), math.nan)
+    for row in np.flatnonzero(values[:, SEEDED]).tolist():
+        uniform[row] = torch.rand(1, dtype=torch.float64, generator=seqs[row].generator).item()
+    return uniform
+
+
+def rows_as_params(values: np.ndarray, uniform: np.ndarray, uploader: StepUploader) -> RowParams:
+    """The torch ops' view of table rows ``values`` ``[n, columns]``, uploaded in one copy."""
+    greedy, top_k, top_p, min_p = (values[:, GREEDY] != 0, values[:, TOP_K].astype(np.int64),
+                                   values[:, TOP_P], values[:, MIN_P])  # fmt: skip
+    parts = uploader.upload(
+        [[values[:, TEMPERATURE].view(np.int64)], [top_k], [top_p.view(np.int64)], [min_p.view(np.int64)],
+         [uniform.view(np.int64)], [greedy]]
+    )  # fmt: skip
+    return RowParams(
+        temperature=as_floats(parts[0]),
+        top_k=parts[1],
+        top_p=as_floats(parts[2]),
+        min_p=as_floats(parts[3]),
+        uniform=parts[4].view(torch.float64),
+        greedy=parts[5].bool(),
+        host_top_k=top_k.tolist(),
+        host_top_p=top_p.tolist(),
+        any_min_p=bool((min_p > 0.0).any()),
+        any_seeded=bool(values[:, SEEDED].any()),
+        any_greedy=bool(greedy.any()),
+    )
