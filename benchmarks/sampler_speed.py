@@ -94,17 +94,23 @@ def kernel_call(logits: torch.Tensor, setting: dict, block: int, num_warps: int)
     from longserve.engine.sampling_kernel import fused_sample_rows
 
     n, vocab = logits.shape
-
-    def full(value, dtype=torch.float32) -> torch.Tensor:
-        return torch.full((n,), value, dtype=dtype, device=logits.device)
-
-    args = (full(setting["temperature"]), full(setting.get("top_k", vocab), torch.int64),
-            full(setting.get("top_p", 1.0)), full(setting.get("min_p", 0.0)),
-            full(float("nan"), torch.float64), full(False, torch.bool),
-            torch.tensor([1234], device=logits.device))  # fmt: skip
+    row = [
+        setting["temperature"],
+        setting.get("top_k", vocab),
+        setting.get("top_p", 1.0),
+        setting.get("min_p", 0.0),
+        0.0,
+        0.0,
+    ]  # fmt: skip  (the sampling table's columns; not greedy, not seeded)
+    table = torch.tensor([row] * n, dtype=torch.float64, device=logits.device)
+    rows = torch.arange(n, device=logits.device)
+    uniform = torch.full((n,), float("nan"), dtype=torch.float64, device=logits.device)
+    step_seed = torch.tensor([1234], device=logits.device)
 
     def call():
-        tokens, _ = fused_sample_rows(logits, *args, block=block, num_warps=num_warps)
+        tokens, _ = fused_sample_rows(
+            logits, table, rows, uniform, step_seed, block=block, num_warps=num_warps
+        )
         return tokens.tolist
 
     return call
