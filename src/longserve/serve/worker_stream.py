@@ -9,7 +9,6 @@ re-framed per API server, never turned into text here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -66,10 +65,6 @@ class WorkerStreamServer:
         self._socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
-        # Sends never wait (NOBLOCK), so they go through a plain socket sharing the same libzmq socket: the
-        # asyncio socket's send wraps each one in a future and an event check (11 against 7.5 µs of CPU a
-        # frame, paid once per engine step and API server). Both are used on the event loop's thread only.
-        self._sender = zmq.Socket.shadow(self._socket.underlying)
         self.address = f"tcp://{advertised_host}:{port}"
         self._peers: dict[bytes, _Peer] = {}
         self._flush_scheduled = False
@@ -207,8 +202,15 @@ class WorkerStreamServer:
                 self._send(peer.identity, Deltas(deltas))
 
     def _send(self, identity: bytes, message) -> None:
-        with contextlib.suppress(zmq.Again):  # the peer is gone or far behind: its timeout ends its requests
-            self._sender.send_multipart([identity, self._encode(message)], flags=zmq.NOBLOCK)
+        # Through the asyncio socket, never a plain shadow of it: a send makes libzmq process the socket's
+        # queued commands, which can consume the edge of its (edge-triggered) descriptor for a frame that just
+        # arrived; only the asyncio socket's send then re-checks and wakes the pending receive. A plain send
+        # left the receive asleep with a request waiting (a worker that stopped answering, 1 run in ~10).
+        # NOBLOCK: the future comes back done.
+        sent = self._socket.send_multipart([identity, self._encode(message)], flags=zmq.NOBLOCK)
+        error = sent.exception()
+        if error is not None and not isinstance(error, zmq.Again):
+            raise error  # (Again: the peer is gone or far behind; its timeout ends its requests)
 
     async def _keepalive(self) -> None:
         """Ping every API server with open requests; give up on those silent past the peer timeout."""
