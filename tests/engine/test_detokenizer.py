@@ -62,14 +62,16 @@ class JoinTokenizer:
 
 
 class RecordingTokenizer:
-    """Wraps a tokenizer and remembers the longest id list it was asked to decode."""
+    """Wraps a tokenizer and remembers how often it decoded and the longest id list it was asked to decode."""
 
     def __init__(self, inner):
         self.inner = inner
         self.longest = 0
+        self.calls = 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         self.longest = max(self.longest, len(ids))
+        self.calls += 1
         return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
@@ -174,6 +176,25 @@ def test_smollm_random_vocab_ids_match_full_decode(smollm_tokenizer):
             deltas, tail = stream(detok, ids)
             expected = smollm_tokenizer.decode(ids, skip_special_tokens=skip)
             assert "".join(d.text for d in deltas) + tail == expected, (trial, skip)
+
+
+def test_text_at_the_end_decodes_once_and_equals_streamed_text(smollm_tokenizer):
+    """``stream_text=False`` (the offline LLM): tokens only collect, and flush's one decode gives the text
+    the streamed deltas add up to; stop strings still get the text per token."""
+    prompt = smollm_tokenizer.encode("Once upon a time").ids
+    vocab = smollm_tokenizer.get_vocab_size()
+    for trial in range(30):
+        rng = random.Random(trial)
+        ids = [rng.randrange(vocab) for _ in range(40)]
+        calls = RecordingTokenizer(smollm_tokenizer)
+        deltas, tail = stream(IncrementalDetokenizer(calls, prompt, stream_text=False), ids)
+        assert all(d.text == "" for d in deltas) and calls.calls == 2  # the prompt context, then the flush
+        streamed, rest = stream(IncrementalDetokenizer(smollm_tokenizer, prompt), ids)
+        assert tail == "".join(d.text for d in streamed) + rest
+    text_ids = smollm_tokenizer.encode("one two STOP three").ids
+    detok = IncrementalDetokenizer(smollm_tokenizer, prompt, stop=["STOP"], stream_text=False)
+    deltas, tail = stream(detok, text_ids)
+    assert any(d.stop_string == "STOP" for d in deltas) and detok.output_text == "one two "
 
 
 def test_smollm_special_tokens_follow_skip_flag(smollm_tokenizer):

@@ -8,6 +8,9 @@ Two layers, one per hazard:
   would inside the full text.
 - Stop strings: released text that could still be the start of a stop string is held back until the next
   characters either complete the stop string (generation ends there) or rule it out.
+
+A caller that wants the text only at the end (the offline ``LLM``) passes ``stream_text=False``: without stop
+strings nothing needs the text before then, so tokens only collect and ``flush`` decodes them in one call.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Iterable[str] = (),
         include_stop_str_in_output: bool = False,
+        stream_text: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
@@ -61,6 +65,8 @@ class IncrementalDetokenizer:
         self._held = ""  # released characters kept back because they may start a stop string
         self._output_text = ""
         self._stopped = False
+        # Stop strings are matched as the text grows, so they need it per token whatever the caller wants.
+        self._collect_only = not stream_text and not self._stop
 
     @property
     def output_text(self) -> str:
@@ -72,6 +78,8 @@ class IncrementalDetokenizer:
         if self._stopped:
             return DetokenizerDelta("")
         self._window.append(token_id)
+        if self._collect_only:
+            return DetokenizerDelta("")
         return self._filter_stop(self._release_complete_text(), final=False)
 
     def flush(self) -> str:

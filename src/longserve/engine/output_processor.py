@@ -31,7 +31,16 @@ class TextPiece:
 class RequestText:
     """One request's completions as text; ``apply`` each delta in order."""
 
-    def __init__(self, tokenizer: TokenDecoder, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        tokenizer: TokenDecoder,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        stream_text: bool = True,
+    ) -> None:
+        """``stream_text=False``: a completion's text may all come in its last piece (one decode, not one a
+        token) unless stop strings need it sooner; for callers that join the pieces at the end."""
         self.params = params
         self.detokenizers = [
             IncrementalDetokenizer(
@@ -40,6 +49,7 @@ class RequestText:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                stream_text=stream_text,
             )
             for _ in range(params.n)
         ]
@@ -85,7 +95,8 @@ class RequestText:
             for i, done in enumerate(self.finished):  # a failed request may end without a last token
                 if not done:
                     self.finished[i] = True
+                    text = self.detokenizers[i].flush()  # the text of tokens it did generate
                     pieces.append(
-                        TextPiece(i, "", [], [] if self.params.logprobs is not None else None, "abort")
+                        TextPiece(i, text, [], [] if self.params.logprobs is not None else None, "abort")
                     )
         return pieces, stopped

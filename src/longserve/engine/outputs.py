@@ -59,7 +59,8 @@ class OutputBuilder:
 
     def __post_init__(self) -> None:
         params = self.request.params
-        self.text = RequestText(self.tokenizer, self.request.prompt_token_ids, params)
+        # The text is read once, from output(): no decode per token unless stop strings need one.
+        self.text = RequestText(self.tokenizer, self.request.prompt_token_ids, params, stream_text=False)
         wants_logprobs = params.logprobs is not None
         completions = [CompletionOutput(i, "", [], [] if wants_logprobs else None) for i in range(params.n)]
         self.pieces = [[] for _ in range(params.n)]
