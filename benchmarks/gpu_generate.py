@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (fits the disk)")
     parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="longserve's step budget (default: by device)"
+    )
+    parser.add_argument(
         "--tensor-parallel-size", help="comma-separated sizes, e.g. 1,2,4: scaling from one run"
     )
     parser.add_argument(
@@ -260,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             if "num_experts" in shape:
                 runs += [(f"longserve tp={t} ep", False, {"tensor_parallel_size": t, "enable_expert_parallel": True})
                          for t in tp_sizes if t > 1]  # fmt: skip
+        budget = (
+            {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+        )
         for name, eager, parallel in runs:
             systems[name] = run_longserve(
-                path, device, batches, prompts, args.new_tokens, args.repeats, eager, **parallel
+                path, device, batches, prompts, args.new_tokens, args.repeats, eager, **parallel, **budget
             )
             _free(device)
         if not args.skip_hf and not tp_sizes:
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("_tiny" if args.tiny else "") + (f"_{args.shape}" if args.shape != "1b" else "")
     suffix += f"_tp{args.tensor_parallel_size.replace(',', '-')}" if tp_sizes else ""
     suffix += f"_{args.layers}layers" if args.layers else ""
+    suffix += f"_budget{args.max_num_batched_tokens}" if args.max_num_batched_tokens else ""
     out = results / f"gpu_generate{suffix}.json"
     out.write_text(json.dumps({"shape": shape, "device": device, "prompt_len": args.prompt_len,
                                "new_tokens": args.new_tokens, "roofline_tok_s": roofline, "systems": table},

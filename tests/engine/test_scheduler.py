@@ -113,7 +113,7 @@ def test_default_budget_is_chosen_by_device() -> None:
     config = EngineConfig()
     assert config.max_num_batched_tokens is None
     assert config.resolved("cpu").max_num_batched_tokens == 512
-    assert config.resolved("cuda").max_num_batched_tokens == 2048
+    assert config.resolved("cuda").max_num_batched_tokens == 8192
     # never below max_num_seqs: every running sequence's decode fits in one step
     assert EngineConfig(max_num_seqs=600).resolved("cpu").max_num_batched_tokens == 600
     assert EngineConfig(max_num_batched_tokens=96).resolved("cuda").max_num_batched_tokens == 96
