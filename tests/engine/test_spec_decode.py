@@ -216,3 +216,18 @@ def _default_model() -> str:
     from longserve.loading.default_model import default_model_path
 
     return str(default_model_path())
+
+
+def test_a_one_token_chunk_short_of_its_prompt_end_never_replays_a_graph(tiny_llama_dir):
+    """A draft model catching up on a prompt schedules one-token chunks that sample nothing; a captured graph
+    computes every row's logits, so only steps whose every row samples may replay one (an H100 run asserted)."""
+    from longserve.engine.scheduler import ScheduledSequence
+    from longserve.engine.sequence import Sequence
+
+    runner = LLM(tiny_llama_dir, kv_cache_memory_mb=8).engine.runner
+    params = SamplingParams(temperature=0)
+    catching_up, decoding = (Sequence(name, 0, list(range(3, 13)), params, frozenset(), 20) for name in "ab")
+    catching_up.num_computed_tokens, decoding.num_computed_tokens = 4, 9  # of 10 prompt tokens
+    step = runner.describe([ScheduledSequence(decoding, 1), ScheduledSequence(catching_up, 1)])[0]
+    assert step.logit_rows == [0] and not step.may_replay
+    assert runner.describe([ScheduledSequence(decoding, 1)])[0].may_replay

@@ -142,7 +142,9 @@ class ModelRunner:
             [s.seq.block_table for s in scheduled],
             positions if single else [s.seq.num_computed_tokens for s in scheduled],
             [1] * len(scheduled) if single else [s.num_new_tokens for s in scheduled],
-            may_replay=not prompt_rows,
+            # A graph computes logits for every row: a one-token chunk short of its prompt's end (a draft model
+            # catching up) is a decode row that samples nothing, so such a step runs eagerly.
+            may_replay=not prompt_rows and len(sample_rows) == len(ids),
             fed_rows=fed_rows,
             fed_from=fed_from,
             lora_slots=[s.seq.lora_slot for s in scheduled] if self.lora_rows is not None else None,
