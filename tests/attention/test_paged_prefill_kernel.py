@@ -12,8 +12,8 @@ import triton_interpreter
 
 HERE = Path(__file__).resolve().parent
 # (cached prefix, chunk): a fresh prompt, prefixes ending inside and at the end of a block, a one-query
-# chunk (a decode), a chunk that spans several tiles.
-CHUNKS = [(0, 37), (21, 16), (48, 5), (130, 1), (7, 70)]
+# chunk (a decode), chunks that span several tiles (the last after several key blocks every row sees).
+CHUNKS = [(0, 37), (21, 16), (48, 5), (130, 1), (7, 70), (200, 70)]
 
 
 @pytest.mark.gpu

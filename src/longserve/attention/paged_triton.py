@@ -247,26 +247,27 @@ def paged_prefill_kernel(
         other=0.0,
     )  # [M, DIM_PAD]
     kv_stop = tl.minimum(context - chunk + first + BLOCK_Q, context)  # past the tile's last query
+    # Keys before the tile's first query's position + 1 are seen by every row: those whole key blocks need no
+    # causal mask and no bounds checks, the usual case of a long cached prefix. The rest is masked.
+    unmasked_stop = (context - chunk + first + 1) // BLOCK_N * BLOCK_N
     table = block_tables + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
-    for n0 in range(0, kv_stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < kv_stop
-        page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
-        slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K_cache + slots * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
-        s = tl.where(col_ok[None, :] & (cols[None, :] <= position[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # every row sees key 0 in the first block: finite from there
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_cache + slots * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_ok, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    k_rows, v_rows = (
+        K_cache + kv_head * stride_kh + dims[None, :],
+        V_cache + kv_head * stride_vh + dims[None, :],
+    )
+    for n0 in range(0, unmasked_stop, BLOCK_N):
+        m_i, l_i, acc = _prefill_key_block(
+            q, m_i, l_i, acc, n0, kv_stop, position, table, k_rows, v_rows, stride_kt, stride_vt, dim_ok,
+            scale_log2, BLOCK_N, PAGE, DOT_PRECISION, MASKED=False,
+        )  # fmt: skip
+    for n0 in range(unmasked_stop, kv_stop, BLOCK_N):
+        m_i, l_i, acc = _prefill_key_block(
+            q, m_i, l_i, acc, n0, kv_stop, position, table, k_rows, v_rows, stride_kt, stride_vt, dim_ok,
+            scale_log2, BLOCK_N, PAGE, DOT_PRECISION, MASKED=True,
+        )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(
         Out
@@ -276,3 +277,47 @@ def paged_prefill_kernel(
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & dim_ok[None, :],
     )
+
+
+@triton.jit
+def _prefill_key_block(
+    q,  # [M, DIM_PAD]
+    m_i,  # [M] running max (log2 units)
+    l_i,  # [M] running sum
+    acc,  # [M, DIM_PAD] running output
+    n0,  # first key of the block
+    kv_stop,  # keys at or past this are outside the tile's reach
+    position,  # [M] each row's own position: the last key it sees
+    table,  # the sequence's block-table row
+    k_rows,  # K_cache offset to the KV head, [1, DIM_PAD] pointers
+    v_rows,
+    stride_kt,
+    stride_vt,
+    dim_ok,  # [DIM_PAD]
+    scale_log2,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the block is seen by every row (no causal or bounds mask)
+):
+    """One online-softmax step of ``paged_prefill_kernel`` over keys n0 .. n0 + BLOCK_N."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < kv_stop
+    if MASKED:
+        page = tl.load(table + cols // PAGE, mask=col_ok, other=0)
+        kv_ok = col_ok[:, None] & dim_ok[None, :]
+    else:
+        page = tl.load(table + cols // PAGE)
+        kv_ok = dim_ok[None, :]
+    slots = (page.to(tl.int64) * PAGE + cols % PAGE)[:, None]
+    k = tl.load(k_rows + slots * stride_kt, mask=kv_ok, other=0.0)
+    s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+    if MASKED:
+        s = tl.where(col_ok[None, :] & (cols[None, :] <= position[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # every row sees key 0 in the first block: finite from there
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_rows + slots * stride_vt, mask=kv_ok, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
