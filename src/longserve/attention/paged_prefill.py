@@ -13,9 +13,9 @@ TILE_ROWS = 64  # (query, head) rows per program: BLOCK_Q queries x the group's 
 BLOCK_N = 64  # keys per inner step
 
 
-def query_block(group: int) -> int:
+def query_block(group: int, tile_rows: int = TILE_ROWS) -> int:
     """Queries per tile for ``group`` query heads per KV head."""
-    return max(1, TILE_ROWS // max(1, next_pow2(group)))
+    return max(1, tile_rows // max(1, next_pow2(group)))
 
 
 def paged_prefill(
@@ -28,6 +28,11 @@ def paged_prefill(
     max_query_len: int,  # the longest chunk (sizes the grid)
     page_size: int,
     scale: float,
+    *,
+    tile_rows: int = TILE_ROWS,  # the tiling: benchmarks/prefill_attention.py sweeps it
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries over its cached prefix and itself: [tokens, heads, d]."""
     from longserve.attention.paged_triton import paged_prefill_kernel
@@ -38,15 +43,15 @@ def paged_prefill(
     out = torch.empty_like(q)
     if tokens == 0:
         return out
-    block_q = query_block(group)
+    block_q = query_block(group, tile_rows)
     grid = (context_lens.numel(), -(-max_query_len // block_q), kv_heads)
     paged_prefill_kernel[grid](
         q, key_cache, value_cache, out, block_tables, query_starts, context_lens,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         scale * _LOG2E,
-        GROUP=group, GROUP_PAD=max(1, next_pow2(group)), BLOCK_Q=block_q, BLOCK_N=BLOCK_N,
+        GROUP=group, GROUP_PAD=max(1, next_pow2(group)), BLOCK_Q=block_q, BLOCK_N=block_n,
         PAGE=page_size, HEAD_DIM=dim, DIM_PAD=max(16, next_pow2(dim)), DOT_PRECISION=dot_precision(key_cache),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
