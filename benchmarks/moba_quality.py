@@ -13,6 +13,7 @@ in the MoBA layers): perplexity from the engine's prompt logprobs, passkeys from
 Usage:
   python benchmarks/moba_quality.py [--threads 2] [--contexts 2048,4096,8192] [--depths 0.1,0.5,0.9]
                                     [--trials 1] [--chunk 512] [--topk 3] [--controls 0:0,1:0,1:512] [--quick]
+                                    [--no-dense]
 Results: benchmarks/results/moba_quality-<timestamp>.json and moba_quality-latest.json.
 """
 
@@ -54,7 +55,7 @@ def texts() -> dict[str, str]:
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:
     moba = dict(attention="moba", moba_chunk_size=args.chunk, moba_topk=args.topk)
-    found = {"dense": {}}
+    found = {} if args.no_dense else {"dense": {}}
     for full in args.full_layers:
         for sink, window in args.controls:
             name = f"moba c{args.chunk} k{args.topk} full{full}"
@@ -140,6 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=1, help="passkeys per context and depth")
     p.add_argument("--quick", action="store_true", help="1K perplexity, one 1K passkey context (smoke run)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument(
+        "--no-dense", action="store_true", help="MoBA settings only (same seed: the prompts of a dense run)"
+    )
     args = p.parse_args(argv)
     args.full_layers = [int(x) for x in args.full_layers.split(",") if x.strip()]
     args.controls = [
