@@ -33,7 +33,7 @@ from longserve.engine.protocol import (
 )
 from longserve.loading.pooling_config import MEAN_NORMALIZED
 from longserve.loading.tokenizer import Tokenizer
-from longserve.serve.worker import create_worker_app
+from longserve.serve.worker_app import create_worker_app
 from longserve.serve.worker_protocol import (
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,

@@ -18,8 +18,8 @@ from servers import serve_app, unused_port, wait_until
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.core_client import EngineCoreClient
 from longserve.serve.api_server import create_api_app
-from longserve.serve.controller import create_controller_app
-from longserve.serve.worker import create_worker_app
+from longserve.serve.controller_app import create_controller_app
+from longserve.serve.worker_app import create_worker_app
 
 MODEL = "tiny"
 

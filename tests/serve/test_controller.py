@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from servers import serve_app, unused_port
 
 from longserve.config import ServeConfig
-from longserve.serve.controller import Controller, create_controller_app
+from longserve.serve.controller import Controller
+from longserve.serve.controller_app import create_controller_app
 from longserve.serve.worker_protocol import (
     ControllerStatus,
     ErrorInfo,

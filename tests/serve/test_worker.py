@@ -14,7 +14,8 @@ from servers import serve_app
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.core_client import EngineCoreClient
-from longserve.serve.worker import ModelWorker, create_worker_app
+from longserve.serve.worker import ModelWorker
+from longserve.serve.worker_app import create_worker_app
 from longserve.serve.worker_protocol import (
     ErrorInfo,
     WorkerGenerateResponse,

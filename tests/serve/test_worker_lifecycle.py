@@ -16,7 +16,7 @@ from servers import serve_app, unused_port, wait_until
 
 from longserve.config import EngineConfig, ServeConfig
 from longserve.engine.core_client import EngineCoreClient
-from longserve.serve.worker import create_worker_app
+from longserve.serve.worker_app import create_worker_app
 from longserve.serve.worker_protocol import HeartBeatRequest, RegisterWorkerRequest, WorkerGenerateResponse
 
 MODEL = "tiny"

@@ -214,8 +214,8 @@ async def serve_all(core: EngineCoreClient, serve_config: ServeConfig) -> None:
     """``longserve serve``: the controller and one worker with the model (its engine core ``launch_engine``d)
     in this process, the API server in ``api_server_count`` processes of its own (``api_processes``)."""
     from longserve.serve.api_processes import ApiServerProcesses
-    from longserve.serve.controller import create_controller_app
-    from longserve.serve.worker import create_worker_app
+    from longserve.serve.controller_app import create_controller_app
+    from longserve.serve.worker_app import create_worker_app
 
     engine_config = core.config
     host = serve_config.host
@@ -292,7 +292,7 @@ async def wait_until_listed(controller_address: str, model: str) -> None:
 async def serve_worker(core: EngineCoreClient, serve_config: ServeConfig) -> None:
     """``longserve worker``: one model worker (its engine core ``launch_engine``d) that registers with a
     controller."""
-    from longserve.serve.worker import create_worker_app
+    from longserve.serve.worker_app import create_worker_app
 
     names = served_names(serve_config, core.config)
     name = names[0] if len(names) == 1 else ", ".join(names)
@@ -315,7 +315,7 @@ async def serve_worker(core: EngineCoreClient, serve_config: ServeConfig) -> Non
 
 
 async def serve_controller(serve_config: ServeConfig) -> None:
-    from longserve.serve.controller import create_controller_app
+    from longserve.serve.controller_app import create_controller_app
 
     spec = AppSpec(
         "controller", create_controller_app(serve_config), serve_config.host, serve_config.controller_port
