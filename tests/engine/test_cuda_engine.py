@@ -24,7 +24,14 @@ def _prompt_logprobs(llm, prompt):
     return torch.tensor([e.logprob for e in entries])
 
 
-@pytest.mark.parametrize("options", [{}, MOBA], ids=["dense", "moba"])
+# 40-token steps: the prompt's later chunks start inside a cache page and a MoBA block, and read their cached
+# prefix through the block tables (the paged prefill kernels).
+CHUNKED = {"max_num_batched_tokens": 40, "max_num_seqs": 8}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, MOBA, CHUNKED, MOBA | CHUNKED], ids=["dense", "moba", "dense-chunked", "moba-chunked"]
+)
 def test_cuda_engine_matches_the_cpu_engine(tiny_llama_dir, options):
     cpu = LLM(tiny_llama_dir, kv_cache_memory_mb=4, **options)
     gpu = LLM(tiny_llama_dir, kv_cache_memory_mb=4, device="cuda", **options)

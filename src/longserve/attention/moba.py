@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from longserve.attention import moba_cuda
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.moba_gating import (
     gating_dtype,
@@ -151,8 +152,17 @@ class MobaAttention:
         out = torch.empty_like(q)
         if metadata.num_decodes:
             out[: metadata.num_decodes] = self._decode(q[: metadata.num_decodes], cache, metadata, scale)
-        for span in metadata.prefills:
+        # On CUDA the kernels read the cache through the block tables and gate over the cached mean keys; the
+        # reference path (and a recording, which shows the keys) works on the gathered context.
+        paged = cache.gate_keys is not None and self.record is None and cuda_path_available(q)
+        for index, span in enumerate(metadata.prefills):
             rows = slice(span.query_start, span.query_start + span.query_len)
+            if paged:
+                out[rows] = cuda_prefill(
+                    q[rows], k[rows], v[rows], cache, metadata, index, self.chunk_size, self.topk, scale,
+                    self.sink, self.window,
+                )  # fmt: skip
+                continue
             if span.context_slots is None:
                 keys, values = cache.as_stored(k[rows]), cache.as_stored(v[rows])
             else:
@@ -172,7 +182,10 @@ class MobaAttention:
             )
             self.record(record)
         if cuda_path_available(q):
-            return cuda_prefill(q, keys, values, self.chunk_size, self.topk, scale, self.sink, self.window)
+            return moba_cuda.moba_prefill_sequence(
+                q.contiguous(), keys.contiguous(), values.contiguous(), self.chunk_size, self.topk, scale,
+                sink=self.sink, window=self.window,
+            )  # fmt: skip
         return moba_attend(
             q, keys, values, _positions(q, keys), self.chunk_size, self.topk, scale,
             sink=self.sink, window=self.window,

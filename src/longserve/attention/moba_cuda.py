@@ -5,7 +5,9 @@ Prefill inverts the selection. Every (query token, head, chosen block) becomes a
 with tensor cores. The cost follows the number of chosen blocks however neighbouring tokens choose. The own
 block is an entry like the others (its causal mask is the same ``key <= query`` test that every chosen
 earlier block passes trivially). Each entry leaves a normalised partial and its log-sum-exp, and a merge
-kernel combines a token's entries; queries go in windows so the partials stay bounded in memory.
+kernel combines a token's entries; queries go in windows so the partials stay bounded in memory. The keys are
+a contiguous context (a prompt in one step) or the paged cache read through the sequence's block table (a
+chunk after a cached prefix: only the chosen blocks are read, nothing is gathered).
 
 Decode splits each sequence's context at block boundaries: a program reads one block of one KV head from the
 paged cache for the group's query heads that chose it, so a block is read once however many heads chose it.
@@ -23,6 +25,7 @@ from longserve.attention.paged_decode import dot_precision, merge_partials, next
 
 _LOG2E = 1.4426950408889634
 _MAX_GATE_BLOCKS = 1024  # the gate kernels keep a row of scores in registers; more blocks go through torch
+_BLOCK_N = 128  # keys per step of the block kernel
 
 
 def _orderable(scores: torch.Tensor) -> torch.Tensor:
@@ -148,32 +151,17 @@ def moba_prefill_sequence(
     topk: int,
     scale: float,
     out: torch.Tensor | None = None,  # [queries, heads, d] contiguous, written in place
-    window_tokens: int | None = None,
-    partial_dtype: torch.dtype | None = None,  # None: q's dtype (bf16 partials halve the merge's traffic)
-    block_m: int = 128,
-    block_n: int = 128,
-    num_warps: int = 8,
-    num_stages: int = 3,
+    gates: torch.Tensor | None = None,  # [blocks, kv_heads, d] float32 mean keys; None: computed from k
     use_tma: bool | None = None,  # None: on Hopper and newer (bulk tensor copies; ~5% faster at 1M tokens)
-    warp_specialize: bool = False,
     sink: bool = False,
     window: int = 0,
+    **tiling,
 ) -> torch.Tensor:
-    """MoBA attention of the last ``len(q)`` positions of one sequence over its context, on CUDA
-    (``sink``, ``window``: the blocks every query attends, ``moba_gating.forced_blocks``)."""
-    from longserve.attention.moba_triton import moba_block_attention_kernel
-
-    queries, heads, dim = q.shape
-    seq, kv_heads = k.shape[0], k.shape[1]
-    group = heads // kv_heads
-    q_start = seq - queries
-    out = torch.empty_like(q) if out is None else out
-    partial_dtype = partial_dtype or q.dtype
-    num_chunks = math.ceil(seq / chunk_size)
-    gates = gate_keys(k, chunk_size)
-    num_groups = kv_heads * num_chunks * group
-    if window_tokens is None:  # partials of ~8 GiB per window: fewer, fuller tiles per block
-        window_tokens = max(1024, (8 << 30) // (heads * topk * dim * partial_dtype.itemsize))
+    """MoBA attention of the last ``len(q)`` positions of one sequence over its contiguous context, on CUDA
+    (``sink``, ``window``: the blocks every query attends, ``moba_gating.forced_blocks``; ``tiling``: the
+    keywords of ``_attend_chosen_blocks``)."""
+    seq, kv_heads, dim = k.shape
+    block_n = tiling.get("block_n", _BLOCK_N)
     k_desc = v_desc = None
     if use_tma is None:
         use_tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
@@ -182,6 +170,88 @@ def moba_prefill_sequence(
 
         k_desc = TensorDescriptor.from_tensor(k.view(seq, kv_heads * dim), [block_n, dim])
         v_desc = TensorDescriptor.from_tensor(v.view(seq, kv_heads * dim), [block_n, dim])
+    gates = gate_keys(k, chunk_size) if gates is None else gates
+    return _attend_chosen_blocks(
+        q,
+        k,
+        v,
+        seq,
+        gates,
+        chunk_size,
+        topk,
+        scale,
+        out,
+        sink,
+        window,
+        descriptors=(k_desc, v_desc),
+        **tiling,
+    )
+
+
+def moba_prefill_paged(
+    q: torch.Tensor,  # [queries, heads, d]: the last ``queries`` positions of a context of ``context_len``
+    key_cache: torch.Tensor,  # [slots, kv_heads, d]: the paged cache, slot = page * page_size + offset
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [pages] int32: the sequence's pages, in order
+    page_size: int,
+    context_len: int,
+    gates: torch.Tensor,  # [context_len // chunk_size, kv_heads, d] float32: the complete blocks' mean keys
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    sink: bool = False,
+    window: int = 0,
+    **tiling,
+) -> torch.Tensor:
+    """A prompt chunk's MoBA attention read straight from the paged cache: the queries gate over ``gates``
+    and the kernel reads only the chosen blocks' keys and values through ``block_table`` (no gathered copy of
+    the prefix)."""
+    return _attend_chosen_blocks(
+        q, key_cache, value_cache, context_len, gates, chunk_size, topk, scale, out, sink, window,
+        paging=(block_table, page_size), **tiling,
+    )  # fmt: skip
+
+
+def _attend_chosen_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: int,
+    gates: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    out: torch.Tensor | None,
+    sink: bool,
+    window: int,
+    *,
+    descriptors: tuple = (None, None),  # TMA descriptors of contiguous k and v
+    paging: tuple[torch.Tensor | None, int] = (None, 0),  # (block table, page size) of a paged cache
+    window_tokens: int | None = None,
+    partial_dtype: torch.dtype | None = None,  # None: q's dtype (bf16 partials halve the merge's traffic)
+    block_m: int = 128,
+    block_n: int = _BLOCK_N,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    warp_specialize: bool = False,
+) -> torch.Tensor:
+    """Gate the queries (positions seq - len(q) ..), attend each (query, head, chosen block) entry in tiles of
+    block_m entries per block, and merge every query's partials; queries go in windows of ``window_tokens``."""
+    from longserve.attention.moba_triton import moba_block_attention_kernel
+
+    queries, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q_start = seq - queries
+    out = torch.empty_like(q) if out is None else out
+    partial_dtype = partial_dtype or q.dtype
+    num_chunks = math.ceil(seq / chunk_size)
+    num_groups = kv_heads * num_chunks * group
+    if window_tokens is None:  # partials of ~8 GiB per window: fewer, fuller tiles per block
+        window_tokens = max(1024, (8 << 30) // (heads * topk * dim * partial_dtype.itemsize))
+    k_desc, v_desc = descriptors
+    block_table, page_size = paging
     head_ids = torch.arange(heads, device=q.device)
     head_key = ((head_ids // group) * num_chunks * group + head_ids % group).to(torch.int32)  # [heads]
     for w0 in range(0, queries, window_tokens):
@@ -202,9 +272,9 @@ def moba_prefill_sequence(
             moba_block_attention_kernel[(tile_group.numel(),)](
                 q, k, v, o_part, lse_part, tile_group, tile_start, tile_end, pos, dst,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                q_start, num_chunks, chunk_size, seq, scale * _LOG2E, k_desc, v_desc,
-                GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
-                WARP_SPECIALIZE=warp_specialize, DOT_PRECISION=dot_precision(q),
+                q_start, num_chunks, chunk_size, seq, scale * _LOG2E, k_desc, v_desc, block_table,
+                GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=k_desc is not None,
+                PAGE_SIZE=page_size, WARP_SPECIALIZE=warp_specialize, DOT_PRECISION=dot_precision(q),
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
         merge_partials(o_part, lse_part, out[w0 : w0 + rows], rows * heads, topk)

@@ -44,27 +44,42 @@ def _store(cache: LayerKVCache, keys: torch.Tensor, first_slots: torch.Tensor, b
     cache.gate_keys[first_slots // block_size] = torch.mean(keys, dim=1, dtype=torch.float32)
 
 
+def cached_gates(cache: LayerKVCache, block_table: torch.Tensor, context_len: int, chunk_size: int,
+                 block_size: int) -> torch.Tensor:  # fmt: skip
+    """[context_len // chunk_size, kv_heads, d] float32: the mean keys of the sequence's complete blocks, as
+    ``update_gate_keys`` stored them (at each block's first page; block_table: the sequence's pages)."""
+    blocks = context_len // chunk_size
+    pages_per_block = chunk_size // block_size
+    return cache.gate_keys[block_table[: blocks * pages_per_block : pages_per_block].long()]
+
+
 def cuda_prefill(
     q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerKVCache,
+    metadata: AttentionMetadata,
+    index: int,
     chunk_size: int,
     topk: int,
     scale: float,
     sink: bool = False,
     window: int = 0,
 ) -> torch.Tensor:
-    """One sequence's prompt chunk (the last len(q) positions of its context) through the block kernel."""
-    return moba_cuda.moba_prefill_sequence(
-        q.contiguous(),
-        keys.contiguous(),
-        values.contiguous(),
-        chunk_size,
-        topk,
-        scale,
-        sink=sink,
-        window=window,
-    )
+    """Prefill span ``index``'s MoBA attention (q, k, v: its rows of the step), gated over the cached mean
+    keys: a whole prompt over its own contiguous keys, a chunk after a cached prefix straight from the cache
+    through its block table."""
+    span, table = metadata.prefills[index], metadata.paged_prefills.block_tables[index]
+    gates = cached_gates(cache, table, span.context_len, chunk_size, metadata.block_size)
+    if span.context_slots is None:
+        keys, values = cache.as_stored(k).contiguous(), cache.as_stored(v).contiguous()
+        return moba_cuda.moba_prefill_sequence(
+            q.contiguous(), keys, values, chunk_size, topk, scale, gates=gates, sink=sink, window=window
+        )
+    return moba_cuda.moba_prefill_paged(
+        q.contiguous(), cache.key, cache.value, table, metadata.block_size, span.context_len, gates,
+        chunk_size, topk, scale, sink=sink, window=window,
+    )  # fmt: skip
 
 
 def cuda_decode(

@@ -16,7 +16,7 @@ import triton.language as tl
 @triton.jit
 def moba_block_attention_kernel(
     Q,  # [query_rows, heads, HEAD_DIM]; query row = position - q_offset
-    K,  # [seq_len, kv_heads, HEAD_DIM]
+    K,  # [seq_len, kv_heads, HEAD_DIM]; with PAGE_SIZE, the paged cache [slots, kv_heads, HEAD_DIM]
     V,
     O_part,  # [entries_in_window, HEAD_DIM] normalised partial outputs, indexed by entry_dst
     LSE_part,  # [entries_in_window] base-2 log-sum-exp of each partial
@@ -38,11 +38,13 @@ def moba_block_attention_kernel(
     scale_log2,
     K_desc,  # TensorDescriptor over K viewed as [seq_len, kv_heads * HEAD_DIM] when USE_TMA, else unused
     V_desc,
+    Block_table,  # [pages] int32: the sequence's cache pages when PAGE_SIZE > 0, else unused
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # > 0: K, V are the paged cache; position p is at table[p // PAGE] * PAGE + p % PAGE
     WARP_SPECIALIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact mode), "tf32" otherwise (unused for bf16)
 ):
@@ -77,11 +79,11 @@ def moba_block_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in tl.range(kv_start, unmasked_stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        key_rows = _key_rows(Block_table, n0 + tl.arange(0, BLOCK_N), kv_stop, PAGE_SIZE)
         if USE_TMA:
             k = K_desc.load([n0, kv_head * HEAD_DIM])  # [BLOCK_N, D]
         else:
-            k = tl.load(k_base + cols[:, None] * stride_kt + dims[None, :])
+            k = tl.load(k_base + key_rows[:, None] * stride_kt + dims[None, :])
         s = tl.dot(
             q, tl.trans(k), input_precision=DOT_PRECISION
         )  # [BLOCK_M, BLOCK_N], unscaled: the scale folds into one FMA below
@@ -92,7 +94,7 @@ def moba_block_attention_kernel(
         if USE_TMA:
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vt + dims[None, :])
+            v = tl.load(v_base + key_rows[:, None] * stride_vt + dims[None, :])
         acc = tl.dot(
             p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION
         )  # accumulate inside the matrix instruction
@@ -100,11 +102,13 @@ def moba_block_attention_kernel(
     for n0 in range(unmasked_stop, kv_stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < kv_stop
-        cols64 = cols.to(tl.int64)
+        key_rows = _key_rows(Block_table, cols, kv_stop, PAGE_SIZE)
         if USE_TMA:  # rows past the end read as zeros; rows past kv_stop are masked below
             k = K_desc.load([n0, kv_head * HEAD_DIM])
         else:
-            k = tl.load(k_base + cols64[:, None] * stride_kt + dims[None, :], mask=col_ok[:, None], other=0.0)
+            k = tl.load(
+                k_base + key_rows[:, None] * stride_kt + dims[None, :], mask=col_ok[:, None], other=0.0
+            )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where((cols[None, :] <= pos[:, None]) & col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,7 +118,9 @@ def moba_block_attention_kernel(
         if USE_TMA:
             v = V_desc.load([n0, kv_head * HEAD_DIM])
         else:
-            v = tl.load(v_base + cols64[:, None] * stride_vt + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(
+                v_base + key_rows[:, None] * stride_vt + dims[None, :], mask=col_ok[:, None], other=0.0
+            )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -126,6 +132,16 @@ def moba_block_attention_kernel(
         mask=row_ok[:, None],
     )
     tl.store(LSE_part + dst, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _key_rows(Block_table, cols, kv_stop, PAGE_SIZE: tl.constexpr):
+    """int64 rows of K/V holding positions ``cols``: the positions themselves, or their paged cache slots
+    (positions from ``kv_stop`` on are not the sequence's: their table entries are not read)."""
+    if PAGE_SIZE > 0:
+        pages = tl.load(Block_table + cols // PAGE_SIZE, mask=cols < kv_stop, other=0)
+        return pages.to(tl.int64) * PAGE_SIZE + cols % PAGE_SIZE
+    return cols.to(tl.int64)
 
 
 @triton.jit
