@@ -30,7 +30,9 @@ def test_equal_lengths_need_no_mask_and_prefills_follow_decodes():
     assert meta.num_decodes == 2 and meta.decode_mask is None
     (span,) = meta.prefills
     assert (span.query_start, span.query_len, span.context_len) == (2, 20, 22)
-    assert span.context_slots.tolist() == context_slots(table, 22, BLOCK).tolist()
+    assert meta.context_slots(0).tolist() == context_slots(table, 22, BLOCK).tolist()
+    assert meta.context_slots(0) is meta.context_slots(0)  # built once, shared by every layer
+    assert meta.prefill_slots(0, 5, 9).tolist() == context_slots(table, 9, BLOCK, start=5).tolist()
     assert meta.slot_mapping.tolist()[2:] == context_slots(table, 22, BLOCK).tolist()[2:]
     only_prefill = build_attention_metadata([[1]], [0], [3], BLOCK)
     assert only_prefill.decode_block_tables is None and only_prefill.decode_slots is None

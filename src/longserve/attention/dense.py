@@ -52,14 +52,14 @@ class DenseAttention:
                 paged.max_query_len, metadata.block_size, scale,
             )  # fmt: skip
             return out
-        for span in metadata.prefills:
+        for index, span in enumerate(metadata.prefills):
             rows = slice(span.query_start, span.query_start + span.query_len)
-            if span.context_slots is None:
+            if not span.cached_len:
                 out[rows] = _sdpa(
                     q[rows], cache.as_stored(k[rows]), cache.as_stored(v[rows]), scale, causal=True
                 )
             else:
-                keys, values = cache.gather(span.context_slots, q.dtype)
+                keys, values = cache.gather(metadata.context_slots(index), q.dtype)
                 mask = _offset_causal_mask(span.query_len, span.context_len, q.device)
                 out[rows] = _sdpa(q[rows], keys, values, scale, mask=mask)
         return out
@@ -100,7 +100,7 @@ def _cpu_kernel_takes(q: torch.Tensor, cache: LayerKVCache) -> bool:
 def _paged_prefill_pays(metadata: AttentionMetadata) -> bool:
     """Several chunks (one launch instead of one per chunk) or a cached prefix (no gathered copy, no mask
     tensor). A single fresh prompt stays with cuDNN's SDPA until the kernel is measured against it."""
-    return len(metadata.prefills) > 1 or any(span.context_slots is not None for span in metadata.prefills)
+    return len(metadata.prefills) > 1 or any(span.cached_len for span in metadata.prefills)
 
 
 def _offset_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:

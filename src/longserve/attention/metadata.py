@@ -16,7 +16,11 @@ class PrefillSpan:
     query_start: int  # first row of this sequence in the step's flattened tokens
     query_len: int  # new tokens this step
     context_len: int  # tokens in the cache after this step (cached prefix + query_len)
-    context_slots: torch.Tensor | None  # [context_len] cache slots, None when the chunk is the whole context
+
+    @property
+    def cached_len(self) -> int:
+        """Tokens of the context cached before this step (0: the chunk is the whole context)."""
+        return self.context_len - self.query_len
 
 
 @dataclass
@@ -42,9 +46,9 @@ class AttentionMetadata:
     """Per-step layout of the flattened batch. Decode rows (one new token each) come first, then prefills.
 
     Decodes are described as paged kernels want them (as vLLM does): an int32 block table and an int32
-    context length per sequence, built once per step on the host and copied once to the device. The dense
-    per-position slot table that gather-based paths need is derived from them on the device, at most once per
-    step, and only if a layer asks for it.
+    context length per sequence, built once per step on the host and copied once to the device; so are the
+    prompt chunks (``paged_prefills``). The dense per-position slot tables that gather-based paths need are
+    derived from them on the device, at most once per step, and only if a layer asks for them.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
@@ -90,6 +94,26 @@ class AttentionMetadata:
             return None
         return self._decode_valid[:, None, None, :]
 
+    def prefill_slots(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """[stop - start] cache slots of positions [start, stop) of prefill ``index``, from its block table."""
+        tables = self.paged_prefills.block_tables  # [num_prefills, max_pages]
+        positions = torch.arange(start, stop, device=tables.device)
+        return (
+            tables[index, positions // self.block_size].long() * self.block_size + positions % self.block_size
+        )
+
+    def context_slots(self, index: int) -> torch.Tensor:
+        """[context_len] cache slots of prefill ``index``'s whole context (cached prefix and chunk), built once
+        per step for the paths that gather the context."""
+        built = self._context_slots
+        if index not in built:
+            built[index] = self.prefill_slots(index, 0, self.prefills[index].context_len)
+        return built[index]
+
+    @cached_property
+    def _context_slots(self) -> dict[int, torch.Tensor]:
+        return {}
+
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """The same layout with its index tensors on ``device`` (built on the CPU, used where the cache is)."""
 
@@ -101,14 +125,13 @@ class AttentionMetadata:
             slot_mapping=move(self.slot_mapping),
             decode_block_tables=move(self.decode_block_tables),
             decode_seq_lens=move(self.decode_seq_lens),
-            prefills=[replace(span, context_slots=move(span.context_slots)) for span in self.prefills],
             paged_prefills=None if self.paged_prefills is None else self.paged_prefills.to(device),
         )
 
 
-def context_slots(block_table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    """Cache slots of positions [0, num_tokens) for a sequence with this block table."""
-    positions = torch.arange(num_tokens)
+def context_slots(block_table: list[int], num_tokens: int, block_size: int, start: int = 0) -> torch.Tensor:
+    """Cache slots of positions [start, num_tokens) for a sequence with this block table."""
+    positions = torch.arange(start, num_tokens)
     blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
     return blocks * block_size + positions % block_size
 
@@ -155,7 +178,6 @@ class AttentionPlan:
         slot_mapping: torch.Tensor,
         tables: torch.Tensor | None,
         lens: torch.Tensor | None,
-        prefills: list[PrefillSpan] | None = None,
         split_context: int | None = None,
         paged_prefills: PagedPrefills | None = None,
     ) -> AttentionMetadata:
@@ -166,7 +188,7 @@ class AttentionPlan:
             decode_block_tables=tables,
             decode_seq_lens=lens,
             decode_context_lens=self.decode_lens,
-            prefills=self.prefills if prefills is None else prefills,
+            prefills=self.prefills,
             block_size=self.block_size,
             split_context=split_context,
             paged_prefills=paged_prefills,
@@ -218,9 +240,8 @@ def plan_attention(
             verifying.append(index)
             positions.extend(range(computed, context_len))
         else:
-            slots = context_slots(table, context_len, block_size)
-            plan.prefill_new_slots.append(slots[computed:])
-            plan.prefills.append(PrefillSpan(query_start, qlen, context_len, slots if computed else None))
+            plan.prefill_new_slots.append(context_slots(table, context_len, block_size, start=computed))
+            plan.prefills.append(PrefillSpan(query_start, qlen, context_len))
             prefill_tables.append(table)
         query_start += qlen
     if decode_tables:

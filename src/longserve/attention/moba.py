@@ -163,10 +163,10 @@ class MobaAttention:
                     self.sink, self.window,
                 )  # fmt: skip
                 continue
-            if span.context_slots is None:
+            if not span.cached_len:
                 keys, values = cache.as_stored(k[rows]), cache.as_stored(v[rows])
             else:
-                keys, values = cache.gather(span.context_slots, q.dtype)
+                keys, values = cache.gather(metadata.context_slots(index), q.dtype)
             out[rows] = self._prefill_span(q[rows], keys, values, scale)
         return out
 

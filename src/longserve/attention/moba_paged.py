@@ -22,19 +22,20 @@ def update_gate_keys(
         if context % chunk_size == 0:  # the new token closed a block
             slots = metadata.decode_slots[row, context - chunk_size : context]
             _store(cache, cache.key[slots], slots[:1], block)
-    for span in metadata.prefills:
+    for index, span in enumerate(metadata.prefills):
         first = (span.context_len - span.query_len) // chunk_size
         last = span.context_len // chunk_size
         if last <= first:
             continue
-        if span.context_slots is None:  # the chunk is the whole context: its keys are this step's rows
+        if not span.cached_len:  # the chunk is the whole context: its keys are this step's rows
             keys = k[span.query_start : span.query_start + last * chunk_size]
             starts = metadata.slot_mapping[
                 span.query_start : span.query_start + last * chunk_size : chunk_size
             ]
             _store(cache, keys.view(last, chunk_size, *keys.shape[1:]), starts, block)
         else:
-            slots = span.context_slots[first * chunk_size : last * chunk_size].view(last - first, chunk_size)
+            slots = metadata.prefill_slots(index, first * chunk_size, last * chunk_size)
+            slots = slots.view(last - first, chunk_size)
             _store(cache, cache.key[slots], slots[:, 0], block)
 
 
@@ -71,7 +72,7 @@ def cuda_prefill(
     through its block table."""
     span, table = metadata.prefills[index], metadata.paged_prefills.block_tables[index]
     gates = cached_gates(cache, table, span.context_len, chunk_size, metadata.block_size)
-    if span.context_slots is None:
+    if not span.cached_len:
         keys, values = cache.as_stored(k).contiguous(), cache.as_stored(v).contiguous()
         return moba_cuda.moba_prefill_sequence(
             q.contiguous(), keys, values, chunk_size, topk, scale, gates=gates, sink=sink, window=window

@@ -90,15 +90,15 @@ class ReferenceAttention:
             out[row : row + 1] = self._attend(
                 q[row : row + 1], cache, slots, context_len, scale, compute_dtype
             )
-        for span in metadata.prefills:
+        for index, span in enumerate(metadata.prefills):
             rows = slice(span.query_start, span.query_start + span.query_len)
-            if span.context_slots is None:
+            if not span.cached_len:
                 keys = cache.as_stored(k[rows]).to(compute_dtype)
                 values = cache.as_stored(v[rows]).to(compute_dtype)
                 out[rows] = self._attend_keys(q[rows].to(compute_dtype), keys, values, 0, scale).to(q.dtype)
             else:
                 out[rows] = self._attend(
-                    q[rows], cache, span.context_slots, span.context_len, scale, compute_dtype
+                    q[rows], cache, metadata.context_slots(index), span.context_len, scale, compute_dtype
                 )
         return out
 

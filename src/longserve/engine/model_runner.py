@@ -6,7 +6,7 @@ forward pass on its shard (``follow``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -177,10 +177,9 @@ class ModelRunner:
                 [plan.decode_new_slots, *plan.prefill_new_slots],
                 [flat_tables.view(np.int64)],
                 [plan.decode_lens, *plan.prefill_ints()],
-                *([span.context_slots] for span in plan.prefills if span.context_slots is not None),
             ]
         )
-        input_ids, positions_t, fed, rows, slots, table_pairs, lens_and_prefills, *context = uploaded
+        input_ids, positions_t, fed, rows, slots, table_pairs, lens_and_prefills = uploaded
         if step.fed_rows:
             count = len(step.fed_rows)
             input_ids.index_copy_(0, fed[:count], fed_tokens.index_select(0, fed[count:]))
@@ -191,14 +190,7 @@ class ModelRunner:
             tables = table_pairs.view(torch.int32)[: num * width].view(num, width)  # [num_decodes, width]
             lens = small[:num]  # [num_decodes]
         paged = plan.paged_prefills(small[plan.num_decodes :])
-        contexts = iter(context)
-        prefills = [
-            span if span.context_slots is None else replace(span, context_slots=next(contexts))
-            for span in plan.prefills
-        ]
-        metadata = plan.metadata(
-            slots, tables, lens, prefills, split_context=self.max_context, paged_prefills=paged
-        )
+        metadata = plan.metadata(slots, tables, lens, split_context=self.max_context, paged_prefills=paged)
         return ModelInput(input_ids, positions_t, metadata, rows)
 
     @torch.inference_mode()
