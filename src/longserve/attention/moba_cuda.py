@@ -24,7 +24,7 @@ from longserve.attention.moba_gating import forced_blocks
 from longserve.attention.paged_decode import dot_precision, merge_partials, next_pow2, paged_decode
 
 _LOG2E = 1.4426950408889634
-_MAX_GATE_BLOCKS = 1024  # the gate kernels keep a row of scores in registers; more blocks go through torch
+_GATE_TILE = 64  # blocks the gate kernels score at once
 _BLOCK_N = 128  # keys per step of the block kernel
 
 
@@ -70,9 +70,9 @@ def select_prefill_blocks(
 ) -> torch.Tensor:
     """[rows, heads, topk] int32: the topk-1 chosen earlier blocks of each query (-1 = none), own block last.
 
-    ``positions`` are consecutive (row i sits at positions[0] + i). On CUDA, Triton kernels compute the
-    scores in float32 accuracy (skipping blocks no row may choose) and pick the blocks; torch.topk is ~20x
-    slower at these shapes.
+    ``positions`` are consecutive (row i sits at positions[0] + i). On CUDA one Triton kernel scores in float32
+    accuracy (skipping blocks no row may choose) and picks the blocks as it goes; torch.topk is ~20x slower
+    at these shapes.
     """
     rows, heads, dim = q.shape
     kv_heads, blocks = gates.shape[1], gates.shape[0]
@@ -80,24 +80,17 @@ def select_prefill_blocks(
     chosen = torch.empty(rows, heads, topk, dtype=torch.int32, device=q.device)
     if rows == 0:
         return chosen
-    block_b = max(16, next_pow2(blocks))
-    if _gate_kernel_ok(q, block_b):
-        from longserve.attention.moba_triton import moba_gate_scores_kernel, moba_prefill_topk_kernel
+    if q.is_cuda:
+        from longserve.attention.moba_triton import moba_prefill_gate_kernel
 
-        first = int(positions[0])
-        scores = torch.empty(rows, heads, max(blocks, 1), dtype=torch.float32, device=q.device)
-        if blocks:
-            tile_b = 64 if blocks > 32 else 32
-            moba_gate_scores_kernel[(-(-rows // 128), heads, -(-blocks // tile_b))](
-                q, gates, scores, first, rows, heads, blocks, chunk_size,
-                q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
-                GROUP=group, HEAD_DIM=dim, BLOCK_R=128, BLOCK_B=tile_b,
-                PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=8,
-            )  # fmt: skip
-        block_r = max(16, min(64, 8192 // block_b))
-        moba_prefill_topk_kernel[(-(-rows // block_r), heads)](
-            scores, chosen, first, rows, blocks, chunk_size, int(sink), window,
-            TOPK=topk, BLOCK_R=block_r, BLOCK_B=block_b,
+        picks = next_pow2(max(topk - 1, 1))
+        # Each program keeps its rows' running lists, [block_r, picks] values and ids, in registers.
+        block_r = 64 if picks <= 16 else 32
+        moba_prefill_gate_kernel[(-(-rows // block_r), heads)](
+            q, gates, chosen, int(positions[0]), rows, blocks, chunk_size, int(sink), window,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1),
+            GROUP=group, HEAD_DIM=dim, TOPK=topk, KP=picks, BLOCK_R=block_r, BLOCK_B=_GATE_TILE,
+            PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=4,
         )  # fmt: skip
         return chosen
     own = (positions // chunk_size).to(torch.int32)  # [rows]
@@ -118,10 +111,6 @@ def select_prefill_blocks(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _gate_kernel_ok(q: torch.Tensor, block_b: int) -> bool:
-    return q.is_cuda and block_b <= _MAX_GATE_BLOCKS
 
 
 def _tiles(
@@ -322,16 +311,17 @@ def select_decode_blocks(
     splits = -(-max_context // chunk_size)
     blocks = (max_context - 1) // chunk_size  # most complete earlier blocks of any sequence
     pages_per_block = chunk_size // page_size
-    block_b = max(16, next_pow2(blocks))
-    if _gate_kernel_ok(q, block_b):
+    if q.is_cuda:
         from longserve.attention.moba_triton import moba_decode_gate_kernel
 
         chosen = torch.zeros(batch, kv_heads, splits, dtype=torch.int32, device=q.device)
-        moba_decode_gate_kernel[(batch, heads)](
+        moba_decode_gate_kernel[(batch, kv_heads)](
             q, gate_cache, block_tables, context_lens, chosen,
             q.stride(0), q.stride(1), gate_cache.stride(0), gate_cache.stride(1), block_tables.stride(0),
             kv_heads, splits, chunk_size, pages_per_block, int(sink), window,
-            GROUP=group, TOPK=topk, HEAD_DIM=dim, BLOCK_B=block_b,
+            GROUP=group, TOPK=topk, KP=next_pow2(max(topk - 1, 1)), HEAD_DIM=dim,
+            BLOCK_H=max(16, next_pow2(group)), BLOCK_B=_GATE_TILE,
+            PRECISION="ieee" if _interpreting() else "tf32x3",
         )  # fmt: skip
         return chosen
     own = (context_lens.long() - 1) // chunk_size  # [batch]

@@ -1,5 +1,8 @@
 """Triton kernels for MoBA on CUDA: gathered-query block attention and the gates (block selection).
 
+The gates score blocks a tile at a time and keep each query's best ``topk - 1`` in registers, merged tile by
+tile (``_merge_top``), so any number of blocks is scored without writing a score tensor.
+
 The log-sum-exp merge and the paged split decode that MoBA shares with dense attention are in
 ``paged_triton``.
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+NO_BLOCK = tl.constexpr(1 << 30)  # a block id past any sequence's: "none" in the running top lists
 
 
 @triton.jit
@@ -145,86 +150,92 @@ def _key_rows(Block_table, cols, kv_stop, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def moba_gate_scores_kernel(
-    Q,  # [rows, heads, HEAD_DIM]
+def _merge_top(s, blocks, top_v, top_i, PICKS: tl.constexpr, KP: tl.constexpr):
+    """The PICKS best of a tile's scores ``s`` [R, BB] (block ids ``blocks`` [BB], all later than any in the
+    running list) and the running list (``top_v``, ``top_i``) [R, KP]: the new list, best first. A tie goes to
+    the earlier block, as in one pass over every block; -inf entries mean none."""
+    slots = tl.arange(0, KP)
+    new_v = tl.full(top_v.shape, float("-inf"), tl.float32)
+    new_i = tl.full(top_i.shape, NO_BLOCK, tl.int32)
+    for j in tl.static_range(PICKS):
+        best = tl.maximum(tl.max(s, 1), tl.max(top_v, 1))  # [R]
+        pick = tl.minimum(
+            tl.min(tl.where(top_v == best[:, None], top_i, NO_BLOCK), 1),
+            tl.min(tl.where(s == best[:, None], blocks[None, :], NO_BLOCK), 1),
+        )  # [R] the earliest block holding the best score
+        new_v = tl.where(slots[None, :] == j, best[:, None], new_v)
+        new_i = tl.where(slots[None, :] == j, pick[:, None], new_i)
+        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
+        top_v = tl.where(top_i == pick[:, None], float("-inf"), top_v)
+    return new_v, new_i
+
+
+@triton.jit
+def _gate_rule(s, blocks, position, sink, window, chunk_size):
+    """Scores [R, BB] of the blocks ``blocks`` for queries at ``position`` [R]: -inf for blocks at or after a
+    query's own block (not eligible), +inf for the forced ones (``moba_gating.forced_blocks``)."""
+    own = position // chunk_size
+    first_window = tl.where(window > 0, tl.maximum(position - window + 1, 0) // chunk_size, own)
+    forced = ((blocks[None, :] == 0) & (sink != 0)) | (blocks[None, :] >= first_window[:, None])
+    s = tl.where(forced, float("inf"), s)
+    return tl.where(blocks[None, :] < own[:, None], s, float("-inf"))
+
+
+@triton.jit
+def moba_prefill_gate_kernel(
+    Q,  # [rows, heads, HEAD_DIM]: consecutive positions from first_pos
     Gates,  # [num_blocks, kv_heads, HEAD_DIM] float32 mean keys of the complete blocks
-    Scores,  # [rows, heads, num_blocks] float32 out; only eligible (earlier) blocks are written
+    Chosen,  # [rows, heads, TOPK] int32 out: the TOPK-1 best earlier blocks (-1 = none), own block last
     first_pos,
     num_rows,
-    num_heads,
     num_blocks,
     chunk_size,
+    sink,  # 1: block 0 is always chosen (moba_gating.forced_blocks)
+    window,  # tokens: the blocks holding the last ``window`` up to the query are always chosen; 0 = off
     stride_qt,
     stride_qh,
     stride_gb,
     stride_gh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,  # power of two >= TOPK - 1: the running list's width
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
     PRECISION: tl.constexpr,  # "tf32x3" (float32 accuracy on tensor cores) on GPUs, "ieee" in the interpreter
 ):
-    """One [BLOCK_R queries x BLOCK_B blocks] tile of q·gate for one head; tiles no query may choose from
-    (blocks at or after every row's own block) are skipped."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    head = tl.program_id(1)
-    blocks = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    last_own = (first_pos + tl.minimum((tl.program_id(0) + 1) * BLOCK_R, num_rows) - 1) // chunk_size
-    if tl.program_id(2) * BLOCK_B >= last_own:
-        return
-    ok = rows < num_rows
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=ok[:, None]
-    )
-    g = tl.load(
-        Gates + blocks[:, None] * stride_gb + (head // GROUP) * stride_gh + dims[None, :],
-        mask=(blocks < num_blocks)[:, None],
-        other=0.0,
-    )
-    s = tl.dot(q.to(tl.float32), tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
-    out = Scores + (rows.to(tl.int64) * num_heads + head)[:, None] * num_blocks + blocks[None, :]
-    tl.store(out, s, mask=ok[:, None] & (blocks < num_blocks)[None, :])
-
-
-@triton.jit
-def moba_prefill_topk_kernel(
-    Scores,  # [rows, heads, num_blocks] float32 gate scores; only eligible blocks are read
-    Chosen,  # [rows, heads, TOPK] int32 out: the TOPK-1 best earlier blocks (-1 = none), own block last
-    first_pos,  # position of row 0
-    num_rows,
-    num_blocks,
-    chunk_size,
-    sink,  # 1: block 0 is always chosen (moba_gating.forced_blocks)
-    window,  # tokens: the blocks holding the last ``window`` up to the query are always chosen; 0 = off
-    TOPK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # power of two >= num_blocks
-):
-    """TOPK-1 rounds of arg-max over each query's eligible blocks (the lowest index wins a tie: the
-    earlier block; forced blocks score +inf, so they come first), for BLOCK_R queries of one head."""
+    """Gating fused for BLOCK_R queries of one head: q·gate over tiles of BLOCK_B blocks, each tile merged into
+    a running top list in registers; no score tensor is written, and blocks no row may choose are skipped."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     ok = rows < num_rows
-    own = (first_pos + rows) // chunk_size
-    blocks = tl.arange(0, BLOCK_B)
-    score_rows = rows.to(tl.int64) * tl.num_programs(1) + head
-    s = tl.load(
-        Scores + score_rows[:, None] * num_blocks + blocks[None, :],
-        mask=ok[:, None] & (blocks[None, :] < own[:, None]),
-        other=float("-inf"),
-    )  # [BLOCK_R, BLOCK_B]; blocks at or after the own block are not eligible
-    positions = first_pos + rows
-    first_window = tl.where(window > 0, tl.maximum(positions - window + 1, 0) // chunk_size, own)
-    forced = ((blocks[None, :] == 0) & (sink != 0)) | (blocks[None, :] >= first_window[:, None])
-    s = tl.where(forced & (blocks[None, :] < own[:, None]), float("inf"), s)
+    position = first_pos + rows
     out = Chosen + (rows.to(tl.int64) * (tl.num_programs(1) * TOPK) + head * TOPK)
-    for j in tl.static_range(TOPK - 1):
-        best = tl.max(s, 1)
-        pick = tl.min(tl.where(s == best[:, None], blocks[None, :], BLOCK_B), 1)
-        tl.store(out + j, tl.where(best > float("-inf"), pick, -1), mask=ok)
-        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
-    tl.store(out + TOPK - 1, own, mask=ok)
+    tl.store(out + TOPK - 1, position // chunk_size, mask=ok)
+    if TOPK > 1:
+        last_own = (first_pos + tl.minimum((tl.program_id(0) + 1) * BLOCK_R, num_rows) - 1) // chunk_size
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=ok[:, None]
+        ).to(tl.float32)  # [BLOCK_R, D]
+        top_v = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
+        top_i = tl.full([BLOCK_R, KP], NO_BLOCK, tl.int32)
+        for b0 in range(0, last_own, BLOCK_B):  # blocks from last_own on are no row's earlier block
+            blocks = b0 + tl.arange(0, BLOCK_B)
+            g = tl.load(
+                Gates + blocks[:, None] * stride_gb + (head // GROUP) * stride_gh + dims[None, :],
+                mask=(blocks < num_blocks)[:, None],
+                other=0.0,
+            )  # [BLOCK_B, D]
+            s = tl.dot(q, tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
+            s = _gate_rule(s, blocks, position, sink, window, chunk_size)
+            top_v, top_i = _merge_top(s, blocks, top_v, top_i, TOPK - 1, KP)
+        slots = tl.arange(0, KP)
+        tl.store(
+            out[:, None] + slots[None, :],
+            tl.where(top_v > float("-inf"), top_i, -1),
+            mask=ok[:, None] & (slots[None, :] < TOPK - 1),
+        )
 
 
 @triton.jit
@@ -247,35 +258,48 @@ def moba_decode_gate_kernel(
     window,  # tokens: the blocks holding the last ``window`` up to the query are always chosen; 0 = off
     GROUP: tl.constexpr,
     TOPK: tl.constexpr,
+    KP: tl.constexpr,  # power of two >= TOPK - 1: the running lists' width
     HEAD_DIM: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # power of two >= the most complete blocks of any sequence
+    BLOCK_H: tl.constexpr,  # power of two >= max(GROUP, 16): the group's query heads as the rows of a dot
+    BLOCK_B: tl.constexpr,  # blocks scored at once
+    PRECISION: tl.constexpr,  # "tf32x3" (float32 accuracy on tensor cores) on GPUs, "ieee" in the interpreter
 ):
-    """One (sequence, query head): score the complete earlier blocks, OR the head's bit into the chosen
-    blocks and its own block."""
+    """One (sequence, KV head): the group's query heads score the complete earlier blocks a tile at a time
+    (each tile's mean keys read once for the group) into running top lists, then OR each head's bit into its
+    chosen blocks and the group's bits into the own block."""
     b = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    own = (tl.load(context_lens + b) - 1) // chunk_size
-    dims = tl.arange(0, HEAD_DIM)
-    blocks = tl.arange(0, BLOCK_B)
-    valid = blocks < own
-    pages = tl.load(block_tables + b.to(tl.int64) * stride_bt + blocks * pages_per_block, mask=valid, other=0)
-    g = tl.load(
-        Gate_cache + pages.to(tl.int64)[:, None] * stride_gp + kv_head * stride_gh + dims[None, :],
-        mask=valid[:, None],
-        other=0.0,
-    )  # [BLOCK_B, D]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + head * stride_qh + dims).to(tl.float32)
-    s = tl.where(valid, tl.sum(g * q[None, :], 1), float("-inf"))  # [BLOCK_B]
+    kv_head = tl.program_id(1)
     position = tl.load(context_lens + b) - 1
-    first_window = tl.where(window > 0, tl.maximum(position - window + 1, 0) // chunk_size, own)
-    forced = ((blocks == 0) & (sink != 0)) | (blocks >= first_window)
-    s = tl.where(forced & valid, float("inf"), s)
+    own = position // chunk_size
     bits = Chosen + (b * num_kv_heads + kv_head).to(tl.int64) * num_splits
-    bit = 1 << (head % GROUP)
-    for _ in tl.static_range(TOPK - 1):
-        best = tl.max(s, 0)
-        pick = tl.min(tl.where(s == best, blocks, BLOCK_B), 0)
-        tl.atomic_or(bits + pick, bit, mask=best > float("-inf"))
-        s = tl.where(blocks == pick, float("-inf"), s)
-    tl.atomic_or(bits + own, bit)
+    if TOPK > 1:
+        heads = tl.arange(0, BLOCK_H)
+        head_ok = heads < GROUP
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            Q + b.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :],
+            mask=head_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_H, D]
+        at = tl.full([BLOCK_H], 0, tl.int32) + position  # every row's query position
+        top_v = tl.full([BLOCK_H, KP], float("-inf"), tl.float32)
+        top_i = tl.full([BLOCK_H, KP], NO_BLOCK, tl.int32)
+        for b0 in range(0, own, BLOCK_B):
+            blocks = b0 + tl.arange(0, BLOCK_B)
+            valid = blocks < own
+            pages = tl.load(
+                block_tables + b.to(tl.int64) * stride_bt + blocks * pages_per_block, mask=valid, other=0
+            )
+            g = tl.load(
+                Gate_cache + pages.to(tl.int64)[:, None] * stride_gp + kv_head * stride_gh + dims[None, :],
+                mask=valid[:, None],
+                other=0.0,
+            )  # [BLOCK_B, D]
+            s = tl.dot(q, tl.trans(g), input_precision=PRECISION)  # [BLOCK_H, BLOCK_B]
+            s = _gate_rule(s, blocks, at, sink, window, chunk_size)
+            top_v, top_i = _merge_top(s, blocks, top_v, top_i, TOPK - 1, KP)
+        slots = tl.arange(0, KP)[None, :]
+        picked = (top_v > float("-inf")) & (slots < TOPK - 1) & head_ok[:, None]  # [BLOCK_H, KP]
+        head_bits = tl.broadcast_to((1 << heads)[:, None], [BLOCK_H, KP])
+        tl.atomic_or(bits + tl.where(picked, top_i, 0), head_bits, mask=picked)
+    tl.atomic_or(bits + own, (1 << GROUP) - 1)
