@@ -78,3 +78,37 @@ def check_decode_gate(device: str) -> None:
                 sink, window,
             )  # fmt: skip
             assert torch.equal(chosen.cpu(), want), (lens, sink, window)
+
+
+def check_close_blocks(device: str) -> None:
+    """The decode rows' block closing: rows whose context is a multiple of the block size store that block's
+    mean key at its first page; no other gate row changes (shuffled pages, a row closing its first block)."""
+    from longserve.attention.moba_triton import moba_close_blocks_kernel
+
+    g = torch.Generator().manual_seed(2)
+    kv_heads, dim, page, chunk = 2, 16, 16, 32
+    lens = [64, 50, 32, 97, 160]  # rows 0, 2 and 4 close a block
+    pages = [-(-n // page) for n in lens]
+    order = (torch.randperm(sum(pages), generator=g) + 1).to(torch.int32)
+    tables = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(pages):
+        tables[row, :count] = order[start : start + count]
+        start += count
+    key_cache = torch.randn((sum(pages) + 1) * page, kv_heads, dim, generator=g)
+    gates = torch.full((sum(pages) + 1, kv_heads, dim), float("nan"))
+    out = gates.to(device)
+    moba_close_blocks_kernel[(len(lens), kv_heads)](
+        key_cache.to(device), out, tables.to(device),
+        torch.tensor(lens, dtype=torch.int32, device=device),
+        key_cache.stride(0), key_cache.stride(1), gates.stride(0), gates.stride(1), tables.stride(0), chunk,
+        PAGE_SIZE=page, HEAD_DIM=dim, BLOCK_N=16,
+    )  # fmt: skip
+    out = out.cpu()
+    want = gates.clone()
+    for row, n in enumerate(lens):
+        if n % chunk == 0:
+            positions = torch.arange(n - chunk, n)
+            slots = tables[row, positions // page].long() * page + positions % page
+            want[tables[row, (n - chunk) // page]] = key_cache[slots].mean(0)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6, equal_nan=True)

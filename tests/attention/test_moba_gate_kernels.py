@@ -19,11 +19,13 @@ def test_moba_selection_kernels_on_cuda() -> None:
     pytest.importorskip("triton")
     moba_gate_checks.check_prefill_gate("cuda")
     moba_gate_checks.check_decode_gate("cuda")
+    moba_gate_checks.check_close_blocks("cuda")
 
 
 def test_moba_selection_kernels_in_triton_interpreter() -> None:
     pytest.importorskip("triton")
     triton_interpreter.run_checks(
-        "import moba_gate_checks as c; c.check_prefill_gate('cpu'); c.check_decode_gate('cpu')",
+        "import moba_gate_checks as c; "
+        "c.check_prefill_gate('cpu'); c.check_decode_gate('cpu'); c.check_close_blocks('cpu')",
         HERE,
     )

@@ -58,14 +58,24 @@ def test_graph_decode_equals_eager_for_every_bucket(tiny_model_cache, model, dty
 
 @pytest.mark.gpu
 @needs_cuda
-def test_moba_models_run_eagerly(tiny_model_cache):
-    moba = LLM(
-        tiny_model_cache.path("llama"), kv_cache_memory_mb=16, device="cuda", attention="moba",
-        moba_chunk_size=16, moba_topk=2, moba_full_layers=1,
+def test_moba_decode_graphs_give_what_eager_steps_give(tiny_model_cache):
+    """MoBA decodes replay graphs: gating, block-sparse reads and the block means of blocks the decodes close
+    (16-token blocks: 40 tokens cross two) match eager steps."""
+    options = dict(
+        kv_cache_memory_mb=16, device="cuda", dtype="float32", attention="moba", moba_chunk_size=16,
+        moba_topk=2, moba_full_layers=1, max_num_seqs=8,
     )  # fmt: skip
-    assert moba.engine.runner.graphs is None
-    out = moba.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
-    assert len(out.outputs[0].token_ids) == 4
+    path = tiny_model_cache.path("llama")
+    graphed, eager = LLM(path, **options), LLM(path, enforce_eager=True, **options)
+    assert graphed.engine.runner.graphs is not None and eager.engine.runner.graphs is None
+    vocab = eager.engine.model_config.vocab_size
+    prompts = _prompts(vocab, 5)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    for got, want in zip(graphed.generate(prompts, params), eager.generate(prompts, params), strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        got_lp = torch.tensor([e.logprob for e in got.outputs[0].logprobs])
+        want_lp = torch.tensor([e.logprob for e in want.outputs[0].logprobs])
+        torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-4)
 
 
 @pytest.mark.gpu

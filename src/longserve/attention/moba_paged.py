@@ -8,7 +8,7 @@ import torch
 from longserve.attention import moba_cuda
 from longserve.attention.metadata import AttentionMetadata
 from longserve.attention.paged_cache import LayerKVCache
-from longserve.attention.paged_decode import paged_layout
+from longserve.attention.paged_decode import cuda_path_available, paged_layout
 
 
 def update_gate_keys(
@@ -18,10 +18,13 @@ def update_gate_keys(
     if cache.gate_keys is None:
         return
     block = metadata.block_size
-    for row, context in enumerate(metadata.decode_context_lens):
-        if context % chunk_size == 0:  # the new token closed a block
-            slots = metadata.decode_slots[row, context - chunk_size : context]
-            _store(cache, cache.key[slots], slots[:1], block)
+    if metadata.num_decodes and cuda_path_available(cache.key):  # MoBA's kernels take this head size
+        _close_decode_blocks(cache, metadata, chunk_size)
+    else:
+        for row, context in enumerate(metadata.decode_context_lens):
+            if context % chunk_size == 0:  # the new token closed a block
+                slots = metadata.decode_slots[row, context - chunk_size : context]
+                _store(cache, cache.key[slots], slots[:1], block)
     for index, span in enumerate(metadata.prefills):
         first = (span.context_len - span.query_len) // chunk_size
         last = span.context_len // chunk_size
@@ -37,6 +40,19 @@ def update_gate_keys(
             slots = metadata.prefill_slots(index, first * chunk_size, last * chunk_size)
             slots = slots.view(last - first, chunk_size)
             _store(cache, cache.key[slots], slots[:, 0], block)
+
+
+def _close_decode_blocks(cache: LayerKVCache, metadata: AttentionMetadata, chunk_size: int) -> None:
+    """The decode rows' block closings on CUDA: one kernel decides on the device which rows closed a block
+    (no host branch on the context lengths, so CUDA graphs capture it) and stores those blocks' means."""
+    from longserve.attention.moba_triton import moba_close_blocks_kernel
+
+    tables, lens = metadata.decode_block_tables, metadata.decode_seq_lens
+    key, gates = cache.key, cache.gate_keys
+    moba_close_blocks_kernel[(metadata.num_decodes, key.shape[1])](
+        key, gates, tables, lens, key.stride(0), key.stride(1), gates.stride(0), gates.stride(1),
+        tables.stride(0), chunk_size, PAGE_SIZE=metadata.block_size, HEAD_DIM=key.shape[2], BLOCK_N=64,
+    )  # fmt: skip
 
 
 def _store(cache: LayerKVCache, keys: torch.Tensor, first_slots: torch.Tensor, block_size: int) -> None:

@@ -303,3 +303,44 @@ def moba_decode_gate_kernel(
         head_bits = tl.broadcast_to((1 << heads)[:, None], [BLOCK_H, KP])
         tl.atomic_or(bits + tl.where(picked, top_i, 0), head_bits, mask=picked)
     tl.atomic_or(bits + own, (1 << GROUP) - 1)
+
+
+@triton.jit
+def moba_close_blocks_kernel(
+    Key_cache,  # [slots, kv_heads, HEAD_DIM]: the paged cache, this step's keys already written
+    Gate_cache,  # [num_pages, kv_heads, HEAD_DIM] float32: a complete block's mean key at its first page
+    block_tables,  # [rows, max_pages] int32
+    context_lens,  # [rows] int32: each decode row's context, its new token included
+    stride_kt,
+    stride_kh,
+    stride_gp,
+    stride_gh,
+    stride_bt,
+    chunk_size,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (decode row, KV head): when the row's new token closed a MoBA block, store the block's mean key.
+    The test runs on the device, so a captured decode step keeps the means current with no host branch."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context = tl.load(context_lens + row)
+    if (context % chunk_size == 0) & (context > 0):
+        first = context - chunk_size
+        table = block_tables + row.to(tl.int64) * stride_bt
+        dims = tl.arange(0, HEAD_DIM)
+        total = tl.zeros([HEAD_DIM], tl.float32)
+        for n0 in range(first, context, BLOCK_N):
+            positions = n0 + tl.arange(0, BLOCK_N)
+            ok = positions < context
+            pages = tl.load(table + positions // PAGE_SIZE, mask=ok, other=0)
+            slots = pages.to(tl.int64) * PAGE_SIZE + positions % PAGE_SIZE
+            keys = tl.load(
+                Key_cache + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                mask=ok[:, None],
+                other=0.0,
+            )  # [BLOCK_N, D]
+            total += tl.sum(keys.to(tl.float32), 0)
+        first_page = tl.load(table + first // PAGE_SIZE).to(tl.int64)
+        tl.store(Gate_cache + first_page * stride_gp + kv_head * stride_gh + dims, total / chunk_size)

@@ -10,7 +10,8 @@ inside the kernel (``paged_decode``), so one capture serves every context length
 Only steps that are all decodes, need no prompt logprobs and fit the largest bucket are replayed; prefill and
 mixed steps run eagerly. A model says whether its decode path is capture-safe (``supports_cuda_graphs``: no
 data-dependent shapes or host syncs): MoE blocks are when their Triton or grouped_mm experts run, MLA when the
-paged decode kernel takes its head size (any up to 256). MoBA (its block-mean bookkeeping) runs eagerly.
+paged decode kernel takes its head size (any up to 256). MoBA decodes are: their gating, block-sparse reads
+and block-mean bookkeeping all decide on the device. The reference backend runs eagerly.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def build_graphs(
     if device.type != "cuda" or config.enforce_eager or not loaded.family.can_generate:
         return None
     if (
-        config.attention != "dense"
+        config.attention == "reference"  # the oracle gathers every context on the host's say
         or not loaded.model.supports_cuda_graphs
         or tp.expert_parallel  # its dispatch picks each rank's rows on the host
     ):
