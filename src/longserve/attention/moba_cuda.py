@@ -113,6 +113,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _window_budget(device: torch.device) -> int:
+    """Bytes one query window's entries may take: up to 8 GiB (fewer, fuller tiles per block), and at most half
+    of what the device has free now, so a long prompt in one step narrows its windows instead of running out
+    of memory beside a KV cache sized to the GPU."""
+    if device.type != "cuda":
+        return 8 << 30
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+        device
+    )  # free inside the allocator
+    return min(8 << 30, (free + cached) // 2)
+
+
 def _tiles(
     keys: torch.Tensor, num_groups: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,8 +250,10 @@ def _attend_chosen_blocks(
     partial_dtype = partial_dtype or q.dtype
     num_chunks = math.ceil(seq / chunk_size)
     num_groups = kv_heads * num_chunks * group
-    if window_tokens is None:  # partials of ~8 GiB per window: fewer, fuller tiles per block
-        window_tokens = max(1024, (8 << 30) // (heads * topk * dim * partial_dtype.itemsize))
+    if window_tokens is None:
+        # Per (query, head, chosen block) entry: its partial, its log-sum-exp and ~5 int64 sort/index words.
+        entry_bytes = dim * partial_dtype.itemsize + 4 + 5 * 8
+        window_tokens = max(1024, _window_budget(q.device) // (heads * topk * entry_bytes))
     k_desc, v_desc = descriptors
     block_table, page_size = paging
     head_ids = torch.arange(heads, device=q.device)
