@@ -120,9 +120,8 @@ def _window_budget(device: torch.device) -> int:
     if device.type != "cuda":
         return 8 << 30
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
-        device
-    )  # free inside the allocator
+    # Memory the caching allocator holds but nothing uses is free to this window too.
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return min(8 << 30, (free + cached) // 2)
 
 
