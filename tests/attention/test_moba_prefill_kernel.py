@@ -46,12 +46,13 @@ def test_moba_paged_prefill_kernel_on_cuda() -> None:
         (700, 16, 2, 64, 128, 6, 16, 333, False, 0),
     ]
     moba_prefill_checks.check_paged_prefill("cuda", cases, torch.bfloat16, 2e-2)
+    moba_prefill_checks.check_engine_spans("cuda")
 
 
 def test_moba_paged_prefill_kernel_in_triton_interpreter() -> None:
     pytest.importorskip("triton")
     triton_interpreter.run_checks(
         "import torch, moba_prefill_checks as c; "
-        f"c.check_paged_prefill('cpu', {PAGED_CASES!r}, torch.float32, 1e-4)",
+        f"c.check_paged_prefill('cpu', {PAGED_CASES!r}, torch.float32, 1e-4); c.check_engine_spans('cpu')",
         HERE,
     )
