@@ -9,7 +9,8 @@ longest prompt; one prompt of random token ids, one new token, prefix caching of
     python benchmarks/long_context.py --tiny --lengths 512,1024    # dry run (CPU too)
 
 MoBA systems: ``moba`` is 4096-token blocks, top-12, the last 3 layers dense (the issue's setting);
-``moba-small`` is 512-token blocks, top-64, the last 3 layers dense (FlashMoBA's small blocks).
+``moba-small`` is 128-token blocks, top-24, the first block and the last 128 tokens always attended, the last 3
+layers dense: the small-block setting whose quality `moba_quality.py` measured (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from gpu_generate import SHAPES, build_checkpoint  # noqa: E402
 
 MOBA = {
     "moba": dict(attention="moba", moba_chunk_size=4096, moba_topk=12, moba_full_layers=3),
-    "moba-small": dict(attention="moba", moba_chunk_size=512, moba_topk=64, moba_full_layers=3),
+    "moba-small": dict(
+        attention="moba",
+        moba_chunk_size=128,
+        moba_topk=24,
+        moba_full_layers=3,
+        moba_sink=True,
+        moba_window=128,
+    ),
 }
 SYSTEMS = ("dense", "dense-1step", "moba", "moba-1step", "moba-small", "moba-small-1step", "hf")
 
@@ -49,14 +57,16 @@ def engine_options(system: str, length: int, device: str) -> dict:
     return options
 
 
-def time_longserve(path: str, system: str, prompt: list[int], repeats: int, device: str) -> list[float]:
+def time_longserve(
+    path: str, system: str, prompt: list[int], repeats: int, device: str, warmup_length: int | None = None
+) -> list[float]:
     from longserve import LLM, SamplingParams
 
     llm = LLM(path, device=device, dtype="bfloat16", enable_prefix_caching=False, max_num_seqs=1,
               **engine_options(system, len(prompt), device))  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=1)
     try:
-        llm.generate([prompt], params)  # warm-up: kernels compiled, allocator grown
+        llm.generate([prompt[:warmup_length]], params)  # warm-up: kernels compiled, allocator grown
         return [_timed(lambda: llm.generate([prompt], params), device) for _ in range(repeats)]
     finally:
         llm.close()
@@ -101,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="small shape, for a dry run")
+    parser.add_argument(
+        "--warmup-length",
+        type=int,
+        help="longserve's warm-up prompt: its first N tokens (default: all); long enough that MoBA gates, "
+        "short enough that a 1M-token run is not paid twice",
+    )
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     systems = args.systems.split(",")
@@ -111,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(SHAPES["tiny" if args.tiny else "1b"], max_position_embeddings=max(lengths) + 16)
     if args.tiny:
         MOBA["moba"] = dict(MOBA["moba"], moba_chunk_size=128, moba_topk=2, moba_full_layers=1)
-        MOBA["moba-small"] = dict(MOBA["moba-small"], moba_chunk_size=32, moba_topk=4, moba_full_layers=1)
+        MOBA["moba-small"] = dict(MOBA["moba-small"], moba_chunk_size=32, moba_topk=4, moba_full_layers=1,
+                                  moba_window=32)  # fmt: skip
     runs: dict[str, dict[int, list[float]]] = {s: {} for s in systems}
     with tempfile.TemporaryDirectory() as directory:
         path = build_checkpoint(shape, device, directory)
@@ -125,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 if system == "hf":
                     runs[system][length] = time_hf(path, prompt, args.repeats, device)
                 else:
-                    runs[system][length] = time_longserve(path, system, prompt, args.repeats, device)
+                    runs[system][length] = time_longserve(
+                        path, system, prompt, args.repeats, device, args.warmup_length
+                    )
                 _free(device)
                 print(f"{system} {length}: {[round(t, 3) for t in runs[system][length]]}", flush=True)
     print(
