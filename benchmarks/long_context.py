@@ -1,5 +1,5 @@
 """Long-context time to first token through the engine on one GPU (issue 26): dense and MoBA attention, each with
-the default chunked prefill (2,048-token steps, what users get) and with the whole prompt in one step, against
+the default chunked prefill (8,192-token steps on a GPU, what users get) and with the whole prompt in one step, against
 HF transformers (sdpa) in one forward. A Llama-3.2-1B-shaped model with random bf16 weights, built for the
 longest prompt; one prompt of random token ids, one new token, prefix caching off. Prints a table (median
 [min-max] of ``--repeats`` runs after a warm-up) and writes benchmarks/results/long_context-<timestamp>.json.

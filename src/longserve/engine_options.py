@@ -102,7 +102,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        help="per-step token budget, decodes + prompt chunks (default 512 on CPU, 2048 on GPU); "
+        help="per-step token budget, decodes + prompt chunks (default 512 on CPU, 8192 on GPU); "
         "smaller keeps streams flowing while long prompts prefill",
     )
     parallel = parser.add_argument_group("tensor parallelism (torchrun-style placement across nodes)")
