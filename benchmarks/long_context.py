@@ -10,7 +10,9 @@ longest prompt; one prompt of random token ids, one new token, prefix caching of
 
 MoBA systems: ``moba`` is 4096-token blocks, top-12, the last 3 layers dense (the issue's setting);
 ``moba-small`` is 128-token blocks, top-24, the first block and the last 128 tokens always attended, the last 3
-layers dense: the small-block setting whose quality `moba_quality.py` measured (benchmarks/NOTES.md).
+layers dense: the small-block setting whose quality `moba_quality.py` measured (benchmarks/NOTES.md). A
+``-all`` suffix makes every layer MoBA: with 3 of 16 layers dense, the dense layers alone cap MoBA's gain at
+16/3 = 5.3x however fast the MoBA layers get.
 """
 
 from __future__ import annotations
@@ -42,13 +44,18 @@ MOBA = {
         moba_window=128,
     ),
 }
-SYSTEMS = ("dense", "dense-1step", "moba", "moba-1step", "moba-small", "moba-small-1step", "hf")
+SYSTEMS = (
+    "dense", "dense-1step", "moba", "moba-1step", "moba-all", "moba-small", "moba-small-1step", "moba-small-all", "hf"
+)  # fmt: skip
 
 
 def engine_options(system: str, length: int, device: str) -> dict:
     """The LLM options of a longserve system for a prompt of ``length`` tokens."""
     one_step = system.endswith("-1step")
-    options = dict(MOBA.get(system.removesuffix("-1step"), {}))
+    every_layer = system.removesuffix("-1step").endswith("-all")
+    options = dict(MOBA.get(system.removesuffix("-1step").removesuffix("-all"), {}))
+    if every_layer:
+        options["moba_full_layers"] = 0
     if one_step:
         options["max_num_batched_tokens"] = length
     if device != "cuda":  # a dry run: small steps and cache on the CPU
