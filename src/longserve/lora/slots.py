@@ -3,9 +3,9 @@
 Each projection keeps every slot's A and B preallocated (loading an adapter copies into its slot, nothing is
 reallocated), so a step mixes rows of any resident adapters and of none. A step's LoRA update is three
 matmuls per projection whatever the mix: the rows' products with every slot's A at once, masked to each row's
-own slot by a one-hot [rows, slots], then B. At decode this reads each resident adapter's weights once per
-step, as a gathered (BGMV) kernel does when the resident adapters are in use; its shapes are static, so CUDA
-graphs capture it, with the one-hot a static buffer refreshed every step. On the CPU, where FLOPs rather than
+own slot by a one-hot [rows, slots], then one B for all shards added in place. At decode this reads each
+resident adapter's weights once per step, as a gathered (BGMV) kernel does when the resident adapters are in
+use; its shapes are static, so CUDA graphs capture it, with the one-hot a static buffer refreshed every step. On the CPU, where FLOPs rather than
 bytes bound a step, one compiled call per projection (``lora_add_``) runs each row with its own slot only.
 """
 
@@ -58,7 +58,11 @@ class LoRARows:
 class LoRALinear:
     """One projection's slots: A of every (shard, slot) stacked [shards * slots * rank, in], and per shard B
     transposed, [slots * rank, shard rows], scaled (a rank's weights for every output contiguous: the CPU
-    kernel's update vectorizes over the outputs). A rank below ``max_rank`` is padded with zeros."""
+    kernel's update vectorizes over the outputs). A rank below ``max_rank`` is padded with zeros.
+
+    Without the CPU kernels the shards' B are blocks of one [shards * slots * rank, out] matrix, zero outside
+    each shard's rows and columns: a fused projection's update is then one matmul, not one per shard (on a GPU
+    each small launch costs about as much as its work; the zeros are a few MB a model)."""
 
     def __init__(self, linear: Linear, rows: LoRARows, max_rank: int) -> None:
         device, dtype = rows.onehot.device, rows.onehot.dtype
@@ -66,10 +70,16 @@ class LoRALinear:
         self.shard_offsets, self.shard_sizes = linear.shard_offsets, linear.shard_sizes
         self.in_features = linear.in_features
         slots_rank = rows.num_slots * max_rank
-        self.a = torch.zeros(
-            len(self.shard_sizes) * slots_rank, linear.in_features, dtype=dtype, device=device
-        )
-        self.bt = [torch.zeros(slots_rank, size, dtype=dtype, device=device) for size in self.shard_sizes]
+        shards = len(self.shard_sizes)
+        self.a = torch.zeros(shards * slots_rank, linear.in_features, dtype=dtype, device=device)
+        if rows.kernels is None:
+            self.b = torch.zeros(shards * slots_rank, sum(self.shard_sizes), dtype=dtype, device=device)
+            self.bt = [
+                self.b[shard * slots_rank : (shard + 1) * slots_rank, offset : offset + size]
+                for shard, (offset, size) in enumerate(zip(self.shard_offsets, self.shard_sizes, strict=True))
+            ]
+        else:
+            self.bt = [torch.zeros(slots_rank, size, dtype=dtype, device=device) for size in self.shard_sizes]
 
     def write(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Put one shard's A [r, in] and scaled B [shard rows, r] into ``slot``."""
@@ -95,13 +105,8 @@ class LoRALinear:
         rows, shards, slots = x.shape[0], len(self.bt), self.rows.num_slots
         t = x.to(self.a.dtype) @ self.a.T  # [rows, shards * slots * rank]
         onehot = self.rows.onehot[:rows].view(rows, 1, slots, 1)
-        t = (t.view(rows, shards, slots, self.max_rank) * onehot).view(rows, shards, slots * self.max_rank)
-        if shards == 1:
-            return y + (t[:, 0] @ self.bt[0]).to(y.dtype)
-        for shard, bt in enumerate(self.bt):
-            start = self.shard_offsets[shard]
-            y[:, start : start + self.shard_sizes[shard]] += (t[:, shard] @ bt).to(y.dtype)
-        return y
+        t = t.view(rows, shards, slots, self.max_rank) * onehot  # each row keeps its own slot's ranks
+        return y.addmm_(t.view(rows, -1), self.b)  # [rows, out]: every shard's block at once
 
 
 class LoRASlots:
