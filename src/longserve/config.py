@@ -131,8 +131,9 @@ class EngineConfig:
     # Overlap each step's host work with the previous step on the device; None: on for CUDA, off on the CPU
     # (where the same cores do both, so there is nothing to overlap).
     async_scheduling: bool | None = None
-    # Speculative decoding (SpeculativeConfig, or its dict / JSON); None: off. Its steps are read back at once,
-    # so it turns async_scheduling off unless that was asked for (then it is an error).
+    # Speculative decoding (SpeculativeConfig, or its dict / JSON); None: off. A step that verifies drafts, or
+    # after which a sequence may draft, is read back at once; the others overlap as without speculation. MTP
+    # reads every step's hidden states on the host, so it turns async_scheduling off (asking for both: error).
     speculative_config: SpeculativeConfig | None = None
     # LoRA adapters (lora/), on when enable_lora or lora_modules: a request names one as its model
     enable_lora: bool = False
@@ -198,10 +199,14 @@ class EngineConfig:
         self._validate_attention()
         self._validate_lora()
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative_config is not None and self.async_scheduling:
+        if (
+            self.speculative_config is not None
+            and self.speculative_config.method == "mtp"
+            and self.async_scheduling
+        ):
             raise ValueError(
-                "speculative decoding needs each step's accepted tokens before the next step is scheduled: "
-                "it cannot run with async_scheduling"
+                "MTP drafts from every step's hidden states, read on the host before the next step is "
+                "scheduled: it cannot run with async_scheduling"
             )
 
     @property
@@ -259,7 +264,7 @@ class EngineConfig:
 
     def overlaps_steps(self, device_type: str) -> bool:
         """Whether steps overlap (``async_scheduling``) for a model on ``device_type``."""
-        if self.speculative_config is not None:
+        if self.speculative_config is not None and self.speculative_config.method == "mtp":
             return False
         return self.async_scheduling if self.async_scheduling is not None else device_type == "cuda"
 

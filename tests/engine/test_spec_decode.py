@@ -165,12 +165,45 @@ def test_bad_speculative_config_is_refused(config, message):
         EngineConfig(speculative_config=config)
 
 
-def test_speculation_and_async_scheduling_exclude_each_other():
+def test_only_mtp_excludes_async_scheduling():
     from longserve.config import EngineConfig
 
     with pytest.raises(ValueError, match="async_scheduling"):
-        EngineConfig(speculative_config={"method": "ngram"}, async_scheduling=True)
-    assert not EngineConfig(speculative_config={"method": "ngram"}, device="cuda").overlaps_steps("cuda")
+        EngineConfig(speculative_config={"method": "mtp"}, async_scheduling=True)
+    assert not EngineConfig(speculative_config={"method": "mtp"}, device="cuda").overlaps_steps("cuda")
+    assert EngineConfig(speculative_config={"method": "ngram"}, device="cuda").overlaps_steps("cuda")
+
+
+def test_steps_without_drafts_overlap_and_output_stays_plain(tiny_llama_dir):
+    """With async scheduling, a step whose sequences have all paused drafting overlaps the next one (on a GPU
+    that hides the host's work, as without speculation); verifications and the step before a sequence drafts
+    again are read back at once. Greedy output stays the plain output."""
+    options = dict(kv_cache_memory_mb=8, max_num_seqs=8, async_scheduling=True)
+    plain, speculative = (
+        LLM(tiny_llama_dir, **options),
+        LLM(tiny_llama_dir, speculative_config=NGRAM, **options),
+    )
+    vocab = plain.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(9)
+    prompts = _repetitive_prompts(vocab, 3, seed=8) + [torch.randint(3, vocab, (20,), generator=g).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = _greedy(plain, prompts, params)
+    engine = speculative.engine
+    overlapped, step = [], engine.step
+
+    def counting_step():
+        deltas = step()
+        overlapped.append(engine._in_flight is not None)  # this step's launch was left running
+        return deltas
+
+    engine.step = counting_step
+    results, _ = run_to_end(
+        engine, [engine_request(engine, f"p{i}", p, params) for i, p in enumerate(prompts)]
+    )
+    assert [results[f"p{i}"].outputs[0].token_ids for i in range(len(prompts))] == [w[0][0] for w in want]
+    stats = engine.stats().spec_decode
+    assert stats.num_accepted_tokens > 0 and any(overlapped) and not all(overlapped), overlapped
+    assert _all_blocks_free(speculative)
 
 
 def _draft_config(path: str, **extra) -> dict:

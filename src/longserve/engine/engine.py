@@ -306,7 +306,12 @@ class LLMEngine:
             seq.num_pending_tokens += 1
             seq.pending_row = row
         overlap = (
-            self.overlap_steps and not result.prompt_logits and not any(needs_host_state(seq) for seq in seqs)
+            self.overlap_steps
+            and not result.prompt_logits
+            and not any(needs_host_state(seq) for seq in seqs)
+            # a verification's accepted count decides the next step's positions; a sequence about to draft
+            # needs its last token on the host
+            and (self.speculator is None or (drafts is None and not self.speculator.drafts_next(seqs)))
         )
         if sampled is not None and overlap:
             sampled.start_copy()

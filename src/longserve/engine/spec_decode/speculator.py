@@ -2,7 +2,9 @@
 
 How many tokens a sequence drafts adapts to what it had accepted (as HF assisted generation does: two more
 after a run that held entirely, one fewer otherwise), and a sequence whose drafts keep failing pauses for a
-growing number of steps, so text that never repeats is not slowed down by verifying hopeless drafts."""
+growing number of steps, so text that never repeats is not slowed down by verifying hopeless drafts. While
+every sequence of a step is paused, the engine may overlap that step with the next (``drafts_next``): with
+nothing to verify, speculation then costs what plain decoding costs."""
 
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ class Speculator:
         drafting, lengths = [], []
         for seq in running:
             seq.draft_token_ids = []
+            state = self._states.get(seq)
+            if state is not None and state.pause:  # a step passes whether or not its token is on the host yet
+                state.pause -= 1
+                continue
             length = self._length(seq) if _can_draft(seq) else 0
             if length > 0:
                 drafting.append(seq)
@@ -59,6 +65,15 @@ class Speculator:
                 drafts = drafts[: seq.grammar.validate_tokens(drafts)]
             seq.draft_token_ids = drafts
 
+    def drafts_next(self, seqs: list[Sequence]) -> bool:
+        """Whether any of ``seqs`` may draft at the next step: then the step now launched must be read back
+        before that one is scheduled (a draft follows the last token, which must be on the host)."""
+        for seq in seqs:
+            state = self._states.get(seq)
+            if state is None or not state.pause:
+                return True
+        return False
+
     def observe(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor) -> None:
         """A target step ran (before its sequences count the step's tokens): its rows' hidden states."""
         self.proposer.observe(scheduled, hidden)
@@ -68,9 +83,6 @@ class Speculator:
         state = self._states.get(seq)
         if state is None:
             state = self._states[seq] = _DraftState(self.config.num_speculative_tokens)
-        if state.pause:
-            state.pause -= 1
-            return 0
         # The last draft must leave room for the token sampled after it.
         return min(state.length, seq.max_total_tokens - seq.num_tokens - 1)
 
