@@ -32,9 +32,13 @@ def test_greedy_output_equals_plain_with_graphs(tiny_llama_dir, spec):
     )
     graphs = speculative.engine.runner.graphs
     assert graphs is not None
-    replays = []
+    replays, draft_replays = [], []
     original = graphs.run
     graphs.run = lambda *a, **k: replays.append(a[2].num_decodes) or original(*a, **k)
+    if spec.get("method") == "draft_model":  # the draft's catch-up passes (2 rows a sequence) replay too
+        draft_graphs = speculative.engine.speculator.proposer.runner.graphs
+        draft_original = draft_graphs.run
+        draft_graphs.run = lambda *a, **k: draft_replays.append(a[2].num_decodes) or draft_original(*a, **k)
     prompts = _prompts(plain.engine.model_config.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = [r.outputs[0].token_ids for r in plain.generate(prompts, params)]
@@ -42,6 +46,8 @@ def test_greedy_output_equals_plain_with_graphs(tiny_llama_dir, spec):
     stats = speculative.engine.stats().spec_decode
     assert stats.num_accepted_tokens > 0
     assert max(replays) > len(prompts)  # a verification step (more rows than sequences) replayed a graph
+    if spec.get("method") == "draft_model":
+        assert max(draft_replays) > len(prompts)
 
 
 def test_mtp_greedy_output_equals_plain_with_graphs(tmp_path):

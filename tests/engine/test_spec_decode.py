@@ -251,7 +251,7 @@ def _default_model() -> str:
     return str(default_model_path())
 
 
-def test_a_one_token_chunk_short_of_its_prompt_end_never_replays_a_graph(tiny_llama_dir):
+def test_only_steps_whose_every_row_samples_may_replay_a_graph(tiny_llama_dir):
     """A draft model catching up on a prompt schedules one-token chunks that sample nothing; a captured graph
     computes every row's logits, so only steps whose every row samples may replay one (an H100 run asserted)."""
     from longserve.engine.scheduler import ScheduledSequence
@@ -264,3 +264,9 @@ def test_a_one_token_chunk_short_of_its_prompt_end_never_replays_a_graph(tiny_ll
     step = runner.describe([ScheduledSequence(decoding, 1), ScheduledSequence(catching_up, 1)])[0]
     assert step.logit_rows == [0] and not step.may_replay
     assert runner.describe([ScheduledSequence(decoding, 1)])[0].may_replay
+    # Two tokens behind (a draft model after the target took all its drafts), every row's logits wanted:
+    # decode rows that all sample, so the step may replay a graph.
+    catching_up.num_computed_tokens = 8
+    items = [ScheduledSequence(decoding, 1), ScheduledSequence(catching_up, 2, logits_every_row=True)]
+    step, sample_index, _ = runner.describe(items)
+    assert step.logit_rows == [0, 1, 2] and sample_index == [0, 1] and step.may_replay

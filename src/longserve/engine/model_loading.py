@@ -143,6 +143,7 @@ def build_graphs(
     device: torch.device,
     tp: TensorParallel,
     max_model_len: int,
+    max_rows: int | None = None,  # the most rows a graph takes; None: graph_rows(config)
 ) -> DecodeGraphs | None:
     """Captured decode graphs on CUDA (every rank captures the same buckets in the same order: the captures
     run the model's collectives), or None where steps run eagerly."""
@@ -155,7 +156,8 @@ def build_graphs(
     ):
         log.info("CUDA graphs are not used for this model or attention backend: every step runs eagerly")
         return None
-    graphs = DecodeGraphs(loaded.model, caches, config.block_size, graph_rows(config), max_model_len, device)
+    rows = graph_rows(config) if max_rows is None else max_rows
+    graphs = DecodeGraphs(loaded.model, caches, config.block_size, rows, max_model_len, device)
     graphs.capture_all()
     return graphs
 

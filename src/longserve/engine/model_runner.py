@@ -125,6 +125,8 @@ class ModelRunner:
             if start + count == known + seq.num_pending_tokens + drafts:  # item.completes_sequence
                 if drafts:  # a row to verify each
                     sample_rows.extend(range(len(ids) - 1 - drafts, len(ids)))
+                elif item.logits_every_row:
+                    sample_rows.extend(range(first_row, len(ids)))
                 else:
                     sample_rows.append(len(ids) - 1)
                 sample_index.append(index)
@@ -142,8 +144,8 @@ class ModelRunner:
             [s.seq.block_table for s in scheduled],
             positions if single else [s.seq.num_computed_tokens for s in scheduled],
             [1] * len(scheduled) if single else [s.num_new_tokens for s in scheduled],
-            # A graph computes logits for every row: a one-token chunk short of its prompt's end (a draft model
-            # catching up) is a decode row that samples nothing, so such a step runs eagerly.
+            # A graph computes logits for every row: a one-token chunk short of its prompt's end is a decode
+            # row that samples nothing, so such a step runs eagerly (``logits_every_row`` avoids that).
             may_replay=not prompt_rows and len(sample_rows) == len(ids),
             fed_rows=fed_rows,
             fed_from=fed_from,

@@ -23,6 +23,9 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
     num_draft_tokens: int = 0  # of those, the last ones are seq.draft_token_ids[:num_draft_tokens]
+    # Logits for every row, not just the last: a draft model catching up on a few tokens, so that a step of
+    # such rows is all sampling decode rows and replays a CUDA graph (the extra logits are cheap; eager is not).
+    logits_every_row: bool = False
 
     @property
     def draft_token_ids(self) -> list[int]:

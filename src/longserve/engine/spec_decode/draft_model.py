@@ -9,10 +9,11 @@ from dataclasses import replace
 
 import torch
 
+from longserve.attention.metadata import MAX_DECODE_ROWS
 from longserve.config import EngineConfig
 from longserve.distributed.parallel import TensorParallel
 from longserve.engine.kv_cache import BlockManager
-from longserve.engine.model_loading import allocate_caches, build_graphs, load_model
+from longserve.engine.model_loading import allocate_caches, build_graphs, graph_rows, load_model
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.sampling_ops import greedy_argmax
 from longserve.engine.sampling_params import SamplingParams
@@ -43,8 +44,11 @@ class DraftModelProposer(DraftProposer):
             )
         num_blocks, caches = allocate_caches(config, loaded, device, TensorParallel())
         self.blocks = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
-        # Its k decode passes a step are plain decodes: on CUDA they replay captured graphs as the target's do.
-        graphs = build_graphs(config, loaded, caches, device, TensorParallel(), max_model_len)
+        # Its passes are decode rows (a catch-up of a few tokens too, every row sampling): on CUDA they replay
+        # captured graphs, as many rows as the target's verification steps take.
+        graphs = build_graphs(
+            config, loaded, caches, device, TensorParallel(), max_model_len, max_rows=graph_rows(target)
+        )
         self.runner = ModelRunner(
             loaded.model, caches, config.block_size, device, graphs=graphs, max_context=max_model_len,
             block_tables=self.blocks.tables,
@@ -67,14 +71,25 @@ class DraftModelProposer(DraftProposer):
             for _, shadow in active:
                 count = min(shadow.num_uncomputed_tokens, max(budget, 1))
                 budget -= count
-                scheduled.append(ScheduledSequence(shadow, count))
-            order = sorted(range(len(active)), key=lambda j: not scheduled[j].is_decode)
-            result = self.runner.execute([scheduled[j] for j in order])
-            tokens = greedy_argmax(result.sample_logits).tolist()  # [sampled], as result.sample_index
-            for j in order:
-                scheduled[j].seq.num_computed_tokens += scheduled[j].num_new_tokens
-            still = []
-            for position, token in zip(result.sample_index, tokens, strict=True):
+                # A few tokens after its cache (the target's last accepted draft and its own token) are
+                # decode rows: with every row's logits the pass replays a graph instead of running eagerly.
+                every_row = 1 < count <= MAX_DECODE_ROWS and shadow.num_computed_tokens > 0
+                scheduled.append(ScheduledSequence(shadow, count, logits_every_row=every_row))
+            # decodes, then catch-ups (decode rows too), then new prompts: the order the step metadata takes
+            order = sorted(
+                range(len(active)),
+                key=lambda j: 0 if scheduled[j].is_decode else 1 if scheduled[j].logits_every_row else 2,
+            )
+            ordered = [scheduled[j] for j in order]
+            result = self.runner.execute(ordered)
+            # [sample rows]: one per item of result.sample_index, a catch-up's every row
+            tokens = greedy_argmax(result.sample_logits).tolist()
+            for item in ordered:
+                item.seq.num_computed_tokens += item.num_new_tokens
+            still, row = [], 0
+            for position in result.sample_index:
+                row += ordered[position].num_new_tokens if ordered[position].logits_every_row else 1
+                token = tokens[row - 1]  # the item's last row: what follows its last token
                 i, shadow = active[order[position]]
                 drafts[i].append(token)
                 if len(drafts[i]) < lengths[i]:
