@@ -65,7 +65,13 @@ def engine_options(system: str, length: int, device: str) -> dict:
 
 
 def time_longserve(
-    path: str, system: str, prompt: list[int], repeats: int, device: str, warmup_length: int | None = None
+    path: str,
+    system: str,
+    prompt: list[int],
+    repeats: int,
+    device: str,
+    warmup_length: int | None = None,
+    profile: bool = False,
 ) -> list[float]:
     from longserve import LLM, SamplingParams
 
@@ -74,7 +80,10 @@ def time_longserve(
     params = SamplingParams(temperature=0, max_tokens=1)
     try:
         llm.generate([prompt[:warmup_length]], params)  # warm-up: kernels compiled, allocator grown
-        return [_timed(lambda: llm.generate([prompt], params), device) for _ in range(repeats)]
+        times = [_timed(lambda: llm.generate([prompt], params), device) for _ in range(repeats)]
+        if profile:
+            _profile(system, lambda: llm.generate([prompt], params), device)
+        return times
     finally:
         llm.close()
 
@@ -106,6 +115,22 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def _profile(system: str, fn, device: str) -> None:
+    """One more run under the torch profiler: the operators and kernels that took the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(
+        f"\nprofile of {system}:\n"
+        + prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+    )
+
+
 def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -124,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         help="longserve's warm-up prompt: its first N tokens (default: all); long enough that MoBA gates, "
         "short enough that a 1M-token run is not paid twice",
     )
+    parser.add_argument("--profile", action="store_true", help="one more run of each system, profiled")
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     systems = args.systems.split(",")
@@ -150,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[system][length] = time_hf(path, prompt, args.repeats, device)
                 else:
                     runs[system][length] = time_longserve(
-                        path, system, prompt, args.repeats, device, args.warmup_length
+                        path, system, prompt, args.repeats, device, args.warmup_length, args.profile
                     )
                 _free(device)
                 print(f"{system} {length}: {[round(t, 3) for t in runs[system][length]]}", flush=True)

@@ -15,6 +15,12 @@ Targets (issue 27), copy at c=1: longserve ngram or suffix >= 2x longserve witho
 llama-server with its n-gram speculation; free writing >= 0.95x without speculation.
 
     python benchmarks/spec_decode.py [--systems ...] [--rounds 3] [--max-tokens 192] [--threads 2]
+    python benchmarks/spec_decode.py --device cuda --systems longserve,longserve-ngram,longserve-suffix \
+        --concurrency 64 [--model smol.gguf]   # a GPU: longserve only; batch 64 = 64 requests at once
+
+On a GPU the default model is the same GGUF, dequantized to bf16: a real model whose copies the drafts find
+(random-weight models never repeat their prompt, so their drafts all fail). ``throughput`` is all tokens over
+the workload's wall time: at c > 1 what the server delivers, at c = 1 about the output tok/s.
 Results: benchmarks/results/spec_decode-<timestamp>.json and spec_decode-latest.json.
 """
 
@@ -148,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--threads", type=int, default=2, help="llama-server threads")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="longserve's device")
+    p.add_argument("--model", type=Path, help="a GGUF or checkpoint directory (default: the default model)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests at once (the prompts cycle)")
     args = p.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -156,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ]
     if unknown:
         p.error(f"unknown systems or workloads: {unknown}")
+    if args.device == "cuda" and any(SYSTEMS[s][0] != "longserve" for s in args.systems):
+        p.error("on a GPU only longserve systems run (llama-server here is the CPU build)")
     return args
 
 
@@ -171,6 +182,8 @@ def _spec_counts(server) -> dict[str, float]:
 def one_round(system: str, args: argparse.Namespace, model: Path, log_dir: Path) -> dict:
     """Start the system afresh, run each workload's prompts one at a time, stop it."""
     server_kind, extra = SYSTEMS[system]
+    if args.device == "cuda":
+        extra = (*extra, "--device", "cuda")
     server = start_server(
         server_kind, model, args.threads, log_dir, llama_slots=1, llama_context=4096, extra_args=extra
     )
@@ -181,11 +194,17 @@ def one_round(system: str, args: argparse.Namespace, model: Path, log_dir: Path)
         asyncio.run(run_load(warm))
         for workload in args.workloads:
             before = _spec_counts(server)
+            prompts = WORKLOADS[workload]
+            requests = len(prompts) * -(
+                -args.concurrency // len(prompts)
+            )  # every prompt, at least c requests
             config = BenchConfig(
-                server.base_url, len(WORKLOADS[workload]), 1, server.model, max_tokens=args.max_tokens,
-                extra_body=body, prompts=WORKLOADS[workload],
+                server.base_url, requests, args.concurrency, server.model, max_tokens=args.max_tokens,
+                extra_body=body, prompts=prompts,
             )  # fmt: skip
+            start = time.perf_counter()
             result = asyncio.run(run_load(config))
+            wall = time.perf_counter() - start
             after = _spec_counts(server)
             done = [r for r in result.requests if r.ok]
             if len(done) != len(result.requests):
@@ -197,6 +216,7 @@ def one_round(system: str, args: argparse.Namespace, model: Path, log_dir: Path)
             out[workload] = {
                 "decode_tok_s": sum(r.output_tokens - 1 for r in done) / decode_s,
                 "output_tok_s": tokens / sum(r.e2e_s for r in done),
+                "throughput_tok_s": tokens / wall,
                 "tokens": [r.output_tokens for r in done],
                 "ttft_s": [r.ttft_s for r in done],
                 "draft_tokens": drafted,
@@ -222,7 +242,7 @@ def summarise(rounds: list[dict], workload: str, key: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model = default_model()
+    model = args.model or default_model()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.rounds):  # systems interleaved round by round, so drift hits them alike
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(system, []).append(one_round(system, args, model, log_dir))
     table = {
         system: {
-            w: {k: summarise(rounds, w, k) for k in ("decode_tok_s", "output_tok_s")}
+            w: {k: summarise(rounds, w, k) for k in ("decode_tok_s", "output_tok_s", "throughput_tok_s")}
             | {"acceptance": [r[w]["acceptance"] for r in rounds]}
             for w in args.workloads
         }
@@ -250,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             "config": {
                 "max_tokens": args.max_tokens,
                 "rounds": args.rounds,
+                "device": args.device,
+                "concurrency": args.concurrency,
+                "model": str(model),
                 "systems": {s: SYSTEMS[s] for s in args.systems},
             },
             "summary": table,
@@ -262,12 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def print_table(table: dict, args: argparse.Namespace) -> None:
     info = machine_info()
     print(
-        f"\nc=1, {args.max_tokens} tokens per request, {args.rounds} rounds; {info.get('cpu')} {info.get('simd')}"
+        f"\nc={args.concurrency}, {args.max_tokens} tokens per request, {args.rounds} rounds, {args.device}; "
+        f"{_gpu_name() if args.device == 'cuda' else info.get('cpu')} {info.get('simd')}"
     )
-    print(f"{'system':<20} {'workload':<6} {'decode tok/s':>24} {'output tok/s':>24} {'acceptance':>11}")
+    print(
+        f"{'system':<20} {'workload':<6} {'decode tok/s':>24} {'output tok/s':>24} {'throughput':>24} "
+        f"{'acceptance':>11}"
+    )
     base = table.get("longserve", {})
     for system, workloads in table.items():
         for workload, row in workloads.items():
@@ -275,11 +308,13 @@ def print_table(table: dict, args: argparse.Namespace) -> None:
             rel = ""
             if system != "longserve" and workload in base:
                 rel = f" ({d['median'] / base[workload]['decode_tok_s']['median']:.2f}x)"
+            t = row["throughput_tok_s"]
             acc = [a for a in row["acceptance"] if a is not None]
             acceptance = f"{statistics.median(acc):.0%}" if acc else "-"
             print(
                 f"{system:<20} {workload:<6} {d['median']:>8.1f} [{d['min']:.1f}-{d['max']:.1f}]{rel:>8} "
-                f"{o['median']:>10.1f} [{o['min']:.1f}-{o['max']:.1f}] {acceptance:>11}"
+                f"{o['median']:>10.1f} [{o['min']:.1f}-{o['max']:.1f}] "
+                f"{t['median']:>10.1f} [{t['min']:.1f}-{t['max']:.1f}] {acceptance:>11}"
             )
 
 
