@@ -1,8 +1,13 @@
-"""One projection's LoRA slots: the compiled CPU update and the masked torch update (CUDA's) both give each row
-exactly its own adapter's B A x, for fused projections (q|k|v) with ranks below the slot rank."""
+"""One projection's LoRA slots: the compiled CPU update and the masked torch update both give each row exactly
+its own adapter's B A x, for fused projections (q|k|v) with ranks below the slot rank; CUDA's expand kernel
+gives the masked update's sums (under Triton's interpreter here, on a GPU in the gpu run)."""
 
+from pathlib import Path
+
+import lora_expand_checks
 import pytest
 import torch
+import triton_interpreter
 
 from longserve.layers.linear import Linear
 from longserve.lora.slots import LoRALinear, LoRARows
@@ -50,3 +55,16 @@ def test_each_row_gets_its_own_adapter(compiled, shard_sizes):
     torch.testing.assert_close(lora.add_delta(x, y.clone()), expected, rtol=1e-5, atol=1e-5)
     rows.set([-1], [sum(counts)])  # no adapter rows: nothing changes
     assert torch.equal(lora.add_delta(x, y.clone()), y)
+
+
+def test_expand_kernel_in_triton_interpreter():
+    pytest.importorskip("triton")
+    triton_interpreter.run_checks(
+        "import lora_expand_checks; lora_expand_checks.check_all('cpu')", Path(__file__).resolve().parent
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expand_kernel_on_cuda():
+    lora_expand_checks.check_all("cuda")

@@ -3,9 +3,11 @@
 Each projection keeps every slot's A and B preallocated (loading an adapter copies into its slot, nothing is
 reallocated), so a step mixes rows of any resident adapters and of none. A step's LoRA update is three
 matmuls per projection whatever the mix: the rows' products with every slot's A at once, masked to each row's
-own slot by a one-hot [rows, slots], then one B for all shards added in place. At decode this reads each
-resident adapter's weights once per step, as a gathered (BGMV) kernel does when the resident adapters are in
-use; its shapes are static, so CUDA graphs capture it, with the one-hot a static buffer refreshed every step. On the CPU, where FLOPs rather than
+own slot, then one B for all shards added in place: on CUDA a Triton kernel masks and adds in one launch
+(lora/expand_triton.py; each row's slot a static int32 buffer refreshed every step), elsewhere a one-hot
+[rows, slots] and ``addmm_``. At decode this reads each resident adapter's weights once per step, as a
+gathered (BGMV) kernel does when the resident adapters are in use; its shapes are static, so CUDA graphs
+capture it. On the CPU, where FLOPs rather than
 bytes bound a step, one compiled call per projection (``lora_add_``) runs each row with its own slot only.
 """
 
@@ -18,33 +20,39 @@ from longserve.lora.adapter import LoRAAdapter, LoRAError
 
 
 class LoRARows:
-    """The current step's slot of each row, one-hot: [rows, slots] (all zeros: the base model)."""
+    """The current step's slot of each row: int32 [max_rows] on the device for the CUDA kernel, on the host for
+    the compiled CPU kernels, else one-hot [max_rows, slots] (-1 / all zeros: the base model)."""
 
     def __init__(
         self, num_slots: int, max_rows: int, device: torch.device, dtype: torch.dtype, kernels=None
     ) -> None:
         self.num_slots = num_slots
-        self.onehot = torch.zeros(max_rows, num_slots, dtype=dtype, device=device)  # [max_rows, slots]
-        # The compiled CPU kernels (fp32 on the CPU): each row's slot, int32 [max_rows], instead of the one-hot.
-        self.kernels = kernels
-        self.row_slots = torch.full((max_rows,), -1, dtype=torch.int32)
+        self.dtype = dtype
+        self.kernels = kernels  # the compiled CPU kernels (fp32 on the CPU), which read row_slots
+        self.on_cuda = device.type == "cuda"
+        slots_device = device if self.on_cuda else torch.device("cpu")
+        self.row_slots = torch.full((max_rows,), -1, dtype=torch.int32, device=slots_device)
+        self.onehot = (
+            None
+            if self.on_cuda or kernels is not None
+            else torch.zeros(max_rows, num_slots, dtype=dtype, device=device)
+        )
         # On the CPU a step without adapter rows skips the update; on CUDA it always runs (graph-safe).
         self.always = device.type == "cuda"
         self.active = self.always
 
     def set(self, slots: list[int], counts: list[int]) -> None:
         """The next forward's rows: per sequence in step order, its slot (-1: none) and its row count."""
-        rows = sum(counts)
-        if rows > self.onehot.shape[0]:
-            raise ValueError(f"a step of {rows} rows exceeds the {self.onehot.shape[0]} LoRA rows allocated")
+        rows, max_rows = sum(counts), self.row_slots.shape[0]
+        if rows > max_rows:
+            raise ValueError(f"a step of {rows} rows exceeds the {max_rows} LoRA rows allocated")
         self.active = self.always or any(slot >= 0 for slot in slots)
         if not self.active:
             return
-        if self.kernels is not None:
-            self.row_slots[:rows] = torch.tensor(
-                [slot for slot, count in zip(slots, counts, strict=True) for _ in range(count)],
-                dtype=torch.int32,
-            )
+        if self.onehot is None:
+            per_row = [slot for slot, count in zip(slots, counts, strict=True) for _ in range(count)]
+            host = torch.tensor(per_row + [-1] * (max_rows - rows), dtype=torch.int32)
+            self.row_slots.copy_(host, non_blocking=True)  # rows past the step (a graph's padding): none
             return
         host = torch.zeros(self.onehot.shape, dtype=self.onehot.dtype)
         row = 0
@@ -65,7 +73,8 @@ class LoRALinear:
     each small launch costs about as much as its work; the zeros are a few MB a model)."""
 
     def __init__(self, linear: Linear, rows: LoRARows, max_rank: int) -> None:
-        device, dtype = rows.onehot.device, rows.onehot.dtype
+        device = rows.row_slots.device if rows.on_cuda else torch.device("cpu")
+        dtype = rows.dtype
         self.rows, self.max_rank = rows, max_rank
         self.shard_offsets, self.shard_sizes = linear.shard_offsets, linear.shard_sizes
         self.in_features = linear.in_features
@@ -104,6 +113,10 @@ class LoRALinear:
             return y
         rows, shards, slots = x.shape[0], len(self.bt), self.rows.num_slots
         t = x.to(self.a.dtype) @ self.a.T  # [rows, shards * slots * rank]
+        if self.rows.on_cuda:
+            from longserve.lora.expand_triton import lora_expand
+
+            return lora_expand(y, t, self.rows.row_slots, self.b, slots, self.max_rank)
         onehot = self.rows.onehot[:rows].view(rows, 1, slots, 1)
         t = t.view(rows, shards, slots, self.max_rank) * onehot  # each row keeps its own slot's ranks
         return y.addmm_(t.view(rows, -1), self.b)  # [rows, out]: every shard's block at once
