@@ -1,7 +1,8 @@
 """Triton kernels for MoBA on CUDA: gathered-query block attention and the gates (block selection).
 
-The gates score blocks a tile at a time and keep each query's best ``topk - 1`` in registers, merged tile by
-tile (``_merge_top``), so any number of blocks is scored without writing a score tensor.
+The gates score blocks a tile at a time and keep each query's best ``topk - 1`` in registers, a tile's block
+entering only where it beats the worst kept (``_insert_top``), so any number of blocks is scored without
+writing a score tensor.
 
 The log-sum-exp merge and the paged split decode that MoBA shares with dense attention are in
 ``paged_triton``.
@@ -150,22 +151,45 @@ def _key_rows(Block_table, cols, kv_stop, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(s, blocks, top_v, top_i, PICKS: tl.constexpr, KP: tl.constexpr):
-    """The PICKS best of a tile's scores ``s`` [R, BB] (block ids ``blocks`` [BB], all later than any in the
-    running list) and the running list (``top_v``, ``top_i``) [R, KP]: the new list, best first. A tie goes to
-    the earlier block, as in one pass over every block; -inf entries mean none."""
+def _insert_top(s, blocks, top_v, top_i, PICKS: tl.constexpr, KP: tl.constexpr):
+    """The running lists (``top_v``, ``top_i``) [R, KP], unordered, after a tile of scores ``s`` [R, BB] (block
+    ids ``blocks`` [BB], all later than any in the lists): each list holds its row's PICKS best by score, the
+    earlier block winning a tie, as one pass over every block would keep. A tile's block enters only if it
+    beats the row's worst kept score (equal is not enough: it is later), so once the lists are full a tile
+    costs as many rounds as its rows' most entering blocks, not PICKS rounds. -inf means none."""
+    slots = tl.arange(0, KP)
+    usable = slots[None, :] < PICKS  # [1, KP]: the list's first PICKS slots hold it
+    worst = tl.min(tl.where(usable, top_v, float("inf")), 1)  # [R]
+    enters = s > worst[:, None]
+    while tl.max(tl.sum(enters.to(tl.int32), 1)) > 0:
+        best = tl.max(tl.where(enters, s, float("-inf")), 1)  # [R] each row's best entering score
+        row_enters = best > worst
+        pick = tl.min(tl.where(enters & (s == best[:, None]), blocks[None, :], NO_BLOCK), 1)  # earliest
+        # The worst kept entry leaves: the lowest score, the latest block among equals (empty slots first).
+        at_worst = usable & (top_v == worst[:, None])
+        leaving = tl.max(tl.where(at_worst, top_i, -1), 1)
+        slot = tl.max(tl.where(at_worst & (top_i == leaving[:, None]), slots[None, :], -1), 1)
+        replace = row_enters[:, None] & (slots[None, :] == slot[:, None])
+        top_v = tl.where(replace, best[:, None], top_v)
+        top_i = tl.where(replace, pick[:, None], top_i)
+        s = tl.where(row_enters[:, None] & (blocks[None, :] == pick[:, None]), float("-inf"), s)
+        worst = tl.min(tl.where(usable, top_v, float("inf")), 1)
+        enters = s > worst[:, None]
+    return top_v, top_i
+
+
+@triton.jit
+def _best_first(top_v, top_i, PICKS: tl.constexpr, KP: tl.constexpr):
+    """The lists of ``_insert_top`` in order: best score first, the earlier block first among equals."""
     slots = tl.arange(0, KP)
     new_v = tl.full(top_v.shape, float("-inf"), tl.float32)
     new_i = tl.full(top_i.shape, NO_BLOCK, tl.int32)
+    top_v = tl.where(slots[None, :] < PICKS, top_v, float("-inf"))
     for j in tl.static_range(PICKS):
-        best = tl.maximum(tl.max(s, 1), tl.max(top_v, 1))  # [R]
-        pick = tl.minimum(
-            tl.min(tl.where(top_v == best[:, None], top_i, NO_BLOCK), 1),
-            tl.min(tl.where(s == best[:, None], blocks[None, :], NO_BLOCK), 1),
-        )  # [R] the earliest block holding the best score
+        best = tl.max(top_v, 1)  # [R]
+        pick = tl.min(tl.where(top_v == best[:, None], top_i, NO_BLOCK), 1)
         new_v = tl.where(slots[None, :] == j, best[:, None], new_v)
         new_i = tl.where(slots[None, :] == j, pick[:, None], new_i)
-        s = tl.where(blocks[None, :] == pick[:, None], float("-inf"), s)
         top_v = tl.where(top_i == pick[:, None], float("-inf"), top_v)
     return new_v, new_i
 
@@ -229,7 +253,8 @@ def moba_prefill_gate_kernel(
             )  # [BLOCK_B, D]
             s = tl.dot(q, tl.trans(g), input_precision=PRECISION)  # [BLOCK_R, BLOCK_B]
             s = _gate_rule(s, blocks, position, sink, window, chunk_size)
-            top_v, top_i = _merge_top(s, blocks, top_v, top_i, TOPK - 1, KP)
+            top_v, top_i = _insert_top(s, blocks, top_v, top_i, TOPK - 1, KP)
+        top_v, top_i = _best_first(top_v, top_i, TOPK - 1, KP)
         slots = tl.arange(0, KP)
         tl.store(
             out[:, None] + slots[None, :],
@@ -297,7 +322,7 @@ def moba_decode_gate_kernel(
             )  # [BLOCK_B, D]
             s = tl.dot(q, tl.trans(g), input_precision=PRECISION)  # [BLOCK_H, BLOCK_B]
             s = _gate_rule(s, blocks, at, sink, window, chunk_size)
-            top_v, top_i = _merge_top(s, blocks, top_v, top_i, TOPK - 1, KP)
+            top_v, top_i = _insert_top(s, blocks, top_v, top_i, TOPK - 1, KP)
         slots = tl.arange(0, KP)[None, :]
         picked = (top_v > float("-inf")) & (slots < TOPK - 1) & head_ok[:, None]  # [BLOCK_H, KP]
         head_bits = tl.broadcast_to((1 << heads)[:, None], [BLOCK_H, KP])
