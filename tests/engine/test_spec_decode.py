@@ -206,6 +206,36 @@ def test_steps_without_drafts_overlap_and_output_stays_plain(tiny_llama_dir):
     assert _all_blocks_free(speculative)
 
 
+def test_a_request_with_nothing_to_draft_overlaps_most_steps(tiny_llama_dir):
+    """Text the proposer finds no match in (here: no 3-token repeat) would keep every step synchronous if it
+    looked every step; with overlapped steps it pauses looking, growing up to 8 steps, and the output stays
+    the plain output."""
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 3, "prompt_lookup_max": 3}
+    options = dict(kv_cache_memory_mb=8, async_scheduling=True)
+    plain, speculative = (
+        LLM(tiny_llama_dir, **options),
+        LLM(tiny_llama_dir, speculative_config=spec, **options),
+    )
+    vocab = plain.engine.model_config.vocab_size
+    prompt = (torch.randperm(vocab - 3, generator=torch.Generator().manual_seed(1))[:24] + 3).tolist()
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    engine = speculative.engine
+    assert engine.speculator.pause_on_miss  # synchronous steps (the CPU's default) look every step:
+    assert not LLM(tiny_llama_dir, speculative_config=spec).engine.speculator.pause_on_miss
+    overlapped, step = [], engine.step
+
+    def counting_step():
+        deltas = step()
+        overlapped.append(engine._in_flight is not None)
+        return deltas
+
+    engine.step = counting_step
+    results, _ = run_to_end(engine, [engine_request(engine, "p", prompt, params)])
+    assert results["p"].outputs[0].token_ids == plain.generate([prompt], params)[0].outputs[0].token_ids
+    assert engine.stats().spec_decode.num_drafts == 0  # nothing was found: the case this is about
+    assert sum(overlapped) > 0.75 * len(overlapped), overlapped
+
+
 def _draft_config(path: str, **extra) -> dict:
     return {
         "method": "draft_model",

@@ -135,6 +135,8 @@ class LLMEngine:
         # Overlapped steps (vLLM's async scheduling): on a GPU the host prepares step N+1 while step N runs.
         # With tensor parallelism the other ranks would need the tokens sampled on rank 0 (not built).
         self.overlap_steps = config.overlaps_steps(self.device.type) and not self.ranks.tp.is_parallel
+        if self.speculator is not None:
+            self.speculator.pause_on_miss = self.overlap_steps
         self._in_flight: LaunchedStep | None = None  # launched, not yet read back
 
     # ---- requests -------------------------------------------------------------------------------------------

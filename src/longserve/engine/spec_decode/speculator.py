@@ -4,7 +4,9 @@ How many tokens a sequence drafts adapts to what it had accepted (as HF assisted
 after a run that held entirely, one fewer otherwise), and a sequence whose drafts keep failing pauses for a
 growing number of steps, so text that never repeats is not slowed down by verifying hopeless drafts. While
 every sequence of a step is paused, the engine may overlap that step with the next (``drafts_next``): with
-nothing to verify, speculation then costs what plain decoding costs."""
+nothing to verify, speculation then costs what plain decoding costs. Where steps overlap, a sequence the
+proposer finds nothing for pauses too (briefly, growing to ``_MAX_MISS_PAUSE``), since looking every step
+would keep every step from overlapping; where they do not, looking costs nothing and it looks every step."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from longserve.engine.spec_decode.proposer import DraftProposer
 from longserve.engine.spec_decode.suffix import SuffixProposer
 
 _MAX_PAUSE = 32  # steps a sequence whose drafts failed repeatedly waits before drafting again
+_MAX_MISS_PAUSE = 8  # steps a sequence the proposer keeps finding nothing for waits before looking again
 
 
 @dataclass
@@ -30,6 +33,7 @@ class _DraftState:
     length: int  # the most tokens it drafts next
     failures: int = 0  # verifications in a row that accepted nothing
     pause: int = 0  # steps left before it drafts again
+    misses: int = 0  # proposals in a row that found nothing
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Speculator:
     config: SpeculativeConfig
     proposer: DraftProposer
     stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    pause_on_miss: bool = False  # set by the engine when its steps overlap
     _states: dict[Sequence, _DraftState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +69,10 @@ class Speculator:
             if drafts and seq.grammar is not None:  # only what the grammar would let through
                 drafts = drafts[: seq.grammar.validate_tokens(drafts)]
             seq.draft_token_ids = drafts
+            state = self._states[seq]
+            state.misses = 0 if drafts else state.misses + 1
+            if not drafts and self.pause_on_miss:
+                state.pause = min(1 << (state.misses - 1), _MAX_MISS_PAUSE)
 
     def drafts_next(self, seqs: list[Sequence]) -> bool:
         """Whether any of ``seqs`` may draft at the next step: then the step now launched must be read back
