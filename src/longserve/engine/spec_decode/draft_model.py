@@ -63,7 +63,12 @@ class DraftModelProposer(DraftProposer):
             if self.blocks.can_grow(shadow, shadow.num_tokens + length - 1):
                 self.blocks.grow(shadow, shadow.num_tokens + length - 1)
                 active.append((i, shadow))
-        drafts: list[list[int]] = [[] for _ in seqs]
+        # Each pass's tokens stay on the device and feed the next pass there (the shadow's pending token, as
+        # the engine's overlapped steps feed theirs): the host prepares pass j + 1 while pass j runs, and reads
+        # every draft back once at the end.
+        picks: list[list[int]] = [[] for _ in seqs]  # per sequence, its drafts' indices in the passes' tokens
+        passes: list[torch.Tensor] = []
+        fed, offset = None, 0
         while active:
             # The first pass catches each shadow up on the tokens it has not computed (a new sequence: its
             # prompt, in chunks of at most _CATCH_UP tokens a pass); the later ones decode the draft just made.
@@ -81,21 +86,30 @@ class DraftModelProposer(DraftProposer):
                 key=lambda j: 0 if scheduled[j].is_decode else 1 if scheduled[j].logits_every_row else 2,
             )
             ordered = [scheduled[j] for j in order]
-            result = self.runner.execute(ordered)
+            result = self.runner.execute(ordered, fed)
             # [sample rows]: one per item of result.sample_index, a catch-up's every row
-            tokens = greedy_argmax(result.sample_logits).tolist()
+            fed = greedy_argmax(result.sample_logits)
+            passes.append(fed)
             for item in ordered:
                 item.seq.num_computed_tokens += item.num_new_tokens
             still, row = [], 0
             for position in result.sample_index:
                 row += ordered[position].num_new_tokens if ordered[position].logits_every_row else 1
-                token = tokens[row - 1]  # the item's last row: what follows its last token
                 i, shadow = active[order[position]]
-                drafts[i].append(token)
-                if len(drafts[i]) < lengths[i]:
-                    shadow.output_token_ids.append(token)  # the next pass's input
+                picks[i].append(offset + row - 1)  # the item's last row: what follows its last token
+                if len(picks[i]) < lengths[i]:
+                    shadow.num_pending_tokens += 1  # the next pass's input, on the device
+                    shadow.pending_row = row - 1
                     still.append((i, shadow))
+            offset += fed.shape[0]
             active = still  # (a shadow still catching up drafts nothing this step)
+        tokens = torch.cat(passes).tolist() if passes else []
+        drafts = [[tokens[j] for j in indices] for indices in picks]
+        for seq, draft in zip(seqs, drafts, strict=True):
+            shadow = self._shadows[seq]
+            if shadow.num_pending_tokens:  # the drafts it was fed: all but the last
+                shadow.output_token_ids.extend(draft[: shadow.num_pending_tokens])
+                shadow.num_pending_tokens = 0
         return drafts
 
     def _sync(self, seq: Sequence) -> Sequence:
