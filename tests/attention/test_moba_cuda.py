@@ -93,6 +93,13 @@ def test_paged_decode_kernels_match_the_oracle():
     for row, n in enumerate(lens):
         gates = moba_cuda.gate_keys(_context(k_cache, tables[row], n, page), chunk)
         gate_cache[tables[row, :: chunk // page][: gates.shape[0]].long()] = gates
+    # The gate kernel's picks against the torch path's first: a wrong pick and a wrong sum fail apart.
+    picks = [max(lens), page, chunk, topk]
+    kernel = moba_cuda.select_decode_blocks(q, gate_cache, tables, context_lens, *picks)
+    torch_path = moba_cuda.select_decode_blocks(
+        q.cpu(), gate_cache.cpu(), tables.cpu(), context_lens.cpu(), *picks
+    )
+    assert torch.equal(kernel.cpu(), torch_path), (kernel.cpu(), torch_path)
     moba = moba_cuda.moba_paged_decode(
         q, k_cache, v_cache, tables, context_lens, max(lens), page, gate_cache, chunk, topk, dim**-0.5
     )
@@ -106,8 +113,8 @@ def test_paged_decode_kernels_match_the_oracle():
         qs = torch.cat([torch.zeros(n - 1, heads, dim, device="cuda", dtype=q.dtype), q[row : row + 1]])
         ref = moba_attention_reference(qs.double(), keys.double(), values.double(), [n], chunk, topk)[-1:]
         full = moba_attention_reference(qs.double(), keys.double(), values.double(), [n], chunk, 10**6)[-1:]
-        assert _rel(moba[row : row + 1], ref) < BF16_TOL
-        assert _rel(dense[row : row + 1], full) < BF16_TOL
+        assert _rel(moba[row : row + 1], ref) < BF16_TOL, (row, n, _rel(moba[row : row + 1], ref))
+        assert _rel(dense[row : row + 1], full) < BF16_TOL, (row, n, _rel(dense[row : row + 1], full))
 
 
 def test_dense_decode_sized_for_a_much_longer_context_reads_only_what_is_there():
