@@ -43,6 +43,7 @@ def check_decode_gate(device: str) -> None:
     g = torch.Generator().manual_seed(1)
     heads, kv_heads, dim, page = 4, 2, 16, 16
     cases = [([33, 200, 97, 256], 32, 4, False), ([700, 1500, 90, 1300], 16, 11, True)]
+    cases.append(([700, 129, 512], 64, 3, True))  # a two-wide running list (test_moba_cuda's decode case)
     for lens, chunk, topk, integers in cases:
         batch, max_context = len(lens), max(lens)
         pages_per_block = chunk // page
