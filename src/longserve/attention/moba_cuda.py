@@ -264,9 +264,9 @@ def _attend_chosen_blocks(
             q[w0 : w0 + rows], positions, gates, chunk_size, topk, sink, window
         )  # [rows, heads, topk]
         keys = head_key[None, :, None] + chosen * group  # [rows, heads, topk] group id per entry
-        dst = (chosen >= 0).flatten().nonzero().squeeze(1)  # entries in (row, head, slot) order
-        sorted_keys, order = torch.sort(keys.flatten()[dst], stable=True)
-        dst = dst[order]
+        # No pick (-1) sorts past every group, so no tile holds it: no count of the picks comes back to the host.
+        keys = torch.where(chosen >= 0, keys, num_groups)
+        sorted_keys, dst = torch.sort(keys.flatten(), stable=True)  # dst: entries in (row, head, slot) order
         pos = (q_start + w0 + dst // (heads * topk)).to(torch.int32)
         tile_group, tile_start, tile_end = _tiles(sorted_keys, num_groups, block_m)
         o_part = torch.empty(rows * heads * topk, dim, dtype=partial_dtype, device=q.device)
