@@ -1,5 +1,6 @@
 """Real processes on loopback: a frozen worker (SIGSTOP) costs only the streams it held, within the read timeout,
-and Ctrl-C with streams in flight ends every one of them and exits within seconds."""
+Ctrl-C with streams in flight ends every one of them and exits within seconds, and a killed worker leaves no
+engine core behind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 import pytest
 from burst import burst, check_burst
 from servers import unused_port, wait_until
@@ -254,3 +256,28 @@ def test_a_burst_against_longserve_serve_gets_no_503(tiny_llama_dir):
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
     finally:
         _stop(process)
+
+
+def test_a_worker_killed_while_its_engine_core_builds_leaves_no_orphan(tiny_llama_dir):
+    """An orphaned core would hold its device memory for good (it blocks sending its ready message to nobody)."""
+    worker = _start("worker", "--model", tiny_llama_dir, "--model-name", MODEL, "--port", str(unused_port()),
+                    "--controller-address", f"http://127.0.0.1:{unused_port()}")  # fmt: skip
+    cores: list[psutil.Process] = []
+    try:
+
+        def core_started() -> bool:
+            cores.extend(
+                c for c in psutil.Process(worker.pid).children() if "core_process" in " ".join(c.cmdline())
+            )
+            return bool(cores)
+
+        wait_until(core_started, timeout=60, what="the engine core to start", poll_s=0.01)
+        worker.kill()
+        worker.wait()
+        wait_until(lambda: not cores[0].is_running() or cores[0].status() == psutil.STATUS_ZOMBIE, timeout=15,
+                   what="the orphaned engine core to exit")  # fmt: skip
+    finally:
+        for core in cores:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                core.kill()
+        _stop(worker)

@@ -5,6 +5,7 @@ this handle, whichever it is."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -53,6 +54,8 @@ class CoreHandle:
             inbox,
             "--outbox",
             outbox,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         self.process = subprocess.Popen([*command, "--log-level", str(level)], stdin=subprocess.PIPE)
         self.process.stdin.write(msgspec.json.encode(config))

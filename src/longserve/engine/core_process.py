@@ -3,8 +3,8 @@ token deltas — talking to its client over two ZMQ sockets. Its forward passes 
 with an HTTP event loop (as vLLM v1's EngineCore).
 
 The main thread does everything, so torch's compute threads belong to the thread that steps. The loop blocks
-on its inbox only while the engine is idle, and leaves when told to, when its parent process is gone, or
-when the inbox closes.
+on its inbox only while the engine is idle and leaves when told to. A watchdog thread ends the process the
+moment its parent is gone, also while the engine builds or steps.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import msgspec
@@ -38,18 +39,25 @@ from longserve.engine.protocol import (
 )
 
 log = logging.getLogger(__name__)
-IDLE_POLL_MS = 500  # how often an idle core checks that its parent still exists
+IDLE_POLL_MS = 500  # an idle core's longest wait on its inbox
+PARENT_POLL_S = 0.5  # how often the watchdog checks that the parent still exists
 PROGRESS_S = 1.0  # a busy core sends something at least this often (its client's stall watchdog listens)
 
 
 def main() -> None:
-    """``python -m longserve.engine.core_process --inbox ADDR --outbox ADDR``, the EngineConfig as JSON on stdin
-    (started by ``EngineCoreClient``; a fresh interpreter, so the parent's ``__main__`` is never re-imported)."""
+    """``python -m longserve.engine.core_process --inbox ADDR --outbox ADDR --parent-pid PID``, the EngineConfig
+    as JSON on stdin (started by ``EngineCoreClient``; a fresh interpreter, so the parent's ``__main__`` is never
+    re-imported)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--inbox", required=True)
     parser.add_argument("--outbox", required=True)
     parser.add_argument("--log-level", type=int, default=logging.WARNING)
+    parser.add_argument("--parent-pid", type=int, required=True, help="leave once this process is gone")
     args = parser.parse_args()
+    # The parent's pid comes from the parent: it may be gone before this line runs (os.getppid() would say 1).
+    threading.Thread(
+        target=_exit_with_parent, args=(args.parent_pid,), name="parent-watch", daemon=True
+    ).start()
     # Ctrl-C in a terminal reaches the whole process group: the client stops this core (a traceback here
     # would be noise on every stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,17 +74,13 @@ def run_engine_core(
     context=None,  # zmq.Context: the client's own when the loop runs on its thread (inproc addresses)
     on_built=None,  # in-process: called with the LLMEngine once built (tests and debugging look inside)
 ) -> None:
-    """Build the engine, say so (or why not) to the client, then run the loop until told to stop.
-
-    In its own process (``context`` None) it also leaves when its parent process is gone.
-    """
+    """Build the engine, say so (or why not) to the client, then run the loop until told to stop."""
     import zmq
 
     in_process = context is not None
     if not in_process:
         logging.basicConfig(level=log_level or logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         context = zmq.Context()
-    parent = None if in_process else os.getppid()
     inbox = context.socket(zmq.PULL)
     inbox.connect(inbox_address)
     outbox = context.socket(zmq.PUSH)
@@ -101,10 +105,20 @@ def run_engine_core(
         gc.collect()
         gc.freeze()
     try:
-        EngineCoreLoop(engine, inbox, outbox, parent).run()
+        EngineCoreLoop(engine, inbox, outbox).run()
     finally:
         engine.close()  # the other tensor-parallel ranks, when there are any
         _close(context, inbox, outbox, in_process)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this process once its parent is gone. The loop cannot be the one to notice: an orphan may be
+    building (a minute on a GPU), stepping, or blocked sending its ready message to nobody, and it would hold
+    its device memory all along (an H100 run lost 68 GB to two such cores of a server that had died)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    log.warning("engine core: its parent process is gone, exiting")
+    os._exit(1)
 
 
 def _close(context, inbox, outbox, in_process: bool) -> None:
@@ -117,25 +131,21 @@ def _close(context, inbox, outbox, in_process: bool) -> None:
 class EngineCoreLoop:
     """Take every queued command, step once, send that step's deltas; repeat until told to stop.
 
-    ``parent_pid`` None: the loop runs on a thread of its client's process (``--engine-in-process``).
+    It runs on its own process's main thread, or on a thread of its client's (``--engine-in-process``).
     """
 
-    def __init__(self, engine, inbox, outbox, parent_pid: int | None) -> None:
+    def __init__(self, engine, inbox, outbox) -> None:
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
-        self.parent_pid = parent_pid
         self.decode = to_core_decoder().decode
         self.encode = encoder().encode
         self.last_sent = time.monotonic()
 
     def run(self) -> None:
         while True:
-            busy = self.engine.has_unfinished()
-            if not self.inbox.poll(0 if busy else IDLE_POLL_MS):
-                if not busy and self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    log.warning("engine core: the worker process is gone, exiting")
-                    return
+            if not self.engine.has_unfinished():
+                self.inbox.poll(IDLE_POLL_MS)
             while self.inbox.poll(0):
                 message = self.decode(self.inbox.recv())
                 if isinstance(message, Shutdown):
