@@ -133,3 +133,19 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> None:
         busy = cpu_busy_fraction()
     if busy >= threshold:
         print(f"[bench] still {busy:.0%} busy after {max_wait_s:.0f}s: measuring anyway", flush=True)
+
+
+def print_profile(label: str, fn, device: str, rows: int = 15) -> None:
+    """Run ``fn`` once more under the torch profiler and print the operators and kernels that took the most
+    device time (CPU time on the CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    print(f"\nprofile of {label}:\n{table}")

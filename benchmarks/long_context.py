@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _bench_util import machine_info  # noqa: E402
+from _bench_util import machine_info, print_profile  # noqa: E402
 from gpu_generate import SHAPES, build_checkpoint  # noqa: E402
 
 MOBA = {
@@ -82,7 +82,7 @@ def time_longserve(
         llm.generate([prompt[:warmup_length]], params)  # warm-up: kernels compiled, allocator grown
         times = [_timed(lambda: llm.generate([prompt], params), device) for _ in range(repeats)]
         if profile:
-            _profile(system, lambda: llm.generate([prompt], params), device)
+            print_profile(system, lambda: llm.generate([prompt], params), device)
         return times
     finally:
         llm.close()
@@ -113,22 +113,6 @@ def _timed(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def _profile(system: str, fn, device: str) -> None:
-    """One more run under the torch profiler: the operators and kernels that took the most device time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(
-        f"\nprofile of {system}:\n"
-        + prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
-    )
 
 
 def _free(device: str) -> None:

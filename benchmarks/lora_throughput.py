@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _bench_util import default_model, machine_info  # noqa: E402
+from _bench_util import default_model, machine_info, print_profile  # noqa: E402
 from gpu_generate import SHAPES, build_checkpoint  # noqa: E402 - also puts tests/ on the path
 from lora_adapters import write_random_adapter  # noqa: E402
 
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, help="default 64 on the CPU, 128 on a GPU")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--profile", action="store_true", help="then one more lora-mixed run under the profiler"
+    )
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     batch = args.batch or (64 if gpu else 8)
@@ -99,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     results["lora-base"] = measure(llm, prompts, None, new_tokens, args.repeats, args.device)
     mixed = [f"ad{i % num_adapters}" for i in range(batch)]
     results["lora-mixed"] = measure(llm, prompts, mixed, new_tokens, args.repeats, args.device)
+    if args.profile:
+        from longserve import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        print_profile("lora-mixed", lambda: llm.generate(prompts, params, lora=mixed), args.device, rows=25)
 
     base = statistics.median(results["base"])
     print(f"\nLoRA throughput: {model if not gpu else ('tiny' if args.tiny else '1b') + ' shape'} on {args.device}, "
