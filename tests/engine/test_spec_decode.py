@@ -206,10 +206,11 @@ def test_steps_without_drafts_overlap_and_output_stays_plain(tiny_llama_dir):
     assert _all_blocks_free(speculative)
 
 
-def test_a_request_with_nothing_to_draft_overlaps_most_steps(tiny_llama_dir):
+@pytest.mark.parametrize("num_requests", [1, 8])
+def test_requests_with_nothing_to_draft_overlap_most_steps(tiny_llama_dir, num_requests):
     """Text the proposer finds no match in (here: no 3-token repeat) would keep every step synchronous if it
     looked every step; with overlapped steps it pauses looking, growing up to 8 steps, and the output stays
-    the plain output."""
+    the plain output. The pauses of a batch end on the same steps, or some sequence would look at most."""
     spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 3, "prompt_lookup_max": 3}
     options = dict(kv_cache_memory_mb=8, async_scheduling=True)
     plain, speculative = (
@@ -217,7 +218,8 @@ def test_a_request_with_nothing_to_draft_overlaps_most_steps(tiny_llama_dir):
         LLM(tiny_llama_dir, speculative_config=spec, **options),
     )
     vocab = plain.engine.model_config.vocab_size
-    prompt = (torch.randperm(vocab - 3, generator=torch.Generator().manual_seed(1))[:24] + 3).tolist()
+    order = torch.randperm(vocab - 3, generator=torch.Generator().manual_seed(3)) + 3
+    prompts = [order[24 * i : 24 * (i + 1)].tolist() for i in range(num_requests)]
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     engine = speculative.engine
     assert engine.speculator.pause_on_miss  # synchronous steps (the CPU's default) look every step:
@@ -230,9 +232,11 @@ def test_a_request_with_nothing_to_draft_overlaps_most_steps(tiny_llama_dir):
         return deltas
 
     engine.step = counting_step
-    results, _ = run_to_end(engine, [engine_request(engine, "p", prompt, params)])
-    assert results["p"].outputs[0].token_ids == plain.generate([prompt], params)[0].outputs[0].token_ids
-    assert engine.stats().spec_decode.num_drafts == 0  # nothing was found: the case this is about
+    requests = [engine_request(engine, f"p{i}", prompt, params) for i, prompt in enumerate(prompts)]
+    results, _ = run_to_end(engine, requests)
+    expected = [out.outputs[0].token_ids for out in plain.generate(prompts, params)]
+    assert [results[f"p{i}"].outputs[0].token_ids for i in range(num_requests)] == expected
+    assert engine.stats().spec_decode.num_drafts <= 2 * num_requests  # next to nothing found: the case here
     assert sum(overlapped) > 0.75 * len(overlapped), overlapped
 
 

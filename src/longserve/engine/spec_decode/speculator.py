@@ -6,7 +6,11 @@ growing number of steps, so text that never repeats is not slowed down by verify
 every sequence of a step is paused, the engine may overlap that step with the next (``drafts_next``): with
 nothing to verify, speculation then costs what plain decoding costs. Where steps overlap, a sequence the
 proposer finds nothing for pauses too (briefly, growing to ``_MAX_MISS_PAUSE``), since looking every step
-would keep every step from overlapping; where they do not, looking costs nothing and it looks every step."""
+would keep every step from overlapping; where they do not, looking costs nothing and it looks every step.
+Where steps overlap, every pause also ends on a step that is a multiple of its length (a power of two): the
+sequences of a batch then look again on the same steps and the steps between overlap, where pauses of their
+own would leave few steps of a large batch with every sequence paused (0.78x of plain at batch 64 on an H100,
+nothing accepted)."""
 
 from __future__ import annotations
 
@@ -46,12 +50,14 @@ class Speculator:
     stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
     pause_on_miss: bool = False  # set by the engine when its steps overlap
     _states: dict[Sequence, _DraftState] = field(default_factory=dict)
+    _step: int = 0  # steps proposed for so far: the clock that aligned pauses end on
 
     def __post_init__(self) -> None:
         self.stats.accepted_per_position = [0] * self.config.num_speculative_tokens
 
     def propose(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` of every running sequence (empty where it drafts nothing this step)."""
+        self._step += 1
         drafting, lengths = [], []
         for seq in running:
             seq.draft_token_ids = []
@@ -72,7 +78,7 @@ class Speculator:
             state = self._states[seq]
             state.misses = 0 if drafts else state.misses + 1
             if not drafts and self.pause_on_miss:
-                state.pause = min(1 << (state.misses - 1), _MAX_MISS_PAUSE)
+                state.pause = self._pause(min(1 << (state.misses - 1), _MAX_MISS_PAUSE))
 
     def drafts_next(self, seqs: list[Sequence]) -> bool:
         """Whether any of ``seqs`` may draft at the next step: then the step now launched must be read back
@@ -139,7 +145,15 @@ class Speculator:
         else:
             state.failures += 1
             if state.failures >= 2:
-                state.pause = min(2 ** (state.failures - 2), _MAX_PAUSE)
+                state.pause = self._pause(min(2 ** (state.failures - 2), _MAX_PAUSE))
+
+    def _pause(self, steps: int) -> int:
+        """The steps to skip for a pause of ``steps``: where steps overlap, ``steps`` and then up to the next
+        step that is a multiple of ``steps`` (a power of two), so that the pauses of a batch's sequences end
+        together."""
+        if not self.pause_on_miss:
+            return steps
+        return 2 * steps - 1 - self._step % steps
 
     def finish(self, seq: Sequence) -> None:
         """A sequence ended: its state goes (the suffix proposer keeps its output for later requests)."""
