@@ -102,6 +102,13 @@ class LLMEngine:
                 self.cache_capacity, num_blocks - 1, config.block_size,
                 self.cache_capacity / self.max_model_len, self.max_model_len,
             )  # fmt: skip
+            if self.cache_capacity < self.max_model_len:  # requests get 400s past it: say why at start
+                log.warning(
+                    "the KV cache holds %d tokens, less than one sequence of the %d-token context: longer "
+                    "requests are refused (raise --gpu-memory-utilization or --kv-cache-memory-mb, lower "
+                    "--max-model-len, or free the device's memory)",
+                    self.cache_capacity, self.max_model_len,
+                )  # fmt: skip
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,
