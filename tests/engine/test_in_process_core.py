@@ -153,3 +153,38 @@ def test_engine_is_built_on_the_thread_that_steps_it(monkeypatch, tiny_llama_dir
     asyncio.run(main())
     assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
     assert threading.get_ident() not in seen["init"]
+
+
+def test_a_thread_core_left_running_by_a_short_shutdown_stops_quietly(monkeypatch, tiny_llama_dir) -> None:
+    """``shutdown(timeout)`` terminates the context it shares with a thread core that has not stopped yet; the
+    core takes that as its order to stop, with no exception escaping its thread."""
+    import threading
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    client = asyncio.run(
+        EngineCoreClient.create(EngineConfig(model=tiny_llama_dir, kv_cache_memory_mb=4), in_process=True)
+    )
+    core = client._core.thread
+    entered = threading.Event()
+    real_run = client.engine.step
+
+    def slow_step():  # the core is mid-step when the client gives up waiting
+        entered.set()
+        time.sleep(0.5)
+        return real_run()
+
+    monkeypatch.setattr(client.engine, "step", slow_step)
+
+    async def start() -> None:
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        stream = client.generate([5, 6, 7], params, request_id="left")
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+
+    asyncio.run(start())
+    client.shutdown(timeout=0.05)
+    core.join(10)
+    assert not core.is_alive()
+    assert not escaped, [e.exc_value for e in escaped]

@@ -106,6 +106,11 @@ def run_engine_core(
         gc.freeze()
     try:
         EngineCoreLoop(engine, inbox, outbox).run()
+    except zmq.ContextTerminated:
+        # A thread core shares its client's context: the client terminates it when the thread did not stop
+        # within its shutdown timeout, and that is an order to stop as well.
+        if not in_process:
+            raise
     finally:
         engine.close()  # the other tensor-parallel ranks, when there are any
         _close(context, inbox, outbox, in_process)
